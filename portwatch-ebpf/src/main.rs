@@ -1,0 +1,683 @@
+//! portwatch kernel programs: tracepoints only (this kernel family may lack kprobes/fentry).
+//!
+//! Every hook is thin: `match try_x(&ctx) { Ok(v) | Err(v) => v }`. Events are reserved in
+//! the `EVENTS` ring buffer, written and submitted; a failed reserve is counted per kind in
+//! the per-CPU `LOST` array, which the agent turns into `lost` records. Nothing is dropped
+//! silently.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user,
+    },
+    macros::{map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use portwatch_common::{
+    flags, kind, mask, Event, Offsets, SetStateOffsets, AF_INET, AF_INET6, IPPROTO_TCP,
+    MAX_FILTER_PORTS,
+};
+
+// ---- Loader-set globals (read-only after load, like libbpf-tools' `const volatile`). ----
+
+/// Which event classes to emit (`portwatch_common::mask`).
+#[unsafe(no_mangle)]
+static EVENT_MASK: u32 = mask::DEFAULT;
+/// Kernel struct offsets resolved from BTF by the agent.
+#[unsafe(no_mangle)]
+static OFFSETS: Offsets = Offsets::zeroed();
+/// `sock:inet_sock_set_state` record layout parsed from tracefs by the agent.
+#[unsafe(no_mangle)]
+static SS_OFF: SetStateOffsets = SetStateOffsets::zeroed();
+/// Optional port filter: when `FILTER_N > 0`, only these ports are reported.
+#[unsafe(no_mangle)]
+static FILTER_PORTS: [u16; MAX_FILTER_PORTS] = [0; MAX_FILTER_PORTS];
+#[unsafe(no_mangle)]
+static FILTER_N: u32 = 0;
+
+// ---- Maps ----
+
+/// 4 MiB by default; the agent overrides the size (`--ringbuf-size`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// Failed ring-buffer reserves, per kind, per CPU.
+#[map]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(kind::COUNT, 0);
+
+/// The sockaddr a thread passed to bind(), kept from sys_enter_bind to sys_exit_bind. It is
+/// read at entry because that is what was *attempted*; the kernel resets the socket's port
+/// when the bind fails, so reading the socket afterwards (as bindsnoop does) shows port 0.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PendingBind {
+    fd: i32,
+    family: u16,
+    port: u16,
+    addr: [u8; 16],
+}
+
+#[map]
+static BIND_PENDING: HashMap<u64, PendingBind> = HashMap::with_max_entries(8192, 0);
+
+/// connect(): only the fd and the user's sockaddr pointer are kept at entry, because connect
+/// is hot and only EADDRNOTAVAIL is reported; the sockaddr is read at exit, in the same task.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PendingConnect {
+    uaddr: u64,
+    fd: i32,
+    _pad: u32,
+}
+
+#[map]
+static CONNECT_PENDING: HashMap<u64, PendingConnect> = HashMap::with_max_entries(8192, 0);
+
+#[map]
+static LISTEN_PENDING: HashMap<u64, i32> = HashMap::with_max_entries(8192, 0);
+
+/// What portwatch saw bound, keyed by (tgid << 32 | fd). Lets listen() name its address and
+/// close() be filtered in the kernel. LRU so that fds of processes that died without close()
+/// (the kernel closes those without a syscall) age out instead of filling the map.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Bound {
+    family: u16,
+    port: u16,
+    proto: u16,
+    _pad: u16,
+    addr: [u8; 16],
+    sk: u64,
+}
+
+#[map]
+static BOUND: LruHashMap<u64, Bound> = LruHashMap::with_max_entries(65536, 0);
+
+/// Processes that hold a socket portwatch saw bound: their exit is reported.
+#[map]
+static TRACKED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+
+// ---- Helpers ----
+
+const EADDRNOTAVAIL: i32 = 99;
+const TCP_FIN_WAIT2: i32 = 5;
+const TCP_CLOSE: i32 = 7;
+const TCP_LISTEN: i32 = 10;
+const TCP_CLOSING: i32 = 11;
+
+/// Syscall tracepoint records: 8 bytes of common header, `__syscall_nr` padded to 8, then
+/// the arguments as 8-byte slots (sys_enter) or the return value (sys_exit).
+const SYSCALL_ARG0: usize = 16;
+const SYSCALL_ARG1: usize = 24;
+const SYSCALL_RET: usize = 16;
+
+#[inline(always)]
+fn event_mask() -> u32 {
+    // SAFETY: a plain read of a loader-initialised global.
+    unsafe { core::ptr::read_volatile(&EVENT_MASK) }
+}
+
+#[inline(always)]
+fn offsets() -> Offsets {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&OFFSETS) }
+}
+
+#[inline(always)]
+fn port_wanted(port: u16) -> bool {
+    // SAFETY: as above.
+    let n = unsafe { core::ptr::read_volatile(&FILTER_N) };
+    if n == 0 {
+        return true;
+    }
+    // SAFETY: as above.
+    let ports = unsafe { core::ptr::read_volatile(&FILTER_PORTS) };
+    let mut i = 0;
+    while i < MAX_FILTER_PORTS {
+        if i as u32 >= n {
+            break;
+        }
+        if ports[i] == port {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[inline(always)]
+unsafe fn read_ptr(base: u64, off: u32) -> Option<u64> {
+    if base == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel tolerates bad addresses (it returns an error).
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const u64).ok() }
+}
+
+/// Network namespace inode of the current task: task->nsproxy->net_ns->ns.inum.
+#[inline(always)]
+fn current_netns(o: &Offsets) -> u32 {
+    if o.netns_ok == 0 {
+        return 0;
+    }
+    // SAFETY: every read goes through bpf_probe_read_kernel.
+    unsafe {
+        let task = bpf_get_current_task();
+        let Some(nsproxy) = read_ptr(task, o.task_nsproxy) else {
+            return 0;
+        };
+        let Some(net) = read_ptr(nsproxy, o.nsproxy_net) else {
+            return 0;
+        };
+        if net == 0 {
+            return 0;
+        }
+        bpf_probe_read_kernel((net + o.net_inum as u64) as *const u32).unwrap_or(0)
+    }
+}
+
+/// Network namespace inode of a socket: sk->__sk_common.skc_net->ns.inum.
+#[inline(always)]
+fn sock_netns(o: &Offsets, sk: u64) -> u32 {
+    if o.netns_ok == 0 || o.sock_ok == 0 {
+        return 0;
+    }
+    // SAFETY: every read goes through bpf_probe_read_kernel.
+    unsafe {
+        let Some(net) = read_ptr(sk, o.skc_net) else {
+            return 0;
+        };
+        if net == 0 {
+            return 0;
+        }
+        bpf_probe_read_kernel((net + o.net_inum as u64) as *const u32).unwrap_or(0)
+    }
+}
+
+/// `struct sock *` behind the current task's fd: task->files->fdt->fd[fd]->private_data->sk.
+/// Only called on fds a bind/listen syscall accepted, so private_data is a `struct socket`.
+#[inline(always)]
+fn sock_of_fd(o: &Offsets, fd: i32) -> Option<u64> {
+    if o.sock_ok == 0 || fd < 0 {
+        return None;
+    }
+    // SAFETY: every read goes through bpf_probe_read_kernel.
+    unsafe {
+        let task = bpf_get_current_task();
+        let files = read_ptr(task, o.task_files)?;
+        let fdt = read_ptr(files, o.files_fdt)?;
+        if fdt == 0 {
+            return None;
+        }
+        let max: u32 = bpf_probe_read_kernel((fdt + o.fdt_max_fds as u64) as *const u32).ok()?;
+        if fd as u32 >= max {
+            return None;
+        }
+        let arr = read_ptr(fdt, o.fdt_fd)?;
+        let file = read_ptr(arr, (fd as u32) * 8)?;
+        let socket = read_ptr(file, o.file_private)?;
+        let sk = read_ptr(socket, o.socket_sk)?;
+        if sk == 0 {
+            None
+        } else {
+            Some(sk)
+        }
+    }
+}
+
+#[inline(always)]
+fn sock_proto(o: &Offsets, sk: u64) -> u16 {
+    // SAFETY: bpf_probe_read_kernel.
+    unsafe { bpf_probe_read_kernel((sk + o.sk_protocol as u64) as *const u16).unwrap_or(0) }
+}
+
+/// Fill the fields every event carries, from the current task.
+#[inline(always)]
+fn fill_task(e: &mut Event, k: u32, o: &Offsets) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    e.kind = k;
+    // SAFETY: helpers without preconditions.
+    unsafe {
+        e.ts_ns = bpf_ktime_get_ns();
+        e.cgroup_id = bpf_get_current_cgroup_id();
+    }
+    e.pid = (pid_tgid >> 32) as u32;
+    e.tid = pid_tgid as u32;
+    e.uid = bpf_get_current_uid_gid() as u32;
+    e.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    e.netns = current_netns(o);
+}
+
+/// Reserve, write, submit; count the loss when the ring buffer is full.
+#[inline(always)]
+fn emit(e: &Event) {
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut entry) => {
+            entry.write(*e);
+            entry.submit(0);
+        }
+        None => {
+            if let Some(p) = LOST.get_ptr_mut(e.kind) {
+                // SAFETY: per-CPU slot; tracepoint programs do not migrate while running.
+                unsafe { *p += 1 };
+            }
+        }
+    }
+}
+
+/// Read a user sockaddr; only AF_INET and AF_INET6 are of interest.
+#[inline(always)]
+unsafe fn read_sockaddr(uaddr: u64) -> Option<(u16, u16, [u8; 16])> {
+    if uaddr == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_user tolerates bad pointers (EFAULT binds are ignored).
+    unsafe {
+        let family: u16 = bpf_probe_read_user(uaddr as *const u16).ok()?;
+        let port_be: u16 = bpf_probe_read_user((uaddr + 2) as *const u16).ok()?;
+        let mut addr = [0u8; 16];
+        match family {
+            AF_INET => {
+                let a: [u8; 4] = bpf_probe_read_user((uaddr + 4) as *const [u8; 4]).ok()?;
+                addr[0] = a[0];
+                addr[1] = a[1];
+                addr[2] = a[2];
+                addr[3] = a[3];
+            }
+            AF_INET6 => {
+                addr = bpf_probe_read_user((uaddr + 8) as *const [u8; 16]).ok()?;
+            }
+            _ => return None,
+        }
+        Some((family, u16::from_be(port_be), addr))
+    }
+}
+
+#[inline(always)]
+fn fd_key(tgid: u32, fd: i32) -> u64 {
+    ((tgid as u64) << 32) | (fd as u32 as u64)
+}
+
+// ---- bind ----
+
+#[tracepoint]
+pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
+    match try_enter_bind(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_enter_bind(ctx: &TracePointContext) -> Result<u32, u32> {
+    if event_mask() & mask::BIND == 0 {
+        return Ok(0);
+    }
+    // SAFETY: offsets follow the syscall tracepoint ABI.
+    let fd: u64 = unsafe { ctx.read_at(SYSCALL_ARG0) }.map_err(|_| 1u32)?;
+    let uaddr: u64 = unsafe { ctx.read_at(SYSCALL_ARG1) }.map_err(|_| 1u32)?;
+    // SAFETY: see read_sockaddr.
+    let Some((family, port, addr)) = (unsafe { read_sockaddr(uaddr) }) else {
+        return Ok(0);
+    };
+    if !port_wanted(port) {
+        return Ok(0);
+    }
+    let p = PendingBind {
+        fd: fd as i32,
+        family,
+        port,
+        addr,
+    };
+    let _ = BIND_PENDING.insert(&bpf_get_current_pid_tgid(), &p, 0);
+    Ok(0)
+}
+
+#[tracepoint]
+pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
+    match try_exit_bind(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_exit_bind(ctx: &TracePointContext) -> Result<u32, u32> {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(p) = (unsafe { BIND_PENDING.get(&id) }).copied() else {
+        return Ok(0);
+    };
+    let _ = BIND_PENDING.remove(&id);
+    // SAFETY: syscall tracepoint ABI.
+    let ret: i64 = unsafe { ctx.read_at(SYSCALL_RET) }.map_err(|_| 1u32)?;
+    let o = offsets();
+    let mut e = Event::zeroed();
+    fill_task(&mut e, kind::BIND, &o);
+    e.fd = p.fd;
+    e.ret = ret as i32;
+    e.family = p.family;
+    e.port = p.port;
+    e.addr = p.addr;
+    e.flags = flags::FROM_SOCKADDR;
+    if let Some(sk) = sock_of_fd(&o, p.fd) {
+        e.sk = sk;
+        e.proto = sock_proto(&o, sk);
+    }
+    if ret == 0 {
+        let b = Bound {
+            family: p.family,
+            port: p.port,
+            proto: e.proto,
+            _pad: 0,
+            addr: p.addr,
+            sk: e.sk,
+        };
+        let _ = BOUND.insert(&fd_key(e.pid, p.fd), &b, 0);
+        let _ = TRACKED.insert(&e.pid, &1, 0);
+    }
+    emit(&e);
+    Ok(0)
+}
+
+// ---- listen ----
+
+#[tracepoint]
+pub fn sys_enter_listen(ctx: TracePointContext) -> u32 {
+    match try_enter_listen(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_enter_listen(ctx: &TracePointContext) -> Result<u32, u32> {
+    if event_mask() & mask::LISTEN == 0 {
+        return Ok(0);
+    }
+    // SAFETY: syscall tracepoint ABI.
+    let fd: u64 = unsafe { ctx.read_at(SYSCALL_ARG0) }.map_err(|_| 1u32)?;
+    let _ = LISTEN_PENDING.insert(&bpf_get_current_pid_tgid(), &(fd as i32), 0);
+    Ok(0)
+}
+
+#[tracepoint]
+pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
+    match try_exit_listen(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_exit_listen(ctx: &TracePointContext) -> Result<u32, u32> {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: copied out before removal.
+    let Some(fd) = (unsafe { LISTEN_PENDING.get(&id) }).copied() else {
+        return Ok(0);
+    };
+    let _ = LISTEN_PENDING.remove(&id);
+    // SAFETY: syscall tracepoint ABI.
+    let ret: i64 = unsafe { ctx.read_at(SYSCALL_RET) }.map_err(|_| 1u32)?;
+    let o = offsets();
+    let mut e = Event::zeroed();
+    fill_task(&mut e, kind::LISTEN, &o);
+    e.fd = fd;
+    e.ret = ret as i32;
+    let sk = sock_of_fd(&o, fd);
+    // SAFETY: copied out immediately.
+    if let Some(b) = unsafe { BOUND.get(&fd_key(e.pid, fd)) }.copied() {
+        e.family = b.family;
+        e.port = b.port;
+        e.addr = b.addr;
+        e.proto = b.proto;
+        e.flags = flags::FROM_SOCKADDR;
+    } else if let Some(sk) = sk {
+        // Bound before portwatch started, or implicitly by listen(): ask the socket.
+        // SAFETY: bpf_probe_read_kernel.
+        unsafe {
+            e.family =
+                bpf_probe_read_kernel((sk + o.skc_family as u64) as *const u16).unwrap_or(0);
+            e.port = bpf_probe_read_kernel((sk + o.skc_num as u64) as *const u16).unwrap_or(0);
+            if e.family == AF_INET6 {
+                e.addr = bpf_probe_read_kernel((sk + o.skc_v6_rcv_saddr as u64) as *const [u8; 16])
+                    .unwrap_or([0; 16]);
+            } else {
+                let a: [u8; 4] =
+                    bpf_probe_read_kernel((sk + o.skc_rcv_saddr as u64) as *const [u8; 4])
+                        .unwrap_or([0; 4]);
+                e.addr[0] = a[0];
+                e.addr[1] = a[1];
+                e.addr[2] = a[2];
+                e.addr[3] = a[3];
+            }
+        }
+        e.proto = sock_proto(&o, sk);
+        e.flags = flags::FROM_SOCK;
+    } else {
+        return Ok(0);
+    }
+    if e.family != AF_INET && e.family != AF_INET6 {
+        return Ok(0);
+    }
+    if !port_wanted(e.port) {
+        return Ok(0);
+    }
+    if let Some(sk) = sk {
+        e.sk = sk;
+    }
+    emit(&e);
+    Ok(0)
+}
+
+// ---- connect (EADDRNOTAVAIL only) ----
+
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    match try_enter_connect(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_enter_connect(ctx: &TracePointContext) -> Result<u32, u32> {
+    if event_mask() & mask::CONNECT == 0 {
+        return Ok(0);
+    }
+    // SAFETY: syscall tracepoint ABI.
+    let fd: u64 = unsafe { ctx.read_at(SYSCALL_ARG0) }.map_err(|_| 1u32)?;
+    let uaddr: u64 = unsafe { ctx.read_at(SYSCALL_ARG1) }.map_err(|_| 1u32)?;
+    let p = PendingConnect {
+        uaddr,
+        fd: fd as i32,
+        _pad: 0,
+    };
+    let _ = CONNECT_PENDING.insert(&bpf_get_current_pid_tgid(), &p, 0);
+    Ok(0)
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    match try_exit_connect(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_exit_connect(ctx: &TracePointContext) -> Result<u32, u32> {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: copied out before removal.
+    let Some(p) = (unsafe { CONNECT_PENDING.get(&id) }).copied() else {
+        return Ok(0);
+    };
+    let _ = CONNECT_PENDING.remove(&id);
+    // SAFETY: syscall tracepoint ABI.
+    let ret: i64 = unsafe { ctx.read_at(SYSCALL_RET) }.map_err(|_| 1u32)?;
+    if ret as i32 != -EADDRNOTAVAIL {
+        return Ok(0);
+    }
+    // SAFETY: same task as at entry, so the user pointer is still this process's memory.
+    let Some((family, port, addr)) = (unsafe { read_sockaddr(p.uaddr) }) else {
+        return Ok(0);
+    };
+    if !port_wanted(port) {
+        return Ok(0);
+    }
+    let o = offsets();
+    let mut e = Event::zeroed();
+    fill_task(&mut e, kind::CONNECT, &o);
+    e.fd = p.fd;
+    e.ret = ret as i32;
+    e.family = family;
+    e.rport = port;
+    e.raddr = addr;
+    e.flags = flags::FROM_SOCKADDR;
+    if let Some(sk) = sock_of_fd(&o, p.fd) {
+        e.sk = sk;
+        e.proto = sock_proto(&o, sk);
+    }
+    emit(&e);
+    Ok(0)
+}
+
+// ---- close of a tracked fd ----
+
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    match try_enter_close(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_enter_close(ctx: &TracePointContext) -> Result<u32, u32> {
+    // SAFETY: syscall tracepoint ABI.
+    let fd: u64 = unsafe { ctx.read_at(SYSCALL_ARG0) }.map_err(|_| 1u32)?;
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let key = fd_key(tgid, fd as i32);
+    // The in-kernel filter: only fds portwatch saw bound go further.
+    // SAFETY: copied out before removal.
+    let Some(b) = (unsafe { BOUND.get(&key) }).copied() else {
+        return Ok(0);
+    };
+    let _ = BOUND.remove(&key);
+    if event_mask() & mask::CLOSE == 0 {
+        return Ok(0);
+    }
+    let o = offsets();
+    let mut e = Event::zeroed();
+    fill_task(&mut e, kind::CLOSE, &o);
+    e.fd = fd as i32;
+    e.family = b.family;
+    e.port = b.port;
+    e.addr = b.addr;
+    e.proto = b.proto;
+    e.sk = b.sk;
+    emit(&e);
+    Ok(0)
+}
+
+// ---- process exit ----
+
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // Only the thread-group leader's exit means the process (and its fds) is going away.
+    if tgid != pid_tgid as u32 {
+        return 0;
+    }
+    // SAFETY: existence check only.
+    if unsafe { TRACKED.get(&tgid) }.is_none() {
+        return 0;
+    }
+    let _ = TRACKED.remove(&tgid);
+    if event_mask() & mask::EXIT == 0 {
+        return 0;
+    }
+    let o = offsets();
+    let mut e = Event::zeroed();
+    fill_task(&mut e, kind::EXIT, &o);
+    emit(&e);
+    0
+}
+
+// ---- TCP state changes ----
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    match try_set_state(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_set_state(ctx: &TracePointContext) -> Result<u32, u32> {
+    let m = event_mask();
+    if m & (mask::TCP_STATE | mask::TCP_STATE_ALL) == 0 {
+        return Ok(0);
+    }
+    // SAFETY: a plain read of a loader-initialised global.
+    let so = unsafe { core::ptr::read_volatile(&SS_OFF) };
+    // SAFETY: offsets come from the tracepoint's own format file.
+    let proto: u16 = unsafe { ctx.read_at(so.protocol as usize) }.map_err(|_| 1u32)?;
+    if proto != IPPROTO_TCP {
+        return Ok(0);
+    }
+    let old: i32 = unsafe { ctx.read_at(so.oldstate as usize) }.map_err(|_| 1u32)?;
+    let new: i32 = unsafe { ctx.read_at(so.newstate as usize) }.map_err(|_| 1u32)?;
+    if m & mask::TCP_STATE_ALL == 0 {
+        // Default: LISTEN start/stop and TIME_WAIT entry. This tracepoint never reports
+        // TCP_TIME_WAIT itself: a socket entering it shows as FIN_WAIT2->CLOSE or
+        // CLOSING->CLOSE (blind spot: a FIN_WAIT2 timeout without TIME_WAIT looks the same).
+        let interesting = old == TCP_LISTEN
+            || new == TCP_LISTEN
+            || (new == TCP_CLOSE && (old == TCP_FIN_WAIT2 || old == TCP_CLOSING));
+        if !interesting {
+            return Ok(0);
+        }
+    }
+    let sport: u16 = unsafe { ctx.read_at(so.sport as usize) }.map_err(|_| 1u32)?;
+    if !port_wanted(sport) {
+        return Ok(0);
+    }
+    let o = offsets();
+    let mut e = Event::zeroed();
+    fill_task(&mut e, kind::TCP_STATE, &o);
+    // SAFETY: tracepoint record reads at format-file offsets.
+    unsafe {
+        e.sk = ctx.read_at(so.skaddr as usize).unwrap_or(0);
+        e.family = ctx.read_at(so.family as usize).unwrap_or(0);
+        e.rport = ctx.read_at(so.dport as usize).unwrap_or(0);
+        if e.family == AF_INET6 {
+            e.addr = ctx.read_at(so.saddr_v6 as usize).unwrap_or([0; 16]);
+            e.raddr = ctx.read_at(so.daddr_v6 as usize).unwrap_or([0; 16]);
+        } else {
+            let s: [u8; 4] = ctx.read_at(so.saddr as usize).unwrap_or([0; 4]);
+            let d: [u8; 4] = ctx.read_at(so.daddr as usize).unwrap_or([0; 4]);
+            e.addr[0] = s[0];
+            e.addr[1] = s[1];
+            e.addr[2] = s[2];
+            e.addr[3] = s[3];
+            e.raddr[0] = d[0];
+            e.raddr[1] = d[1];
+            e.raddr[2] = d[2];
+            e.raddr[3] = d[3];
+        }
+    }
+    e.port = sport;
+    e.proto = IPPROTO_TCP;
+    e.old_state = old as u16;
+    e.new_state = new as u16;
+    // State changes often run in softirq context, where the current task is unrelated: take
+    // the namespace from the socket itself.
+    let ns = sock_netns(&o, e.sk);
+    if ns != 0 {
+        e.netns = ns;
+        e.flags |= flags::NETNS_FROM_SOCK;
+    }
+    emit(&e);
+    Ok(0)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

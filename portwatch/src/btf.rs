@@ -1,0 +1,180 @@
+//! Kernel struct offsets from /sys/kernel/btf/vmlinux.
+//!
+//! Rust eBPF has no CO-RE relocations, so the offsets the programs need (to read the network
+//! namespace of a task or socket, and the protocol of a socket behind an fd) are resolved here
+//! at load time and passed in as the `OFFSETS` global. They differ between kernels and
+//! builds; nothing here hard-codes them.
+
+use std::path::Path;
+
+use btf_rs::{Btf, Type};
+use portwatch_common::Offsets;
+
+/// Why an offset path could not be resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unresolved(pub String);
+
+impl std::fmt::Display for Unresolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Resolve every offset. A group (netns, sock) that fails is left disabled (`*_ok == 0`)
+/// with the reason; the caller degrades instead of failing.
+pub fn resolve(path: &Path) -> (Offsets, Vec<Unresolved>) {
+    let mut o = Offsets::default();
+    let mut problems = Vec::new();
+    let btf = match Btf::from_file(path) {
+        Ok(b) => b,
+        Err(e) => {
+            problems.push(Unresolved(format!("cannot parse {}: {e}", path.display())));
+            return (o, problems);
+        }
+    };
+    let r = Resolver { btf: &btf };
+
+    let netns = (|| -> Result<(u32, u32, u32), Unresolved> {
+        Ok((
+            r.offset("task_struct", &["nsproxy"])?,
+            r.offset("nsproxy", &["net_ns"])?,
+            r.offset("net", &["ns", "inum"])?,
+        ))
+    })();
+    match netns {
+        Ok((a, b, c)) => {
+            o.task_nsproxy = a;
+            o.nsproxy_net = b;
+            o.net_inum = c;
+            o.netns_ok = 1;
+        }
+        Err(e) => problems.push(e),
+    }
+
+    let sock = (|| -> Result<[u32; 12], Unresolved> {
+        Ok([
+            r.offset("task_struct", &["files"])?,
+            r.offset("files_struct", &["fdt"])?,
+            r.offset("fdtable", &["max_fds"])?,
+            r.offset("fdtable", &["fd"])?,
+            r.offset("file", &["private_data"])?,
+            r.offset("socket", &["sk"])?,
+            r.offset("sock", &["sk_protocol"])?,
+            r.offset("sock", &["__sk_common", "skc_net"])?,
+            r.offset("sock", &["__sk_common", "skc_family"])?,
+            r.offset("sock", &["__sk_common", "skc_num"])?,
+            r.offset("sock", &["__sk_common", "skc_rcv_saddr"])?,
+            r.offset("sock", &["__sk_common", "skc_v6_rcv_saddr"])?,
+        ])
+    })();
+    match sock {
+        Ok(v) => {
+            o.task_files = v[0];
+            o.files_fdt = v[1];
+            o.fdt_max_fds = v[2];
+            o.fdt_fd = v[3];
+            o.file_private = v[4];
+            o.socket_sk = v[5];
+            o.sk_protocol = v[6];
+            o.skc_net = v[7];
+            o.skc_family = v[8];
+            o.skc_num = v[9];
+            o.skc_rcv_saddr = v[10];
+            o.skc_v6_rcv_saddr = v[11];
+            o.sock_ok = 1;
+        }
+        Err(e) => problems.push(e),
+    }
+    (o, problems)
+}
+
+struct Resolver<'a> {
+    btf: &'a Btf,
+}
+
+impl Resolver<'_> {
+    /// Byte offset of `path` (nested member names) inside `struct name`.
+    fn offset(&self, name: &str, path: &[&str]) -> Result<u32, Unresolved> {
+        let what = || format!("{name}.{}", path.join("."));
+        let types = self
+            .btf
+            .resolve_types_by_name(name)
+            .map_err(|e| Unresolved(format!("{}: {e}", what())))?;
+        // Several types may share a name (a struct and a func, say): take the struct.
+        let mut cur = types
+            .into_iter()
+            .find(|t| matches!(t, Type::Struct(s) if !s.members.is_empty()))
+            .ok_or_else(|| Unresolved(format!("{}: no struct {name} in BTF", what())))?;
+        let mut bits = 0u32;
+        for field in path {
+            let (off, ty) = self
+                .find_member(&cur, field)
+                .ok_or_else(|| Unresolved(format!("{}: no member '{field}'", what())))?;
+            bits += off;
+            cur = ty;
+        }
+        if bits % 8 != 0 {
+            return Err(Unresolved(format!("{}: is a bit field", what())));
+        }
+        Ok(bits / 8)
+    }
+
+    /// Find a member by name, descending into anonymous structs/unions. Returns its bit
+    /// offset and its (typedef/qualifier-stripped) type.
+    fn find_member(&self, t: &Type, field: &str) -> Option<(u32, Type)> {
+        let members = match t {
+            Type::Struct(s) | Type::Union(s) => &s.members,
+            _ => return None,
+        };
+        for m in members {
+            let name = self.btf.resolve_name(m).unwrap_or_default();
+            let ty = self.strip(self.btf.resolve_chained_type(m).ok()?);
+            if name == field {
+                return Some((m.bit_offset(), ty));
+            }
+            if name.is_empty() {
+                if let Some((off, ty)) = self.find_member(&ty, field) {
+                    return Some((m.bit_offset() + off, ty));
+                }
+            }
+        }
+        None
+    }
+
+    fn strip(&self, mut t: Type) -> Type {
+        for _ in 0..16 {
+            let next = match &t {
+                Type::Typedef(x) => self.btf.resolve_chained_type(x).ok(),
+                Type::Const(x) | Type::Volatile(x) | Type::Restrict(x) => {
+                    self.btf.resolve_chained_type(x).ok()
+                }
+                Type::TypeTag(x) => self.btf.resolve_chained_type(x).ok(),
+                _ => None,
+            };
+            match next {
+                Some(n) => t = n,
+                None => break,
+            }
+        }
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads the running kernel's BTF; every Linux this agent supports has it.
+    #[test]
+    fn resolves_on_this_kernel() {
+        let p = Path::new(crate::prereq::BTF_PATH);
+        assert!(p.exists(), "{} missing: this kernel has no BTF", p.display());
+        let (o, problems) = resolve(p);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(o.netns_ok, 1);
+        assert_eq!(o.sock_ok, 1);
+        assert!(o.task_nsproxy > 0 && o.task_files > 0);
+        // skc_family and skc_num sit in the first cache line of sock_common.
+        assert!(o.skc_family < 64 && o.skc_num < 64);
+    }
+}

@@ -1,0 +1,199 @@
+//! Decoding raw kernel events: addresses, errno and TCP state names, kernel time to wall time.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use portwatch_common::{Event, AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
+
+/// Copy an event out of a ring-buffer item. Items shorter than an `Event` (a newer or older
+/// kernel side) are rejected rather than read past their end.
+pub fn event_from_bytes(b: &[u8]) -> Option<Event> {
+    if b.len() < std::mem::size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: length checked; Event is repr(C) plain integers, valid for any bit pattern;
+    // read_unaligned because ring-buffer items are only 8-byte aligned by contract.
+    Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<Event>()) })
+}
+
+pub fn family_name(f: u16) -> &'static str {
+    match f {
+        AF_INET => "ipv4",
+        AF_INET6 => "ipv6",
+        _ => "unknown",
+    }
+}
+
+pub fn proto_name(p: u16) -> &'static str {
+    match p {
+        IPPROTO_TCP => "tcp",
+        IPPROTO_UDP => "udp",
+        _ => "unknown",
+    }
+}
+
+pub fn ip(family: u16, a: &[u8; 16]) -> IpAddr {
+    if family == AF_INET6 {
+        IpAddr::V6(Ipv6Addr::from(*a))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+    }
+}
+
+/// Symbolic name of a (positive) errno, as scripts expect to match on it.
+pub fn errno_name(e: i32) -> &'static str {
+    match e {
+        1 => "EPERM",
+        9 => "EBADF",
+        11 => "EAGAIN",
+        12 => "ENOMEM",
+        13 => "EACCES",
+        14 => "EFAULT",
+        22 => "EINVAL",
+        24 => "EMFILE",
+        88 => "ENOTSOCK",
+        93 => "EPROTONOSUPPORT",
+        95 => "EOPNOTSUPP",
+        97 => "EAFNOSUPPORT",
+        98 => "EADDRINUSE",
+        99 => "EADDRNOTAVAIL",
+        105 => "ENOBUFS",
+        106 => "EISCONN",
+        110 => "ETIMEDOUT",
+        111 => "ECONNREFUSED",
+        113 => "EHOSTUNREACH",
+        114 => "EALREADY",
+        115 => "EINPROGRESS",
+        _ => "EOTHER",
+    }
+}
+
+pub fn tcp_state_name(s: u16) -> &'static str {
+    match s {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+/// NUL-terminated kernel comm as text; invalid UTF-8 becomes U+FFFD, so JSON stays valid.
+pub fn comm(c: &[u8; 16]) -> std::borrow::Cow<'_, str> {
+    let end = c.iter().position(|&b| b == 0).unwrap_or(c.len());
+    String::from_utf8_lossy(&c[..end])
+}
+
+/// Converts `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) to wall-clock nanoseconds since the epoch.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    offset_ns: i128,
+}
+
+fn clock_ns(id: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        let mono = clock_ns(libc::CLOCK_MONOTONIC);
+        let real = clock_ns(libc::CLOCK_REALTIME);
+        Clock {
+            offset_ns: real - mono,
+        }
+    }
+
+    pub fn wall_ns(&self, mono_ns: u64) -> i128 {
+        mono_ns as i128 + self.offset_ns
+    }
+
+    pub fn now_wall_ns() -> i128 {
+        clock_ns(libc::CLOCK_REALTIME)
+    }
+}
+
+/// RFC 3339 UTC with nanoseconds, e.g. `2026-11-25T08:31:31.123456789Z`.
+pub fn rfc3339(wall_ns: i128) -> String {
+    let secs = wall_ns.div_euclid(1_000_000_000) as i64;
+    let nanos = wall_ns.rem_euclid(1_000_000_000) as u32;
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        sod / 3600,
+        (sod / 60) % 60,
+        sod % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
+/// (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
+        // 2026-11-25T08:31:31.123456789Z
+        let t = 1_795_595_491i128 * 1_000_000_000 + 123_456_789;
+        assert_eq!(rfc3339(t), "2026-11-25T08:31:31.123456789Z");
+        // leap day
+        assert_eq!(rfc3339(951_782_400i128 * 1_000_000_000), "2000-02-29T00:00:00.000000000Z");
+    }
+
+    #[test]
+    fn addresses_and_names() {
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&[127, 0, 0, 1]);
+        assert_eq!(ip(AF_INET, &a).to_string(), "127.0.0.1");
+        let mut b = [0u8; 16];
+        b[15] = 1;
+        assert_eq!(ip(AF_INET6, &b).to_string(), "::1");
+        assert_eq!(errno_name(98), "EADDRINUSE");
+        assert_eq!(tcp_state_name(10), "LISTEN");
+        assert_eq!(comm(b"nginx\0\0\0\0\0\0\0\0\0\0\0"), "nginx");
+        assert_eq!(comm(b"a\"\\\xff\0\0\0\0\0\0\0\0\0\0\0\0"), "a\"\\\u{fffd}");
+    }
+
+    #[test]
+    fn short_items_rejected() {
+        assert!(event_from_bytes(&[0u8; 10]).is_none());
+        let e = portwatch_common::Event::zeroed();
+        // SAFETY: reading the bytes of a plain-old-data struct.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&e as *const portwatch_common::Event).cast::<u8>(),
+                std::mem::size_of_val(&e),
+            )
+        };
+        assert_eq!(event_from_bytes(bytes), Some(e));
+    }
+}

@@ -1,0 +1,104 @@
+//! Enrichment from /proc: command lines, and the network namespace when the kernel could
+//! not read it. Pids from the kernel are not trusted blindly: a cached or freshly read
+//! command line is only used when /proc/<pid>/comm still matches the comm the kernel saw,
+//! so a reused pid or an exec in between does not put someone else's command line on a
+//! record.
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
+
+/// Bounded cache of pid -> (comm, cmdline). Only misses touch /proc.
+pub struct ProcCache {
+    root: PathBuf,
+    map: HashMap<u32, (Box<str>, Option<Arc<str>>)>,
+    cap: usize,
+}
+
+impl ProcCache {
+    pub fn new(root: impl Into<PathBuf>, cap: usize) -> Self {
+        Self {
+            root: root.into(),
+            map: HashMap::with_capacity(cap.min(1024)),
+            cap,
+        }
+    }
+
+    /// Command line of `pid` if it is still the process the kernel named `comm`.
+    pub fn cmdline(&mut self, pid: u32, comm: &str) -> Option<Arc<str>> {
+        if let Some((c, cmd)) = self.map.get(&pid) {
+            if &**c == comm {
+                return cmd.clone();
+            }
+        }
+        let dir = self.root.join(pid.to_string());
+        let live_comm = std::fs::read(dir.join("comm")).ok()?;
+        let live_comm = String::from_utf8_lossy(&live_comm);
+        if live_comm.trim_end_matches('\n') != comm {
+            // Exited and reused, or exec'd since: what /proc shows is not the actor.
+            return None;
+        }
+        let raw = std::fs::read(dir.join("cmdline")).ok();
+        let cmd = raw.map(|r| Arc::<str>::from(format_cmdline(&r)));
+        if self.map.len() >= self.cap {
+            self.map.clear();
+        }
+        self.map.insert(pid, (comm.into(), cmd.clone()));
+        cmd
+    }
+
+    /// Forget a process (it exited).
+    pub fn forget(&mut self, pid: u32) {
+        self.map.remove(&pid);
+    }
+
+    /// `/proc/<pid>/ns/net` inode, for kernels where the programs cannot read it.
+    pub fn netns(&self, pid: u32) -> u32 {
+        std::fs::read_link(self.root.join(pid.to_string()).join("ns/net"))
+            .ok()
+            .and_then(|l| parse_ns_link(&l.to_string_lossy()))
+            .unwrap_or(0)
+    }
+}
+
+/// NUL-separated argv to one line; invalid UTF-8 becomes U+FFFD, so JSON stays valid.
+pub fn format_cmdline(raw: &[u8]) -> String {
+    let trimmed = raw.strip_suffix(b"\0").unwrap_or(raw);
+    String::from_utf8_lossy(trimmed).replace('\0', " ")
+}
+
+/// `net:[4026531840]` -> 4026531840
+pub fn parse_ns_link(s: &str) -> Option<u32> {
+    s.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_formatting() {
+        assert_eq!(format_cmdline(b"nginx\0-g\0daemon off;\0"), "nginx -g daemon off;");
+        assert_eq!(format_cmdline(b"a\xffb\0"), "a\u{fffd}b");
+        assert_eq!(format_cmdline(b""), "");
+    }
+
+    #[test]
+    fn ns_link() {
+        assert_eq!(parse_ns_link("net:[4026531840]"), Some(4026531840));
+        assert_eq!(parse_ns_link("mnt:[1]"), None);
+    }
+
+    #[test]
+    fn cache_checks_comm_against_fake_proc() {
+        let dir = std::env::temp_dir().join(format!("pw-proc-{}", std::process::id()));
+        let p = dir.join("4242");
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("comm"), "nginx\n").unwrap();
+        std::fs::write(p.join("cmdline"), b"nginx\0-g\0daemon off;\0").unwrap();
+        let mut c = ProcCache::new(&dir, 8);
+        assert_eq!(c.cmdline(4242, "nginx").as_deref(), Some("nginx -g daemon off;"));
+        // The pid now belongs to someone else: no command line rather than a wrong one.
+        assert_eq!(c.cmdline(4242, "sshd"), None);
+        assert_eq!(c.cmdline(4343, "x"), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,85 @@
+//! Errors the agent can report. Every message says what failed, on what, and what to do.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "portwatch run needs root, or CAP_BPF and CAP_PERFMON (this process has {have}); \
+         run it with sudo"
+    )]
+    NotPrivileged { have: String },
+
+    #[error(
+        "kernel BTF not found at {path}: portwatch needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y (most distribution kernels since 5.x have it)"
+    )]
+    NoBtf { path: PathBuf },
+
+    #[error(
+        "tracefs is not mounted and mounting it at /sys/kernel/tracing failed ({source}); \
+         run `mount -t tracefs nodev /sys/kernel/tracing` as root and try again"
+    )]
+    Tracefs {
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("cannot read tracepoint {name} at {path} ({source}); is tracefs mounted?")]
+    TracepointFormat {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("tracepoint {name} has no field '{field}' in its format file; this kernel is not supported")]
+    TracepointField {
+        name: &'static str,
+        field: &'static str,
+    },
+
+    #[error("loading the eBPF programs into the kernel failed: {0}")]
+    Load(#[from] aya::EbpfError),
+
+    #[error(
+        "attaching eBPF program {program} to tracepoint {category}:{tracepoint} failed: {source}; \
+         check that tracefs is mounted and this kernel has the tracepoint (`portwatch doctor`)"
+    )]
+    Attach {
+        program: &'static str,
+        category: &'static str,
+        tracepoint: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+
+    #[error("eBPF map {name} is missing or of the wrong type: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+
+    #[error(
+        "cannot open log file {path} for appending ({source}); choose a writable path with \
+         --log-file or fix its directory's permissions"
+    )]
+    LogFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("too many --port values ({given}); at most {max} are supported")]
+    TooManyPorts { given: usize, max: usize },
+
+    #[error("{what} failed: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

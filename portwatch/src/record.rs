@@ -1,0 +1,336 @@
+//! Record schema v1: one JSON object per line. Names here are a contract with users'
+//! scripts: add fields freely, never rename. Documented in README.md.
+
+use std::{borrow::Cow, net::IpAddr, sync::Arc};
+
+use portwatch_common::{Event, Kind};
+use serde::Serialize;
+
+use crate::decode::{self, errno_name, family_name, ip, proto_name, tcp_state_name};
+
+pub const SCHEMA_VERSION: u8 = 1;
+
+/// Fields every record has.
+#[derive(Debug, Serialize)]
+pub struct Header<'a> {
+    pub v: u8,
+    pub ts: String,
+    #[serde(rename = "type")]
+    pub ty: &'static str,
+    pub host: &'a str,
+}
+
+impl<'a> Header<'a> {
+    pub fn new(ty: &'static str, host: &'a str, wall_ns: i128) -> Self {
+        Header {
+            v: SCHEMA_VERSION,
+            ts: decode::rfc3339(wall_ns),
+            ty,
+            host,
+        }
+    }
+}
+
+/// The process that made the syscall.
+#[derive(Debug, Serialize)]
+pub struct Actor<'a> {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: Cow<'a, str>,
+    pub uid: u32,
+    /// null when the process was gone (or its pid reused) before it could be read.
+    pub cmdline: Option<Arc<str>>,
+    pub cgroup_id: u64,
+}
+
+impl<'a> Actor<'a> {
+    pub fn from_event(e: &'a Event, cmdline: Option<Arc<str>>) -> Self {
+        Actor {
+            pid: e.pid,
+            tid: e.tid,
+            comm: decode::comm(&e.comm),
+            uid: e.uid,
+            cmdline,
+            cgroup_id: e.cgroup_id,
+        }
+    }
+}
+
+/// A socket that blocks the attempted address (filled by attribution).
+#[derive(Debug, Serialize)]
+pub struct Holder {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub cmdline: Option<String>,
+    pub uid: Option<u32>,
+    pub state: &'static str,
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+/// `type: "conflict"`: a bind/listen that failed, or a connect that found no free port.
+#[derive(Debug, Serialize)]
+pub struct Conflict<'a> {
+    #[serde(flatten)]
+    pub h: Header<'a>,
+    pub op: &'static str,
+    pub error: &'static str,
+    pub errno: i32,
+    pub proto: &'static str,
+    pub family: &'static str,
+    /// Attempted address (for `op:"connect"`, the destination).
+    pub addr: IpAddr,
+    pub port: u16,
+    pub netns: u32,
+    pub fd: i32,
+    pub actor: Actor<'a>,
+    pub holders: Vec<Holder>,
+    pub cause: &'static str,
+    pub hint: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `type: "bind" | "listen" | "connect" | "close"`: one socket syscall (`--all-events`).
+#[derive(Debug, Serialize)]
+pub struct SockOp<'a> {
+    #[serde(flatten)]
+    pub h: Header<'a>,
+    /// "ok" or the errno name.
+    pub result: &'static str,
+    pub errno: i32,
+    pub proto: &'static str,
+    pub family: &'static str,
+    pub addr: IpAddr,
+    pub port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raddr: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rport: Option<u16>,
+    pub netns: u32,
+    pub fd: i32,
+    pub actor: Actor<'a>,
+}
+
+/// `type: "exit"`: a process that held a tracked socket exited.
+#[derive(Debug, Serialize)]
+pub struct Exit<'a> {
+    #[serde(flatten)]
+    pub h: Header<'a>,
+    pub netns: u32,
+    pub actor: Actor<'a>,
+}
+
+/// `type: "tcp_state"`: a TCP state change. `time_wait` marks FIN_WAIT2->CLOSE and
+/// CLOSING->CLOSE, which is how entry into TIME_WAIT shows on this tracepoint.
+#[derive(Debug, Serialize)]
+pub struct TcpState<'a> {
+    #[serde(flatten)]
+    pub h: Header<'a>,
+    pub family: &'static str,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub raddr: IpAddr,
+    pub rport: u16,
+    pub old_state: &'static str,
+    pub new_state: &'static str,
+    pub time_wait: bool,
+    pub netns: u32,
+    /// Task on whose CPU the change ran; for changes driven by the network (softirq) this is
+    /// an unrelated task, so it is not reported as an actor.
+    pub context_pid: u32,
+}
+
+/// `type: "lost"`: events that did not reach the log, with exact counts since the last
+/// `lost` record. `kernel`: the ring buffer was full; `agent`: the agent's queue was full.
+#[derive(Debug, Serialize)]
+pub struct Lost<'a> {
+    #[serde(flatten)]
+    pub h: Header<'a>,
+    pub count: u64,
+    pub kernel: u64,
+    pub agent: u64,
+    pub by_kind: std::collections::BTreeMap<&'static str, u64>,
+    /// Totals since the agent started.
+    pub total: u64,
+}
+
+pub fn is_conflict(e: &Event, k: Kind) -> bool {
+    match k {
+        Kind::Bind | Kind::Listen => e.ret < 0,
+        Kind::Connect => e.ret == -99,
+        _ => false,
+    }
+}
+
+/// The first-pass explanation for a conflict with no attribution.
+pub fn unattributed(op: Kind, errno: i32, port: u16) -> (&'static str, String, Option<String>) {
+    match (op, errno) {
+        (Kind::Connect, 99) => (
+            "ephemeral_exhausted",
+            "no free local port toward this destination; widen net.ipv4.ip_local_port_range or \
+             reuse connections"
+                .into(),
+            None,
+        ),
+        (_, 13) if port < 1024 => (
+            "unknown",
+            format!(
+                "port {port} is privileged: run as root or grant CAP_NET_BIND_SERVICE, or use a \
+                 port above 1023"
+            ),
+            Some("EACCES: privileged port".into()),
+        ),
+        (_, 99) => (
+            "unknown",
+            "the address is not assigned to any interface in this network namespace; bind \
+             0.0.0.0 or an existing address"
+                .into(),
+            Some("EADDRNOTAVAIL: address not local".into()),
+        ),
+        (_, 22) => (
+            "unknown",
+            "the socket is already bound (or the address is invalid); create a new socket \
+             for each bind"
+                .into(),
+            Some("EINVAL: socket already bound or bad address".into()),
+        ),
+        _ => (
+            "unknown",
+            String::new(),
+            Some("no holder is known for this address".into()),
+        ),
+    }
+}
+
+pub fn conflict<'a>(
+    h: Header<'a>,
+    e: &'a Event,
+    k: Kind,
+    netns: u32,
+    cmdline: Option<Arc<str>>,
+) -> Conflict<'a> {
+    let errno = -e.ret;
+    let (addr, port) = if k == Kind::Connect {
+        (ip(e.family, &e.raddr), e.rport)
+    } else {
+        (ip(e.family, &e.addr), e.port)
+    };
+    let (cause, hint, reason) = unattributed(k, errno, port);
+    Conflict {
+        h,
+        op: k.name(),
+        error: errno_name(errno),
+        errno,
+        proto: proto_name(e.proto),
+        family: family_name(e.family),
+        addr,
+        port,
+        netns,
+        fd: e.fd,
+        actor: Actor::from_event(e, cmdline),
+        holders: Vec::new(),
+        cause,
+        hint,
+        reason,
+    }
+}
+
+pub fn sock_op<'a>(
+    h: Header<'a>,
+    e: &'a Event,
+    netns: u32,
+    cmdline: Option<Arc<str>>,
+) -> SockOp<'a> {
+    let errno = -e.ret;
+    let connect = e.kind == portwatch_common::kind::CONNECT;
+    SockOp {
+        h,
+        result: if e.ret == 0 { "ok" } else { errno_name(errno) },
+        errno,
+        proto: proto_name(e.proto),
+        family: family_name(e.family),
+        addr: ip(e.family, &e.addr),
+        port: e.port,
+        raddr: connect.then(|| ip(e.family, &e.raddr)),
+        rport: connect.then_some(e.rport),
+        netns,
+        fd: e.fd,
+        actor: Actor::from_event(e, cmdline),
+    }
+}
+
+pub fn tcp_state<'a>(h: Header<'a>, e: &'a Event) -> TcpState<'a> {
+    TcpState {
+        h,
+        family: family_name(e.family),
+        addr: ip(e.family, &e.addr),
+        port: e.port,
+        raddr: ip(e.family, &e.raddr),
+        rport: e.rport,
+        old_state: tcp_state_name(e.old_state),
+        new_state: tcp_state_name(e.new_state),
+        time_wait: e.new_state == 7 && (e.old_state == 5 || e.old_state == 11),
+        netns: e.netns,
+        context_pid: e.pid,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portwatch_common::{kind, AF_INET, IPPROTO_TCP};
+
+    fn bind_fail() -> Event {
+        let mut e = Event::zeroed();
+        e.kind = kind::BIND;
+        e.pid = 4242;
+        e.tid = 4243;
+        e.ret = -98;
+        e.family = AF_INET;
+        e.proto = IPPROTO_TCP;
+        e.port = 8080;
+        e.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        e.comm[..5].copy_from_slice(b"nginx");
+        e.netns = 4026531840;
+        e
+    }
+
+    #[test]
+    fn conflict_has_schema_v1_fields() {
+        let e = bind_fail();
+        assert!(is_conflict(&e, Kind::Bind));
+        let c = conflict(Header::new("conflict", "lab1", 0), &e, Kind::Bind, e.netns, None);
+        let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(v["v"], 1);
+        assert_eq!(v["type"], "conflict");
+        assert_eq!(v["host"], "lab1");
+        assert_eq!(v["ts"], "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(v["op"], "bind");
+        assert_eq!(v["error"], "EADDRINUSE");
+        assert_eq!(v["errno"], 98);
+        assert_eq!(v["proto"], "tcp");
+        assert_eq!(v["family"], "ipv4");
+        assert_eq!(v["addr"], "127.0.0.1");
+        assert_eq!(v["port"], 8080);
+        assert_eq!(v["netns"], 4026531840u64);
+        assert_eq!(v["actor"]["pid"], 4242);
+        assert_eq!(v["actor"]["tid"], 4243);
+        assert_eq!(v["actor"]["comm"], "nginx");
+        assert!(v["actor"]["cmdline"].is_null());
+        assert!(v["holders"].as_array().unwrap().is_empty());
+        assert_eq!(v["cause"], "unknown");
+    }
+
+    #[test]
+    fn successful_bind_is_not_a_conflict() {
+        let mut e = bind_fail();
+        e.ret = 0;
+        assert!(!is_conflict(&e, Kind::Bind));
+        e.kind = kind::CONNECT;
+        e.ret = -111;
+        assert!(!is_conflict(&e, Kind::Connect));
+        e.ret = -99;
+        assert!(is_conflict(&e, Kind::Connect));
+    }
+}
