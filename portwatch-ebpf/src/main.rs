@@ -432,8 +432,7 @@ fn try_exit_listen(ctx: &TracePointContext) -> Result<u32, u32> {
         // Bound before portwatch started, or implicitly by listen(): ask the socket.
         // SAFETY: bpf_probe_read_kernel.
         unsafe {
-            e.family =
-                bpf_probe_read_kernel((sk + o.skc_family as u64) as *const u16).unwrap_or(0);
+            e.family = bpf_probe_read_kernel((sk + o.skc_family as u64) as *const u16).unwrap_or(0);
             e.port = bpf_probe_read_kernel((sk + o.skc_num as u64) as *const u16).unwrap_or(0);
             if e.family == AF_INET6 {
                 e.addr = bpf_probe_read_kernel((sk + o.skc_v6_rcv_saddr as u64) as *const [u8; 16])

@@ -41,7 +41,10 @@ const KINDS: usize = kind::COUNT as usize;
 enum Msg {
     Event(Box<Event>),
     Agent(AgentRecord),
-    Lost { kernel: [u64; KINDS], agent: [u64; KINDS] },
+    Lost {
+        kernel: [u64; KINDS],
+        agent: [u64; KINDS],
+    },
     Stop,
 }
 
@@ -194,13 +197,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns it, and it is
     // only used for readiness (epoll), never read or closed behind tokio's back.
-    let mut ring = unsafe {
-        AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
-    }
-    .map_err(|e| Error::Io {
-        what: "registering the ring buffer with the event loop",
-        source: e.into_parts().1,
-    })?;
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| Error::Io {
+            what: "registering the ring buffer with the event loop",
+            source: e.into_parts().1,
+        })?;
 
     let mut lost_tick = tokio::time::interval(Duration::from_millis(args.lost_interval_ms));
     lost_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -306,11 +307,12 @@ impl Writer {
         let cmdline = if k == Kind::TcpState {
             None
         } else {
-            self.procs.cmdline(e.pid, &comm)
+            self.procs.cmdline(e.pid, e.tid, &comm)
         };
         match k {
             _ if conflict => {
-                let r = record::conflict(Header::new("conflict", &host, wall), e, k, netns, cmdline);
+                let r =
+                    record::conflict(Header::new("conflict", &host, wall), e, k, netns, cmdline);
                 self.emit(&r);
             }
             Kind::Bind | Kind::Listen | Kind::Connect | Kind::Close => {

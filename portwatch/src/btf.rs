@@ -168,7 +168,11 @@ mod tests {
     #[test]
     fn resolves_on_this_kernel() {
         let p = Path::new(crate::prereq::BTF_PATH);
-        assert!(p.exists(), "{} missing: this kernel has no BTF", p.display());
+        assert!(
+            p.exists(),
+            "{} missing: this kernel has no BTF",
+            p.display()
+        );
         let (o, problems) = resolve(p);
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(o.netns_ok, 1);

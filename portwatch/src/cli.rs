@@ -91,7 +91,8 @@ mod tests {
     #[test]
     fn port_zero_rejected() {
         assert!(Cli::try_parse_from(["portwatch", "run", "--port", "0"]).is_err());
-        let c = Cli::try_parse_from(["portwatch", "run", "--port", "80", "--port", "8080"]).unwrap();
+        let c =
+            Cli::try_parse_from(["portwatch", "run", "--port", "80", "--port", "8080"]).unwrap();
         let Command::Run(r) = c.command;
         assert_eq!(r.ports, vec![80, 8080]);
     }

@@ -9,7 +9,8 @@ use std::{collections::HashMap, path::PathBuf, sync::Arc};
 /// Bounded cache of pid -> (comm, cmdline). Only misses touch /proc.
 pub struct ProcCache {
     root: PathBuf,
-    map: HashMap<u32, (Box<str>, Option<Arc<str>>)>,
+    /// tid -> (pid, comm, cmdline)
+    map: HashMap<u32, (u32, Box<str>, Option<Arc<str>>)>,
     cap: usize,
 }
 
@@ -22,17 +23,20 @@ impl ProcCache {
         }
     }
 
-    /// Command line of `pid` if it is still the process the kernel named `comm`.
-    pub fn cmdline(&mut self, pid: u32, comm: &str) -> Option<Arc<str>> {
-        if let Some((c, cmd)) = self.map.get(&pid) {
-            if &**c == comm {
+    /// Command line of process `pid` if its thread `tid` is still the one the kernel named
+    /// `comm` (the kernel reports the thread's comm, which threads may rename).
+    pub fn cmdline(&mut self, pid: u32, tid: u32, comm: &str) -> Option<Arc<str>> {
+        if let Some((p, c, cmd)) = self.map.get(&tid) {
+            if *p == pid && &**c == comm {
                 return cmd.clone();
             }
         }
         let dir = self.root.join(pid.to_string());
-        let live_comm = std::fs::read(dir.join("comm")).ok()?;
-        let live_comm = String::from_utf8_lossy(&live_comm);
-        if live_comm.trim_end_matches('\n') != comm {
+        let same = |p: PathBuf| {
+            std::fs::read(p)
+                .is_ok_and(|c| String::from_utf8_lossy(&c).trim_end_matches('\n') == comm)
+        };
+        if !same(dir.join("task").join(tid.to_string()).join("comm")) && !same(dir.join("comm")) {
             // Exited and reused, or exec'd since: what /proc shows is not the actor.
             return None;
         }
@@ -41,13 +45,13 @@ impl ProcCache {
         if self.map.len() >= self.cap {
             self.map.clear();
         }
-        self.map.insert(pid, (comm.into(), cmd.clone()));
+        self.map.insert(tid, (pid, comm.into(), cmd.clone()));
         cmd
     }
 
     /// Forget a process (it exited).
     pub fn forget(&mut self, pid: u32) {
-        self.map.remove(&pid);
+        self.map.retain(|_, (p, _, _)| *p != pid);
     }
 
     /// `/proc/<pid>/ns/net` inode, for kernels where the programs cannot read it.
@@ -76,7 +80,10 @@ mod tests {
 
     #[test]
     fn cmdline_formatting() {
-        assert_eq!(format_cmdline(b"nginx\0-g\0daemon off;\0"), "nginx -g daemon off;");
+        assert_eq!(
+            format_cmdline(b"nginx\0-g\0daemon off;\0"),
+            "nginx -g daemon off;"
+        );
         assert_eq!(format_cmdline(b"a\xffb\0"), "a\u{fffd}b");
         assert_eq!(format_cmdline(b""), "");
     }
@@ -95,10 +102,20 @@ mod tests {
         std::fs::write(p.join("comm"), "nginx\n").unwrap();
         std::fs::write(p.join("cmdline"), b"nginx\0-g\0daemon off;\0").unwrap();
         let mut c = ProcCache::new(&dir, 8);
-        assert_eq!(c.cmdline(4242, "nginx").as_deref(), Some("nginx -g daemon off;"));
+        std::fs::create_dir_all(p.join("task/4243")).unwrap();
+        std::fs::write(p.join("task/4243/comm"), "worker-1\n").unwrap();
+        assert_eq!(
+            c.cmdline(4242, 4242, "nginx").as_deref(),
+            Some("nginx -g daemon off;")
+        );
+        // A renamed thread is still this process.
+        assert_eq!(
+            c.cmdline(4242, 4243, "worker-1").as_deref(),
+            Some("nginx -g daemon off;")
+        );
         // The pid now belongs to someone else: no command line rather than a wrong one.
-        assert_eq!(c.cmdline(4242, "sshd"), None);
-        assert_eq!(c.cmdline(4343, "x"), None);
+        assert_eq!(c.cmdline(4242, 4244, "sshd"), None);
+        assert_eq!(c.cmdline(4343, 4343, "x"), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

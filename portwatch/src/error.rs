@@ -33,7 +33,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    #[error("tracepoint {name} has no field '{field}' in its format file; this kernel is not supported")]
+    #[error(
+        "tracepoint {name} has no field '{field}' in its format file; this kernel is not supported"
+    )]
     TracepointField {
         name: &'static str,
         field: &'static str,

@@ -37,8 +37,22 @@ pub fn check_privileges() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     let mut have = vec![format!("uid {euid}")];
-    have.push(if has(CAP_BPF) { "CAP_BPF" } else { "no CAP_BPF" }.into());
-    have.push(if has(CAP_PERFMON) { "CAP_PERFMON" } else { "no CAP_PERFMON" }.into());
+    have.push(
+        if has(CAP_BPF) {
+            "CAP_BPF"
+        } else {
+            "no CAP_BPF"
+        }
+        .into(),
+    );
+    have.push(
+        if has(CAP_PERFMON) {
+            "CAP_PERFMON"
+        } else {
+            "no CAP_PERFMON"
+        }
+        .into(),
+    );
     Err(Error::NotPrivileged {
         have: have.join(", "),
     })

@@ -176,7 +176,9 @@ pub fn format_field_offset(text: &str, field: &str) -> Option<u32> {
         if name != field {
             continue;
         }
-        let off = rest.split(';').find_map(|p| p.trim().strip_prefix("offset:"))?;
+        let off = rest
+            .split(';')
+            .find_map(|p| p.trim().strip_prefix("offset:"))?;
         return off.trim().parse().ok();
     }
     None

@@ -300,8 +300,15 @@ mod tests {
     fn conflict_has_schema_v1_fields() {
         let e = bind_fail();
         assert!(is_conflict(&e, Kind::Bind));
-        let c = conflict(Header::new("conflict", "lab1", 0), &e, Kind::Bind, e.netns, None);
-        let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        let c = conflict(
+            Header::new("conflict", "lab1", 0),
+            &e,
+            Kind::Bind,
+            e.netns,
+            None,
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(v["v"], 1);
         assert_eq!(v["type"], "conflict");
         assert_eq!(v["host"], "lab1");

@@ -1,1 +1,452 @@
+//! Helpers for portwatch's end-to-end tests: start the real agent, make real sockets (in
+//! real network namespaces), read its JSON. The tests need root and a kernel with BTF and
+//! tracepoints; they fail (never skip) when those are missing, because CI runs as root.
 
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub fn require_root() {
+    // SAFETY: no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the end-to-end tests load eBPF programs and need root: run `sudo cargo xtask test`"
+    );
+}
+
+/// The agent binary: $PORTWATCH_BIN (set by `cargo xtask test`) or target/debug/portwatch.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("PORTWATCH_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/portwatch");
+    assert!(
+        p.exists(),
+        "{} not found: build it first (`cargo xtask test` does) or set PORTWATCH_BIN",
+        p.display()
+    );
+    p
+}
+
+#[derive(Default)]
+struct Lines {
+    lines: Vec<Value>,
+    raw_bad: Vec<String>,
+    eof: bool,
+}
+
+/// A running `portwatch run`, its stdout parsed line by line.
+pub struct Agent {
+    child: Child,
+    shared: Arc<(Mutex<Lines>, Condvar)>,
+    stderr: Arc<Mutex<String>>,
+    pub ready: Value,
+}
+
+pub struct Finished {
+    pub lines: Vec<Value>,
+    pub status: std::process::ExitStatus,
+    pub stderr: String,
+}
+
+impl Agent {
+    pub fn start(args: &[&str]) -> Agent {
+        Self::start_cmd(Command::new(agent_bin()).arg("run").args(args))
+    }
+
+    pub fn start_cmd(cmd: &mut Command) -> Agent {
+        require_root();
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn portwatch");
+        let shared = Arc::new((Mutex::new(Lines::default()), Condvar::new()));
+        let out = child.stdout.take().unwrap();
+        let s2 = shared.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let (m, cv) = &*s2;
+                let mut g = m.lock().unwrap();
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => g.lines.push(v),
+                    Err(_) => g.raw_bad.push(line),
+                }
+                cv.notify_all();
+            }
+            let (m, cv) = &*s2;
+            m.lock().unwrap().eof = true;
+            cv.notify_all();
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err = child.stderr.take().unwrap();
+        let e2 = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut g = e2.lock().unwrap();
+                g.push_str(&line);
+                g.push('\n');
+            }
+        });
+        let mut a = Agent {
+            child,
+            shared,
+            stderr,
+            ready: Value::Null,
+        };
+        a.ready = a
+            .try_wait_for(Duration::from_secs(30), |v| {
+                v["type"] == "agent" && v["event"] == "ready"
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "agent did not print its ready line; stderr: {}",
+                    a.stderr.lock().unwrap()
+                )
+            });
+        a
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// First record (in order) matching `pred`, waiting up to `timeout`.
+    pub fn try_wait_for(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &*self.shared;
+        let mut g = m.lock().unwrap();
+        loop {
+            if let Some(v) = g.lines.iter().find(|v| pred(v)) {
+                return Some(v.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline || g.eof {
+                return None;
+            }
+            g = cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.try_wait_for(Duration::from_secs(10), pred)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no record matching {what} within 10 s; got:\n{}",
+                    self.dump()
+                )
+            })
+    }
+
+    pub fn snapshot(&self) -> Vec<Value> {
+        self.shared.0.lock().unwrap().lines.clone()
+    }
+
+    pub fn dump(&self) -> String {
+        self.snapshot()
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// SIGINT (or `sig`), wait for exit; every line the agent wrote.
+    pub fn stop_with(mut self, sig: i32) -> Finished {
+        self.signal(sig);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit after signal {sig}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Wait for the reader to see EOF so every line is in.
+        let (m, cv) = &*self.shared;
+        let mut g = m.lock().unwrap();
+        while !g.eof {
+            g = cv.wait_timeout(g, Duration::from_secs(5)).unwrap().0;
+        }
+        assert!(
+            g.raw_bad.is_empty(),
+            "agent wrote lines that are not JSON: {:?}",
+            g.raw_bad
+        );
+        let lines = std::mem::take(&mut g.lines);
+        drop(g);
+        Finished {
+            lines,
+            status,
+            stderr: self.stderr.lock().unwrap().clone(),
+        }
+    }
+
+    pub fn stop(self) -> Finished {
+        self.stop_with(libc::SIGINT)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---- sockets ----
+
+pub const SOCK_STREAM: i32 = libc::SOCK_STREAM;
+pub const SOCK_DGRAM: i32 = libc::SOCK_DGRAM;
+
+pub fn socket(addr: &SocketAddr, ty: i32, reuseaddr: bool) -> OwnedFd {
+    let fam = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscalls on an fd we own.
+    unsafe {
+        let fd = libc::socket(fam, ty | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        if reuseaddr {
+            let one: libc::c_int = 1;
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&one as *const libc::c_int).cast(),
+                4,
+            );
+        }
+        OwnedFd::from_raw_fd(fd)
+    }
+}
+
+pub fn set_v6only(fd: &OwnedFd, on: bool) {
+    let v: libc::c_int = on as _;
+    // SAFETY: setsockopt on an fd we own.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&v as *const libc::c_int).cast(),
+            4,
+        )
+    };
+}
+
+fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: zeroed sockaddr_storage is valid; we fill one of its variants.
+    unsafe {
+        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+        let len = match addr {
+            SocketAddr::V4(a) => {
+                let sin = &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in);
+                sin.sin_family = libc::AF_INET as _;
+                sin.sin_port = a.port().to_be();
+                sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in6);
+                sin6.sin6_family = libc::AF_INET6 as _;
+                sin6.sin6_port = a.port().to_be();
+                sin6.sin6_addr.s6_addr = a.ip().octets();
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (ss, len as _)
+    }
+}
+
+pub fn bind(fd: &OwnedFd, addr: &SocketAddr) -> std::io::Result<()> {
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: valid sockaddr of the given length.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+pub fn listen(fd: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: listen on an fd we own.
+    let rc = unsafe { libc::listen(fd.as_raw_fd(), 128) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+pub fn connect(fd: &OwnedFd, addr: &SocketAddr) -> std::io::Result<()> {
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: valid sockaddr of the given length.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A held listener: bound and listening.
+pub fn listener(addr: &str) -> OwnedFd {
+    let a: SocketAddr = addr.parse().unwrap();
+    let fd = socket(&a, SOCK_STREAM, false);
+    bind(&fd, &a).unwrap_or_else(|e| panic!("holder bind {addr}: {e}"));
+    listen(&fd).unwrap();
+    fd
+}
+
+pub fn gettid() -> u32 {
+    // SAFETY: no preconditions.
+    unsafe { libc::gettid() as u32 }
+}
+
+pub fn netns_inode_of(path: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().ino()
+}
+
+pub fn host_netns() -> u64 {
+    netns_inode_of("/proc/self/ns/net")
+}
+
+/// A port no test shares: tests run one at a time, but a leftover TIME_WAIT from an
+/// earlier run must not make a bind fail unexpectedly.
+pub fn test_port(offset: u16) -> u16 {
+    let base = 20000 + (std::process::id() % 2000) as u16 * 10;
+    base + offset
+}
+
+// ---- network namespaces ----
+
+/// `ip netns add` with Drop cleanup; loopback brought up.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> NetNs {
+        let name = format!("pwtest-{}-{tag}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip netns add {name} failed");
+        let ok = Command::new("ip")
+            .args(["-n", &name, "link", "set", "lo", "up"])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        NetNs { name }
+    }
+
+    pub fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    pub fn inode(&self) -> u64 {
+        netns_inode_of(&self.path())
+    }
+
+    /// Run `f` on a thread that has entered this namespace. Sockets created there belong
+    /// to it, and the kernel sees that thread's tid as the actor.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let f2 = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns on this thread only.
+            let rc = unsafe { libc::setns(f2.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let ok = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                "sysctl",
+                "-qw",
+                &format!("{key}={value}"),
+            ])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "sysctl {key}={value} in {}", self.name);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Records of one type for one port.
+pub fn of_type<'a>(lines: &'a [Value], ty: &str, port: u16) -> Vec<&'a Value> {
+    lines
+        .iter()
+        .filter(|v| v["type"] == ty && v["port"] == port)
+        .collect()
+}
+
+pub fn assert_rfc3339(ts: &Value) {
+    let s = ts.as_str().expect("ts is a string");
+    // 2026-11-25T08:31:31.123456789Z
+    let ok = s.len() >= 27
+        && s.ends_with('Z')
+        && s.as_bytes()[4] == b'-'
+        && s.as_bytes()[10] == b'T'
+        && s.as_bytes()[19] == b'.'
+        && (6..=9).contains(&(s.len() - 21))
+        && s[20..s.len() - 1].bytes().all(|b| b.is_ascii_digit());
+    assert!(
+        ok,
+        "ts {s:?} is not RFC 3339 UTC with 6-9 fractional digits"
+    );
+}

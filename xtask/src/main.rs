@@ -1,1 +1,173 @@
-fn main() {}
+//! Developer and operator tasks: `cargo xtask setup | run | test | lint | bench`.
+//!
+//! Every task starts with `setup`, which installs what a fresh machine lacks (rust-src for
+//! the nightly toolchain, bpf-linker built against that nightly's own libLLVM, the tracefs
+//! mount) and is fast when everything is already there.
+
+mod bench;
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "portwatch developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing (rust-src, bpf-linker, tracefs mount). Idempotent.
+    Setup,
+    /// Setup, build (release) and run the agent as root: `cargo xtask run -- --all-events`.
+    Run {
+        /// Arguments passed to `portwatch run`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Setup, then run every test: unit tests and the privileged end-to-end tests.
+    Test {
+        /// Only run tests whose name contains this string.
+        filter: Option<String>,
+    },
+    /// rustfmt check and clippy over the userspace crates and the eBPF crate.
+    Lint,
+    /// Setup, then the side-by-side benchmarks; results in target/bench/.
+    Bench(bench::BenchArgs),
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn step(msg: &str) {
+    eprintln!("[xtask] {msg}");
+}
+
+/// Run a command, streaming its output; fail with the command line if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+/// Build the agent and return the binary's path.
+pub fn build_agent(release: bool) -> Result<PathBuf> {
+    let mut c = cargo();
+    c.args(["build", "--package", "portwatch"]);
+    if release {
+        c.arg("--release");
+    }
+    step(&format!(
+        "building portwatch ({}; the eBPF object is built too, the first time takes minutes)",
+        if release { "release" } else { "debug" }
+    ));
+    run(&mut c)?;
+    let bin = workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("portwatch");
+    if !bin.exists() {
+        bail!("build finished but {} is missing", bin.display());
+    }
+    Ok(bin)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup::all(),
+        Cmd::Run { args } => {
+            setup::all()?;
+            let bin = build_agent(true)?;
+            step(&format!(
+                "starting {} run {}",
+                bin.display(),
+                args.join(" ")
+            ));
+            let mut c = Command::new(&bin);
+            c.arg("run").args(&args);
+            use std::os::unix::process::CommandExt;
+            // Replace xtask so signals (Ctrl-C, SIGTERM) reach the agent directly.
+            Err(c.exec()).with_context(|| format!("could not exec {}", bin.display()))
+        }
+        Cmd::Test { filter } => {
+            setup::all()?;
+            let bin = build_agent(false)?;
+            step("unit tests");
+            let mut c = cargo();
+            c.args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "portwatch-ebpf",
+                "--lib",
+                "--bins",
+            ]);
+            if let Some(f) = &filter {
+                c.arg(f);
+            }
+            run(&mut c)?;
+            step("end-to-end tests against the real kernel (one at a time: they share it)");
+            let mut c = cargo();
+            c.args(["test", "--package", "portwatch-tests", "--tests"])
+                .env("PORTWATCH_BIN", &bin);
+            c.arg("--");
+            if let Some(f) = &filter {
+                c.arg(f);
+            }
+            c.arg("--test-threads=1");
+            run(&mut c)
+        }
+        Cmd::Lint => {
+            setup::all()?;
+            run(cargo().args(["fmt", "--all", "--check"]))?;
+            run(cargo().args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "portwatch-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            run(cargo()
+                .current_dir(workspace_root().join("portwatch-ebpf"))
+                .args([
+                    "+nightly",
+                    "clippy",
+                    "--package",
+                    "portwatch-ebpf",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))
+        }
+        Cmd::Bench(args) => {
+            setup::all()?;
+            bench::run(args)
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Idempotent machine setup. Each step checks first and only installs what is missing, so a
+//! second run takes well under a second. Nothing here relies on something installed by hand.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{run, step};
+
+pub fn all() -> Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()?;
+    tracefs()?;
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let o = cmd.output().ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into())
+}
+
+pub fn cache_dir() -> PathBuf {
+    home().join(".cache/portwatch")
+}
+
+/// The eBPF crate is built with `cargo +nightly -Z build-std=core`, which needs rust-src.
+fn nightly_rust_src() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is required (https://rustup.rs) and was not found")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        step("installing the nightly toolchain (eBPF programs need -Z build-std)");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        step("installing rust-src for the nightly toolchain");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    Ok(())
+}
+
+/// bpf-linker must link against an LLVM of the same major version as the nightly rustc.
+/// A plain `cargo install bpf-linker` wants a system libLLVM of that version, which distros
+/// rarely ship; instead link it against the nightly toolchain's own libLLVM through a
+/// minimal LLVM prefix (an llvm-config that prints the version, and the library symlinked).
+fn bpf_linker() -> Result<()> {
+    if output(Command::new("bpf-linker").arg("--version")).is_some() {
+        return Ok(());
+    }
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("rustc +nightly --print sysroot failed")?;
+    let sysroot = PathBuf::from(sysroot.trim());
+    let vv =
+        output(Command::new("rustc").args(["+nightly", "-vV"])).context("rustc +nightly -vV")?;
+    let llvm = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("rustc +nightly -vV printed no LLVM version")?
+        .trim()
+        .to_string();
+    let major = llvm.split('.').next().unwrap_or_default().to_string();
+    let lib = std::fs::read_dir(sysroot.join("lib"))
+        .with_context(|| format!("reading {}", sysroot.join("lib").display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so") || n.starts_with("libLLVM-"))
+        .with_context(|| format!("no libLLVM in {}/lib", sysroot.display()))?;
+
+    let prefix = cache_dir().join("rust-llvm");
+    std::fs::create_dir_all(prefix.join("bin"))?;
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let llvm_config = prefix.join("bin/llvm-config");
+    std::fs::write(&llvm_config, format!("#!/bin/sh\necho {llvm}\n"))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&llvm_config, std::fs::Permissions::from_mode(0o755))?;
+    for name in ["libLLVM.so".to_string(), lib.clone()] {
+        let link = prefix.join("lib").join(&name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(sysroot.join("lib").join(&lib), &link)
+            .with_context(|| format!("symlinking {}", link.display()))?;
+    }
+    step(&format!(
+        "building bpf-linker against the nightly toolchain's LLVM {llvm} (about 2 minutes the \
+         first time; its build is cached in {})",
+        cache_dir().display()
+    ));
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
+        .env("LLVM_PREFIX", &prefix)
+        .env("CARGO_TARGET_DIR", cache_dir().join("bpf-linker-target")))
+    .context("building bpf-linker failed; see the cargo output above")?;
+    if output(Command::new("bpf-linker").arg("--version")).is_none() {
+        bail!(
+            "bpf-linker was installed but does not run; is ~/.cargo/bin on PATH? \
+             (export PATH=$HOME/.cargo/bin:$PATH)"
+        );
+    }
+    Ok(())
+}
+
+/// Attaching tracepoints needs tracefs; fresh boots often do not mount it. The agent mounts
+/// it too, but the benchmarks' peers (bpftrace, tcpstates) need it as well.
+fn tracefs() -> Result<()> {
+    for p in [
+        "/sys/kernel/tracing/events",
+        "/sys/kernel/debug/tracing/events",
+    ] {
+        if std::path::Path::new(p).is_dir() {
+            return Ok(());
+        }
+    }
+    // SAFETY: geteuid has no preconditions; declared here to avoid a libc dependency.
+    unsafe extern "C" {
+        safe fn geteuid() -> u32;
+    }
+    if geteuid() != 0 {
+        step(
+            "tracefs is not mounted and this is not root: the agent will mount it when run as root",
+        );
+        return Ok(());
+    }
+    step("mounting tracefs at /sys/kernel/tracing");
+    run(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
+}
