@@ -5,18 +5,14 @@
 //! full the event is counted as lost by the agent and reported in a `lost` record.
 
 use std::{
-    collections::BTreeMap,
-    path::PathBuf,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
-use portwatch_common::{kind, Event, Kind};
-use serde::Serialize;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -27,70 +23,14 @@ use crate::{
     btf,
     cli::RunArgs,
     decode::{self, Clock},
-    enrich::ProcCache,
+    diag,
     error::{Error, Result},
     prereq, probes,
-    record::{self, Header},
+    process::{self, AgentRecord, Msg, Snapshot, KINDS},
     sink::{self, Output},
 };
 
 const QUEUE: usize = 65_536;
-const KINDS: usize = kind::COUNT as usize;
-
-/// What the writer thread receives.
-enum Msg {
-    Event(Box<Event>),
-    Agent(AgentRecord),
-    Lost {
-        kernel: [u64; KINDS],
-        agent: [u64; KINDS],
-    },
-    Stop,
-}
-
-/// `type: "agent"`: lifecycle of the agent itself.
-#[derive(Debug, Serialize, Default)]
-pub struct AgentRecord {
-    pub event: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub version: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mode: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub programs: Option<Vec<&'static str>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ports: Option<Vec<u16>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ringbuf_bytes: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub netns_source: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tracefs_mounted: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub startup_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_file: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub records: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lost_total: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_write_errors: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub uptime_s: Option<f64>,
-}
-
-#[derive(Serialize)]
-struct Line<'a, T: Serialize> {
-    #[serde(flatten)]
-    h: Header<'a>,
-    #[serde(flatten)]
-    body: T,
-}
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -132,16 +72,40 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let agent_lost: Arc<[AtomicU64; KINDS]> = Arc::new(Default::default());
 
     let writer = {
-        let host = host.clone();
-        let all = args.all_events;
+        let cfg = process::Config {
+            host: host.clone(),
+            all_events: args.all_events,
+            netns_from_proc: !netns_in_kernel,
+            pressure_pct: args.pressure_pct,
+            top: 10,
+        };
         std::thread::Builder::new()
             .name("portwatch-writer".into())
-            .spawn(move || writer_loop(rx, Output::new(log), host, all, !netns_in_kernel, started))
+            .spawn(move || process::run(rx, Output::new(log), cfg, started))
             .map_err(|source| Error::Io {
-                what: "starting the writer thread",
+                what: "starting the processing thread",
                 source,
             })?
     };
+
+    // sock_diag: the start-up snapshot of every namespace (holders that predate the agent),
+    // then a reconciliation and TIME_WAIT summary every --tw-interval seconds. It runs on
+    // its own thread: a dump of 100k sockets must not stall the ring-buffer drain.
+    let stop_diag = Arc::new(AtomicBool::new(false));
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    let diag_thread = {
+        let tx = tx.clone();
+        let stop = stop_diag.clone();
+        let interval = Duration::from_secs(args.tw_interval);
+        std::thread::Builder::new()
+            .name("portwatch-diag".into())
+            .spawn(move || diag_loop(tx, interval, stop, first_tx))
+            .map_err(|source| Error::Io {
+                what: "starting the sock_diag thread",
+                source,
+            })?
+    };
+    let _ = first_rx.await;
 
     let send = |m: Msg| {
         let tx = tx.clone();
@@ -151,7 +115,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     };
 
-    send(Msg::Agent(AgentRecord {
+    send(Msg::Agent(Box::new(AgentRecord {
         event: "ready",
         version: Some(env!("CARGO_PKG_VERSION")),
         pid: Some(std::process::id()),
@@ -164,7 +128,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         startup_ms: Some(started.elapsed().as_millis() as u64),
         log_file: args.log_file.clone(),
         ..Default::default()
-    }))
+    })))
     .await;
     if !problems.is_empty() {
         let reason = problems
@@ -178,11 +142,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
             "; network namespaces are read from /proc/<pid>/ns/net instead (slower, and empty \
              for processes that already exited)"
         };
-        send(Msg::Agent(AgentRecord {
+        send(Msg::Agent(Box::new(AgentRecord {
             event: "degraded",
             reason: Some(format!("kernel offsets unresolved: {reason}{netns_note}")),
             ..Default::default()
-        }))
+        })))
         .await;
     }
 
@@ -241,6 +205,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(m) = check_lost(&probes) {
         send(m).await;
     }
+    stop_diag.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || diag_thread.join()).await;
     send(Msg::Stop).await;
     drop(tx);
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
@@ -257,166 +223,54 @@ fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Msg>, agent_lost: &[Atom
         };
         drop(item);
         let k = (e.kind as usize).min(KINDS - 1);
-        if tx.try_send(Msg::Event(Box::new(e))).is_err() {
+        if tx.try_send(Msg::Event(e)).is_err() {
             agent_lost[k].fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
-struct Writer {
-    out: Output,
-    host: String,
-    all: bool,
-    netns_from_proc: bool,
-    clock: Clock,
-    procs: ProcCache,
-    buf: Vec<u8>,
-    lost_total: u64,
-    unknown_kinds: u64,
-}
-
-impl Writer {
-    fn emit<T: Serialize>(&mut self, v: &T) {
-        self.buf.clear();
-        if serde_json::to_writer(&mut self.buf, v).is_ok() {
-            self.buf.push(b'\n');
-            self.out.write_line(&self.buf);
-        }
-    }
-
-    fn event(&mut self, e: &Event) {
-        let Ok(k) = Kind::try_from(e.kind) else {
-            self.unknown_kinds += 1;
-            return;
-        };
-        let conflict = record::is_conflict(e, k);
-        if !conflict && !self.all {
-            if k == Kind::Exit {
-                self.procs.forget(e.pid);
-            }
-            return;
-        }
-        let wall = self.clock.wall_ns(e.ts_ns);
-        let host = std::mem::take(&mut self.host);
-        let netns = if e.netns == 0 && self.netns_from_proc && e.pid != 0 {
-            self.procs.netns(e.pid)
-        } else {
-            e.netns
-        };
-        let comm = decode::comm(&e.comm);
-        let cmdline = if k == Kind::TcpState {
-            None
-        } else {
-            self.procs.cmdline(e.pid, e.tid, &comm)
-        };
-        match k {
-            _ if conflict => {
-                let r =
-                    record::conflict(Header::new("conflict", &host, wall), e, k, netns, cmdline);
-                self.emit(&r);
-            }
-            Kind::Bind | Kind::Listen | Kind::Connect | Kind::Close => {
-                let r = record::sock_op(Header::new(k.name(), &host, wall), e, netns, cmdline);
-                self.emit(&r);
-            }
-            Kind::Exit => {
-                let r = record::Exit {
-                    h: Header::new("exit", &host, wall),
-                    netns,
-                    actor: record::Actor::from_event(e, cmdline),
-                };
-                self.emit(&r);
-                self.procs.forget(e.pid);
-            }
-            Kind::TcpState => {
-                let r = record::tcp_state(Header::new("tcp_state", &host, wall), e);
-                self.emit(&r);
-            }
-        }
-        self.host = host;
-    }
-
-    fn lost(&mut self, kernel: [u64; KINDS], agent: [u64; KINDS]) {
-        let mut by_kind = BTreeMap::new();
-        for kd in Kind::ALL {
-            let i = kd.raw() as usize;
-            let n = kernel[i] + agent[i];
-            if n > 0 {
-                by_kind.insert(kd.name(), n);
-            }
-        }
-        let k: u64 = kernel.iter().sum();
-        let a: u64 = agent.iter().sum();
-        self.lost_total += k + a;
-        let host = std::mem::take(&mut self.host);
-        let r = record::Lost {
-            h: Header::new("lost", &host, Clock::now_wall_ns()),
-            count: k + a,
-            kernel: k,
-            agent: a,
-            by_kind,
-            total: self.lost_total,
-        };
-        self.emit(&r);
-        self.host = host;
-    }
-
-    fn agent(&mut self, r: AgentRecord) {
-        let host = std::mem::take(&mut self.host);
-        let line = Line {
-            h: Header::new("agent", &host, Clock::now_wall_ns()),
-            body: r,
-        };
-        self.emit(&line);
-        self.host = host;
-    }
-}
-
-fn writer_loop(
-    mut rx: mpsc::Receiver<Msg>,
-    out: Output,
-    host: String,
-    all: bool,
-    netns_from_proc: bool,
-    started: Instant,
+fn diag_loop(
+    tx: mpsc::Sender<Msg>,
+    interval: Duration,
+    stop: Arc<AtomicBool>,
+    first: tokio::sync::oneshot::Sender<()>,
 ) {
-    let mut w = Writer {
-        out,
-        host,
-        all,
-        netns_from_proc,
-        clock: Clock::now(),
-        procs: ProcCache::new("/proc", 4096),
-        buf: Vec::with_capacity(1024),
-        lost_total: 0,
-        unknown_kinds: 0,
-    };
-    let mut since_clock = 0u32;
-    while let Some(m) = rx.blocking_recv() {
-        match m {
-            Msg::Event(e) => {
-                // Re-read the monotonic/wall offset now and then: NTP slews the wall clock.
-                since_clock += 1;
-                if since_clock >= 10_000 {
-                    w.clock = Clock::now();
-                    since_clock = 0;
+    let mut first = Some(first);
+    loop {
+        let wall_ns = Clock::now_wall_ns();
+        let owners = Arc::new(diag::socket_owners());
+        for ns in diag::namespaces() {
+            let entries = match diag::dump(&ns) {
+                Ok(e) => e,
+                // Its last process just exited: the namespace is gone, nothing to report.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    eprintln!("portwatch: warning: {e}; the port table may miss that namespace");
+                    continue;
                 }
-                w.event(&e);
+            };
+            let port_range = diag::local_port_range(&ns).ok();
+            let snap = Snapshot {
+                ns,
+                entries,
+                owners: owners.clone(),
+                port_range,
+                report: first.is_none(),
+                wall_ns,
+            };
+            if tx.blocking_send(Msg::Snapshot(Box::new(snap))).is_err() {
+                return;
             }
-            Msg::Agent(r) => w.agent(r),
-            Msg::Lost { kernel, agent } => w.lost(kernel, agent),
-            Msg::Stop => {
-                let r = AgentRecord {
-                    event: "stopped",
-                    records: Some(w.out.lines),
-                    lost_total: Some(w.lost_total),
-                    log_write_errors: Some(w.out.file_errors),
-                    uptime_s: Some((started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0),
-                    ..Default::default()
-                };
-                w.agent(r);
-                break;
+        }
+        if let Some(f) = first.take() {
+            let _ = f.send(());
+        }
+        let deadline = Instant::now() + interval;
+        while Instant::now() < deadline {
+            if stop.load(Ordering::Relaxed) {
+                return;
             }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }

@@ -52,6 +52,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60000))]
     pub lost_interval_ms: u64,
 
+    /// Seconds between sock_diag reconciliations of the port table, each followed by one
+    /// `time_wait` record per network namespace that has TIME_WAIT sockets.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub tw_interval: u64,
+
+    /// Emit a `pressure` record when one destination takes this share (percent) of the
+    /// ephemeral port range.
+    #[arg(long, value_name = "PCT", default_value_t = 50.0)]
+    pub pressure_pct: f64,
+
     /// Do not read the network namespace in the kernel; read /proc/<pid>/ns/net instead
     /// (the fallback used when kernel offsets cannot be resolved from BTF).
     #[arg(long, hide = true)]

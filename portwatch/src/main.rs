@@ -8,12 +8,15 @@ mod agent;
 mod btf;
 mod cli;
 mod decode;
+mod diag;
 mod enrich;
 mod error;
 mod prereq;
 mod probes;
+mod process;
 mod record;
 mod sink;
+mod table;
 
 use clap::Parser;
 

@@ -56,16 +56,16 @@ impl<'a> Actor<'a> {
     }
 }
 
-/// A socket that blocks the attempted address (filled by attribution).
+/// connect() found no free local port toward this destination.
 #[derive(Debug, Serialize)]
-pub struct Holder {
-    pub pid: Option<u32>,
-    pub comm: Option<String>,
-    pub cmdline: Option<String>,
-    pub uid: Option<u32>,
-    pub state: &'static str,
+pub struct Destination {
     pub addr: IpAddr,
     pub port: u16,
+    /// Local ports toward it in a non-TIME_WAIT state.
+    pub in_use: u32,
+    pub time_wait: u32,
+    /// The namespace's net.ipv4.ip_local_port_range.
+    pub range: Option<[u16; 2]>,
 }
 
 /// `type: "conflict"`: a bind/listen that failed, or a connect that found no free port.
@@ -84,8 +84,13 @@ pub struct Conflict<'a> {
     pub netns: u32,
     pub fd: i32,
     pub actor: Actor<'a>,
-    pub holders: Vec<Holder>,
+    pub holders: Vec<crate::table::Holder>,
     pub cause: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlap: Option<crate::table::Overlap>,
+    /// connect EADDRNOTAVAIL: the destination and how taken its local ports are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination: Option<Destination>,
     pub hint: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -231,6 +236,8 @@ pub fn conflict<'a>(
         actor: Actor::from_event(e, cmdline),
         holders: Vec::new(),
         cause,
+        overlap: None,
+        destination: None,
         hint,
         reason,
     }

@@ -450,3 +450,44 @@ pub fn assert_rfc3339(ts: &Value) {
         "ts {s:?} is not RFC 3339 UTC with 6-9 fractional digits"
     );
 }
+
+/// A holder process (`pw-hold`), optionally inside a network namespace. Killed on drop.
+pub struct Holder {
+    child: Child,
+}
+
+impl Holder {
+    pub fn start(bin: &str, mode: &str, addr: &str, netns: Option<&NetNs>) -> Holder {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name, bin]);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = cmd
+            .args([mode, addr])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn pw-hold");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "pw-hold {mode} {addr} failed");
+        Holder { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

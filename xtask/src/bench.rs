@@ -1,10 +1,2065 @@
-//! `cargo xtask bench`: side-by-side benchmarks (filled in below).
+//! `cargo xtask bench`: side-by-side benchmarks of the release agent, in one run.
+//!
+//! 1. Loopback TCP churn (connect/accept/close) with no tracer, portwatch (default and
+//!    `--all-events`), an equivalent bpftrace script and libbpf-tools' tcpstates, interleaved
+//!    over rounds so that drift on a noisy machine hits every configuration alike.
+//! 2. Bind storm: failing binds at controlled rates; every generated failure must come out
+//!    as a conflict record or be counted in a `lost` record.
+//! 3. Latency from a failing bind to its conflict line on the agent's stdout.
+//! 4. The agent's own cost: CPU, peak RSS, time to ready.
+//!
+//! Results go to target/bench/results.md (printed too) and target/bench/churn.png.
+//!
+//! Load generators call libc directly on pre-built socket addresses: no allocation and no
+//! std wrappers in the measured loops, so the generator itself costs as little as possible and
+//! the same in every configuration. Every child process is owned by a guard that stops it
+//! (SIGINT, then SIGKILL) when dropped, and is also told by the kernel (PR_SET_PDEATHSIG) if
+//! this process dies without unwinding.
 
-use anyhow::Result;
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{BufRead, BufReader},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout, Command, ExitStatus, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed},
+        mpsc, Arc,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
 
 #[derive(clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Seconds of measurement per configuration (churn rounds, each bind-storm rate, the cost
+    /// runs). Default 10, or 3 with --quick.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=600))]
+    duration: Option<u64>,
+    /// Smoke run: 3 s per configuration and a single churn round.
+    #[arg(long)]
+    quick: bool,
+    /// Interleaved churn rounds (default 3, or 1 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: Option<u32>,
+    /// Client threads of the churn load generator.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(2..=16))]
+    clients: u32,
+    /// Keep the tracers' output files in target/bench/ (they can reach hundreds of MB each).
+    #[arg(long)]
+    keep_logs: bool,
+}
 
-pub fn run(_args: BenchArgs) -> Result<()> {
-    anyhow::bail!("bench: not implemented yet")
+/// Background churn rate for the latency and cost runs (connections/s).
+const BACKGROUND_RATE: f64 = 10_000.0;
+/// Latency probes: count and spacing.
+const PROBES: usize = 200;
+const PROBE_SPACING: Duration = Duration::from_millis(20);
+/// Bind storm: one attempt in this many is a successful bind (fresh socket, port 0, close).
+const OK_BIND_EVERY: u64 = 10;
+/// Time given to a tracer to attach (bpftrace compiles its script first).
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause after a tracer is ready, so its start-up work does not overlap the measurement.
+const SETTLE: Duration = Duration::from_millis(300);
+/// Load runs this long before the measured window opens (connection setup, caches).
+const WARM: Duration = Duration::from_millis(500);
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "bench needs root: the agent, bpftrace and tcpstates load eBPF programs and attach \
+             tracepoints (run `sudo -E cargo xtask bench`)"
+        );
+    }
+    let secs = args.duration.unwrap_or(if args.quick { 3 } else { 10 });
+    let cfg = Settings {
+        window: Duration::from_secs(secs),
+        rounds: args.rounds.unwrap_or(if args.quick { 1 } else { 3 }),
+        clients: args.clients as usize,
+        keep_logs: args.keep_logs,
+        dir: crate::workspace_root().join("target").join("bench"),
+        agent: crate::build_agent(true)?,
+    };
+    fs::create_dir_all(&cfg.dir).with_context(|| format!("creating {}", cfg.dir.display()))?;
+    let peers = ensure_peers();
+    let script = cfg.dir.join("peer.bt");
+    fs::write(&script, BPFTRACE_SCRIPT).with_context(|| format!("writing {}", script.display()))?;
+
+    let host = Host::probe();
+    let started = Instant::now();
+    let mut report = Report::default();
+
+    let churn = churn_phase(&cfg, &peers, &mut report)?;
+    let storm = bind_storm_phase(&cfg, &mut report)?;
+    let lat = latency_cost_phase(&cfg, &mut report)?;
+    let all_cost = cost_all_events(&cfg, &mut report)?;
+
+    let host_end_load = read_loadavg();
+    let md = render_markdown(
+        &cfg,
+        &host,
+        &host_end_load,
+        &churn,
+        &storm,
+        &lat,
+        &all_cost,
+        &report,
+    );
+    let out = cfg.dir.join("results.md");
+    fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
+    println!("{md}");
+    let png = cfg.dir.join("churn.png");
+    match write_churn_png(&png, &churn) {
+        Ok(()) => note(&format!("wrote {} and {}", out.display(), png.display())),
+        Err(e) => note(&format!(
+            "wrote {}; churn.png skipped: {e:#}",
+            out.display()
+        )),
+    }
+    note(&format!("done in {:.0} s", started.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+struct Settings {
+    window: Duration,
+    rounds: u32,
+    clients: usize,
+    keep_logs: bool,
+    dir: PathBuf,
+    agent: PathBuf,
+}
+
+fn note(msg: &str) {
+    eprintln!("[bench] {msg}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Machine and peers
+
+struct Host {
+    date: String,
+    kernel: String,
+    cpu: String,
+    cores: usize,
+    load_start: String,
+}
+
+impl Host {
+    fn probe() -> Host {
+        let cmd = |c: &str, a: &[&str]| {
+            Command::new(c)
+                .args(a)
+                .output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_else(|| "?".into())
+        };
+        let cpu = fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("model name"))
+                    .map(|l| l.trim_start_matches([' ', '\t', ':']).trim().to_string())
+            })
+            .unwrap_or_else(|| "?".into());
+        Host {
+            date: cmd("date", &["-u"]),
+            kernel: cmd("uname", &["-r"]),
+            cpu,
+            cores: thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            load_start: read_loadavg(),
+        }
+    }
+}
+
+fn read_loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+struct Peers {
+    bpftrace: bool,
+    tcpstates: bool,
+}
+
+const TCPSTATES: &str = "/usr/sbin/tcpstates";
+
+/// bpftrace and libbpf-tools, installed only when missing (`apt-get update` only if the
+/// install fails, e.g. on a machine whose package lists were never fetched). A peer that still
+/// cannot be found is left out of the comparison and reported as such, rather than failing the
+/// whole bench.
+fn ensure_peers() -> Peers {
+    let have = || Peers {
+        bpftrace: Command::new("bpftrace")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success()),
+        tcpstates: Path::new(TCPSTATES).exists() && Path::new("/usr/bin/stdbuf").exists(),
+    };
+    let p = have();
+    if p.bpftrace && p.tcpstates {
+        return p;
+    }
+    note("installing bpftrace and libbpf-tools (the peers to compare against)");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "bpftrace", "libbpf-tools"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !install() {
+        let _ = Command::new("apt-get").arg("update").status();
+        install();
+    }
+    let p = have();
+    if !p.bpftrace {
+        note("WARNING: bpftrace is still missing; it is left out of the churn comparison");
+    }
+    if !p.tcpstates {
+        note("WARNING: /usr/sbin/tcpstates is still missing; it is left out of the comparison");
+    }
+    p
+}
+
+/// The same tracepoints as portwatch, printing the same facts as `portwatch --all-events`:
+/// every bind and listen with its result, connect only when it fails with EADDRNOTAVAIL, close
+/// of an fd seen bound, exit of a process that bound one, and every TCP state change with
+/// addresses and the socket's network namespace. Kept deliberately lean (one map update per
+/// syscall, like portwatch) so the comparison is fair to bpftrace. IPv4 addresses only.
+const BPFTRACE_SCRIPT: &str = r#"
+BEGIN { printf("ready\n"); }
+tracepoint:syscalls:sys_enter_bind {
+  $sa = (struct sockaddr_in *)uptr(args->umyaddr);
+  if ($sa->sin_family == 2 || $sa->sin_family == 10) {
+    @b[tid] = (args->fd, $sa->sin_family, ($sa->sin_port >> 8) | (($sa->sin_port & 0xff) << 8),
+               $sa->sin_addr.s_addr);
+  }
+}
+tracepoint:syscalls:sys_exit_bind /@b[tid].1/ {
+  $b = @b[tid];
+  printf("%lu bind pid=%d tid=%d comm=%s uid=%d cgroup=%lu netns=%u fd=%d family=%d addr=%s port=%d ret=%d\n",
+    nsecs, pid, tid, comm, uid, cgroup, curtask->nsproxy->net_ns->ns.inum, $b.0, $b.1, ntop($b.3),
+    $b.2, args->ret);
+  if (args->ret == 0) { @bound[pid, $b.0] = 1; @tracked[pid] = 1; }
+  delete(@b[tid]);
+}
+tracepoint:syscalls:sys_enter_listen { @l[tid] = args->fd + 1; }
+tracepoint:syscalls:sys_exit_listen /@l[tid]/ {
+  printf("%lu listen pid=%d tid=%d comm=%s uid=%d cgroup=%lu netns=%u fd=%d ret=%d\n",
+    nsecs, pid, tid, comm, uid, cgroup, curtask->nsproxy->net_ns->ns.inum, @l[tid] - 1, args->ret);
+  delete(@l[tid]);
+}
+tracepoint:syscalls:sys_enter_connect { @c[tid] = ((uint64)args->uservaddr, args->fd); }
+tracepoint:syscalls:sys_exit_connect /@c[tid].0/ {
+  if (args->ret == -99) {
+    $sa = (struct sockaddr_in *)uptr(@c[tid].0);
+    printf("%lu connect pid=%d tid=%d comm=%s uid=%d cgroup=%lu netns=%u fd=%d raddr=%s rport=%d ret=%d\n",
+      nsecs, pid, tid, comm, uid, cgroup, curtask->nsproxy->net_ns->ns.inum, @c[tid].1,
+      ntop($sa->sin_addr.s_addr), ($sa->sin_port >> 8) | (($sa->sin_port & 0xff) << 8), args->ret);
+  }
+  delete(@c[tid]);
+}
+tracepoint:syscalls:sys_enter_close /@bound[pid, args->fd]/ {
+  printf("%lu close pid=%d tid=%d comm=%s fd=%d\n", nsecs, pid, tid, comm, args->fd);
+  delete(@bound[pid, args->fd]);
+}
+tracepoint:sched:sched_process_exit /pid == tid && @tracked[pid]/ {
+  printf("%lu exit pid=%d comm=%s\n", nsecs, pid, comm);
+  delete(@tracked[pid]);
+}
+tracepoint:sock:inet_sock_set_state /args->protocol == 6/ {
+  $sk = (struct sock *)args->skaddr;
+  printf("%lu tcp_state sk=%p family=%d %s:%d -> %s:%d %d->%d netns=%u cpu_pid=%d\n",
+    nsecs, args->skaddr, args->family, ntop(args->saddr), args->sport, ntop(args->daddr),
+    args->dport, args->oldstate, args->newstate, $sk->__sk_common.skc_net.net->ns.inum, pid);
+}
+END { clear(@b); clear(@l); clear(@c); clear(@bound); clear(@tracked); }
+"#;
+
+// ---------------------------------------------------------------------------------------------
+// Tracer processes
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Cfg {
+    None,
+    PwDefault,
+    PwAll,
+    Bpftrace,
+    Tcpstates,
+}
+
+const CONFIGS: [Cfg; 5] = [
+    Cfg::None,
+    Cfg::PwDefault,
+    Cfg::PwAll,
+    Cfg::Bpftrace,
+    Cfg::Tcpstates,
+];
+
+impl Cfg {
+    fn name(self) -> &'static str {
+        match self {
+            Cfg::None => "no-tracer",
+            Cfg::PwDefault => "portwatch-default",
+            Cfg::PwAll => "portwatch-all-events",
+            Cfg::Bpftrace => "bpftrace",
+            Cfg::Tcpstates => "tcpstates",
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Cfg::None => "no tracer",
+            Cfg::PwDefault => "portwatch (default)",
+            Cfg::PwAll => "portwatch --all-events",
+            Cfg::Bpftrace => "bpftrace (same tracepoints, same facts)",
+            Cfg::Tcpstates => "libbpf-tools tcpstates",
+        }
+    }
+    fn is_agent(self) -> bool {
+        matches!(self, Cfg::PwDefault | Cfg::PwAll)
+    }
+}
+
+/// A running tracer. Dropping it stops it: SIGINT (so it detaches and flushes), then SIGKILL
+/// if it does not exit in time.
+struct Tracer {
+    cfg: Cfg,
+    child: Child,
+    exited: Option<ExitStatus>,
+    spawned: Instant,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+enum Sink {
+    /// stdout to a file: the tracer is never blocked and the bench spends nothing reading it.
+    File,
+    /// stdout through a pipe the caller reads (latency: arrival times of lines).
+    Pipe,
+}
+
+impl Tracer {
+    fn spawn(
+        s: &Settings,
+        cfg: Cfg,
+        tag: &str,
+        sink: Sink,
+    ) -> Result<(Tracer, Option<ChildStdout>)> {
+        let out = s.dir.join(format!("{tag}.out"));
+        let err = s.dir.join(format!("{tag}.err"));
+        let mut c = match cfg {
+            Cfg::None => bail!("no tracer to spawn"),
+            Cfg::PwDefault | Cfg::PwAll => {
+                let mut c = Command::new(&s.agent);
+                c.arg("run");
+                if cfg == Cfg::PwAll {
+                    c.arg("--all-events");
+                }
+                c
+            }
+            Cfg::Bpftrace => {
+                let mut c = Command::new("bpftrace");
+                c.arg(s.dir.join("peer.bt"));
+                c
+            }
+            Cfg::Tcpstates => {
+                // Block-buffered otherwise: lines would reach the file in 4 KiB bursts.
+                let mut c = Command::new("stdbuf");
+                c.args(["-oL", TCPSTATES]);
+                c
+            }
+        };
+        c.stdin(Stdio::null());
+        c.stderr(fs::File::create(&err).with_context(|| format!("creating {}", err.display()))?);
+        match sink {
+            Sink::File => {
+                c.stdout(
+                    fs::File::create(&out)
+                        .with_context(|| format!("creating {}", out.display()))?,
+                );
+            }
+            Sink::Pipe => {
+                c.stdout(Stdio::piped());
+            }
+        }
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent. If the bench
+        // dies without running destructors (SIGKILL), the kernel sends SIGINT to the tracer so
+        // no eBPF program stays attached behind our back. stdbuf's exec keeps the setting.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGINT as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let spawned = Instant::now();
+        let mut child = c
+            .spawn()
+            .with_context(|| format!("starting {} ({c:?})", cfg.name()))?;
+        let stdout = child.stdout.take();
+        Ok((
+            Tracer {
+                cfg,
+                child,
+                exited: None,
+                spawned,
+                out,
+                err,
+            },
+            stdout,
+        ))
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn stderr_tail(&self) -> String {
+        let s = fs::read_to_string(&self.err).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// Fails with the tracer's stderr if it has exited.
+    fn check_alive(&mut self) -> Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            self.exited = Some(st);
+            bail!(
+                "{} exited early ({st}); its stderr:\n{}",
+                self.cfg.name(),
+                self.stderr_tail()
+            );
+        }
+        Ok(())
+    }
+
+    /// Poll the output file until the tracer says it is attached. Returns the wall time from
+    /// spawn to that line (2 ms granularity) and the line itself.
+    fn wait_ready_file(&mut self) -> Result<(Duration, String)> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Ok(text) = fs::read_to_string(&self.out) {
+                let found = text.lines().find(|l| match self.cfg {
+                    Cfg::PwDefault | Cfg::PwAll => l.contains("\"event\":\"ready\""),
+                    Cfg::Bpftrace => *l == "ready",
+                    Cfg::Tcpstates => l.starts_with("SKADDR"),
+                    Cfg::None => true,
+                });
+                if let Some(l) = found {
+                    return Ok((self.spawned.elapsed(), l.to_string()));
+                }
+            }
+            self.check_alive()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not report ready within {READY_TIMEOUT:?}; its stderr:\n{}",
+                    self.cfg.name(),
+                    self.stderr_tail()
+                );
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// SIGINT, then wait (bounded); SIGKILL if it does not exit in time.
+    fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
+        if let Some(st) = self.exited {
+            return Ok(st);
+        }
+        // SAFETY: kill(2) on our own child's pid, which cannot have been reaped (and reused)
+        // because only this struct waits for it.
+        unsafe { libc::kill(self.pid(), libc::SIGINT) };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait()? {
+                self.exited = Some(st);
+                return Ok(st);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let st = self.child.wait()?;
+        self.exited = Some(st);
+        bail!(
+            "{} did not stop within {grace:?} of SIGINT and was killed",
+            self.cfg.name()
+        )
+    }
+
+    fn remove_logs(&self, keep: bool) {
+        if !keep {
+            let _ = fs::remove_file(&self.out);
+        }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.stop(Duration::from_secs(5));
+        }
+    }
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: i32) -> Option<f64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat; `rest` starts at field 3.
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 / hz)
+}
+
+/// Peak resident set size (VmHWM) in KiB.
+fn vm_hwm_kib(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sockets (raw libc: no allocation, no wrappers in the hot loops)
+
+fn loopback(port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+const SIN_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// A file descriptor closed on drop (listeners and other long-lived sockets).
+struct Fd(i32);
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        // SAFETY: we own this fd.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+fn tcp_socket() -> Result<Fd> {
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        bail!("socket(): {}", std::io::Error::last_os_error());
+    }
+    Ok(Fd(fd))
+}
+
+/// # Safety
+/// `fd` must be a socket.
+unsafe fn bind_to(fd: i32, sa: &libc::sockaddr_in) -> i32 {
+    // SAFETY: `sa` is a valid sockaddr_in of SIN_LEN bytes.
+    unsafe { libc::bind(fd, (sa as *const libc::sockaddr_in).cast(), SIN_LEN) }
+}
+
+/// A listener on 127.0.0.1 (port 0: the kernel picks). Deliberately without SO_REUSEADDR, so a
+/// bind to its port fails with EADDRINUSE.
+fn listener(port: u16, backlog: i32) -> Result<(Fd, u16)> {
+    let fd = tcp_socket()?;
+    // SAFETY: fd is a socket; `sa` and `len` describe a valid buffer.
+    unsafe {
+        if bind_to(fd.0, &loopback(port)) != 0 {
+            bail!("bind 127.0.0.1:{port}: {}", std::io::Error::last_os_error());
+        }
+        if libc::listen(fd.0, backlog) != 0 {
+            bail!("listen: {}", std::io::Error::last_os_error());
+        }
+        let mut sa = loopback(0);
+        let mut len = SIN_LEN;
+        if libc::getsockname(fd.0, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len) != 0 {
+            bail!("getsockname: {}", std::io::Error::last_os_error());
+        }
+        Ok((fd, u16::from_be(sa.sin_port)))
+    }
+}
+
+/// Spreads operations evenly in time for one thread. A thread that falls behind (busy
+/// machine) catches up at most MAX_LAG worth of work instead of bursting an unbounded backlog.
+struct Pacer {
+    start: Instant,
+    interval_ns: u64,
+    n: u64,
+}
+
+impl Pacer {
+    const MAX_LAG_NS: u64 = 50_000_000;
+
+    fn new(per_sec: f64) -> Pacer {
+        Pacer {
+            start: Instant::now(),
+            interval_ns: (1e9 / per_sec).max(1.0) as u64,
+            n: 0,
+        }
+    }
+
+    fn wait(&mut self) {
+        let due = self.n * self.interval_ns;
+        let now = self.start.elapsed().as_nanos() as u64;
+        if due > now {
+            thread::sleep(Duration::from_nanos(due - now));
+        } else if now - due > Self::MAX_LAG_NS {
+            self.n = (now - Self::MAX_LAG_NS) / self.interval_ns;
+        }
+        self.n += 1;
+    }
+}
+
+/// A counter on its own cache line, so client threads do not slow each other down.
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded(AtomicU64);
+
+/// Loopback connect/accept/close churn. The server closes first (it accepts and closes at
+/// once; the client reads until EOF, then closes), so every connection ends deterministically
+/// with the server side going FIN_WAIT2 -> TIME_WAIT: the transition portwatch reports by
+/// default. The TIME_WAIT side is the server's, so clients never run out of ephemeral ports.
+struct Churn {
+    stop: Arc<AtomicBool>,
+    done: Arc<Vec<Padded>>,
+    failed: Arc<Vec<Padded>>,
+    clients: Vec<JoinHandle<()>>,
+    server: Option<JoinHandle<()>>,
+    lfd: Option<Fd>,
+}
+
+impl Churn {
+    /// `rate`: total connections/s over all clients, or None for as fast as possible.
+    /// `max_run`: hard bound on the threads' lifetime even if nobody stops them.
+    fn start(clients: usize, rate: Option<f64>, max_run: Duration) -> Result<Churn> {
+        let (lfd, port) = listener(0, 4096)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let done: Arc<Vec<Padded>> = Arc::new((0..clients).map(|_| Padded::default()).collect());
+        let failed: Arc<Vec<Padded>> = Arc::new((0..clients).map(|_| Padded::default()).collect());
+        let deadline = Instant::now() + max_run;
+        let server = {
+            let stop = stop.clone();
+            let fd = lfd.0;
+            thread::Builder::new()
+                .name("bench-accept".into())
+                .spawn(move || accept_loop(fd, &stop, deadline))?
+        };
+        let mut c = Churn {
+            stop,
+            done,
+            failed,
+            clients: Vec::new(),
+            server: Some(server),
+            lfd: Some(lfd),
+        };
+        for i in 0..clients {
+            let (stop, done, failed) = (c.stop.clone(), c.done.clone(), c.failed.clone());
+            let per_thread = rate.map(|r| r / clients as f64);
+            c.clients.push(
+                thread::Builder::new()
+                    .name(format!("bench-client{i}"))
+                    .spawn(move || {
+                        client_loop(port, per_thread, &stop, &done[i].0, &failed[i].0, deadline)
+                    })?,
+            );
+        }
+        Ok(c)
+    }
+
+    fn completed(&self) -> u64 {
+        self.done.iter().map(|p| p.0.load(Relaxed)).sum()
+    }
+
+    fn failures(&self) -> u64 {
+        self.failed.iter().map(|p| p.0.load(Relaxed)).sum()
+    }
+
+    /// Clients first (they may wait on the server), then the server, then its socket.
+    fn finish(&mut self) {
+        self.stop.store(true, Relaxed);
+        for h in self.clients.drain(..) {
+            let _ = h.join();
+        }
+        if let Some(l) = &self.lfd {
+            // Wakes the acceptor blocked in accept() (it returns EINVAL).
+            // SAFETY: our listening socket.
+            unsafe { libc::shutdown(l.0, libc::SHUT_RDWR) };
+        }
+        if let Some(h) = self.server.take() {
+            let _ = h.join();
+        }
+        self.lfd = None;
+    }
+}
+
+impl Drop for Churn {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+fn accept_loop(lfd: i32, stop: &AtomicBool, deadline: Instant) {
+    while !stop.load(Relaxed) && Instant::now() < deadline {
+        // SAFETY: lfd stays open until this thread is joined.
+        let fd = unsafe {
+            libc::accept4(
+                lfd,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: the accepted fd is ours.
+            unsafe { libc::close(fd) };
+            continue;
+        }
+        match errno() {
+            libc::EINTR | libc::ECONNABORTED => {}
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
+                thread::sleep(Duration::from_millis(1))
+            }
+            _ => break, // EINVAL after shutdown(): we are done.
+        }
+    }
+}
+
+fn client_loop(
+    port: u16,
+    per_sec: Option<f64>,
+    stop: &AtomicBool,
+    done: &AtomicU64,
+    failed: &AtomicU64,
+    deadline: Instant,
+) {
+    let sa = loopback(port);
+    let mut pacer = per_sec.map(Pacer::new);
+    let mut buf = [0u8; 16];
+    while !stop.load(Relaxed) && Instant::now() < deadline {
+        if let Some(p) = &mut pacer {
+            p.wait();
+        }
+        // SAFETY: plain syscalls on an fd this loop owns; `sa` and `buf` outlive them.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                failed.fetch_add(1, Relaxed);
+                thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            let mut ok = libc::connect(fd, (&sa as *const libc::sockaddr_in).cast(), SIN_LEN) == 0;
+            if ok {
+                // Wait for the server's close (EOF); no data is ever sent.
+                loop {
+                    let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+                    if n == 0 {
+                        break;
+                    }
+                    if n < 0 && errno() != libc::EINTR {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            libc::close(fd);
+            if ok {
+                done.fetch_add(1, Relaxed);
+            } else {
+                failed.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
+/// Run the churn for `window` after WARM, returning (connections/s, completed in window,
+/// failures, tracer CPU% of one core over the window).
+fn measure_churn(
+    clients: usize,
+    rate: Option<f64>,
+    window: Duration,
+    tracer_pid: Option<i32>,
+) -> Result<ChurnSample> {
+    let mut churn = Churn::start(clients, rate, WARM + window + Duration::from_secs(30))?;
+    thread::sleep(WARM);
+    let c0 = churn.completed();
+    let cpu0 = tracer_pid.and_then(cpu_seconds);
+    let t0 = Instant::now();
+    thread::sleep(window);
+    let c1 = churn.completed();
+    let cpu1 = tracer_pid.and_then(cpu_seconds);
+    let el = t0.elapsed().as_secs_f64();
+    let failures = churn.failures();
+    churn.finish();
+    Ok(ChurnSample {
+        rate: (c1 - c0) as f64 / el,
+        failures,
+        tracer_cpu: match (cpu0, cpu1) {
+            (Some(a), Some(b)) => Some((b - a) / el * 100.0),
+            _ => None,
+        },
+    })
+}
+
+struct ChurnSample {
+    rate: f64,
+    failures: u64,
+    tracer_cpu: Option<f64>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent output
+
+/// What one agent run wrote, read back from its stdout file.
+#[derive(Default, Debug)]
+struct AgentLog {
+    lines: u64,
+    startup_ms: Option<u64>,
+    stopped: bool,
+    /// conflict records with op=bind for the port asked about.
+    conflicts_bind: u64,
+    lost_bind: u64,
+    lost_count: u64,
+    lost_kernel: u64,
+    lost_agent: u64,
+    lost_records: u64,
+}
+
+/// The number after `"key":` in a JSON line (flat scan: the agent's records are one line and
+/// field names are unique within the scanned slice).
+fn json_u64(s: &str, key: &str) -> Option<u64> {
+    let pat = format!("\"{key}\":");
+    let at = s.find(&pat)? + pat.len();
+    let digits: &str = &s[at..];
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// `"type":"…"` sits near the start of every record (after `v` and the fixed-width `ts`).
+fn record_type(line: &str) -> &str {
+    let head = &line[..line.len().min(120)];
+    head.find("\"type\":\"")
+        .map(|i| {
+            let t = &head[i + 8..];
+            &t[..t.find('"').unwrap_or(0)]
+        })
+        .unwrap_or("")
+}
+
+#[derive(Default)]
+struct LineStats {
+    log: AgentLog,
+}
+
+impl LineStats {
+    fn feed(&mut self, line: &str, port: Option<u16>) {
+        let l = &mut self.log;
+        l.lines += 1;
+        match record_type(line) {
+            "conflict" => {
+                if let Some(p) = port {
+                    if line.contains("\"op\":\"bind\"") && json_u64(line, "port") == Some(p as u64)
+                    {
+                        l.conflicts_bind += 1;
+                    }
+                }
+            }
+            "lost" => {
+                l.lost_records += 1;
+                l.lost_count += json_u64(line, "count").unwrap_or(0);
+                l.lost_kernel += json_u64(line, "kernel").unwrap_or(0);
+                l.lost_agent += json_u64(line, "agent").unwrap_or(0);
+                if let Some(i) = line.find("\"by_kind\":{") {
+                    let by = &line[i..];
+                    let by = &by[..by.find('}').unwrap_or(by.len())];
+                    l.lost_bind += json_u64(by, "bind").unwrap_or(0);
+                }
+            }
+            "agent" => {
+                if line.contains("\"event\":\"ready\"") {
+                    l.startup_ms = json_u64(line, "startup_ms");
+                } else if line.contains("\"event\":\"stopped\"") {
+                    l.stopped = true;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn parse_agent_log(path: &Path, port: Option<u16>) -> Result<AgentLog> {
+    let f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let mut buf = Vec::with_capacity(4096);
+    let mut st = LineStats::default();
+    loop {
+        buf.clear();
+        if r.read_until(b'\n', &mut buf)? == 0 {
+            break;
+        }
+        if let Ok(line) = std::str::from_utf8(&buf) {
+            st.feed(line, port);
+        }
+    }
+    Ok(st.log)
+}
+
+/// Lines and "Lost N events" notices in a peer's output (bpftrace, tcpstates).
+fn parse_peer_log(path: &Path) -> (u64, u64) {
+    let Ok(f) = fs::File::open(path) else {
+        return (0, 0);
+    };
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let mut buf = Vec::with_capacity(512);
+    let (mut lines, mut lost) = (0u64, 0u64);
+    loop {
+        buf.clear();
+        match r.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        lines += 1;
+        // bpftrace: "Lost 123 events"; libbpf-tools: "lost 123 events on CPU #0".
+        if buf.len() < 64 && (buf.starts_with(b"Lost ") || buf.starts_with(b"lost ")) {
+            if let Some(n) = std::str::from_utf8(&buf[5..])
+                .ok()
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                lost += n;
+            }
+        }
+    }
+    (lines, lost)
+}
+
+/// Every agent start, for the ready-time figures.
+#[derive(Default)]
+struct Report {
+    /// (spawn -> ready line wall time, startup_ms from the line)
+    ready: Vec<(Duration, Option<u64>)>,
+    /// Peak VmHWM over all agent runs, per mode (KiB).
+    hwm_default: u64,
+    hwm_all: u64,
+    warnings: Vec<String>,
+}
+
+impl Report {
+    fn agent_ready(&mut self, wall: Duration, line: &str) {
+        self.ready.push((wall, json_u64(line, "startup_ms")));
+    }
+    fn hwm(&mut self, cfg: Cfg, pid: i32) {
+        let v = vm_hwm_kib(pid).unwrap_or(0);
+        let slot = if cfg == Cfg::PwAll {
+            &mut self.hwm_all
+        } else {
+            &mut self.hwm_default
+        };
+        *slot = (*slot).max(v);
+    }
+    fn warn(&mut self, w: String) {
+        note(&format!("WARNING: {w}"));
+        self.warnings.push(w);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Churn
+
+struct ChurnResult {
+    cfgs: Vec<Cfg>,
+    /// Per configuration (same order as cfgs): per-round samples.
+    samples: Vec<Vec<ChurnSample>>,
+    /// Per configuration: records lost by the tracer (agent lost records / "Lost N events").
+    lost: Vec<u64>,
+    /// Per configuration: output lines written.
+    lines: Vec<u64>,
+}
+
+impl ChurnResult {
+    fn median_rate(&self, c: Cfg) -> Option<f64> {
+        let i = self.cfgs.iter().position(|&x| x == c)?;
+        median(self.samples[i].iter().map(|s| s.rate).collect())
+    }
+    fn ratio(&self, c: Cfg) -> Option<f64> {
+        Some(self.median_rate(c)? / self.median_rate(Cfg::None)?)
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnResult> {
+    let cfgs: Vec<Cfg> = CONFIGS
+        .into_iter()
+        .filter(|c| match c {
+            Cfg::Bpftrace => peers.bpftrace,
+            Cfg::Tcpstates => peers.tcpstates,
+            _ => true,
+        })
+        .collect();
+    let mut res = ChurnResult {
+        samples: cfgs.iter().map(|_| Vec::new()).collect(),
+        lost: vec![0; cfgs.len()],
+        lines: vec![0; cfgs.len()],
+        cfgs: cfgs.clone(),
+    };
+    // Fill the TIME_WAIT table to its steady state (it is capped by tcp_max_tw_buckets) and
+    // warm caches, so the first configuration measured is not favoured.
+    let warm = s.window.min(Duration::from_secs(3));
+    note(&format!(
+        "churn: warm-up {:.0} s without tracer",
+        warm.as_secs_f64()
+    ));
+    measure_churn(s.clients, None, warm, None)?;
+
+    for round in 0..s.rounds {
+        // Rotate the order each round so no configuration always follows the same one.
+        let n = cfgs.len();
+        for k in 0..n {
+            let i = (k + round as usize) % n;
+            let cfg = cfgs[i];
+            note(&format!(
+                "churn: {} round {}/{} ({} s, {} clients)",
+                cfg.name(),
+                round + 1,
+                s.rounds,
+                s.window.as_secs(),
+                s.clients
+            ));
+            let sample = if cfg == Cfg::None {
+                measure_churn(s.clients, None, s.window, None)?
+            } else {
+                let tag = format!("churn-{}-r{}", cfg.name(), round + 1);
+                let (mut t, _) = Tracer::spawn(s, cfg, &tag, Sink::File)?;
+                let (wall, line) = t.wait_ready_file()?;
+                if cfg.is_agent() {
+                    rep.agent_ready(wall, &line);
+                }
+                thread::sleep(SETTLE);
+                let sample = measure_churn(s.clients, None, s.window, Some(t.pid()))?;
+                if cfg.is_agent() {
+                    rep.hwm(cfg, t.pid());
+                }
+                t.check_alive()?;
+                t.stop(Duration::from_secs(30))?;
+                if cfg.is_agent() {
+                    let log = parse_agent_log(&t.out, None)?;
+                    if !log.stopped {
+                        rep.warn(format!("{tag}: no 'stopped' record"));
+                    }
+                    res.lost[i] += log.lost_count;
+                    res.lines[i] += log.lines;
+                } else {
+                    let (lines, lost) = parse_peer_log(&t.out);
+                    res.lost[i] += lost;
+                    res.lines[i] += lines;
+                }
+                t.remove_logs(s.keep_logs);
+                sample
+            };
+            note(&format!(
+                "churn: {} round {}/{}: {:.0} conn/s{}{}",
+                cfg.name(),
+                round + 1,
+                s.rounds,
+                sample.rate,
+                sample
+                    .tracer_cpu
+                    .map(|c| format!(", tracer {c:.1}% CPU"))
+                    .unwrap_or_default(),
+                if sample.failures > 0 {
+                    format!(", {} failed connections", sample.failures)
+                } else {
+                    String::new()
+                }
+            ));
+            res.samples[i].push(sample);
+        }
+    }
+    Ok(res)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Bind storm
+
+struct StormRow {
+    label: String,
+    target: Option<f64>,
+    ok_binds: bool,
+    secs: f64,
+    failing: u64,
+    eaddrinuse: u64,
+    ok: u64,
+    other_errors: u64,
+    log: AgentLog,
+}
+
+impl StormRow {
+    /// Does the accounting close? With successful binds mixed in, a `lost` bind may be either
+    /// kind, so under loss the check is a bracket: generated <= received + lost <= generated +
+    /// ok binds. Without them (or without loss) it must be exact.
+    fn accounting(&self) -> (&'static str, bool) {
+        let seen = self.log.conflicts_bind + self.log.lost_bind;
+        if seen == self.failing {
+            ("exact", true)
+        } else if self.ok_binds && seen > self.failing && seen - self.failing <= self.ok {
+            ("closes (lost includes ok binds)", true)
+        } else {
+            ("MISMATCH", false)
+        }
+    }
+}
+
+#[derive(Default)]
+struct StormCount {
+    failing: u64,
+    eaddrinuse: u64,
+    ok: u64,
+    other: u64,
+}
+
+/// Failing binds to `port` (held by a listener) on one reused socket: a bind that fails leaves
+/// the socket unbound, so no socket()/close() is needed per attempt, which is what makes
+/// 100k+/s possible. Every OK_BIND_EVERY-th attempt (when `ok_binds`) is a successful bind on a
+/// fresh socket to 127.0.0.1:0, closed at once: the realistic mix the kernel side must also
+/// carry (bind ok + close of a tracked fd).
+fn storm_worker(port: u16, per_sec: Option<f64>, ok_binds: bool, until: Instant) -> StormCount {
+    let target = loopback(port);
+    let any = loopback(0);
+    let mut c = StormCount::default();
+    let Ok(sock) = tcp_socket() else {
+        c.other += 1;
+        return c;
+    };
+    let mut pacer = per_sec.map(Pacer::new);
+    let mut i: u64 = 0;
+    while Instant::now() < until {
+        if let Some(p) = &mut pacer {
+            p.wait();
+        }
+        i += 1;
+        // SAFETY: plain syscalls on sockets owned here; the sockaddrs outlive the calls.
+        unsafe {
+            if ok_binds && i.is_multiple_of(OK_BIND_EVERY) {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                if fd >= 0 {
+                    if bind_to(fd, &any) == 0 {
+                        c.ok += 1;
+                    } else {
+                        c.other += 1;
+                    }
+                    libc::close(fd);
+                }
+                continue;
+            }
+            if bind_to(sock.0, &target) == 0 {
+                // Cannot happen while the listener holds the port; counted, never hidden.
+                c.other += 1;
+                break;
+            }
+            c.failing += 1;
+            if errno() == libc::EADDRINUSE {
+                c.eaddrinuse += 1;
+            }
+        }
+    }
+    c
+}
+
+fn bind_storm_phase(s: &Settings, rep: &mut Report) -> Result<Vec<StormRow>> {
+    // One holder for the whole phase, created before any agent starts (its own listen is not
+    // part of the counts).
+    let (_holder, port) = listener(0, 16)?;
+    let plan: [(Option<f64>, bool, &str); 4] = [
+        (Some(10_000.0), true, "10k/s"),
+        (Some(50_000.0), true, "50k/s"),
+        (None, true, "max"),
+        (None, false, "max, failing binds only"),
+    ];
+    let threads = 2;
+    let mut rows = Vec::new();
+    for (k, (rate, ok_binds, label)) in plan.into_iter().enumerate() {
+        note(&format!(
+            "bind storm: {label} on 127.0.0.1:{port} for {} s ({}/{})",
+            s.window.as_secs(),
+            k + 1,
+            plan.len()
+        ));
+        let tag = format!("storm-{}", k + 1);
+        let (mut t, _) = Tracer::spawn(s, Cfg::PwDefault, &tag, Sink::File)?;
+        let (wall, line) = t.wait_ready_file()?;
+        rep.agent_ready(wall, &line);
+        thread::sleep(SETTLE);
+        let t0 = Instant::now();
+        let until = t0 + s.window;
+        let workers: Vec<JoinHandle<StormCount>> = (0..threads)
+            .map(|i| {
+                let per = rate.map(|r| r / threads as f64);
+                thread::Builder::new()
+                    .name(format!("bench-storm{i}"))
+                    .spawn(move || storm_worker(port, per, ok_binds, until))
+            })
+            .collect::<std::io::Result<_>>()?;
+        let mut tot = StormCount::default();
+        for w in workers {
+            let c = w
+                .join()
+                .map_err(|_| anyhow::anyhow!("a bind storm thread panicked"))?;
+            tot.failing += c.failing;
+            tot.eaddrinuse += c.eaddrinuse;
+            tot.ok += c.ok;
+            tot.other += c.other;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        rep.hwm(Cfg::PwDefault, t.pid());
+        t.check_alive()?;
+        // SIGINT: the agent drains the ring buffer and writes the final `lost` record.
+        t.stop(Duration::from_secs(60))?;
+        let log = parse_agent_log(&t.out, Some(port))?;
+        if !log.stopped {
+            rep.warn(format!("{tag}: no 'stopped' record"));
+        }
+        t.remove_logs(s.keep_logs);
+        let row = StormRow {
+            label: label.into(),
+            target: rate,
+            ok_binds,
+            secs,
+            failing: tot.failing,
+            eaddrinuse: tot.eaddrinuse,
+            ok: tot.ok,
+            other_errors: tot.other,
+            log,
+        };
+        note(&format!(
+            "bind storm: {label}: {} failing binds ({:.0}/s), {} conflicts received, {} lost \
+             (kernel {}, agent {}): {}",
+            row.failing,
+            row.failing as f64 / secs,
+            row.log.conflicts_bind,
+            row.log.lost_bind,
+            row.log.lost_kernel,
+            row.log.lost_agent,
+            row.accounting().0
+        ));
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3 + 4. Latency under background churn, and the agent's cost
+
+struct LatencyResult {
+    sent: usize,
+    lat_ms: Vec<f64>,
+    churn_rate: f64,
+    cpu_pct: f64,
+    hwm_kib: u64,
+    ready_wall: Duration,
+    startup_ms: Option<u64>,
+    lost: u64,
+}
+
+fn realtime_ns() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    // Nearest rank.
+    let k = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[k.clamp(1, sorted.len()) - 1]
+}
+
+fn latency_cost_phase(s: &Settings, rep: &mut Report) -> Result<LatencyResult> {
+    note(&format!(
+        "latency + cost: portwatch default, {PROBES} probe binds every {} ms under {:.0} conn/s \
+         churn, {} s window",
+        PROBE_SPACING.as_millis(),
+        BACKGROUND_RATE,
+        s.window.as_secs()
+    ));
+    // One holder per probe so each conflict is known by its port. Created before the agent
+    // starts: their listen() calls are not part of what is measured.
+    let holders: Vec<(Fd, u16)> = (0..PROBES).map(|_| listener(0, 1)).collect::<Result<_>>()?;
+    let mut index = vec![u16::MAX; 65536];
+    for (i, (_, p)) in holders.iter().enumerate() {
+        index[*p as usize] = i as u16;
+    }
+    let arrivals: Arc<Vec<AtomicI64>> = Arc::new((0..PROBES).map(|_| AtomicI64::new(0)).collect());
+
+    let (mut t, stdout) = Tracer::spawn(s, Cfg::PwDefault, "latency", Sink::Pipe)?;
+    let stdout = stdout.context("agent stdout pipe")?;
+    let (ready_tx, ready_rx) = mpsc::channel::<(Instant, String)>();
+    let reader = {
+        let arrivals = arrivals.clone();
+        thread::Builder::new()
+            .name("bench-reader".into())
+            .spawn(move || {
+                // Reads until EOF (the agent exited): bounded by the agent's life.
+                let mut r = BufReader::with_capacity(1 << 16, stdout);
+                let mut buf = Vec::with_capacity(4096);
+                let mut st = LineStats::default();
+                loop {
+                    buf.clear();
+                    match r.read_until(b'\n', &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                    let now = realtime_ns();
+                    let Ok(line) = std::str::from_utf8(&buf) else {
+                        continue;
+                    };
+                    if record_type(line) == "conflict" && line.contains("\"op\":\"bind\"") {
+                        if let Some(p) = json_u64(line, "port") {
+                            let i = index[p as usize & 0xffff];
+                            if i != u16::MAX {
+                                let _ =
+                                    arrivals[i as usize].compare_exchange(0, now, Relaxed, Relaxed);
+                            }
+                        }
+                    } else if line.contains("\"event\":\"ready\"") {
+                        let _ = ready_tx.send((Instant::now(), line.to_string()));
+                    }
+                    st.feed(line, None);
+                }
+                st.log
+            })?
+    };
+    let (ready_at, line) = match ready_rx.recv_timeout(READY_TIMEOUT) {
+        Ok(v) => v,
+        Err(_) => {
+            t.check_alive()?;
+            bail!(
+                "the agent did not report ready within {READY_TIMEOUT:?}:\n{}",
+                t.stderr_tail()
+            );
+        }
+    };
+    let ready_wall = ready_at - t.spawned;
+    rep.agent_ready(ready_wall, &line);
+    thread::sleep(SETTLE);
+
+    let mut churn = Churn::start(
+        s.clients,
+        Some(BACKGROUND_RATE),
+        WARM + s.window * 2 + Duration::from_secs(30),
+    )?;
+    thread::sleep(WARM);
+    let (c0, cpu0, t0) = (churn.completed(), cpu_seconds(t.pid()), Instant::now());
+
+    // Probes: one reused socket (a failed bind leaves it unbound), spaced in time.
+    let probe = tcp_socket()?;
+    let mut sent_at = vec![0i64; PROBES];
+    let mut sent = 0;
+    for (i, (_, port)) in holders.iter().enumerate() {
+        let due = t0 + PROBE_SPACING * i as u32;
+        if let Some(d) = due.checked_duration_since(Instant::now()) {
+            thread::sleep(d);
+        }
+        let sa = loopback(*port);
+        sent_at[i] = realtime_ns();
+        // SAFETY: our socket, a valid sockaddr.
+        let r = unsafe { bind_to(probe.0, &sa) };
+        if r == 0 || errno() != libc::EADDRINUSE {
+            bail!("probe bind to 127.0.0.1:{port} did not fail with EADDRINUSE");
+        }
+        sent += 1;
+    }
+    // The rest of the window: churn only (the CPU figure covers the whole window).
+    if let Some(d) = (t0 + s.window).checked_duration_since(Instant::now()) {
+        thread::sleep(d);
+    }
+    let el = t0.elapsed().as_secs_f64();
+    let (c1, cpu1) = (churn.completed(), cpu_seconds(t.pid()));
+    churn.finish();
+    let hwm = vm_hwm_kib(t.pid()).unwrap_or(0);
+    rep.hwm(Cfg::PwDefault, t.pid());
+    // Late lines get up to 2 s more (bounded wait).
+    let wait_until = Instant::now() + Duration::from_secs(2);
+    while arrivals.iter().any(|a| a.load(Relaxed) == 0) && Instant::now() < wait_until {
+        thread::sleep(Duration::from_millis(10));
+    }
+    t.check_alive()?;
+    t.stop(Duration::from_secs(30))?;
+    let log = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader thread panicked"))?;
+    if !log.stopped {
+        rep.warn("latency run: no 'stopped' record".into());
+    }
+    let mut lat_ms: Vec<f64> = arrivals
+        .iter()
+        .zip(&sent_at)
+        .filter_map(|(a, &s0)| {
+            let a = a.load(Relaxed);
+            (a != 0).then(|| (a - s0) as f64 / 1e6)
+        })
+        .collect();
+    lat_ms.sort_by(|a, b| a.total_cmp(b));
+    let r = LatencyResult {
+        sent,
+        churn_rate: (c1 - c0) as f64 / el,
+        cpu_pct: match (cpu0, cpu1) {
+            (Some(a), Some(b)) => (b - a) / el * 100.0,
+            _ => f64::NAN,
+        },
+        hwm_kib: hwm,
+        ready_wall,
+        startup_ms: log.startup_ms,
+        lost: log.lost_count,
+        lat_ms,
+    };
+    note(&format!(
+        "latency: {}/{} probes seen, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; agent {:.1}% CPU \
+         at {:.0} conn/s, VmHWM {} KiB",
+        r.lat_ms.len(),
+        r.sent,
+        pct(&r.lat_ms, 50.0),
+        pct(&r.lat_ms, 99.0),
+        r.lat_ms.last().copied().unwrap_or(f64::NAN),
+        r.cpu_pct,
+        r.churn_rate,
+        r.hwm_kib
+    ));
+    Ok(r)
+}
+
+struct CostRow {
+    churn_rate: f64,
+    cpu_pct: f64,
+    hwm_kib: u64,
+    lines: u64,
+    lost: u64,
+}
+
+/// The agent's cost in --all-events mode under the same background churn (output to a file).
+fn cost_all_events(s: &Settings, rep: &mut Report) -> Result<CostRow> {
+    note(&format!(
+        "cost: portwatch --all-events under {:.0} conn/s churn, {} s",
+        BACKGROUND_RATE,
+        s.window.as_secs()
+    ));
+    let (mut t, _) = Tracer::spawn(s, Cfg::PwAll, "cost-all-events", Sink::File)?;
+    let (wall, line) = t.wait_ready_file()?;
+    rep.agent_ready(wall, &line);
+    thread::sleep(SETTLE);
+    let smp = measure_churn(s.clients, Some(BACKGROUND_RATE), s.window, Some(t.pid()))?;
+    let hwm = vm_hwm_kib(t.pid()).unwrap_or(0);
+    rep.hwm(Cfg::PwAll, t.pid());
+    t.check_alive()?;
+    t.stop(Duration::from_secs(30))?;
+    let log = parse_agent_log(&t.out, None)?;
+    t.remove_logs(s.keep_logs);
+    let r = CostRow {
+        churn_rate: smp.rate,
+        cpu_pct: smp.tracer_cpu.unwrap_or(f64::NAN),
+        hwm_kib: hwm,
+        lines: log.lines,
+        lost: log.lost_count,
+    };
+    note(&format!(
+        "cost: --all-events {:.1}% CPU at {:.0} conn/s, {} lines, {} lost, VmHWM {} KiB",
+        r.cpu_pct, r.churn_rate, r.lines, r.lost, r.hwm_kib
+    ));
+    Ok(r)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "MISS"
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn render_markdown(
+    s: &Settings,
+    host: &Host,
+    load_end: &str,
+    churn: &ChurnResult,
+    storm: &[StormRow],
+    lat: &LatencyResult,
+    all: &CostRow,
+    rep: &Report,
+) -> String {
+    let mut m = String::new();
+    let _ = writeln!(m, "# portwatch bench\n");
+    let _ = writeln!(m, "| | |\n|---|---|");
+    let _ = writeln!(m, "| date | {} |", host.date);
+    let _ = writeln!(m, "| kernel | {} |", host.kernel);
+    let _ = writeln!(m, "| CPU | {} ({} cores) |", host.cpu, host.cores);
+    let _ = writeln!(
+        m,
+        "| load average (1/5/15 min) at start / end | {} / {} |",
+        host.load_start, load_end
+    );
+    let _ = writeln!(
+        m,
+        "| settings | {} s per configuration, {} churn round(s), {} client threads + 1 acceptor |",
+        s.window.as_secs(),
+        s.rounds,
+        s.clients
+    );
+
+    // 1
+    let base = churn.median_rate(Cfg::None);
+    let _ = writeln!(
+        m,
+        "\n## 1. Loopback TCP churn (connect/accept/close, 127.0.0.1)\n"
+    );
+    let _ = writeln!(
+        m,
+        "Completed connections/s; median over rounds (configurations interleaved), range in \
+         brackets. Tracer CPU is % of one core over the window. Lost = records the tracer \
+         itself reported dropped, summed over rounds.\n"
+    );
+    let _ = writeln!(
+        m,
+        "| configuration | median conn/s | rounds (min–max) | vs no tracer | tracer CPU % | lines written | lost | target | result |"
+    );
+    let _ = writeln!(m, "|---|---:|---:|---:|---:|---:|---:|---|---|");
+    for (i, &c) in churn.cfgs.iter().enumerate() {
+        let rates: Vec<f64> = churn.samples[i].iter().map(|x| x.rate).collect();
+        let lo = rates.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = rates.iter().copied().fold(0.0, f64::max);
+        let med = churn.median_rate(c).unwrap_or(f64::NAN);
+        let ratio = base.map(|b| med / b).unwrap_or(f64::NAN);
+        let cpu = median(
+            churn.samples[i]
+                .iter()
+                .filter_map(|x| x.tracer_cpu)
+                .collect(),
+        );
+        let (target, res) = match c {
+            Cfg::PwDefault => ("≥ 97%", verdict(ratio >= 0.97)),
+            Cfg::PwAll => ("≥ 93%", verdict(ratio >= 0.93)),
+            _ => ("–", "–"),
+        };
+        let _ = writeln!(
+            m,
+            "| {} | {:.0} | {:.0}–{:.0} | {:.1}% | {} | {} | {} | {} | {} |",
+            c.label(),
+            med,
+            lo,
+            hi,
+            ratio * 100.0,
+            cpu.map(|c| format!("{c:.1}")).unwrap_or_else(|| "–".into()),
+            if c == Cfg::None {
+                "–".into()
+            } else {
+                churn.lines[i].to_string()
+            },
+            if c == Cfg::None {
+                "–".into()
+            } else {
+                churn.lost[i].to_string()
+            },
+            target,
+            res
+        );
+    }
+    for pw in [Cfg::PwDefault, Cfg::PwAll] {
+        let mine = churn.median_rate(pw);
+        let peers: Vec<(Cfg, f64)> = [Cfg::Bpftrace, Cfg::Tcpstates]
+            .into_iter()
+            .filter_map(|p| churn.median_rate(p).map(|r| (p, r)))
+            .collect();
+        let ok = peers.len() == 2 && mine.is_some_and(|x| peers.iter().all(|(_, r)| x > *r));
+        let detail = peers
+            .iter()
+            .map(|(p, r)| format!("{} {:.1}%", p.name(), r / base.unwrap_or(f64::NAN) * 100.0))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            m,
+            "| {} cheaper than bpftrace and tcpstates | {:.1}% vs {} | | | | | | higher throughput than both | {} |",
+            pw.label(),
+            churn.ratio(pw).unwrap_or(f64::NAN) * 100.0,
+            if detail.is_empty() { "peers missing".into() } else { detail },
+            verdict(ok)
+        );
+    }
+
+    // 2
+    let _ = writeln!(m, "\n## 2. Bind storm (EADDRINUSE on a port held by a listener; portwatch default, no port filter)\n");
+    let _ = writeln!(
+        m,
+        "2 threads; {} s per rate. `ok binds`: every {}th attempt is a successful bind to \
+         127.0.0.1:0 plus close. received = conflict records with op=bind for the port; lost = \
+         sum of by_kind.bind over `lost` records (after SIGINT, so the final one is included).\n",
+        s.window.as_secs(),
+        OK_BIND_EVERY
+    );
+    let _ = writeln!(
+        m,
+        "| rate | achieved failing/s | failing binds | ok binds | received | lost (bind) | lost kernel / agent (all kinds) | generated = received + lost | target | result |"
+    );
+    let _ = writeln!(m, "|---|---:|---:|---:|---:|---:|---:|---|---|---|");
+    for r in storm {
+        let (acc, acc_ok) = r.accounting();
+        let low = r.target.is_some_and(|t| t <= 50_000.0);
+        let (target, res) = if low {
+            (
+                "0 lost, exact",
+                verdict(r.log.lost_bind == 0 && r.log.lost_count == 0 && acc_ok),
+            )
+        } else {
+            ("accounting closes", verdict(acc_ok))
+        };
+        let _ = writeln!(
+            m,
+            "| {} | {:.0} | {} | {} | {} | {} | {} / {} | {}{} | {} | {} |",
+            r.label,
+            r.failing as f64 / r.secs,
+            r.failing,
+            r.ok,
+            r.log.conflicts_bind,
+            r.log.lost_bind,
+            r.log.lost_kernel,
+            r.log.lost_agent,
+            acc,
+            if r.other_errors > 0 || r.eaddrinuse != r.failing {
+                format!(
+                    " ({} non-EADDRINUSE, {} other errors)",
+                    r.failing - r.eaddrinuse,
+                    r.other_errors
+                )
+            } else {
+                String::new()
+            },
+            target,
+            res
+        );
+    }
+
+    // 3
+    let p50 = pct(&lat.lat_ms, 50.0);
+    let p99 = pct(&lat.lat_ms, 99.0);
+    let max = lat.lat_ms.last().copied().unwrap_or(f64::NAN);
+    let all_seen = lat.lat_ms.len() == lat.sent;
+    let _ = writeln!(
+        m,
+        "\n## 3. Conflict latency (failing bind → line read from the agent's stdout)\n"
+    );
+    let _ = writeln!(
+        m,
+        "{} probes, one every {} ms, each on its own held port, under {:.0} conn/s background \
+         churn; CLOCK_REALTIME before bind() to the moment the line was read.\n",
+        lat.sent,
+        PROBE_SPACING.as_millis(),
+        lat.churn_rate
+    );
+    let _ = writeln!(
+        m,
+        "| metric | value | target | result |\n|---|---:|---|---|"
+    );
+    let _ = writeln!(
+        m,
+        "| probes received | {}/{} | all | {} |",
+        lat.lat_ms.len(),
+        lat.sent,
+        verdict(all_seen)
+    );
+    let _ = writeln!(
+        m,
+        "| p50 | {p50:.2} ms | ≤ 2 ms | {} |",
+        verdict(p50 <= 2.0)
+    );
+    let _ = writeln!(
+        m,
+        "| p99 | {p99:.2} ms | ≤ 20 ms | {} |",
+        verdict(p99 <= 20.0 && all_seen)
+    );
+    let _ = writeln!(m, "| max | {max:.2} ms | – | – |");
+
+    // 4
+    let ready: Vec<f64> = rep.ready.iter().map(|r| r.0.as_secs_f64()).collect();
+    let ready_med = median(ready.clone()).unwrap_or(f64::NAN);
+    let ready_max = ready.iter().copied().fold(0.0, f64::max);
+    let su: Vec<f64> = rep
+        .ready
+        .iter()
+        .filter_map(|r| r.1.map(|v| v as f64))
+        .collect();
+    let su_med = median(su.clone()).unwrap_or(f64::NAN);
+    let su_max = su.iter().copied().fold(0.0, f64::max);
+    let _ = writeln!(m, "\n## 4. Agent cost\n");
+    let _ = writeln!(
+        m,
+        "| metric | value | target | result |\n|---|---:|---|---|"
+    );
+    let _ = writeln!(
+        m,
+        "| CPU, default mode, at {:.0} conn/s (utime+stime over {} s) | {:.1}% of one core | – | info |",
+        lat.churn_rate,
+        s.window.as_secs(),
+        lat.cpu_pct
+    );
+    let _ = writeln!(
+        m,
+        "| CPU, --all-events, at {:.0} conn/s ({} lines, {} lost) | {:.1}% of one core | – | info |",
+        all.churn_rate, all.lines, all.lost, all.cpu_pct
+    );
+    let _ = writeln!(
+        m,
+        "| peak RSS (VmHWM), default, latency run | {:.1} MiB | – | info |",
+        lat.hwm_kib as f64 / 1024.0
+    );
+    let _ = writeln!(
+        m,
+        "| peak RSS (VmHWM), highest of all default-mode runs (incl. bind storm) | {:.1} MiB | – | info |",
+        rep.hwm_default as f64 / 1024.0
+    );
+    let _ = writeln!(
+        m,
+        "| peak RSS (VmHWM), highest of all --all-events runs | {:.1} MiB | – | info |",
+        rep.hwm_all as f64 / 1024.0
+    );
+    let _ = writeln!(
+        m,
+        "| ready: spawn → ready line, median / max of {} starts | {:.0} / {:.0} ms | ≤ 1500 ms | {} |",
+        ready.len(),
+        ready_med * 1000.0,
+        ready_max * 1000.0,
+        verdict(!ready.is_empty() && ready_max <= 1.5)
+    );
+    let _ = writeln!(
+        m,
+        "| ready: startup_ms in the ready line, median / max | {su_med:.0} / {su_max:.0} ms | ≤ 1500 ms | {} |",
+        verdict(!su.is_empty() && su_max <= 1500.0)
+    );
+    let _ = writeln!(
+        m,
+        "| latency run: ready wall / startup_ms / lost records | {:.0} ms / {} ms / {} | – | info |",
+        lat.ready_wall.as_secs_f64() * 1000.0,
+        lat.startup_ms.map(|v| v.to_string()).unwrap_or_else(|| "?".into()),
+        lat.lost
+    );
+    if !rep.warnings.is_empty() {
+        let _ = writeln!(m, "\n## Warnings\n");
+        for w in &rep.warnings {
+            let _ = writeln!(m, "- {w}");
+        }
+    }
+    m
+}
+
+// ---------------------------------------------------------------------------------------------
+// churn.png: a bar chart written without a plotting dependency (a tiny RGB canvas, a 5x7 font,
+// and a PNG encoder using stored deflate blocks: the file is larger but needs no zlib).
+
+struct Canvas {
+    w: usize,
+    h: usize,
+    px: Vec<[u8; 3]>,
+}
+
+impl Canvas {
+    fn new(w: usize, h: usize) -> Canvas {
+        Canvas {
+            w,
+            h,
+            px: vec![[255, 255, 255]; w * h],
+        }
+    }
+    fn rect(&mut self, x0: i64, y0: i64, x1: i64, y1: i64, c: [u8; 3]) {
+        for y in y0.max(0)..y1.min(self.h as i64) {
+            for x in x0.max(0)..x1.min(self.w as i64) {
+                self.px[y as usize * self.w + x as usize] = c;
+            }
+        }
+    }
+    fn text(&mut self, x: i64, y: i64, s: &str, scale: i64, c: [u8; 3]) {
+        let mut cx = x;
+        for ch in s.chars() {
+            let cols = glyph(ch.to_ascii_uppercase());
+            for (i, col) in cols.iter().enumerate() {
+                for row in 0..7 {
+                    if col >> row & 1 == 1 {
+                        let px = cx + i as i64 * scale;
+                        let py = y + row * scale;
+                        self.rect(px, py, px + scale, py + scale, c);
+                    }
+                }
+            }
+            cx += 6 * scale;
+        }
+    }
+    fn text_width(s: &str, scale: i64) -> i64 {
+        s.chars().count() as i64 * 6 * scale
+    }
+}
+
+/// Columns of a 5x7 glyph, bit 0 at the top (the classic HD44780-style font).
+fn glyph(c: char) -> [u8; 5] {
+    match c {
+        '0' => [0x3E, 0x51, 0x49, 0x45, 0x3E],
+        '1' => [0x00, 0x42, 0x7F, 0x40, 0x00],
+        '2' => [0x42, 0x61, 0x51, 0x49, 0x46],
+        '3' => [0x21, 0x41, 0x45, 0x4B, 0x31],
+        '4' => [0x18, 0x14, 0x12, 0x7F, 0x10],
+        '5' => [0x27, 0x45, 0x45, 0x45, 0x39],
+        '6' => [0x3C, 0x4A, 0x49, 0x49, 0x30],
+        '7' => [0x01, 0x71, 0x09, 0x05, 0x03],
+        '8' => [0x36, 0x49, 0x49, 0x49, 0x36],
+        '9' => [0x06, 0x49, 0x49, 0x29, 0x1E],
+        'A' => [0x7E, 0x11, 0x11, 0x11, 0x7E],
+        'B' => [0x7F, 0x49, 0x49, 0x49, 0x36],
+        'C' => [0x3E, 0x41, 0x41, 0x41, 0x22],
+        'D' => [0x7F, 0x41, 0x41, 0x22, 0x1C],
+        'E' => [0x7F, 0x49, 0x49, 0x49, 0x41],
+        'F' => [0x7F, 0x09, 0x09, 0x09, 0x01],
+        'G' => [0x3E, 0x41, 0x49, 0x49, 0x7A],
+        'H' => [0x7F, 0x08, 0x08, 0x08, 0x7F],
+        'I' => [0x00, 0x41, 0x7F, 0x41, 0x00],
+        'J' => [0x20, 0x40, 0x41, 0x3F, 0x01],
+        'K' => [0x7F, 0x08, 0x14, 0x22, 0x41],
+        'L' => [0x7F, 0x40, 0x40, 0x40, 0x40],
+        'M' => [0x7F, 0x02, 0x0C, 0x02, 0x7F],
+        'N' => [0x7F, 0x04, 0x08, 0x10, 0x7F],
+        'O' => [0x3E, 0x41, 0x41, 0x41, 0x3E],
+        'P' => [0x7F, 0x09, 0x09, 0x09, 0x06],
+        'Q' => [0x3E, 0x41, 0x51, 0x21, 0x5E],
+        'R' => [0x7F, 0x09, 0x19, 0x29, 0x46],
+        'S' => [0x46, 0x49, 0x49, 0x49, 0x31],
+        'T' => [0x01, 0x01, 0x7F, 0x01, 0x01],
+        'U' => [0x3F, 0x40, 0x40, 0x40, 0x3F],
+        'V' => [0x1F, 0x20, 0x40, 0x20, 0x1F],
+        'W' => [0x3F, 0x40, 0x38, 0x40, 0x3F],
+        'X' => [0x63, 0x14, 0x08, 0x14, 0x63],
+        'Y' => [0x07, 0x08, 0x70, 0x08, 0x07],
+        'Z' => [0x61, 0x51, 0x49, 0x45, 0x43],
+        '%' => [0x23, 0x13, 0x08, 0x64, 0x62],
+        '.' => [0x00, 0x60, 0x60, 0x00, 0x00],
+        '-' => [0x08, 0x08, 0x08, 0x08, 0x08],
+        '/' => [0x20, 0x10, 0x08, 0x04, 0x02],
+        ':' => [0x00, 0x36, 0x36, 0x00, 0x00],
+        '(' => [0x00, 0x1C, 0x22, 0x41, 0x00],
+        ')' => [0x00, 0x41, 0x22, 0x1C, 0x00],
+        '=' => [0x14, 0x14, 0x14, 0x14, 0x14],
+        _ => [0; 5],
+    }
+}
+
+fn write_churn_png(path: &Path, churn: &ChurnResult) -> Result<()> {
+    let base = churn.median_rate(Cfg::None).context("no baseline")?;
+    let top = churn
+        .samples
+        .iter()
+        .flatten()
+        .map(|s| s.rate)
+        .fold(base, f64::max)
+        * 1.15;
+    let (w, h) = (900usize, 480usize);
+    let (left, right, plot_top, plot_bot) = (70i64, 880i64, 60i64, 400i64);
+    let mut cv = Canvas::new(w, h);
+    let ink = [40, 40, 40];
+    cv.text(
+        left,
+        18,
+        "LOOPBACK TCP CHURN: CONNECTIONS/S (MEDIAN, DOTS = ROUNDS)",
+        2,
+        ink,
+    );
+    let y_of = |v: f64| plot_bot - ((v / top) * (plot_bot - plot_top) as f64) as i64;
+    // Axis, gridlines every 5000 conn/s.
+    let step = if top > 60_000.0 { 10_000.0 } else { 5_000.0 };
+    let mut g = 0.0;
+    while g <= top {
+        let y = y_of(g);
+        cv.rect(left, y, right, y + 1, [225, 225, 225]);
+        let lbl = format!("{}K", (g / 1000.0) as u64);
+        cv.text(left - 8 - Canvas::text_width(&lbl, 1), y - 3, &lbl, 1, ink);
+        g += step;
+    }
+    cv.rect(left, plot_top, left + 1, plot_bot, ink);
+    cv.rect(left, plot_bot, right, plot_bot + 1, ink);
+    // Target lines: 97% and 93% of no tracer.
+    for (f, c) in [(0.97, [0, 150, 0]), (0.93, [220, 140, 0])] {
+        let y = y_of(base * f);
+        let mut x = left;
+        while x < right {
+            cv.rect(x, y, (x + 6).min(right), y + 1, c);
+            x += 10;
+        }
+        let lbl = format!("{:.0}%", f * 100.0);
+        cv.text(right - Canvas::text_width(&lbl, 1), y - 9, &lbl, 1, c);
+    }
+    let n = churn.cfgs.len() as i64;
+    let slot = (right - left) / n;
+    let colors = [
+        [120, 120, 120],
+        [30, 110, 200],
+        [90, 160, 230],
+        [200, 70, 60],
+        [230, 150, 60],
+    ];
+    for (i, &c) in churn.cfgs.iter().enumerate() {
+        let Some(med) = churn.median_rate(c) else {
+            continue;
+        };
+        let x0 = left + slot * i as i64 + slot / 5;
+        let x1 = x0 + slot * 3 / 5;
+        let color = colors[CONFIGS.iter().position(|&k| k == c).unwrap_or(0)];
+        cv.rect(x0, y_of(med), x1, plot_bot, color);
+        for s in &churn.samples[i] {
+            let y = y_of(s.rate);
+            let xm = (x0 + x1) / 2;
+            cv.rect(xm - 3, y - 3, xm + 4, y + 4, ink);
+        }
+        let val = format!("{:.0} ({:.1}%)", med, med / base * 100.0);
+        let cx = (x0 + x1) / 2;
+        cv.text(
+            cx - Canvas::text_width(&val, 1) / 2,
+            y_of(med) - 14,
+            &val,
+            1,
+            ink,
+        );
+        let name = match c {
+            Cfg::None => "NO TRACER",
+            Cfg::PwDefault => "PORTWATCH",
+            Cfg::PwAll => "PORTWATCH ALL",
+            Cfg::Bpftrace => "BPFTRACE",
+            Cfg::Tcpstates => "TCPSTATES",
+        };
+        cv.text(
+            cx - Canvas::text_width(name, 2) / 2,
+            plot_bot + 12,
+            name,
+            2,
+            ink,
+        );
+        if c == Cfg::PwAll {
+            let sub = "(--ALL-EVENTS)";
+            cv.text(
+                cx - Canvas::text_width(sub, 1) / 2,
+                plot_bot + 32,
+                sub,
+                1,
+                ink,
+            );
+        }
+    }
+    fs::write(path, encode_png(&cv)).with_context(|| format!("writing {}", path.display()))
+}
+
+fn crc32(data: &[&[u8]]) -> u32 {
+    let mut table = [0u32; 256];
+    for (i, t) in table.iter_mut().enumerate() {
+        let mut c = i as u32;
+        for _ in 0..8 {
+            c = if c & 1 == 1 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+        *t = c;
+    }
+    let mut crc = !0u32;
+    for d in data {
+        for &b in *d {
+            crc = table[((crc ^ b as u32) & 0xff) as usize] ^ (crc >> 8);
+        }
+    }
+    !crc
+}
+
+fn encode_png(cv: &Canvas) -> Vec<u8> {
+    // Raw scanlines, filter type 0.
+    let mut raw = Vec::with_capacity(cv.h * (cv.w * 3 + 1));
+    for y in 0..cv.h {
+        raw.push(0);
+        for p in &cv.px[y * cv.w..(y + 1) * cv.w] {
+            raw.extend_from_slice(p);
+        }
+    }
+    // zlib stream of stored blocks.
+    let mut z = vec![0x78, 0x01];
+    let chunks: Vec<&[u8]> = raw.chunks(65_535).collect();
+    for (i, c) in chunks.iter().enumerate() {
+        z.push(u8::from(i + 1 == chunks.len()));
+        let len = c.len() as u16;
+        z.extend_from_slice(&len.to_le_bytes());
+        z.extend_from_slice(&(!len).to_le_bytes());
+        z.extend_from_slice(c);
+    }
+    let (mut a, mut b) = (1u32, 0u32);
+    for &x in &raw {
+        a = (a + x as u32) % 65_521;
+        b = (b + a) % 65_521;
+    }
+    z.extend_from_slice(&((b << 16) | a).to_be_bytes());
+
+    let mut png = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
+    let mut chunk = |ty: &[u8; 4], data: &[u8]| {
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        png.extend_from_slice(ty);
+        png.extend_from_slice(data);
+        png.extend_from_slice(&crc32(&[ty, data]).to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&(cv.w as u32).to_be_bytes());
+    ihdr.extend_from_slice(&(cv.h as u32).to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB, no interlace
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &z);
+    chunk(b"IEND", &[]);
+    png
 }

@@ -1,0 +1,897 @@
+//! Ground truth of every TCP and UDP socket, per network namespace, from netlink sock_diag
+//! (INET_DIAG): what `ss -tuanp` shows, without running it. The tracepoints miss some
+//! transitions (TIME_WAIT never shows up there, and sockets older than the agent are
+//! invisible to it), so this is what start-up and the reconcile timer compare against.
+//!
+//! A netlink socket reports on the namespace it was created in. Foreign namespaces are
+//! therefore read from a short-lived thread that has `setns`ed into them; the calling
+//! thread never changes namespace, so the rest of the agent is never affected.
+
+use std::{
+    collections::{hash_map::Entry, HashMap, HashSet},
+    ffi::CStr,
+    fmt::Display,
+    fs::File,
+    io::{self, Read},
+    mem::size_of,
+    net::{IpAddr, SocketAddr, SocketAddrV6},
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::PathBuf,
+};
+
+use netlink_packet_core::{
+    DoneBuffer, ErrorBuffer, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NlasIterator, Parseable,
+    NLMSG_ALIGNTO, NLMSG_DONE, NLMSG_ERROR, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_sock_diag::{
+    constants::{
+        AF_INET, AF_INET6, INET_DIAG_SKV6ONLY, IPPROTO_TCP, IPPROTO_UDP, SOCK_DIAG_BY_FAMILY,
+    },
+    inet::{
+        ExtensionFlags, InetRequest, InetResponseBuffer, InetResponseHeader, SocketId,
+        SocketIdBuffer, StateFlags,
+    },
+    SockDiagMessage,
+};
+use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// One socket as the kernel reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockEntry {
+    /// Inode of the namespace (as /proc/<pid>/ns/net shows).
+    pub netns: u32,
+    pub proto: Proto,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Kernel TCP state numbers (1 ESTABLISHED .. 10 LISTEN, 6 TIME_WAIT, 7 CLOSE). UDP uses
+    /// the same numbers: 7 unconnected, 1 connected.
+    pub state: u8,
+    /// 0 for TIME_WAIT and request sockets: they have no file.
+    pub inode: u64,
+    pub uid: u32,
+    /// Milliseconds until the socket's timer fires; for TIME_WAIT, until the port is free.
+    pub expires_ms: u32,
+    /// INET_DIAG_SKV6ONLY. The kernel reports it only for AF_INET6 sockets in LISTEN or
+    /// CLOSE (7, bound or unconnected UDP); None for everything else.
+    pub v6only: Option<bool>,
+}
+
+/// A network namespace and a file that can enter it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub inode: u32,
+    /// `/proc/<pid>/ns/net`, `/var/run/netns/<name>`, or `/proc/self/ns/net`.
+    pub path: PathBuf,
+}
+
+/// The process that holds a socket's file descriptor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub comm: String,
+    /// Effective uid, the one the kernel checks permissions against.
+    pub uid: u32,
+}
+
+const OWN_NS: &str = "/proc/self/ns/net";
+/// The calling thread's own, which differs from /proc/self's if someone setns'd it.
+const THREAD_NS: &str = "/proc/thread-self/ns/net";
+const NAMED_NS_DIR: &str = "/var/run/netns";
+const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// Every distinct network namespace: this process's own (first), every one named in
+/// /var/run/netns, and every one some process lives in; deduplicated by inode. Named
+/// entries come before /proc ones because their path outlives any process. Processes that
+/// exit mid-scan, and files in /var/run/netns that are not namespaces (a mount that `ip
+/// netns delete` already removed), are skipped.
+pub fn namespaces() -> Vec<Namespace> {
+    let mut out = Vec::new();
+    let Ok(own) = std::fs::metadata(OWN_NS) else {
+        // No /proc: nothing else below can work either.
+        return out;
+    };
+    // Every namespace file lives on the single nsfs superblock; a plain file that merely
+    // sits in /var/run/netns does not.
+    let nsfs = own.dev();
+    let mut seen = HashSet::new();
+    let mut add = |path: PathBuf| {
+        let Ok(m) = std::fs::metadata(&path) else {
+            return;
+        };
+        let Ok(inode) = u32::try_from(m.ino()) else {
+            return;
+        };
+        if m.dev() == nsfs && seen.insert(inode) {
+            out.push(Namespace { inode, path });
+        }
+    };
+    add(PathBuf::from(OWN_NS));
+    if let Ok(dir) = std::fs::read_dir(NAMED_NS_DIR) {
+        let mut named: Vec<PathBuf> = dir.flatten().map(|e| e.path()).collect();
+        // Stable order, so the same namespace keeps the same path from one scan to the next.
+        named.sort();
+        named.into_iter().for_each(&mut add);
+    }
+    for pid in pids() {
+        add(PathBuf::from(format!("/proc/{pid}/ns/net")));
+    }
+    out
+}
+
+/// All TCP and UDP sockets, IPv4 and IPv6, in every state (LISTEN, bound-but-idle CLOSE,
+/// ESTABLISHED, TIME_WAIT, SYN_RECV request sockets, ...), of one namespace.
+///
+/// An error of kind `NotFound` means the namespace is gone (its process exited, or the pid
+/// now belongs to a process in another namespace): skip it.
+pub fn dump(ns: &Namespace) -> io::Result<Vec<SockEntry>> {
+    let inode = ns.inode;
+    in_namespace(ns, "sock_diag dump", move || dump_here(inode))
+}
+
+/// Socket inode -> the process holding it, like `ss -p`, from one pass over
+/// /proc/<pid>/fd. A socket shared by several processes (inherited across fork, as a
+/// pre-forking server's listener is) maps to the lowest pid, usually the parent.
+/// Processes that exit mid-scan or whose fds cannot be read are skipped.
+pub fn socket_owners() -> HashMap<u64, Owner> {
+    let mut owners: HashMap<u64, Owner> = HashMap::new();
+    let mut inodes = Vec::new();
+    let mut text = String::new();
+    for pid in pids() {
+        inodes.clear();
+        socket_inodes(pid, &mut inodes);
+        if inodes.is_empty() {
+            continue;
+        }
+        let Some((comm, uid)) = comm_and_uid(pid, &mut text) else {
+            continue;
+        };
+        for &inode in &inodes {
+            match owners.entry(inode) {
+                Entry::Vacant(v) => {
+                    v.insert(Owner {
+                        pid,
+                        comm: comm.clone(),
+                        uid,
+                    });
+                }
+                Entry::Occupied(mut o) if o.get().pid > pid => {
+                    *o.get_mut() = Owner {
+                        pid,
+                        comm: comm.clone(),
+                        uid,
+                    };
+                }
+                Entry::Occupied(_) => {}
+            }
+        }
+    }
+    owners
+}
+
+/// `net.ipv4.ip_local_port_range` of a namespace, e.g. (32768, 60999): the ports `connect`
+/// and `bind(port 0)` pick from there.
+pub fn local_port_range(ns: &Namespace) -> io::Result<(u16, u16)> {
+    in_namespace(ns, "reading ip_local_port_range", || {
+        // /proc/sys/net resolves against the reading task's namespace, so this reads the
+        // namespace this thread is in.
+        let text = std::fs::read_to_string(PORT_RANGE)?;
+        let mut it = text.split_whitespace().map(str::parse::<u16>);
+        match (it.next(), it.next()) {
+            (Some(Ok(lo)), Some(Ok(hi))) => Ok((lo, hi)),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{PORT_RANGE} holds {text:?}, not two port numbers"),
+            )),
+        }
+    })
+}
+
+/// Runs `f` in namespace `ns`: on the calling thread when it already is there, else on a
+/// dedicated thread that enters it first and exits afterwards. Errors name the action and
+/// the namespace.
+fn in_namespace<T, F>(ns: &Namespace, what: &str, f: F) -> io::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> io::Result<T> + Send + 'static,
+{
+    let on = |e: io::Error, step: &dyn Display| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "{what} of netns {} ({}): {step}: {e}",
+                ns.inode,
+                ns.path.display()
+            ),
+        )
+    };
+    let here = std::fs::metadata(THREAD_NS).map_err(|e| on(e, &"reading our own netns"))?;
+    if here.ino() == u64::from(ns.inode) {
+        return f().map_err(|e| on(e, &"failed"));
+    }
+    let file = File::open(&ns.path).map_err(|e| {
+        let e = if e.raw_os_error() == Some(libc::ESRCH) {
+            io::Error::new(io::ErrorKind::NotFound, e)
+        } else {
+            e
+        };
+        on(e, &"opening the namespace")
+    })?;
+    let now = file.metadata().map_err(|e| on(e, &"stat"))?.ino();
+    if now != u64::from(ns.inode) {
+        // The pid exited and was reused by a process elsewhere: this path no longer leads
+        // to the namespace the caller means.
+        return Err(on(
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("path now leads to netns {now}"),
+            ),
+            &"namespace gone",
+        ));
+    }
+    let worker = std::thread::Builder::new()
+        .name("pw-netns".into())
+        .spawn(move || -> io::Result<T> {
+            // SAFETY: `file` is an open namespace file for the duration of the call; setns
+            // only changes this thread, which exits when `f` returns.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::other(format!(
+                    "entering it: {}",
+                    io::Error::last_os_error()
+                )));
+            }
+            drop(file);
+            f()
+        })
+        .map_err(|e| on(e, &"starting a thread to enter it"))?;
+    match worker.join() {
+        Ok(r) => r.map_err(|e| on(e, &"failed")),
+        Err(_) => Err(on(io::Error::other("thread panicked"), &"failed")),
+    }
+}
+
+/// Larger than any one datagram of a dump: the kernel caps those at 32 KiB, and reports a
+/// bigger one as truncated (MSG_TRUNC) rather than losing sockets silently.
+/// `struct nlmsghdr`.
+const NLMSG_HDRLEN: usize = 16;
+const RECV_BUF: usize = 64 * 1024;
+/// `struct inet_diag_msg`.
+const MSG_LEN: usize = size_of::<InetResponseBuffer>();
+/// `idiag_expires` follows family, state, timer, retrans and the socket id. Read by hand
+/// because the crate's parsed header drops it for TIME_WAIT sockets, where it matters most.
+const EXPIRES_AT: usize = 4 + size_of::<SocketIdBuffer>();
+const _: () = assert!(MSG_LEN == 72 && EXPIRES_AT == 52);
+
+/// Dumps the namespace the calling thread is in.
+fn dump_here(netns: u32) -> io::Result<Vec<SockEntry>> {
+    let sock = Socket::new(NETLINK_SOCK_DIAG)
+        .map_err(|e| io::Error::new(e.kind(), format!("opening a sock_diag socket: {e}")))?;
+    sock.connect(&netlink_sys::SocketAddr::new(0, 0))
+        .map_err(|e| io::Error::new(e.kind(), format!("connecting to the kernel: {e}")))?;
+    let mut buf = vec![0u8; RECV_BUF];
+    let mut out = Vec::new();
+    let mut seq = 0;
+    for (protocol, proto) in [(IPPROTO_TCP, Proto::Tcp), (IPPROTO_UDP, Proto::Udp)] {
+        for family in [AF_INET, AF_INET6] {
+            seq += 1;
+            let label = || {
+                let p = if proto == Proto::Tcp { "tcp" } else { "udp" };
+                let v = if family == AF_INET { "4" } else { "6" };
+                format!("dumping {p}{v}")
+            };
+            request(&sock, seq, family, protocol)
+                .and_then(|()| receive(&sock, &mut buf, seq, netns, proto, &mut out))
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", label())))?;
+        }
+    }
+    Ok(out)
+}
+
+fn request(sock: &Socket, seq: u32, family: u8, protocol: u8) -> io::Result<()> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = seq;
+    let socket_id = if family == AF_INET {
+        SocketId::new_v4()
+    } else {
+        SocketId::new_v6()
+    };
+    let mut msg = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol,
+            extensions: ExtensionFlags::empty(),
+            // Every bit, not just the states the crate names: bit 13 (TCP_BOUND_INACTIVE)
+            // is what makes the kernel list sockets that are bound but neither listening nor
+            // connected, and they hold ports too.
+            states: StateFlags::from_bits_retain(u32::MAX),
+            socket_id,
+        })
+        .into(),
+    );
+    msg.finalize();
+    let mut bytes = [0u8; 128];
+    let len = msg.buffer_len();
+    msg.serialize(&mut bytes[..len]);
+    let sent = sock.send(&bytes[..len], 0)?;
+    if sent != len {
+        return Err(io::Error::other(format!(
+            "sent {sent} of {len} request bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads the multipart reply to request `seq` up to NLMSG_DONE, appending to `out`.
+fn receive(
+    sock: &Socket,
+    buf: &mut [u8],
+    seq: u32,
+    netns: u32,
+    proto: Proto,
+    out: &mut Vec<SockEntry>,
+) -> io::Result<()> {
+    loop {
+        let n = loop {
+            match sock.recv(&mut &mut buf[..], libc::MSG_TRUNC) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r?,
+            }
+        };
+        if n > buf.len() {
+            return Err(io::Error::other(format!(
+                "a {n}-byte reply does not fit the {}-byte buffer",
+                buf.len()
+            )));
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the kernel ended the reply without NLMSG_DONE",
+            ));
+        }
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let msg = NetlinkBuffer::new_checked(rest).map_err(invalid)?;
+            let len = msg.length() as usize;
+            let payload = &rest[NLMSG_HDRLEN..len];
+            rest = &rest[align(len).min(rest.len())..];
+            if msg.sequence_number() != seq {
+                // Left over from an earlier request that failed half-way; not ours.
+                continue;
+            }
+            match msg.message_type() {
+                SOCK_DIAG_BY_FAMILY => out.push(entry(payload, netns, proto)?),
+                NLMSG_DONE => {
+                    // A dump that failed part-way says so here, not with NLMSG_ERROR.
+                    let code = DoneBuffer::new_checked(payload).map_err(invalid)?.code();
+                    return if code < 0 {
+                        Err(io::Error::from_raw_os_error(-code))
+                    } else {
+                        Ok(())
+                    };
+                }
+                NLMSG_ERROR => {
+                    let err = ErrorBuffer::new_checked(payload).map_err(invalid)?;
+                    return match err.code() {
+                        Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
+                        None => Ok(()),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// One `inet_diag_msg` and its attributes to an entry; allocates nothing.
+fn entry(payload: &[u8], netns: u32, proto: Proto) -> io::Result<SockEntry> {
+    if payload.len() < MSG_LEN {
+        return Err(invalid(format!(
+            "a {}-byte inet_diag_msg, expected at least {MSG_LEN}",
+            payload.len()
+        )));
+    }
+    let header = InetResponseHeader::parse(&payload[..MSG_LEN]).map_err(invalid)?;
+    let id = &header.socket_id;
+    let mut expires = [0u8; 4];
+    expires.copy_from_slice(&payload[EXPIRES_AT..EXPIRES_AT + 4]);
+    let mut v6only = None;
+    if header.family == AF_INET6 {
+        for nla in NlasIterator::new(&payload[MSG_LEN..]) {
+            let nla = nla.map_err(invalid)?;
+            if nla.kind() == INET_DIAG_SKV6ONLY {
+                v6only = nla.value().first().map(|&b| b != 0);
+            }
+        }
+    }
+    Ok(SockEntry {
+        netns,
+        proto,
+        local: sockaddr(id.source_address, id.source_port, id.interface_id),
+        remote: sockaddr(id.destination_address, id.destination_port, id.interface_id),
+        state: header.state,
+        inode: u64::from(header.inode),
+        uid: header.uid,
+        expires_ms: u32::from_ne_bytes(expires),
+        v6only,
+    })
+}
+
+/// A link-local IPv6 address means nothing without its interface, so it keeps the one
+/// the socket is bound to as scope id.
+fn sockaddr(ip: IpAddr, port: u16, ifindex: u32) -> SocketAddr {
+    match ip {
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => {
+            SocketAddr::V6(SocketAddrV6::new(v6, port, 0, ifindex))
+        }
+        ip => SocketAddr::new(ip, port),
+    }
+}
+
+fn align(len: usize) -> usize {
+    let a = usize::from(NLMSG_ALIGNTO);
+    len.div_ceil(a) * a
+}
+
+fn invalid(e: impl Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("malformed sock_diag reply: {e}"),
+    )
+}
+
+/// Process ids under /proc (thread groups; threads share their leader's fds).
+fn pids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+}
+
+/// Appends the inode of every socket among `pid`'s fds. Uses readdir/readlinkat on the fd
+/// directory so that a process with 100k sockets costs 100k syscalls and no allocations.
+fn socket_inodes(pid: u32, out: &mut Vec<u64>) {
+    let mut path = [0u8; 32];
+    let mut w = &mut path[..];
+    if io::Write::write_fmt(&mut w, format_args!("/proc/{pid}/fd\0")).is_err() {
+        return;
+    }
+    let Ok(path) = CStr::from_bytes_until_nul(&path) else {
+        return;
+    };
+    let Some(mut dir) = Dir::open(path) else {
+        return;
+    };
+    let fd = dir.fd();
+    let mut link = [0u8; 64];
+    while let Some(name) = dir.next() {
+        // SAFETY: `name` is NUL-terminated and the fd belongs to the open directory; the
+        // buffer pointer and length describe `link`.
+        let n =
+            unsafe { libc::readlinkat(fd, name.as_ptr(), link.as_mut_ptr().cast(), link.len()) };
+        let Ok(n) = usize::try_from(n) else {
+            continue;
+        };
+        if let Some(inode) = link[..n]
+            .strip_prefix(b"socket:[")
+            .and_then(|s| s.strip_suffix(b"]"))
+            .and_then(|s| std::str::from_utf8(s).ok())
+            .and_then(|s| s.parse().ok())
+        {
+            out.push(inode);
+        }
+    }
+}
+
+/// comm and effective uid of `pid`, or None if it exited.
+fn comm_and_uid(pid: u32, text: &mut String) -> Option<(String, u32)> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    let comm = comm.strip_suffix('\n').unwrap_or(&comm).to_owned();
+    text.clear();
+    File::open(format!("/proc/{pid}/status"))
+        .ok()?
+        .read_to_string(text)
+        .ok()?;
+    // "Uid:\treal\teffective\tsaved\tfs"
+    let uid = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((comm, uid))
+}
+
+/// A directory stream that yields entry names without allocating.
+struct Dir(std::ptr::NonNull<libc::DIR>);
+
+impl Dir {
+    fn open(path: &CStr) -> Option<Self> {
+        // SAFETY: `path` is NUL-terminated.
+        let dir = unsafe { libc::opendir(path.as_ptr()) };
+        std::ptr::NonNull::new(dir).map(Self)
+    }
+
+    fn fd(&self) -> libc::c_int {
+        // SAFETY: the stream is open until drop.
+        unsafe { libc::dirfd(self.0.as_ptr()) }
+    }
+
+    /// Next name other than "." and ".."; the name is valid until the next call.
+    fn next(&mut self) -> Option<&CStr> {
+        loop {
+            // SAFETY: the stream is open. readdir's entry stays valid until the next readdir
+            // on this stream, which `&mut self` rules out while the name is borrowed.
+            let ent = unsafe { libc::readdir64(self.0.as_ptr()) };
+            if ent.is_null() {
+                return None;
+            }
+            // SAFETY: d_name is a NUL-terminated array inside the entry.
+            let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) };
+            if name != c"." && name != c".." {
+                return Some(name);
+            }
+        }
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        // SAFETY: opened by opendir and closed only here.
+        unsafe { libc::closedir(self.0.as_ptr()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{
+        net::{Ipv4Addr, Ipv6Addr, TcpListener, TcpStream, UdpSocket},
+        os::fd::FromRawFd,
+        path::Path,
+        process::Command,
+        time::{Duration, Instant},
+    };
+
+    /// Ports unlikely to collide with other tests running on this machine.
+    fn port(k: u16) -> u16 {
+        assert!(k < 8);
+        30000 + (std::process::id() % 1000) as u16 * 8 + k
+    }
+
+    fn own_ns() -> Namespace {
+        let inode = std::fs::metadata(OWN_NS).unwrap().ino() as u32;
+        let ns = namespaces().into_iter().next().unwrap();
+        assert_eq!(ns.inode, inode, "namespaces() lists our own first");
+        ns
+    }
+
+    fn sock_inode(fd: &impl AsRawFd) -> u64 {
+        std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap()
+            .ino()
+    }
+
+    fn run(cmd: &[&str]) {
+        let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A namespace made with `ip netns add`, loopback up, deleted on drop.
+    struct TestNetns {
+        name: String,
+    }
+
+    impl TestNetns {
+        fn new(tag: &str) -> Self {
+            let name = format!("pwdiag-{}-{tag}", std::process::id());
+            // Left over from a run that was killed: start clean.
+            let _ = Command::new("ip").args(["netns", "delete", &name]).output();
+            run(&["ip", "netns", "add", &name]);
+            let ns = Self { name };
+            run(&["ip", "-n", &ns.name, "link", "set", "lo", "up"]);
+            ns
+        }
+
+        fn path(&self) -> PathBuf {
+            Path::new(NAMED_NS_DIR).join(&self.name)
+        }
+
+        fn inode(&self) -> u32 {
+            std::fs::metadata(self.path()).unwrap().ino() as u32
+        }
+
+        fn namespace(&self) -> Namespace {
+            Namespace {
+                inode: self.inode(),
+                path: self.path(),
+            }
+        }
+
+        /// Runs `f` on a thread inside the namespace; sockets it makes stay there.
+        fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+            let file = File::open(self.path()).unwrap();
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    // SAFETY: valid namespace fd; only this scoped thread changes namespace.
+                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
+                    f()
+                })
+                .join()
+                .unwrap()
+            })
+        }
+    }
+
+    impl Drop for TestNetns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip")
+                .args(["netns", "delete", &self.name])
+                .status();
+        }
+    }
+
+    #[test]
+    fn tcp_listener_with_inode_and_owner() {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port(0)));
+        let l = TcpListener::bind(addr).unwrap();
+        let inode = sock_inode(&l);
+        let ns = own_ns();
+        let all = dump(&ns).unwrap();
+        let e = all
+            .iter()
+            .find(|e| e.proto == Proto::Tcp && e.local == addr)
+            .unwrap_or_else(|| panic!("{addr} missing from {} entries", all.len()));
+        assert_eq!(e.state, 10);
+        assert_eq!(e.inode, inode);
+        assert_eq!(e.netns, ns.inode);
+        assert_eq!(e.remote, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+        assert_eq!(e.uid, unsafe { libc::geteuid() });
+        assert_eq!(e.v6only, None, "only AF_INET6 sockets carry v6only");
+        let owners = socket_owners();
+        let o = owners.get(&inode).expect("listener has no owner");
+        assert_eq!(o.pid, std::process::id());
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        assert_eq!(o.comm, comm.trim_end());
+        assert_eq!(o.uid, unsafe { libc::geteuid() });
+    }
+
+    #[test]
+    fn bound_udp6_socket() {
+        let addr = SocketAddr::from((Ipv6Addr::LOCALHOST, port(1)));
+        let u = UdpSocket::bind(addr).unwrap();
+        let all = dump(&own_ns()).unwrap();
+        let e = all
+            .iter()
+            .find(|e| e.local == addr)
+            .unwrap_or_else(|| panic!("{addr} missing"));
+        assert_eq!(e.proto, Proto::Udp);
+        assert!(e.local.is_ipv6());
+        assert_eq!(e.state, 7, "unconnected UDP reports TCP_CLOSE");
+        assert_eq!(e.inode, sock_inode(&u));
+        assert!(e.v6only.is_some(), "AF_INET6 socket without SKV6ONLY");
+        // The TCP side of the dump must not claim it.
+        assert!(!all.iter().any(|e| e.proto == Proto::Tcp && e.local == addr));
+    }
+
+    #[test]
+    fn bound_but_idle_tcp_socket() {
+        // std has no bind-without-listen for TCP.
+        // SAFETY: plain socket calls on an fd this test owns and closes.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        assert!(fd >= 0);
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port(1).to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sin as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port(1)));
+        let all = dump(&own_ns()).unwrap();
+        let e = all
+            .iter()
+            .find(|e| e.proto == Proto::Tcp && e.local == addr)
+            .expect("bound-only TCP socket missing: it holds its port all the same");
+        assert_eq!((e.state, e.inode), (7, sock_inode(&fd)));
+    }
+
+    #[test]
+    fn time_wait_after_client_closes_first() {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port(2)));
+        let l = TcpListener::bind(addr).unwrap();
+        let client = TcpStream::connect(addr).unwrap();
+        let (server, _) = l.accept().unwrap();
+        let client_addr = client.local_addr().unwrap();
+        drop(client);
+        // Waiting for EOF makes sure the client's FIN arrived, so the client is the active
+        // closer and ends in TIME_WAIT once the server's FIN arrives.
+        let mut b = [0u8; 1];
+        assert_eq!((&server).read(&mut b).unwrap(), 0);
+        drop(server);
+        let ns = own_ns();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let tw = loop {
+            let found = dump(&ns).unwrap().into_iter().find(|e| {
+                e.proto == Proto::Tcp && e.local == client_addr && e.remote == addr && e.state == 6
+            });
+            match found {
+                Some(e) => break e,
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                None => panic!("no TIME_WAIT entry for {client_addr} -> {addr}"),
+            }
+        };
+        assert!(tw.expires_ms > 0 && tw.expires_ms <= 60_000, "{tw:?}");
+        assert_eq!(tw.inode, 0);
+    }
+
+    #[test]
+    fn listener_in_another_namespace() {
+        let tns = TestNetns::new("ns");
+        // Its own port: the host-side check must not see another test's listener.
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port(3)));
+        let l = tns.enter(|| TcpListener::bind(addr).unwrap());
+        let inode = sock_inode(&l);
+        let nss = namespaces();
+        let ns = nss
+            .iter()
+            .find(|n| n.inode == tns.inode())
+            .unwrap_or_else(|| panic!("{} not in {nss:?}", tns.inode()));
+        let inside = dump(ns).unwrap();
+        let e = inside
+            .iter()
+            .find(|e| e.local == addr)
+            .expect("listener missing from its namespace");
+        assert_eq!((e.state, e.inode, e.netns), (10, inode, tns.inode()));
+        let host = dump(&own_ns()).unwrap();
+        assert!(
+            !host.iter().any(|e| e.local.port() == addr.port()),
+            "port {} leaked into the host dump",
+            addr.port()
+        );
+        // fds are per process, not per namespace: the owner is still found.
+        assert_eq!(socket_owners()[&inode].pid, std::process::id());
+    }
+
+    #[test]
+    fn port_range_is_per_namespace() {
+        let tns = TestNetns::new("pr");
+        let host = local_port_range(&own_ns()).unwrap();
+        let text = std::fs::read_to_string(PORT_RANGE).unwrap();
+        let mut it = text.split_whitespace().map(|s| s.parse::<u16>().unwrap());
+        assert_eq!(Some(host), it.next().zip(it.next()));
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &tns.name,
+            "sysctl",
+            "-w",
+            "net.ipv4.ip_local_port_range=40000 40010",
+        ]);
+        assert_eq!(local_port_range(&tns.namespace()).unwrap(), (40000, 40010));
+        assert_eq!(local_port_range(&own_ns()).unwrap(), host);
+        assert_ne!(host, (40000, 40010));
+    }
+
+    #[test]
+    fn vanished_namespace_is_not_found() {
+        let gone = Namespace {
+            inode: 1,
+            path: PathBuf::from("/proc/4194304999/ns/net"),
+        };
+        assert_eq!(dump(&gone).unwrap_err().kind(), io::ErrorKind::NotFound);
+        // A live path that leads to another namespace than the one asked for.
+        let moved = Namespace {
+            inode: 1,
+            path: PathBuf::from(OWN_NS),
+        };
+        let err = local_port_range(&moved).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+    }
+
+    /// 20k TIME_WAIT sockets in a test namespace, then time dump() of it.
+    /// `cargo test -p portwatch --bins diag::tests::timing -- --ignored --nocapture`
+    #[test]
+    #[ignore = "takes ~10 s and churns 20k loopback connections"]
+    fn timing_20k_time_wait() {
+        const N: usize = 20_000;
+        let tns = TestNetns::new("tw");
+        // Loopback connects would otherwise recycle TIME_WAIT ports and keep the count low.
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &tns.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.tcp_tw_reuse=0",
+        ]);
+        let churn = Instant::now();
+        tns.enter(|| {
+            let ls: Vec<TcpListener> = (0..2)
+                .map(|k| TcpListener::bind((Ipv4Addr::LOCALHOST, port(k))).unwrap())
+                .collect();
+            for i in 0..N {
+                let l = &ls[i % 2];
+                let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                let (s, _) = l.accept().unwrap();
+                drop(c);
+                drop(s);
+            }
+        });
+        let churn = churn.elapsed();
+        let ns = tns.namespace();
+        let cpu = || {
+            // SAFETY: getrusage fills the zeroed struct it is given.
+            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+            let us = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+            (us(ru.ru_utime), us(ru.ru_stime))
+        };
+        let mut times = Vec::new();
+        let mut tw = 0;
+        let before = cpu();
+        for _ in 0..10 {
+            let t = Instant::now();
+            let v = dump(&ns).unwrap();
+            times.push(t.elapsed());
+            tw = v.iter().filter(|e| e.state == 6).count();
+        }
+        let after = cpu();
+        times.sort();
+        println!(
+            "cpu per dump: user {:.1} ms, kernel {:.1} ms",
+            (after.0 - before.0) / 10.0,
+            (after.1 - before.1) / 10.0
+        );
+        let host = own_ns();
+        let t = Instant::now();
+        let h = dump(&host).unwrap().len();
+        let th = t.elapsed();
+        // The reference: ss reading the same namespace (parsing included, output discarded).
+        let t = Instant::now();
+        let ss = Command::new("ss")
+            .args(["-N", &tns.name, "-tuanH"])
+            .output()
+            .unwrap();
+        let tss = t.elapsed();
+        println!(
+            "churn {N} conns: {churn:?}; dump of netns with {tw} TIME_WAIT: min {:?} median {:?} \
+             max {:?}; host dump ({h} sockets, same thread): {th:?}; `ss -N ns -tuanH`: {} \
+             lines in {tss:?}",
+            times[0],
+            times[5],
+            times[9],
+            ss.stdout
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .count()
+        );
+        assert!(tw >= N * 9 / 10, "only {tw} TIME_WAIT sockets");
+    }
+}

@@ -1,0 +1,690 @@
+//! The processing stage (one thread): keeps the port table current from kernel events and
+//! sock_diag snapshots, attributes conflicts, writes records, and summarises TIME_WAIT.
+//!
+//! It receives everything over one bounded queue, in order, so the table and the records
+//! always agree. Nothing here runs on the ring-buffer drain.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Instant,
+};
+
+use portwatch_common::{kind, Event, Kind, IPPROTO_TCP, IPPROTO_UDP};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::{
+    decode::{self, Clock},
+    diag,
+    enrich::ProcCache,
+    record::{self, Header},
+    sink::Output,
+    table::{self, Attempt, Entry, Owner, PortTable, Proto},
+};
+
+pub const KINDS: usize = kind::COUNT as usize;
+
+/// What the processing thread receives.
+pub enum Msg {
+    Event(Event),
+    Agent(Box<AgentRecord>),
+    Lost {
+        kernel: [u64; KINDS],
+        agent: [u64; KINDS],
+    },
+    /// One namespace's sockets from sock_diag, for reconciliation and TIME_WAIT records.
+    Snapshot(Box<Snapshot>),
+    Stop,
+}
+
+pub struct Snapshot {
+    pub ns: diag::Namespace,
+    pub entries: Vec<diag::SockEntry>,
+    pub owners: Arc<HashMap<u64, diag::Owner>>,
+    pub port_range: Option<(u16, u16)>,
+    /// Emit `time_wait`/`pressure` records for it (false for the start-up snapshot).
+    pub report: bool,
+    pub wall_ns: i128,
+}
+
+/// `type: "agent"`: lifecycle of the agent itself.
+#[derive(Debug, Serialize, Default)]
+pub struct AgentRecord {
+    pub event: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub programs: Option<Vec<&'static str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<u16>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ringbuf_bytes: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns_source: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracefs_mounted: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub startup_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub records: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost_total: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_write_errors: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drift_healed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uptime_s: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Line<'a, T: Serialize> {
+    #[serde(flatten)]
+    h: Header<'a>,
+    #[serde(flatten)]
+    body: T,
+}
+
+pub struct Config {
+    pub host: String,
+    pub all_events: bool,
+    pub netns_from_proc: bool,
+    pub pressure_pct: f64,
+    pub top: usize,
+}
+
+/// Per-namespace TIME_WAIT bookkeeping between two `time_wait` records.
+#[derive(Default)]
+struct TwState {
+    last_total: u64,
+    entered: u64,
+    pressured: std::collections::HashSet<(IpAddr, u16)>,
+}
+
+struct Processor {
+    out: Output,
+    cfg: Config,
+    clock: Clock,
+    procs: ProcCache,
+    table: PortTable,
+    ns_paths: HashMap<u32, PathBuf>,
+    last_fresh: HashMap<u32, Instant>,
+    tw: HashMap<u32, TwState>,
+    buf: Vec<u8>,
+    lost_total: u64,
+    unknown_kinds: u64,
+}
+
+fn proto_of(p: u16) -> Option<Proto> {
+    match p {
+        IPPROTO_TCP => Some(Proto::Tcp),
+        IPPROTO_UDP => Some(Proto::Udp),
+        _ => None,
+    }
+}
+
+impl Processor {
+    fn emit<T: Serialize>(&mut self, v: &T) {
+        self.buf.clear();
+        if serde_json::to_writer(&mut self.buf, v).is_ok() {
+            self.buf.push(b'\n');
+            self.out.write_line(&self.buf);
+        }
+    }
+
+    fn emit_line<T: Serialize>(&mut self, ty: &'static str, wall: i128, body: T) {
+        let host = std::mem::take(&mut self.cfg.host);
+        let line = Line {
+            h: Header::new(ty, &host, wall),
+            body,
+        };
+        self.emit(&line);
+        self.cfg.host = host;
+    }
+
+    fn owner_of(&mut self, e: &Event) -> Owner {
+        let comm = decode::comm(&e.comm);
+        Owner {
+            pid: e.pid,
+            cmdline: self.procs.cmdline(e.pid, e.tid, &comm),
+            comm: Arc::from(comm.as_ref()),
+            uid: e.uid,
+        }
+    }
+
+    /// Keep the port table current from one kernel event.
+    fn update_table(&mut self, e: &Event, k: Kind, netns: u32, wall: i128) {
+        let local = SocketAddr::new(decode::ip(e.family, &e.addr), e.port);
+        let remote = SocketAddr::new(decode::ip(e.family, &e.raddr), e.rport);
+        let entry = |state: u8, owner: Option<Owner>, proto: Proto| Entry {
+            proto,
+            local,
+            remote,
+            state,
+            inode: 0,
+            sk: e.sk,
+            owner,
+            since_ns: Some(wall),
+            v6only: None,
+            expires_ns: None,
+        };
+        match k {
+            Kind::Bind if e.ret == 0 => {
+                if let Some(p) = proto_of(e.proto) {
+                    let o = self.owner_of(e);
+                    self.table.on_bind(netns, entry(table::TCP_CLOSE, Some(o), p));
+                }
+            }
+            Kind::Listen if e.ret == 0 => {
+                let o = self.owner_of(e);
+                self.table
+                    .on_listen(netns, entry(table::TCP_LISTEN, Some(o), Proto::Tcp));
+            }
+            Kind::Close => {
+                if let Some(p) = proto_of(e.proto) {
+                    self.table.on_close(netns, p, e.port, e.sk, e.pid);
+                }
+            }
+            Kind::Exit => {
+                self.table.on_exit(e.pid);
+                self.procs.forget(e.pid);
+            }
+            Kind::TcpState => {
+                let (old, new) = (e.old_state as u8, e.new_state as u8);
+                let mut en = entry(table::TCP_TIME_WAIT, None, Proto::Tcp);
+                en.since_ns = Some(wall);
+                self.table.on_tcp_state(netns, &en, old, new);
+                if new == table::TCP_CLOSE && (old == 5 || old == 11) {
+                    self.tw.entry(netns).or_default().entered += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Where to enter a namespace for a fresh sock_diag dump.
+    fn ns_path(&self, netns: u32, e: &Event) -> Option<diag::Namespace> {
+        if let Some(p) = self.ns_paths.get(&netns) {
+            return Some(diag::Namespace {
+                inode: netns,
+                path: p.clone(),
+            });
+        }
+        // The actor's thread is in that namespace (it may have setns'd on its own).
+        let p = PathBuf::from(format!("/proc/{}/task/{}/ns/net", e.pid, e.tid));
+        p.exists().then_some(diag::Namespace {
+            inode: netns,
+            path: p,
+        })
+    }
+
+    /// Re-read one namespace from the kernel when the table cannot explain a conflict:
+    /// events cannot see everything (passed fds, io_uring). Rate-limited per namespace, so
+    /// a bind storm does not become a sock_diag storm.
+    fn refresh_ns(&mut self, netns: u32, e: &Event) -> bool {
+        let now = Instant::now();
+        if self
+            .last_fresh
+            .get(&netns)
+            .is_some_and(|t| now.duration_since(*t).as_millis() < 250)
+        {
+            return false;
+        }
+        self.last_fresh.insert(netns, now);
+        let Some(ns) = self.ns_path(netns, e) else {
+            return false;
+        };
+        let Ok(entries) = diag::dump(&ns) else {
+            return false;
+        };
+        // Owners of sockets the table did not know: one /proc scan, only on this miss path.
+        let owners = diag::socket_owners();
+        let wall = Clock::now_wall_ns();
+        let snap = Snapshot {
+            ns,
+            entries,
+            owners: Arc::new(owners),
+            port_range: None,
+            report: false,
+            wall_ns: wall,
+        };
+        self.reconcile(&snap);
+        true
+    }
+
+    fn conflict(&mut self, e: &Event, k: Kind, netns: u32, wall: i128) {
+        let comm = decode::comm(&e.comm);
+        let cmdline = self.procs.cmdline(e.pid, e.tid, &comm);
+        let mut r = record::conflict(Header::new("conflict", "", wall), e, k, netns, cmdline);
+        if k != Kind::Connect {
+            if let Some(proto) = proto_of(e.proto) {
+                let attempt = Attempt {
+                    netns,
+                    proto,
+                    addr: decode::ip(e.family, &e.addr),
+                    port: e.port,
+                    op_listen: k == Kind::Listen,
+                    actor_pid: e.pid,
+                    actor_sk: e.sk,
+                    now_ns: wall,
+                    proto_name: r.proto,
+                };
+                let mut a = self.table.attribute(&attempt);
+                if a.cause == "unknown" && self.refresh_ns(netns, e) {
+                    a = self.table.attribute(&attempt);
+                }
+                for h in &mut a.holders {
+                    if let (Some(pid), Some(comm), None) = (h.pid, &h.comm, &h.cmdline) {
+                        h.cmdline = self.procs.cmdline(pid, pid, comm);
+                    }
+                }
+                r.holders = a.holders;
+                r.cause = a.cause;
+                r.overlap = a.overlap;
+                if !a.hint.is_empty() || r.hint.is_empty() {
+                    r.hint = a.hint;
+                }
+                if a.cause != "unknown" {
+                    r.reason = None;
+                } else if r.reason.is_none() || e.ret == -98 {
+                    r.reason = a.reason;
+                }
+            }
+        } else {
+            self.connect_exhaustion(&mut r, e, netns);
+        }
+        let host = std::mem::take(&mut self.cfg.host);
+        r.h.host = &host;
+        self.emit(&r);
+        self.cfg.host = host;
+    }
+
+    /// EADDRNOTAVAIL on connect: how many local ports toward this destination are taken
+    /// (in use or TIME_WAIT), against the namespace's ip_local_port_range.
+    fn connect_exhaustion(&mut self, r: &mut record::Conflict<'_>, e: &Event, netns: u32) {
+        let dst = SocketAddr::new(decode::ip(e.family, &e.raddr), e.rport);
+        let Some(ns) = self.ns_path(netns, e) else {
+            return;
+        };
+        let range = diag::local_port_range(&ns).ok();
+        let Ok(entries) = diag::dump(&ns) else {
+            return;
+        };
+        let (mut in_use, mut tw) = (0u32, 0u32);
+        for s in &entries {
+            if s.proto == diag::Proto::Tcp && s.remote == dst {
+                if s.state == table::TCP_TIME_WAIT {
+                    tw += 1;
+                } else {
+                    in_use += 1;
+                }
+            }
+        }
+        let size = range.map(|(lo, hi)| u32::from(hi.saturating_sub(lo)) + 1);
+        r.destination = Some(record::Destination {
+            addr: dst.ip(),
+            port: dst.port(),
+            in_use,
+            time_wait: tw,
+            range: range.map(|(a, b)| [a, b]),
+        });
+        r.hint = match (range, size) {
+            (Some((lo, hi)), Some(n)) => format!(
+                "{} of {n} local ports ({lo}-{hi}) toward {dst} are taken ({in_use} in use, {tw} in \
+                 TIME_WAIT); widen net.ipv4.ip_local_port_range, reuse connections, or spread \
+                 load over more destination addresses",
+                in_use + tw
+            ),
+            _ => r.hint.clone(),
+        };
+    }
+
+    fn event(&mut self, e: &Event) {
+        let Ok(k) = Kind::try_from(e.kind) else {
+            self.unknown_kinds += 1;
+            return;
+        };
+        let wall = self.clock.wall_ns(e.ts_ns);
+        let netns = if e.netns == 0 && self.cfg.netns_from_proc && e.pid != 0 && k != Kind::TcpState
+        {
+            self.procs.netns(e.pid)
+        } else {
+            e.netns
+        };
+        self.update_table(e, k, netns, wall);
+        if record::is_conflict(e, k) {
+            self.conflict(e, k, netns, wall);
+            return;
+        }
+        if !self.cfg.all_events {
+            return;
+        }
+        let host = std::mem::take(&mut self.cfg.host);
+        match k {
+            Kind::Bind | Kind::Listen | Kind::Connect | Kind::Close => {
+                let comm = decode::comm(&e.comm);
+                let cmdline = self.procs.cmdline(e.pid, e.tid, &comm);
+                let r = record::sock_op(Header::new(k.name(), &host, wall), e, netns, cmdline);
+                self.emit(&r);
+            }
+            Kind::Exit => {
+                let r = record::Exit {
+                    h: Header::new("exit", &host, wall),
+                    netns,
+                    actor: record::Actor::from_event(e, None),
+                };
+                self.emit(&r);
+            }
+            Kind::TcpState => {
+                let r = record::tcp_state(Header::new("tcp_state", &host, wall), e);
+                self.emit(&r);
+            }
+        }
+        self.cfg.host = host;
+    }
+
+    fn reconcile(&mut self, s: &Snapshot) -> u64 {
+        self.ns_paths.insert(s.ns.inode, s.ns.path.clone());
+        let entries: Vec<Entry> = s
+            .entries
+            .iter()
+            .map(|d| Entry {
+                proto: d.proto,
+                local: d.local,
+                remote: d.remote,
+                state: d.state,
+                inode: d.inode,
+                sk: 0,
+                owner: None,
+                since_ns: None,
+                v6only: d.v6only,
+                expires_ns: (d.state == table::TCP_TIME_WAIT)
+                    .then(|| s.wall_ns + i128::from(d.expires_ms) * 1_000_000),
+            })
+            .collect();
+        let owners = s.owners.clone();
+        let lookup = move |ino: u64| {
+            owners.get(&ino).map(|o| Owner {
+                pid: o.pid,
+                comm: Arc::from(o.comm.as_str()),
+                cmdline: None,
+                uid: o.uid,
+            })
+        };
+        self.table.reconcile(s.ns.inode, entries, &lookup, s.wall_ns)
+    }
+
+    fn snapshot(&mut self, s: &Snapshot) {
+        self.reconcile(s);
+        if s.report {
+            self.time_wait(s);
+        }
+    }
+
+    /// One `time_wait` record per namespace with any TIME_WAIT, and `pressure` records when
+    /// a destination takes more than the threshold of the ephemeral range.
+    fn time_wait(&mut self, s: &Snapshot) {
+        let netns = s.ns.inode;
+        let range = s.port_range.unwrap_or((32768, 60999));
+        let eph = |p: u16| p >= range.0 && p <= range.1;
+        let mut listening: std::collections::HashSet<u16> = Default::default();
+        for d in &s.entries {
+            if d.proto == diag::Proto::Tcp && d.state == table::TCP_LISTEN {
+                listening.insert(d.local.port());
+            }
+        }
+        let mut total = 0u64;
+        let mut by_local: HashMap<u16, u64> = HashMap::new();
+        let mut by_remote: HashMap<(IpAddr, u16), u64> = HashMap::new();
+        // Local ephemeral ports in use toward each destination, in any TCP state.
+        let mut to_dst: HashMap<(IpAddr, u16), u64> = HashMap::new();
+        for d in &s.entries {
+            if d.proto != diag::Proto::Tcp {
+                continue;
+            }
+            let lp = d.local.port();
+            let server_side = listening.contains(&lp) || !eph(lp);
+            if d.state == table::TCP_TIME_WAIT {
+                total += 1;
+                if server_side {
+                    *by_local.entry(lp).or_default() += 1;
+                } else {
+                    *by_remote.entry((d.remote.ip(), d.remote.port())).or_default() += 1;
+                }
+            }
+            if !server_side && d.remote.port() != 0 && d.state != table::TCP_LISTEN {
+                *to_dst.entry((d.remote.ip(), d.remote.port())).or_default() += 1;
+            }
+        }
+        let size = f64::from(range.1.saturating_sub(range.0)) + 1.0;
+        let busiest = to_dst.iter().max_by_key(|(_, n)| **n).map(|((a, p), n)| Busiest {
+            addr: *a,
+            port: *p,
+            in_use: *n,
+            pct: (*n as f64 * 1000.0 / size).round() / 10.0,
+        });
+        let st = self.tw.entry(netns).or_default();
+        let entered = std::mem::take(&mut st.entered);
+        let expired = (st.last_total + entered).saturating_sub(total);
+        let had = st.last_total > 0;
+        st.last_total = total;
+        // Pressure: once per crossing of the threshold, re-armed when it falls below.
+        let threshold = self.cfg.pressure_pct;
+        let mut pressure = Vec::new();
+        for ((a, p), n) in &to_dst {
+            let pct = *n as f64 * 100.0 / size;
+            if pct >= threshold {
+                if st.pressured.insert((*a, *p)) {
+                    pressure.push(Pressure {
+                        netns,
+                        addr: *a,
+                        port: *p,
+                        in_use: *n,
+                        range: [range.0, range.1],
+                        pct: (pct * 10.0).round() / 10.0,
+                        threshold_pct: threshold,
+                        hint: format!(
+                            "{n} of {} local ports toward {} are taken; connects to it will fail \
+                             with EADDRNOTAVAIL soon: reuse connections or widen \
+                             net.ipv4.ip_local_port_range",
+                            size as u64,
+                            SocketAddr::new(*a, *p)
+                        ),
+                    });
+                }
+            } else {
+                st.pressured.remove(&(*a, *p));
+            }
+        }
+        if total > 0 || had {
+            let top = self.cfg.top;
+            let r = TimeWait {
+                netns,
+                total,
+                entered,
+                expired,
+                by_local_port: top_n(by_local.into_iter().map(|(port, count)| PortCount { port, count }), top),
+                by_remote: top_n(
+                    by_remote
+                        .into_iter()
+                        .map(|((addr, port), count)| RemoteCount { addr, port, count }),
+                    top,
+                ),
+                ephemeral: Ephemeral {
+                    range: [range.0, range.1],
+                    busiest,
+                },
+            };
+            self.emit_line("time_wait", s.wall_ns, r);
+        }
+        for p in pressure {
+            self.emit_line("pressure", s.wall_ns, p);
+        }
+    }
+
+    fn lost(&mut self, kernel: [u64; KINDS], agent: [u64; KINDS]) {
+        let mut by_kind = BTreeMap::new();
+        for kd in Kind::ALL {
+            let i = kd.raw() as usize;
+            let n = kernel[i] + agent[i];
+            if n > 0 {
+                by_kind.insert(kd.name(), n);
+            }
+        }
+        let k: u64 = kernel.iter().sum();
+        let a: u64 = agent.iter().sum();
+        self.lost_total += k + a;
+        let host = std::mem::take(&mut self.cfg.host);
+        let r = record::Lost {
+            h: Header::new("lost", &host, Clock::now_wall_ns()),
+            count: k + a,
+            kernel: k,
+            agent: a,
+            by_kind,
+            total: self.lost_total,
+        };
+        self.emit(&r);
+        self.cfg.host = host;
+    }
+}
+
+trait Counted {
+    fn count(&self) -> u64;
+}
+
+#[derive(Serialize)]
+struct PortCount {
+    port: u16,
+    count: u64,
+}
+impl Counted for PortCount {
+    fn count(&self) -> u64 {
+        self.count
+    }
+}
+
+#[derive(Serialize)]
+struct RemoteCount {
+    addr: IpAddr,
+    port: u16,
+    count: u64,
+}
+impl Counted for RemoteCount {
+    fn count(&self) -> u64 {
+        self.count
+    }
+}
+
+/// The `n` largest, largest first; the record stays bounded however many ports there are.
+fn top_n<T: Counted>(it: impl Iterator<Item = T>, n: usize) -> Vec<T> {
+    let mut v: Vec<T> = it.collect();
+    v.sort_by_key(|b| std::cmp::Reverse(b.count()));
+    v.truncate(n);
+    v
+}
+
+#[derive(Serialize)]
+struct Busiest {
+    addr: IpAddr,
+    port: u16,
+    in_use: u64,
+    pct: f64,
+}
+
+#[derive(Serialize)]
+struct Ephemeral {
+    range: [u16; 2],
+    busiest: Option<Busiest>,
+}
+
+/// `type: "time_wait"`.
+#[derive(Serialize)]
+struct TimeWait {
+    netns: u32,
+    total: u64,
+    entered: u64,
+    expired: u64,
+    by_local_port: Vec<PortCount>,
+    by_remote: Vec<RemoteCount>,
+    ephemeral: Ephemeral,
+}
+
+/// `type: "pressure"`.
+#[derive(Serialize)]
+struct Pressure {
+    netns: u32,
+    addr: IpAddr,
+    port: u16,
+    in_use: u64,
+    range: [u16; 2],
+    pct: f64,
+    threshold_pct: f64,
+    hint: String,
+}
+
+pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Instant) {
+    let mut p = Processor {
+        out,
+        cfg,
+        clock: Clock::now(),
+        procs: ProcCache::new("/proc", 4096),
+        table: PortTable::default(),
+        ns_paths: HashMap::new(),
+        last_fresh: HashMap::new(),
+        tw: HashMap::new(),
+        buf: Vec::with_capacity(1024),
+        lost_total: 0,
+        unknown_kinds: 0,
+    };
+    let mut since_clock = 0u32;
+    while let Some(m) = rx.blocking_recv() {
+        match m {
+            Msg::Event(e) => {
+                // Re-read the monotonic/wall offset now and then: NTP slews the wall clock.
+                since_clock += 1;
+                if since_clock >= 10_000 {
+                    p.clock = Clock::now();
+                    since_clock = 0;
+                }
+                p.event(&e);
+            }
+            Msg::Agent(mut r) => {
+                if r.event == "ready" {
+                    r.table_size = Some(p.table.len());
+                    r.namespaces = Some(p.ns_paths.len());
+                }
+                p.emit_line("agent", Clock::now_wall_ns(), *r);
+            }
+            Msg::Lost { kernel, agent } => p.lost(kernel, agent),
+            Msg::Snapshot(s) => p.snapshot(&s),
+            Msg::Stop => {
+                let r = AgentRecord {
+                    event: "stopped",
+                    records: Some(p.out.lines),
+                    lost_total: Some(p.lost_total),
+                    log_write_errors: Some(p.out.file_errors),
+                    drift_healed: Some(p.table.drift_healed),
+                    uptime_s: Some((started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0),
+                    ..Default::default()
+                };
+                p.emit_line("agent", Clock::now_wall_ns(), r);
+                break;
+            }
+        }
+    }
+}
