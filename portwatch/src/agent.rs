@@ -22,6 +22,8 @@ use tokio::{
 use crate::{
     btf,
     cli::RunArgs,
+    control,
+    metrics::{self, Metrics},
     decode::{self, Clock},
     diag,
     error::{Error, Result},
@@ -31,6 +33,21 @@ use crate::{
 };
 
 const QUEUE: usize = 65_536;
+
+/// `--group`: a name from /etc/group, or a numeric gid.
+fn resolve_group(g: &str) -> Result<u32> {
+    if let Ok(n) = g.parse() {
+        return Ok(n);
+    }
+    let c = std::ffi::CString::new(g).map_err(|_| Error::UnknownGroup(g.into()))?;
+    // SAFETY: getgrnam with a valid C string; the result is read before any other call.
+    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
+    if gr.is_null() {
+        return Err(Error::UnknownGroup(g.into()));
+    }
+    // SAFETY: non-null pointer from getgrnam.
+    Ok(unsafe { (*gr).gr_gid })
+}
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -43,10 +60,27 @@ pub async fn run(args: RunArgs) -> Result<()> {
     prereq::check_privileges()?;
     let btf_path = prereq::check_btf()?;
     let tracefs = prereq::ensure_tracefs()?;
-    let log = match &args.log_file {
-        Some(p) => Some((p.clone(), sink::open_log(p)?)),
+    // One agent per host: a second one would double every record and fight over the socket.
+    let _instance = control::lock_instance(&args.runtime_dir)?;
+    let group = args.group.as_deref().map(resolve_group).transpose()?;
+    // An unwritable log path given at start is a configuration error; later failures (disk
+    // full, directory removed) are counted and survived.
+    let log = match args.log_path() {
+        Some(p) => {
+            let f = sink::open_log(&p)?;
+            Some(sink::LogFile::new(p, f, args.log_max_size, args.log_keep))
+        }
         None => None,
     };
+    let metrics = match args.metrics_addr {
+        Some(addr) => {
+            let m = Arc::new(Metrics::new());
+            metrics::serve(addr, m.clone()).map_err(|reason| Error::Metrics { addr, reason })?;
+            Some(m)
+        }
+        None => None,
+    };
+    let control = control::bind(&args.runtime_dir, group)?;
     let host = args.host.clone().unwrap_or_else(hostname);
 
     let (offsets, problems) = if args.no_btf_offsets {
@@ -78,6 +112,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             netns_from_proc: !netns_in_kernel,
             pressure_pct: args.pressure_pct,
             top: 10,
+            window_s: args.window.as_secs(),
+            metrics,
         };
         std::thread::Builder::new()
             .name("portwatch-writer".into())
@@ -126,7 +162,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         netns_source: Some(if netns_in_kernel { "kernel" } else { "procfs" }),
         tracefs_mounted: Some(tracefs.mounted_by_us),
         startup_ms: Some(started.elapsed().as_millis() as u64),
-        log_file: args.log_file.clone(),
+        log_file: args.log_path(),
         ..Default::default()
     })))
     .await;
@@ -158,6 +194,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         what: "installing the SIGTERM handler",
         source,
     })?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(|source| Error::Io {
+        what: "installing the SIGHUP handler",
+        source,
+    })?;
+    tokio::spawn(control::serve(control, tx.clone(), group));
 
     // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns it, and it is
     // only used for readiness (epoll), never read or closed behind tokio's back.
@@ -195,6 +236,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = lost_tick.tick() => {
                 if let Some(m) = check_lost(&probes) { send(m).await; }
             }
+            _ = sighup.recv() => send(Msg::Reopen).await,
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }

@@ -76,6 +76,31 @@ pub enum Error {
     #[error("too many --port values ({given}); at most {max} are supported")]
     TooManyPorts { given: usize, max: usize },
 
+    #[error(
+        "another portwatch agent is already running (pid {pid}, lock {lock}); stop it first \
+         (`kill {pid}`) or give this one a different --runtime-dir"
+    )]
+    AlreadyRunning { pid: String, lock: PathBuf },
+
+    #[error(
+        "no portwatch agent is running (cannot connect to {path}: {source}); start one with \
+         `sudo portwatch run`"
+    )]
+    NoAgent {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("the agent refused: {0}")]
+    Agent(String),
+
+    #[error("unknown group '{0}'; give a group name from /etc/group or a numeric gid")]
+    UnknownGroup(String),
+
+    #[error("serving metrics on {addr} failed ({reason}); choose a free address with --metrics-addr")]
+    Metrics { addr: std::net::SocketAddr, reason: String },
+
     #[error("{what} failed: {source}")]
     Io {
         what: &'static str,

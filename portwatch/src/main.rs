@@ -1,44 +1,61 @@
 //! portwatch: who held this port when my bind failed, why, and what to do about it.
 //!
 //! Modules in the order an event travels: prereq/btf/probes (load and attach), decode
-//! (kernel bytes to values), enrich (/proc), record (the JSON schema), sink (outputs),
-//! agent (the pipeline that ties them), cli.
+//! (kernel bytes to values), diag/table/enrich (the port table and /proc), process
+//! (attribution and records), record (the JSON schema), sink (stdout and the log file),
+//! control/metrics (attach, ports and Prometheus), agent (the pipeline that ties them).
+//! Operator commands: ops (attach, ports, check, doctor) and tail.
 
 mod agent;
 mod btf;
 mod cli;
+mod control;
 mod decode;
 mod diag;
 mod enrich;
 mod error;
+mod metrics;
+mod ops;
 mod prereq;
 mod probes;
 mod process;
 mod record;
 mod sink;
 mod table;
+mod tail;
 
-use clap::Parser;
+use std::process::ExitCode;
 
-fn main() -> std::process::ExitCode {
+use clap::{CommandFactory, Parser};
+
+fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    let result = match cli.command {
-        cli::Command::Run(args) => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            match rt {
-                Ok(rt) => rt.block_on(agent::run(args)).map_err(anyhow::Error::from),
-                Err(e) => Err(anyhow::Error::from(e).context("starting the async runtime")),
-            }
+    let result: anyhow::Result<u8> = match cli.command {
+        cli::Command::Run(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| anyhow::Error::from(e).context("starting the async runtime"))
+            .and_then(|rt| rt.block_on(agent::run(args)).map(|()| 0).map_err(Into::into)),
+        cli::Command::Tail(a) => tail::run(&a).map(|()| 0).map_err(Into::into),
+        cli::Command::Attach(a) => ops::attach(&a).map(|()| 0).map_err(Into::into),
+        cli::Command::Ports(a) => ops::ports(&a).map(|()| 0).map_err(Into::into),
+        cli::Command::Check(a) => ops::check(&a).map_err(Into::into),
+        cli::Command::Doctor(a) => Ok(ops::doctor(&a.runtime_dir, &a.log_file, &a.docker_socket)),
+        cli::Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut cli::Cli::command(), "portwatch", &mut std::io::stdout());
+            Ok(0)
         }
+        cli::Command::Man => clap_mangen::Man::new(cli::Cli::command())
+            .render(&mut std::io::stdout())
+            .map(|()| 0)
+            .map_err(Into::into),
     };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             // One line: what failed, on what, what to do.
             eprintln!("portwatch: error: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }

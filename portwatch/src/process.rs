@@ -14,14 +14,16 @@ use std::{
 
 use portwatch_common::{kind, Event, Kind, IPPROTO_TCP, IPPROTO_UDP};
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
+    control::{Filter, PortRow},
     decode::{self, Clock},
+    metrics::Metrics,
     diag,
     enrich::ProcCache,
     record::{self, Header},
-    sink::Output,
+    sink::{LogEvent, Output},
     table::{self, Attempt, Entry, Owner, PortTable, Proto},
 };
 
@@ -37,6 +39,23 @@ pub enum Msg {
     },
     /// One namespace's sockets from sock_diag, for reconciliation and TIME_WAIT records.
     Snapshot(Box<Snapshot>),
+    /// `portwatch attach`: replay the matching recent past, then stream live records.
+    Attach {
+        filter: Filter,
+        since_s: u64,
+        live: mpsc::Sender<Arc<[u8]>>,
+        replay: oneshot::Sender<Vec<Arc<[u8]>>>,
+    },
+    /// `portwatch ports`: the current port table.
+    Ports {
+        filter: Filter,
+        reply: oneshot::Sender<Vec<PortRow>>,
+    },
+    Status {
+        reply: oneshot::Sender<serde_json::Value>,
+    },
+    /// SIGHUP: reopen the log file.
+    Reopen,
     Stop,
 }
 
@@ -89,6 +108,8 @@ pub struct AgentRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drift_healed: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_records: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub uptime_s: Option<f64>,
 }
 
@@ -106,6 +127,37 @@ pub struct Config {
     pub netns_from_proc: bool,
     pub pressure_pct: f64,
     pub top: usize,
+    /// How far back `attach` can replay.
+    pub window_s: u64,
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+/// Most items the recent-past window holds, whatever its age: memory stays bounded on a busy
+/// host (about 150 bytes an item).
+const WINDOW_ITEMS: usize = 65_536;
+
+/// The recent past, for `attach`. Records that were logged are kept as their lines; verbose
+/// kernel events (logged only with --all-events) are kept raw and formatted on replay, so
+/// keeping them costs no JSON encoding on the hot path.
+enum WinItem {
+    Line(i128, Arc<[u8]>),
+    Raw(i128, Event, u32),
+}
+
+impl WinItem {
+    fn wall(&self) -> i128 {
+        match self {
+            WinItem::Line(w, _) | WinItem::Raw(w, _, _) => *w,
+        }
+    }
+}
+
+struct Sub {
+    filter: Filter,
+    tx: mpsc::Sender<Arc<[u8]>>,
+    /// Records this client could not take because it was not reading fast enough.
+    missed: u64,
+    closed: bool,
 }
 
 /// Per-namespace TIME_WAIT bookkeeping between two `time_wait` records.
@@ -128,6 +180,9 @@ struct Processor {
     buf: Vec<u8>,
     lost_total: u64,
     unknown_kinds: u64,
+    window: std::collections::VecDeque<WinItem>,
+    subs: Vec<Sub>,
+    started: Instant,
 }
 
 fn proto_of(p: u16) -> Option<Proto> {
@@ -139,12 +194,117 @@ fn proto_of(p: u16) -> Option<Proto> {
 }
 
 impl Processor {
+    /// A record at log level: stdout, the log file, the window and attached clients.
     fn emit<T: Serialize>(&mut self, v: &T) {
         self.buf.clear();
-        if serde_json::to_writer(&mut self.buf, v).is_ok() {
-            self.buf.push(b'\n');
-            self.out.write_line(&self.buf);
+        if serde_json::to_writer(&mut self.buf, v).is_err() {
+            return;
         }
+        self.buf.push(b'\n');
+        let ev = self.out.write_line(&self.buf);
+        let line: Arc<[u8]> = Arc::from(&self.buf[..]);
+        if let Some(m) = &self.cfg.metrics {
+            m.record(&line);
+        }
+        self.publish(&line);
+        self.push_window(WinItem::Line(Clock::now_wall_ns(), line));
+        self.log_event(ev);
+    }
+
+    /// Report log-file trouble: on stdout (the log may be what is failing) and to clients.
+    fn log_event(&mut self, ev: LogEvent) {
+        match ev {
+            LogEvent::Ok | LogEvent::StillFailing => {}
+            LogEvent::Failed(reason) => {
+                eprintln!(
+                    "portwatch: warning: {reason}; records still go to stdout, failed writes are \
+                     counted, and writing resumes when it can"
+                );
+                let r = AgentRecord {
+                    event: "log_error",
+                    reason: Some(reason),
+                    ..Default::default()
+                };
+                let host = std::mem::take(&mut self.cfg.host);
+                let line = Line {
+                    h: Header::new("agent", &host, Clock::now_wall_ns()),
+                    body: r,
+                };
+                self.buf.clear();
+                let ok = serde_json::to_writer(&mut self.buf, &line).is_ok();
+                drop(line);
+                self.cfg.host = host;
+                if ok {
+                    self.buf.push(b'\n');
+                    let buf = std::mem::take(&mut self.buf);
+                    self.out.stdout_line(&buf);
+                    let l: Arc<[u8]> = Arc::from(&buf[..]);
+                    self.publish(&l);
+                    self.buf = buf;
+                }
+            }
+            LogEvent::Resumed { failed } => {
+                let r = AgentRecord {
+                    event: "log_resumed",
+                    failed_records: Some(failed),
+                    log_file: self.out.log.as_ref().map(|l| l.path().to_path_buf()),
+                    ..Default::default()
+                };
+                self.emit_line("agent", Clock::now_wall_ns(), r);
+            }
+        }
+    }
+
+    fn push_window(&mut self, item: WinItem) {
+        let horizon = item.wall() - i128::from(self.cfg.window_s) * 1_000_000_000;
+        while self
+            .window
+            .front()
+            .is_some_and(|f| f.wall() < horizon || self.window.len() >= WINDOW_ITEMS)
+        {
+            self.window.pop_front();
+        }
+        self.window.push_back(item);
+    }
+
+    /// Send a line to every attached client whose filter matches. A client that does not
+    /// keep up loses lines (counted, and told how many) instead of slowing the agent.
+    fn publish(&mut self, line: &Arc<[u8]>) {
+        if self.subs.is_empty() {
+            return;
+        }
+        let parsed: Option<serde_json::Value> = if self.subs.iter().any(|s| !s.filter.is_empty()) {
+            serde_json::from_slice(line).ok()
+        } else {
+            None
+        };
+        for s in &mut self.subs {
+            if let Some(v) = &parsed {
+                if !s.filter.matches(v) {
+                    continue;
+                }
+            }
+            if s.missed > 0 {
+                let note = format!("{{\"v\":1,\"type\":\"missed\",\"count\":{}}}\n", s.missed);
+                match s.tx.try_send(Arc::from(note.as_bytes())) {
+                    Ok(()) => s.missed = 0,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        s.missed += 1;
+                        continue;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        s.closed = true;
+                        continue;
+                    }
+                }
+            }
+            match s.tx.try_send(line.clone()) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => s.missed += 1,
+                Err(mpsc::error::TrySendError::Closed(_)) => s.closed = true,
+            }
+        }
+        self.subs.retain(|s| !s.closed);
     }
 
     fn emit_line<T: Serialize>(&mut self, ty: &'static str, wall: i128, body: T) {
@@ -371,16 +531,39 @@ impl Processor {
             self.conflict(e, k, netns, wall);
             return;
         }
-        if !self.cfg.all_events {
+        self.push_window(WinItem::Raw(wall, *e, netns));
+        let live = !self.subs.is_empty();
+        if !self.cfg.all_events && !live {
             return;
         }
+        if !self.format_verbose(e, k, netns, wall) {
+            return;
+        }
+        if self.cfg.all_events {
+            let buf = std::mem::take(&mut self.buf);
+            let ev = self.out.write_line(&buf);
+            self.buf = buf;
+            if let Some(m) = &self.cfg.metrics {
+                m.record_type(k.name());
+            }
+            self.log_event(ev);
+        }
+        if live {
+            let line: Arc<[u8]> = Arc::from(&self.buf[..]);
+            self.publish(&line);
+        }
+    }
+
+    /// Encode a verbose (bind, listen, connect, close, exit, tcp_state) record into buf.
+    fn format_verbose(&mut self, e: &Event, k: Kind, netns: u32, wall: i128) -> bool {
         let host = std::mem::take(&mut self.cfg.host);
-        match k {
+        self.buf.clear();
+        let ok = match k {
             Kind::Bind | Kind::Listen | Kind::Connect | Kind::Close => {
                 let comm = decode::comm(&e.comm);
                 let cmdline = self.procs.cmdline(e.pid, e.tid, &comm);
                 let r = record::sock_op(Header::new(k.name(), &host, wall), e, netns, cmdline);
-                self.emit(&r);
+                serde_json::to_writer(&mut self.buf, &r).is_ok()
             }
             Kind::Exit => {
                 let r = record::Exit {
@@ -388,14 +571,102 @@ impl Processor {
                     netns,
                     actor: record::Actor::from_event(e, None),
                 };
-                self.emit(&r);
+                serde_json::to_writer(&mut self.buf, &r).is_ok()
             }
             Kind::TcpState => {
                 let r = record::tcp_state(Header::new("tcp_state", &host, wall), e);
-                self.emit(&r);
+                serde_json::to_writer(&mut self.buf, &r).is_ok()
+            }
+        };
+        self.cfg.host = host;
+        self.buf.push(b'\n');
+        ok
+    }
+
+    /// `attach`: the matching recent past, then register for live records. Done here, in
+    /// stream order, so the replay and the live stream neither overlap nor leave a gap.
+    fn attach(
+        &mut self,
+        filter: Filter,
+        since_s: u64,
+        live: mpsc::Sender<Arc<[u8]>>,
+        reply: oneshot::Sender<Vec<Arc<[u8]>>>,
+    ) {
+        let from = Clock::now_wall_ns() - i128::from(since_s) * 1_000_000_000;
+        let mut out = Vec::new();
+        let items: Vec<(i128, Option<Arc<[u8]>>, Option<(Event, u32)>)> = self
+            .window
+            .iter()
+            .filter(|i| since_s > 0 && i.wall() >= from)
+            .map(|i| match i {
+                WinItem::Line(w, l) => (*w, Some(l.clone()), None),
+                WinItem::Raw(w, e, ns) => (*w, None, Some((*e, *ns))),
+            })
+            .collect();
+        for (w, line, raw) in items {
+            let line = match (line, raw) {
+                (Some(l), _) => l,
+                (None, Some((e, ns))) => {
+                    let Ok(k) = Kind::try_from(e.kind) else { continue };
+                    if !self.format_verbose(&e, k, ns, w) {
+                        continue;
+                    }
+                    Arc::from(&self.buf[..])
+                }
+                _ => continue,
+            };
+            let keep = filter.is_empty()
+                || serde_json::from_slice::<serde_json::Value>(&line).is_ok_and(|v| filter.matches(&v));
+            if keep {
+                out.push(line);
             }
         }
-        self.cfg.host = host;
+        let _ = reply.send(out);
+        self.subs.push(Sub {
+            filter,
+            tx: live,
+            missed: 0,
+            closed: false,
+        });
+    }
+
+    fn ports(&self, filter: &Filter) -> Vec<PortRow> {
+        let mut rows: Vec<PortRow> = self
+            .table
+            .rows()
+            .filter(|(_, e)| filter.port.is_none_or(|p| e.local.port() == p))
+            .filter(|(_, e)| filter.pid.is_none_or(|p| e.owner.as_ref().is_some_and(|o| o.pid == p)))
+            .map(|(ns, e)| PortRow {
+                proto: match e.proto {
+                    Proto::Tcp => "tcp".into(),
+                    Proto::Udp => "udp".into(),
+                },
+                addr: e.local.ip().to_string(),
+                port: e.local.port(),
+                state: e.state_name().into(),
+                pid: e.owner.as_ref().map(|o| o.pid),
+                comm: e.owner.as_ref().map(|o| o.comm.to_string()),
+                container: None,
+                netns: ns,
+                count: None,
+            })
+            .collect();
+        crate::ops::fold_time_wait(&mut rows);
+        rows
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "pid": std::process::id(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "table_size": self.table.len(),
+            "records": self.out.lines,
+            "lost_total": self.lost_total,
+            "log_write_errors": self.out.log_errors(),
+            "attached": self.subs.len(),
+            "drift_healed": self.table.drift_healed,
+        })
     }
 
     fn reconcile(&mut self, s: &Snapshot) -> u64 {
@@ -431,6 +702,10 @@ impl Processor {
 
     fn snapshot(&mut self, s: &Snapshot) {
         self.reconcile(s);
+        if let Some(m) = &self.cfg.metrics {
+            m.set_table_size(self.table.len());
+            m.set_log_errors(self.out.log_errors());
+        }
         if s.report {
             self.time_wait(s);
         }
@@ -650,6 +925,9 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
         buf: Vec::with_capacity(1024),
         lost_total: 0,
         unknown_kinds: 0,
+        window: std::collections::VecDeque::new(),
+        subs: Vec::new(),
+        started,
     };
     let mut since_clock = 0u32;
     while let Some(m) = rx.blocking_recv() {
@@ -672,12 +950,29 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
             }
             Msg::Lost { kernel, agent } => p.lost(kernel, agent),
             Msg::Snapshot(s) => p.snapshot(&s),
+            Msg::Attach {
+                filter,
+                since_s,
+                live,
+                replay,
+            } => p.attach(filter, since_s, live, replay),
+            Msg::Ports { filter, reply } => {
+                let _ = reply.send(p.ports(&filter));
+            }
+            Msg::Status { reply } => {
+                let _ = reply.send(p.status());
+            }
+            Msg::Reopen => {
+                if let Some(l) = &mut p.out.log {
+                    l.reopen();
+                }
+            }
             Msg::Stop => {
                 let r = AgentRecord {
                     event: "stopped",
                     records: Some(p.out.lines),
                     lost_total: Some(p.lost_total),
-                    log_write_errors: Some(p.out.file_errors),
+                    log_write_errors: Some(p.out.log_errors()),
                     drift_healed: Some(p.table.drift_healed),
                     uptime_s: Some((started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0),
                     ..Default::default()

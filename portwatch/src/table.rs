@@ -349,6 +349,13 @@ impl PortTable {
         healed
     }
 
+    /// Every entry with its namespace.
+    pub fn rows(&self) -> impl Iterator<Item = (u32, &Entry)> {
+        self.ports
+            .iter()
+            .flat_map(|(k, b)| b.iter().map(move |e| (k.0, e)))
+    }
+
     /// Who blocks `a`, why, and what to do.
     pub fn attribute(&self, a: &Attempt<'_>) -> Attribution {
         let mut holders = Vec::new();

@@ -50,7 +50,10 @@ pub struct Agent {
     shared: Arc<(Mutex<Lines>, Condvar)>,
     stderr: Arc<Mutex<String>>,
     pub ready: Value,
+    runtime_dir: PathBuf,
 }
+
+static NEXT_RT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 pub struct Finished {
     pub lines: Vec<Value>,
@@ -59,8 +62,33 @@ pub struct Finished {
 }
 
 impl Agent {
+    /// Start `portwatch run ARGS`. Unless ARGS say otherwise, the agent writes no log file
+    /// and gets a runtime directory (control socket, lock) of its own.
     pub fn start(args: &[&str]) -> Agent {
-        Self::start_cmd(Command::new(agent_bin()).arg("run").args(args))
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("run").args(args);
+        if !args.iter().any(|a| a.starts_with("--log-file") || *a == "--no-log-file") {
+            cmd.arg("--no-log-file");
+        }
+        let rt = if let Some(i) = args.iter().position(|a| *a == "--runtime-dir") {
+            PathBuf::from(args[i + 1])
+        } else {
+            let d = std::env::temp_dir().join(format!(
+                "pwtest-rt-{}-{}",
+                std::process::id(),
+                NEXT_RT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            cmd.arg("--runtime-dir").arg(&d);
+            d
+        };
+        let mut a = Self::start_cmd(&mut cmd);
+        a.runtime_dir = rt;
+        a
+    }
+
+    /// The agent's runtime directory (pass it to attach/ports as --runtime-dir).
+    pub fn runtime_dir(&self) -> &std::path::Path {
+        &self.runtime_dir
     }
 
     pub fn start_cmd(cmd: &mut Command) -> Agent {
@@ -104,6 +132,7 @@ impl Agent {
             shared,
             stderr,
             ready: Value::Null,
+            runtime_dir: PathBuf::from("/run/portwatch"),
         };
         a.ready = a
             .try_wait_for(Duration::from_secs(30), |v| {

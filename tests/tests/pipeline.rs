@@ -371,7 +371,7 @@ fn mounts_tracefs_when_missing() {
     // A private mount namespace without tracefs: what a fresh boot looks like.
     let script = format!(
         "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; \
-         mountpoint -q /sys/kernel/tracing && exit 99; exec {} run",
+         mountpoint -q /sys/kernel/tracing && exit 99; exec {} run --no-log-file --runtime-dir /tmp/pwtest-rt-tracefs",
         agent_bin().display()
     );
     let mut cmd = Command::new("unshare");

@@ -1,0 +1,384 @@
+//! The control socket: how `portwatch attach` and `portwatch ports` talk to a running agent,
+//! and the single-instance lock.
+//!
+//! A Unix stream socket at `<runtime-dir>/portwatch.sock`, mode 0600 (0660 with `--group`).
+//! Each peer's credentials are checked (SO_PEERCRED): root, or a member of the configured
+//! group. The protocol is JSON lines: the client sends one request line, the agent answers
+//! with JSON lines. Nothing listens on the network.
+
+use std::{
+    fs::File,
+    io::{Read, Seek, Write},
+    os::{fd::AsRawFd, unix::fs::PermissionsExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
+};
+
+use crate::{
+    error::{Error, Result},
+    process::Msg,
+};
+
+pub const DEFAULT_RUNTIME_DIR: &str = "/run/portwatch";
+
+pub fn socket_path(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("portwatch.sock")
+}
+
+/// What an attach or ports request selects. Empty matches everything.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Filter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+impl Filter {
+    pub fn is_empty(&self) -> bool {
+        self.port.is_none() && self.pid.is_none() && self.container.is_none()
+    }
+
+    /// Does a record (one JSON object) match? Agent and lost records always do: an attached
+    /// user must learn about lost events and the agent's state whatever the filter.
+    pub fn matches(&self, v: &Value) -> bool {
+        if self.is_empty() || v["type"] == "agent" || v["type"] == "lost" || v["type"] == "missed" {
+            return true;
+        }
+        let holders = v["holders"].as_array();
+        let any_holder = |f: &dyn Fn(&Value) -> bool| holders.is_some_and(|h| h.iter().any(f));
+        if let Some(p) = self.port {
+            let ok = v["port"] == p
+                || v["rport"] == p
+                || v["destination"]["port"] == p
+                || any_holder(&|h| h["port"] == p)
+                || v["ports"]
+                    .as_array()
+                    .is_some_and(|ps| ps.iter().any(|x| x["host_port"] == p));
+            if !ok {
+                return false;
+            }
+        }
+        if let Some(pid) = self.pid {
+            let ok = v["actor"]["pid"] == pid || v["context_pid"] == pid || any_holder(&|h| h["pid"] == pid);
+            if !ok {
+                return false;
+            }
+        }
+        if let Some(c) = &self.container {
+            let is = |x: &Value| {
+                x["name"].as_str() == Some(c.as_str())
+                    || x["id"].as_str().is_some_and(|id| !c.is_empty() && id.starts_with(c.as_str()))
+            };
+            let ok = is(&v["actor"]["container"])
+                || is(&v["container"])
+                || any_holder(&|h| is(&h["container"]));
+            if !ok {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Attach {
+        #[serde(default)]
+        filter: Filter,
+        /// Replay this many seconds of the recent past first.
+        #[serde(default)]
+        since_s: u64,
+    },
+    Ports {
+        #[serde(default)]
+        filter: Filter,
+    },
+    Status,
+}
+
+/// One row of the port table, as `portwatch ports` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PortRow {
+    pub proto: String,
+    pub addr: String,
+    pub port: u16,
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    pub netns: u32,
+    /// TIME_WAIT rows stand for this many sockets on the port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+}
+
+// ---- single instance ----
+
+/// Held for the agent's lifetime: `flock` on `<runtime-dir>/portwatch.pid`, which holds the
+/// agent's pid so a second agent can name it.
+pub struct InstanceLock {
+    _file: File,
+}
+
+pub fn lock_instance(runtime_dir: &Path) -> Result<InstanceLock> {
+    let io = |what: &'static str| move |source| Error::Io { what, source };
+    std::fs::create_dir_all(runtime_dir).map_err(io("creating the runtime directory"))?;
+    let _ = std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(0o755));
+    let path = runtime_dir.join("portwatch.pid");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io("opening the instance lock file"))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut s = String::new();
+        let _ = f.read_to_string(&mut s);
+        return Err(Error::AlreadyRunning {
+            pid: s.trim().to_string(),
+            lock: path,
+        });
+    }
+    let _ = f.set_len(0);
+    let _ = f.rewind();
+    let _ = writeln!(f, "{}", std::process::id());
+    Ok(InstanceLock { _file: f })
+}
+
+/// The pid in the lock file if an agent holds it.
+pub fn running_agent(runtime_dir: &Path) -> Option<String> {
+    let path = runtime_dir.join("portwatch.pid");
+    let f = File::open(path).ok()?;
+    // SAFETY: flock on an fd we own; a shared non-blocking probe released on close.
+    let free = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
+    if free {
+        return None;
+    }
+    std::fs::read_to_string(runtime_dir.join("portwatch.pid"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+// ---- server ----
+
+pub fn bind(runtime_dir: &Path, group: Option<u32>) -> Result<UnixListener> {
+    let path = socket_path(runtime_dir);
+    // We hold the instance lock, so a socket file left here is stale.
+    let _ = std::fs::remove_file(&path);
+    let l = UnixListener::bind(&path).map_err(|source| Error::Io {
+        what: "creating the control socket",
+        source,
+    })?;
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        Error::Io {
+            what: "setting the control socket's mode",
+            source,
+        }
+    })?;
+    if let Some(g) = group {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap_or_default();
+        // SAFETY: valid C string; -1 keeps the owner.
+        unsafe { libc::chown(c.as_ptr(), u32::MAX, g) };
+    }
+    Ok(l)
+}
+
+/// Is this peer allowed? Root always; with `--group`, members of that group.
+fn allowed(cred: &tokio::net::unix::UCred, group: Option<u32>) -> bool {
+    if cred.uid() == 0 {
+        return true;
+    }
+    let Some(g) = group else { return false };
+    if cred.gid() == g {
+        return true;
+    }
+    // Supplementary groups of the peer process, read from /proc by its pid (the pid comes
+    // from the kernel's SO_PEERCRED, not from the peer).
+    cred.pid()
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|gs| gs.split_whitespace().any(|x| x.parse() == Ok(g)))
+        })
+        .unwrap_or(false)
+}
+
+pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Msg>, group: Option<u32>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let _ = handle(stream, tx, group).await;
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, tx: mpsc::Sender<Msg>, group: Option<u32>) -> std::io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let (r, mut w) = stream.into_split();
+    if !allowed(&cred, group) {
+        let msg = serde_json::json!({"error": format!(
+            "permission denied: uid {} may not use the portwatch control socket; run as root{}",
+            cred.uid(),
+            if group.is_some() { " or as a member of the agent's --group" } else { "" }
+        )});
+        w.write_all(format!("{msg}\n").as_bytes()).await?;
+        return Ok(());
+    }
+    let mut line = String::new();
+    let mut r = BufReader::new(r);
+    let n = tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line)).await;
+    if !matches!(n, Ok(Ok(n)) if n > 0) {
+        return Ok(());
+    }
+    let req: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = serde_json::json!({"error": format!("bad request: {e}")});
+            w.write_all(format!("{msg}\n").as_bytes()).await?;
+            return Ok(());
+        }
+    };
+    match req {
+        Request::Attach { filter, since_s } => {
+            let (live_tx, mut live_rx) = mpsc::channel::<Arc<[u8]>>(4096);
+            let (reply_tx, reply_rx) = oneshot::channel();
+            if tx
+                .send(Msg::Attach {
+                    filter,
+                    since_s,
+                    live: live_tx,
+                    replay: reply_tx,
+                })
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+            let Ok(replay) = reply_rx.await else { return Ok(()) };
+            for l in replay {
+                w.write_all(&l).await?;
+            }
+            // Watch the client's side too: when it hangs up, stop promptly.
+            let mut sink = [0u8; 64];
+            let mut r = r.into_inner();
+            loop {
+                tokio::select! {
+                    l = live_rx.recv() => match l {
+                        Some(l) => w.write_all(&l).await?,
+                        None => break,
+                    },
+                    n = tokio::io::AsyncReadExt::read(&mut r, &mut sink) => {
+                        if matches!(n, Ok(0) | Err(_)) { break; }
+                    }
+                }
+            }
+        }
+        Request::Ports { filter } => {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            if tx.send(Msg::Ports { filter, reply: reply_tx }).await.is_ok() {
+                if let Ok(rows) = reply_rx.await {
+                    let v = serde_json::json!({ "ports": rows });
+                    w.write_all(format!("{v}\n").as_bytes()).await?;
+                }
+            }
+        }
+        Request::Status => {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            if tx.send(Msg::Status { reply: reply_tx }).await.is_ok() {
+                if let Ok(v) = reply_rx.await {
+                    w.write_all(format!("{v}\n").as_bytes()).await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---- client ----
+
+/// Connect to the running agent, or say clearly that none runs.
+pub fn connect(runtime_dir: &Path) -> Result<std::os::unix::net::UnixStream> {
+    let path = socket_path(runtime_dir);
+    std::os::unix::net::UnixStream::connect(&path).map_err(|source| Error::NoAgent { path, source })
+}
+
+/// Send a request; return the stream positioned at the first answer line.
+pub fn request(runtime_dir: &Path, req: &Request) -> Result<std::io::BufReader<std::os::unix::net::UnixStream>> {
+    let mut s = connect(runtime_dir)?;
+    let mut line = serde_json::to_vec(req).unwrap_or_default();
+    line.push(b'\n');
+    s.write_all(&line).map_err(|source| Error::Io {
+        what: "sending a request to the agent",
+        source,
+    })?;
+    Ok(std::io::BufReader::new(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn filter_matching() {
+        let c = json!({"type":"conflict","port":8080,"actor":{"pid":1,"container":{"name":"web1","id":"99c0b70358a8"}},
+                       "holders":[{"pid":2,"port":8080,"container":{"name":"db","id":"aa"}}]});
+        let f = |port, pid, container: Option<&str>| Filter { port, pid, container: container.map(String::from) };
+        assert!(f(None, None, None).matches(&c));
+        assert!(f(Some(8080), None, None).matches(&c));
+        assert!(!f(Some(8081), None, None).matches(&c));
+        assert!(f(None, Some(2), None).matches(&c), "holder pid");
+        assert!(!f(None, Some(3), None).matches(&c));
+        assert!(f(None, None, Some("web1")).matches(&c));
+        assert!(f(None, None, Some("db")).matches(&c), "holder container");
+        assert!(f(None, None, Some("99c0")).matches(&c), "id prefix");
+        assert!(!f(None, None, Some("cache")).matches(&c));
+        assert!(f(Some(1), None, None).matches(&json!({"type":"lost","count":3})));
+    }
+
+    #[test]
+    fn request_wire_format() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"attach","filter":{"port":8080},"since_s":60}"#).unwrap();
+        assert!(matches!(r, Request::Attach { since_s: 60, filter } if filter.port == Some(8080)));
+        let r: Request = serde_json::from_str(r#"{"cmd":"ports"}"#).unwrap();
+        assert!(matches!(r, Request::Ports { .. }));
+    }
+
+    #[test]
+    fn second_instance_is_refused_with_the_pid() {
+        let d = std::env::temp_dir().join(format!("pw-lock-{}", std::process::id()));
+        let a = lock_instance(&d).unwrap();
+        assert_eq!(running_agent(&d), Some(std::process::id().to_string()));
+        match lock_instance(&d) {
+            Err(Error::AlreadyRunning { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        drop(a);
+        assert_eq!(running_agent(&d), None);
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

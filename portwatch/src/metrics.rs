@@ -1,0 +1,155 @@
+//! Prometheus metrics (`--metrics-addr`, off by default). Counters are atomics updated by
+//! the processing thread; a small HTTP server thread encodes them on each scrape.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+type Static1 = [(&'static str, &'static str); 1];
+type Ns = [(&'static str, String); 1];
+
+pub struct Metrics {
+    registry: Registry,
+    conflicts: Family<Static1, Counter>,
+    records: Family<Static1, Counter>,
+    lost: Counter,
+    time_wait: Family<Ns, Gauge>,
+    table_size: Gauge,
+    docker_connected: Gauge,
+    log_errors: Gauge,
+}
+
+/// `"type":"conflict"` and friends are fixed strings: map them to &'static str without
+/// allocating, so counting a record costs no allocation.
+fn intern(s: &str) -> &'static str {
+    const KNOWN: [&str; 22] = [
+        "conflict", "bind", "listen", "connect", "close", "exit", "tcp_state", "lost", "agent",
+        "time_wait", "pressure", "docker", "listener", "bound", "time_wait", "docker_published",
+        "port_already_allocated", "ephemeral_exhausted", "unknown", "missed", "other", "",
+    ];
+    KNOWN.iter().find(|k| **k == s).copied().unwrap_or("other")
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("portwatch");
+        let conflicts = Family::<Static1, Counter>::default();
+        let records = Family::<Static1, Counter>::default();
+        let lost = Counter::default();
+        let time_wait = Family::<Ns, Gauge>::default();
+        let table_size = Gauge::default();
+        let docker_connected = Gauge::default();
+        let log_errors = Gauge::default();
+        registry.register("conflicts", "Port conflicts by cause", conflicts.clone());
+        registry.register("records", "Records written, by type", records.clone());
+        registry.register("lost_events", "Kernel events lost (ring buffer or agent queue full)", lost.clone());
+        registry.register("time_wait_sockets", "TIME_WAIT sockets per network namespace", time_wait.clone());
+        registry.register("port_table_entries", "Sockets in the port table", table_size.clone());
+        registry.register("docker_connected", "1 when the Docker daemon is connected", docker_connected.clone());
+        registry.register("log_write_errors", "Records that could not be written to the log file", log_errors.clone());
+        Metrics {
+            registry,
+            conflicts,
+            records,
+            lost,
+            time_wait,
+            table_size,
+            docker_connected,
+            log_errors,
+        }
+    }
+
+    pub fn record_type(&self, ty: &str) {
+        self.records.get_or_create(&[("type", intern(ty))]).inc();
+    }
+
+    /// Count one written record (a JSON line).
+    pub fn record(&self, line: &[u8]) {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else { return };
+        let ty = v["type"].as_str().unwrap_or("");
+        self.record_type(ty);
+        match ty {
+            "conflict" => {
+                let cause = intern(v["cause"].as_str().unwrap_or("unknown"));
+                self.conflicts.get_or_create(&[("cause", cause)]).inc();
+            }
+            "lost" => {
+                self.lost.inc_by(v["count"].as_u64().unwrap_or(0));
+            }
+            "time_wait" => {
+                let ns = v["netns"].as_u64().unwrap_or(0).to_string();
+                self.time_wait
+                    .get_or_create(&[("netns", ns)])
+                    .set(v["total"].as_i64().unwrap_or(0));
+            }
+            _ => {}
+        }
+    }
+
+    pub fn set_table_size(&self, n: usize) {
+        self.table_size.set(n as i64);
+    }
+
+    pub fn set_docker_connected(&self, up: bool) {
+        self.docker_connected.set(up as i64);
+    }
+
+    pub fn set_log_errors(&self, n: u64) {
+        self.log_errors.set(n as i64);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        let _ = encode(&mut s, &self.registry);
+        s
+    }
+}
+
+/// Serve `/metrics` on `addr` from a thread. Returns an error if the address cannot be bound.
+pub fn serve(addr: SocketAddr, m: Arc<Metrics>) -> Result<(), String> {
+    let server = tiny_http::Server::http(addr).map_err(|e| e.to_string())?;
+    std::thread::Builder::new()
+        .name("portwatch-metrics".into())
+        .spawn(move || {
+            for req in server.incoming_requests() {
+                let resp = if req.url() == "/metrics" {
+                    let ct = tiny_http::Header::from_bytes(
+                        &b"Content-Type"[..],
+                        &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
+                    )
+                    .expect("static header");
+                    tiny_http::Response::from_string(m.encode()).with_header(ct)
+                } else {
+                    tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
+                };
+                let _ = req.respond(resp);
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_by_type_and_cause() {
+        let m = Metrics::new();
+        m.record(br#"{"v":1,"type":"conflict","cause":"listener"}"#);
+        m.record(br#"{"v":1,"type":"conflict","cause":"listener"}"#);
+        m.record(br#"{"v":1,"type":"lost","count":7}"#);
+        m.record(br#"{"v":1,"type":"time_wait","netns":4026531840,"total":12}"#);
+        m.set_table_size(42);
+        let s = m.encode();
+        assert!(s.contains(r#"portwatch_conflicts_total{cause="listener"} 2"#), "{s}");
+        assert!(s.contains(r#"portwatch_records_total{type="conflict"} 2"#), "{s}");
+        assert!(s.contains("portwatch_lost_events_total 7"), "{s}");
+        assert!(s.contains(r#"portwatch_time_wait_sockets{netns="4026531840"} 12"#), "{s}");
+        assert!(s.contains("portwatch_port_table_entries 42"), "{s}");
+    }
+}

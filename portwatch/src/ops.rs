@@ -1,0 +1,693 @@
+//! Operator commands that talk to a running agent, or look for themselves when none runs:
+//! `attach`, `ports`, `check` and `doctor`; and the human-readable rendering of records
+//! shared with `tail`.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, IsTerminal, Write},
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{
+    cli::{AttachArgs, CheckArgs, PortsArgs},
+    control::{self, Filter, PortRow, Request},
+    decode::Clock,
+    diag,
+    error::{Error, Result},
+    table::{self, Attempt, Entry, Owner, PortTable, Proto},
+};
+
+// ---- rendering ----
+
+pub struct Style {
+    pub color: bool,
+}
+
+impl Style {
+    pub fn for_stdout() -> Self {
+        Style {
+            color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        }
+    }
+
+    fn paint(&self, code: &str, s: &str) -> String {
+        if self.color {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    }
+}
+
+fn addr_port(v: &Value) -> String {
+    let a = v["addr"].as_str().unwrap_or("?");
+    let p = &v["port"];
+    if a.contains(':') {
+        format!("[{a}]:{p}")
+    } else {
+        format!("{a}:{p}")
+    }
+}
+
+fn who(v: &Value) -> String {
+    let mut s = match (v["pid"].as_u64(), v["comm"].as_str()) {
+        (Some(p), Some(c)) => format!("{c}[{p}]"),
+        (Some(p), None) => format!("pid {p}"),
+        _ => String::new(),
+    };
+    if let Some(c) = v["container"]["name"].as_str() {
+        s.push_str(&format!(" ({c})"));
+    }
+    s
+}
+
+/// One readable line for a record. Unknown types fall back to the raw JSON.
+pub fn human(v: &Value, st: &Style) -> String {
+    let ts = v["ts"].as_str().unwrap_or("");
+    // 2026-11-25T08:31:31.123456789Z -> 2026-11-25 08:31:31.123
+    let t = if ts.len() >= 23 {
+        format!("{} {}", &ts[..10], &ts[11..23])
+    } else {
+        ts.to_string()
+    };
+    let ty = v["type"].as_str().unwrap_or("?");
+    let body = match ty {
+        "conflict" => {
+            let holders: Vec<String> = v["holders"]
+                .as_array()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| match h["count"].as_u64() {
+                            Some(n) => format!("{n}x TIME_WAIT"),
+                            None => format!("{} {} {}", who(h), h["state"].as_str().unwrap_or(""), addr_port(h)),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            format!(
+                "{} {} {} {} by {} netns {} cause={}{}{}",
+                st.paint("1;31", "CONFLICT"),
+                v["op"].as_str().unwrap_or(""),
+                v["proto"].as_str().unwrap_or(""),
+                st.paint("1", &addr_port(v)),
+                who(&v["actor"]),
+                v["netns"],
+                st.paint("33", v["cause"].as_str().unwrap_or("")),
+                if holders.is_empty() {
+                    String::new()
+                } else {
+                    format!(" held by {}", holders.join(", "))
+                },
+                match v["hint"].as_str() {
+                    Some(h) if !h.is_empty() => format!(" -- {h}"),
+                    _ => String::new(),
+                }
+            )
+        }
+        "bind" | "listen" | "connect" | "close" => format!(
+            "{} {} {} {} by {} netns {}",
+            st.paint("36", ty),
+            v["result"].as_str().unwrap_or(""),
+            v["proto"].as_str().unwrap_or(""),
+            addr_port(v),
+            who(&v["actor"]),
+            v["netns"]
+        ),
+        "exit" => format!("{} {} netns {}", st.paint("36", "exit"), who(&v["actor"]), v["netns"]),
+        "tcp_state" => format!(
+            "{} {} {} -> {} peer {}:{}",
+            st.paint("36", "tcp_state"),
+            addr_port(v),
+            v["old_state"].as_str().unwrap_or(""),
+            v["new_state"].as_str().unwrap_or(""),
+            v["raddr"].as_str().unwrap_or(""),
+            v["rport"]
+        ),
+        "lost" => format!(
+            "{} {} events (kernel {}, agent {}) {}",
+            st.paint("1;35", "LOST"),
+            v["count"],
+            v["kernel"],
+            v["agent"],
+            v["by_kind"]
+        ),
+        "missed" => format!("{} {} records (this client read too slowly)", st.paint("1;35", "MISSED"), v["count"]),
+        "time_wait" => format!(
+            "{} netns {} total {} (+{} -{}) top ports {}",
+            st.paint("33", "time_wait"),
+            v["netns"],
+            v["total"],
+            v["entered"],
+            v["expired"],
+            v["by_local_port"]
+        ),
+        "pressure" => format!(
+            "{} netns {} {}:{} {}% of ephemeral ports -- {}",
+            st.paint("1;33", "PRESSURE"),
+            v["netns"],
+            v["addr"].as_str().unwrap_or(""),
+            v["port"],
+            v["pct"],
+            v["hint"].as_str().unwrap_or("")
+        ),
+        "agent" => format!(
+            "{} {}{}",
+            st.paint("32", "agent"),
+            v["event"].as_str().unwrap_or(""),
+            v["reason"].as_str().map(|r| format!(": {r}")).unwrap_or_default()
+        ),
+        "docker" => format!(
+            "{} {} {}",
+            st.paint("34", "docker"),
+            v["event"].as_str().unwrap_or(""),
+            v["container"]["name"].as_str().unwrap_or("")
+        ),
+        _ => v.to_string(),
+    };
+    format!("{} {body}", st.paint("2", &t))
+}
+
+// ---- ports ----
+
+/// TIME_WAIT sockets are many and ownerless: show one row per port with a count.
+pub fn fold_time_wait(rows: &mut Vec<PortRow>) {
+    let mut tw: HashMap<(u32, String, u16), u32> = HashMap::new();
+    rows.retain(|r| {
+        if r.state == "TIME_WAIT" {
+            *tw.entry((r.netns, r.addr.clone(), r.port)).or_default() += 1;
+            false
+        } else {
+            true
+        }
+    });
+    for ((netns, addr, port), n) in tw {
+        rows.push(PortRow {
+            proto: "tcp".into(),
+            addr,
+            port,
+            state: "TIME_WAIT".into(),
+            pid: None,
+            comm: None,
+            container: None,
+            netns,
+            count: Some(n),
+        });
+    }
+    rows.sort_by(|a, b| (a.port, &a.proto, a.netns, &a.state).cmp(&(b.port, &b.proto, b.netns, &b.state)));
+}
+
+/// The table as a one-shot snapshot (no agent running): sock_diag of every namespace plus
+/// the /proc inode map.
+fn snapshot_table() -> (PortTable, usize) {
+    let owners = diag::socket_owners();
+    let wall = Clock::now_wall_ns();
+    let mut t = PortTable::default();
+    let nss = diag::namespaces();
+    for ns in &nss {
+        let Ok(entries) = diag::dump(ns) else { continue };
+        let entries = entries
+            .iter()
+            .map(|d| Entry {
+                proto: d.proto,
+                local: d.local,
+                remote: d.remote,
+                state: d.state,
+                inode: d.inode,
+                sk: 0,
+                owner: None,
+                since_ns: None,
+                v6only: d.v6only,
+                expires_ns: (d.state == table::TCP_TIME_WAIT).then(|| wall + i128::from(d.expires_ms) * 1_000_000),
+            })
+            .collect();
+        let lookup = |ino: u64| {
+            owners.get(&ino).map(|o| Owner {
+                pid: o.pid,
+                comm: Arc::from(o.comm.as_str()),
+                cmdline: None,
+                uid: o.uid,
+            })
+        };
+        t.reconcile(ns.inode, entries, &lookup, wall);
+    }
+    (t, nss.len())
+}
+
+fn table_rows(t: &PortTable, filter: &Filter) -> Vec<PortRow> {
+    let mut rows: Vec<PortRow> = t
+        .rows()
+        .filter(|(_, e)| filter.port.is_none_or(|p| e.local.port() == p))
+        .filter(|(_, e)| filter.pid.is_none_or(|p| e.owner.as_ref().is_some_and(|o| o.pid == p)))
+        .map(|(ns, e)| PortRow {
+            proto: if e.proto == Proto::Tcp { "tcp" } else { "udp" }.into(),
+            addr: e.local.ip().to_string(),
+            port: e.local.port(),
+            state: e.state_name().into(),
+            pid: e.owner.as_ref().map(|o| o.pid),
+            comm: e.owner.as_ref().map(|o| o.comm.to_string()),
+            container: None,
+            netns: ns,
+            count: None,
+        })
+        .collect();
+    fold_time_wait(&mut rows);
+    rows
+}
+
+/// Rows from the running agent, or from a snapshot of our own when none runs.
+fn rows(runtime_dir: &Path, filter: &Filter) -> Result<(Vec<PortRow>, &'static str)> {
+    match control::request(runtime_dir, &Request::Ports { filter: filter.clone() }) {
+        Ok(mut r) => {
+            let mut line = String::new();
+            r.read_line(&mut line).map_err(|source| Error::Io {
+                what: "reading the agent's answer",
+                source,
+            })?;
+            let v: Value = serde_json::from_str(&line).map_err(|e| Error::Io {
+                what: "parsing the agent's answer",
+                source: std::io::Error::other(e),
+            })?;
+            if let Some(e) = v["error"].as_str() {
+                return Err(Error::Agent(e.to_string()));
+            }
+            let rows: Vec<PortRow> = serde_json::from_value(v["ports"].clone()).unwrap_or_default();
+            Ok((rows, "agent"))
+        }
+        Err(Error::NoAgent { .. }) => {
+            let (t, _) = snapshot_table();
+            Ok((table_rows(&t, filter), "snapshot"))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+pub fn ports(a: &PortsArgs) -> Result<()> {
+    let filter = Filter {
+        port: a.port,
+        pid: None,
+        container: a.container.clone(),
+    };
+    let (mut rows, source) = rows(&a.runtime_dir, &filter)?;
+    if let Some(st) = &a.state {
+        let want = st.to_ascii_uppercase();
+        rows.retain(|r| r.state == want);
+    }
+    if let Some(c) = &a.container {
+        rows.retain(|r| r.container.as_deref() == Some(c.as_str()));
+    }
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        for r in &rows {
+            let _ = writeln!(out, "{}", serde_json::to_string(r).unwrap_or_default());
+        }
+        return Ok(());
+    }
+    let _ = writeln!(
+        out,
+        "{:<5} {:<40} {:<12} {:<24} {:<16} {}",
+        "PROTO", "LOCAL", "STATE", "PROCESS", "CONTAINER", "NETNS"
+    );
+    for r in &rows {
+        let local = if r.addr.contains(':') {
+            format!("[{}]:{}", r.addr, r.port)
+        } else {
+            format!("{}:{}", r.addr, r.port)
+        };
+        let state = match r.count {
+            Some(n) => format!("{} x{n}", r.state),
+            None => r.state.clone(),
+        };
+        let proc_ = match (r.pid, &r.comm) {
+            (Some(p), Some(c)) => format!("{c}[{p}]"),
+            (Some(p), None) => p.to_string(),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<5} {:<40} {:<12} {:<24} {:<16} {}",
+            r.proto,
+            local,
+            state,
+            proc_,
+            r.container.as_deref().unwrap_or("-"),
+            r.netns
+        );
+    }
+    if source == "snapshot" {
+        eprintln!("(no agent running: one-shot snapshot from sock_diag and /proc)");
+    }
+    Ok(())
+}
+
+// ---- attach ----
+
+pub fn attach(a: &AttachArgs) -> Result<()> {
+    let filter = Filter {
+        port: a.port,
+        pid: a.pid,
+        container: a.container.clone(),
+    };
+    let since_s = a.since.map(|d| d.as_secs()).unwrap_or(0);
+    let mut r = control::request(&a.runtime_dir, &Request::Attach { filter, since_s })?;
+    let deadline = a.duration.map(|d| Instant::now() + d);
+    if let Some(d) = deadline {
+        // The read below blocks; a timeout on the socket ends it when the duration is up.
+        let _ = r.get_ref().set_read_timeout(Some(Duration::from_millis(200)));
+        let _ = d;
+    }
+    let st = Style::for_stdout();
+    let mut out = std::io::stdout().lock();
+    let mut line = String::new();
+    loop {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                continue;
+            }
+            Err(source) => {
+                return Err(Error::Io {
+                    what: "reading from the agent",
+                    source,
+                })
+            }
+        }
+        let v: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        if let Some(e) = v["error"].as_str() {
+            return Err(Error::Agent(e.to_string()));
+        }
+        let ok = if a.json {
+            out.write_all(line.as_bytes())
+        } else {
+            writeln!(out, "{}", human(&v, &st))
+        };
+        if ok.and_then(|_| out.flush()).is_err() {
+            break; // stdout closed (e.g. piped into head)
+        }
+    }
+    Ok(())
+}
+
+// ---- check ----
+
+/// Would a bind succeed right now? A real trial bind is the ground truth; the table says who
+/// is in the way.
+fn trial_bind(proto: Proto, addr: SocketAddr) -> std::io::Result<()> {
+    let fam = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let ty = if proto == Proto::Tcp {
+        libc::SOCK_STREAM
+    } else {
+        libc::SOCK_DGRAM
+    };
+    // SAFETY: plain socket syscalls on an fd we own and close.
+    unsafe {
+        let fd = libc::socket(fam, ty | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+        let len = match addr {
+            SocketAddr::V4(a) => {
+                let sin = &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in);
+                sin.sin_family = libc::AF_INET as _;
+                sin.sin_port = a.port().to_be();
+                sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in6);
+                sin6.sin6_family = libc::AF_INET6 as _;
+                sin6.sin6_port = a.port().to_be();
+                sin6.sin6_addr.s6_addr = a.ip().octets();
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        let rc = libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len as _);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(err)
+        }
+    }
+}
+
+fn own_netns() -> u32 {
+    std::fs::read_link("/proc/self/ns/net")
+        .ok()
+        .and_then(|l| crate::enrich::parse_ns_link(&l.to_string_lossy()))
+        .unwrap_or(0)
+}
+
+/// Exit code: 0 free, 1 taken.
+pub fn check(a: &CheckArgs) -> Result<u8> {
+    let proto = if a.proto == "udp" { Proto::Udp } else { Proto::Tcp };
+    let addr: IpAddr = a.addr;
+    let (t, _) = snapshot_table();
+    let netns = own_netns();
+    let now = Clock::now_wall_ns();
+    let verdict = |port: u16| -> (bool, Option<table::Attribution>) {
+        let free = trial_bind(proto, SocketAddr::new(addr, port)).is_ok();
+        let attempt = Attempt {
+            netns,
+            proto,
+            addr,
+            port,
+            op_listen: false,
+            actor_pid: 0,
+            actor_sk: 0,
+            now_ns: now,
+            proto_name: if proto == Proto::Tcp { "tcp" } else { "udp" },
+        };
+        let at = t.attribute(&attempt);
+        // TIME_WAIT counts as taken for suggestions even when SO_REUSEADDR would get past it.
+        let tw = at.holders.iter().any(|h| h.state == "TIME_WAIT");
+        (free && !tw, (!free || tw).then_some(at))
+    };
+    let mut out = std::io::stdout().lock();
+    let code = match a.port {
+        Some(port) => {
+            let (free, at) = verdict(port);
+            let proto_s = if proto == Proto::Tcp { "tcp" } else { "udp" };
+            let target = SocketAddr::new(addr, port);
+            if a.json {
+                let v = serde_json::json!({
+                    "port": port, "proto": proto_s, "addr": addr, "free": free,
+                    "holders": at.as_ref().map(|a| &a.holders),
+                    "cause": at.as_ref().map(|a| a.cause),
+                    "overlap": at.as_ref().and_then(|a| a.overlap),
+                    "hint": at.as_ref().map(|a| a.hint.clone()),
+                });
+                let _ = writeln!(out, "{v}");
+            } else if free {
+                let _ = writeln!(out, "{proto_s} {target} is free: a bind would succeed now");
+            } else if let Some(at) = &at {
+                let _ = writeln!(out, "{proto_s} {target} is taken: cause {}", at.cause);
+                for h in &at.holders {
+                    let v = serde_json::to_value(h).unwrap_or_default();
+                    let _ = writeln!(
+                        out,
+                        "  held by {} {} {}{}",
+                        if who(&v).is_empty() { "-".to_string() } else { who(&v) },
+                        h.state,
+                        SocketAddr::new(h.addr, h.port),
+                        h.count.map(|n| format!(" x{n}, first expires in {} s", h.expires_in_s.unwrap_or(0))).unwrap_or_default()
+                    );
+                }
+                if !at.hint.is_empty() {
+                    let _ = writeln!(out, "  hint: {}", at.hint);
+                } else if let Some(r) = &at.reason {
+                    let _ = writeln!(out, "  {r}");
+                }
+            }
+            u8::from(!free)
+        }
+        None => 0,
+    };
+    if let Some(n) = a.suggest {
+        let (lo, hi) = a.range.unwrap_or((1024, 65535));
+        let mut found = Vec::new();
+        for p in lo..=hi {
+            if found.len() >= n {
+                break;
+            }
+            if verdict(p).0 {
+                found.push(p);
+            }
+        }
+        if a.json {
+            let _ = writeln!(out, "{}", serde_json::json!({ "free": found }));
+        } else {
+            for p in &found {
+                let _ = writeln!(out, "{p}");
+            }
+        }
+        if found.len() < n {
+            eprintln!("portwatch: only {} free ports in {lo}-{hi}", found.len());
+            return Ok(1);
+        }
+    }
+    Ok(code)
+}
+
+// ---- doctor ----
+
+struct Check {
+    name: String,
+    ok: bool,
+    detail: String,
+    fix: String,
+}
+
+pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path) -> u8 {
+    let mut checks = Vec::new();
+    let mut add = |name: &str, ok: bool, detail: String, fix: &str| {
+        checks.push(Check {
+            name: name.into(),
+            ok,
+            detail,
+            fix: fix.into(),
+        })
+    };
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim().to_string();
+    let ver: Vec<u32> = release
+        .split(|c: char| !c.is_ascii_digit())
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let kernel_ok = ver.len() == 2 && (ver[0], ver[1]) >= (5, 8);
+    add(
+        "kernel",
+        kernel_ok,
+        format!("Linux {release}"),
+        "portwatch needs Linux 5.8 or newer (ring buffer maps, CAP_BPF)",
+    );
+    let btf = Path::new(crate::prereq::BTF_PATH).exists();
+    add(
+        "btf",
+        btf,
+        crate::prereq::BTF_PATH.into(),
+        "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+    );
+    let priv_ok = crate::prereq::check_privileges().is_ok();
+    add(
+        "privileges",
+        priv_ok,
+        if priv_ok { "CAP_BPF+CAP_PERFMON or root".into() } else { "not root".into() },
+        "run as root (sudo portwatch run)",
+    );
+    let tracefs = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.join("events").is_dir());
+    add(
+        "tracefs",
+        tracefs.is_some(),
+        tracefs.map(|p| p.display().to_string()).unwrap_or_else(|| "not mounted".into()),
+        "mount -t tracefs nodev /sys/kernel/tracing (portwatch run does this itself as root)",
+    );
+    for (_, cat, tp) in crate::probes::PROGRAMS {
+        let ok = tracefs.is_some_and(|t| t.join("events").join(cat).join(tp).join("id").exists());
+        add(
+            &format!("tracepoint {cat}:{tp}"),
+            ok,
+            if ok { "present".into() } else { "missing".into() },
+            "mount tracefs; a kernel without this tracepoint is not supported",
+        );
+    }
+    let docker = std::os::unix::net::UnixStream::connect(docker_sock).is_ok();
+    let docker_detail = if docker {
+        docker_sock.display().to_string()
+    } else {
+        format!("{} (optional)", docker_sock.display())
+    };
+    let dir = log_path.parent().unwrap_or(Path::new("/"));
+    let log_ok = std::fs::create_dir_all(dir).is_ok()
+        && std::fs::OpenOptions::new().create(true).append(true).open(log_path).is_ok();
+    add(
+        "log path",
+        log_ok,
+        log_path.display().to_string(),
+        "make the directory writable by root or pass --log-file",
+    );
+    let agent = control::running_agent(runtime_dir);
+    add(
+        "agent",
+        agent.is_some(),
+        agent.map(|p| format!("running, pid {p}")).unwrap_or_else(|| "not running".into()),
+        "start it: sudo portwatch run (or systemctl start portwatch)",
+    );
+    let st = Style::for_stdout();
+    // Docker is optional: without it records only lack container names, so it warns.
+    let warn = (!docker).then(|| (docker_detail, "start dockerd to get container names on records"));
+    let mut failed = 0;
+    for c in &checks {
+        let mark = if c.ok { st.paint("32", "PASS") } else { st.paint("31", "FAIL") };
+        if c.ok {
+            println!("{mark} {:<36} {}", c.name, c.detail);
+        } else {
+            failed += 1;
+            println!("{mark} {:<36} {} -- fix: {}", c.name, c.detail, c.fix);
+        }
+    }
+    if let Some((detail, fix)) = warn {
+        println!("{} {:<36} {detail} -- fix: {fix}", st.paint("33", "WARN"), "docker socket");
+    } else {
+        println!("{} {:<36} {}", st.paint("32", "PASS"), "docker socket", docker_sock.display());
+    }
+    u8::from(failed > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fold_counts_time_wait_per_port() {
+        let row = |state: &str, port| PortRow {
+            proto: "tcp".into(),
+            addr: "127.0.0.1".into(),
+            port,
+            state: state.into(),
+            pid: None,
+            comm: None,
+            container: None,
+            netns: 1,
+            count: None,
+        };
+        let mut rows = vec![row("TIME_WAIT", 80), row("LISTEN", 80), row("TIME_WAIT", 80), row("TIME_WAIT", 81)];
+        fold_time_wait(&mut rows);
+        assert_eq!(rows.len(), 3);
+        let tw80 = rows.iter().find(|r| r.port == 80 && r.state == "TIME_WAIT").unwrap();
+        assert_eq!(tw80.count, Some(2));
+    }
+
+    #[test]
+    fn human_conflict_line() {
+        let v: Value = serde_json::from_str(
+            r#"{"ts":"2026-11-25T08:31:31.123456789Z","type":"conflict","op":"bind","proto":"tcp","addr":"127.0.0.1","port":8080,
+                "netns":1,"actor":{"pid":5,"comm":"py"},"cause":"listener","hint":"stop it",
+                "holders":[{"pid":4,"comm":"nginx","state":"LISTEN","addr":"0.0.0.0","port":8080}]}"#,
+        )
+        .unwrap();
+        let s = human(&v, &Style { color: false });
+        assert_eq!(
+            s,
+            "2026-11-25 08:31:31.123 CONFLICT bind tcp 127.0.0.1:8080 by py[5] netns 1 cause=listener held by nginx[4] LISTEN 0.0.0.0:8080 -- stop it"
+        );
+    }
+}

@@ -1,0 +1,299 @@
+//! `portwatch tail`: read the JSON log comfortably: rotated and compressed files included,
+//! filtered, readable or raw, and followed across rotation. Malformed lines are skipped and
+//! counted, never fatal.
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Read, Seek, SeekFrom, Write},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::{
+    cli::TailArgs,
+    control::Filter,
+    decode::Clock,
+    error::{Error, Result},
+    ops::{human, Style},
+    sink::rotated,
+};
+
+struct Printer {
+    filter: Filter,
+    ty: Option<String>,
+    since_ns: Option<i128>,
+    json: bool,
+    style: Style,
+    malformed: u64,
+    shown: u64,
+}
+
+/// RFC 3339 `ts` (as portwatch writes it) to ns; None when unparsable.
+fn ts_ns(ts: &str) -> Option<i128> {
+    // 2026-11-25T08:31:31.123456789Z
+    let b = ts.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[10] != b'T' {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| ts.get(r)?.parse::<i64>().ok();
+    let (y, mo, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
+    let (h, mi, s) = (n(11..13)?, n(14..16)?, n(17..19)?);
+    let frac = ts.get(20..ts.len() - 1).unwrap_or("");
+    let mut nanos: i64 = 0;
+    for (i, c) in frac.bytes().take(9).enumerate() {
+        nanos += i64::from(c - b'0') * 10i64.pow(8 - i as u32);
+    }
+    // days from civil (H. Hinnant)
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(i128::from(days * 86_400 + h * 3600 + mi * 60 + s) * 1_000_000_000 + i128::from(nanos))
+}
+
+impl Printer {
+    fn line(&mut self, out: &mut impl Write, line: &str) -> std::io::Result<()> {
+        if line.trim().is_empty() {
+            return Ok(());
+        }
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            self.malformed += 1;
+            return Ok(());
+        };
+        if !v.is_object() || v["type"].as_str().is_none() {
+            self.malformed += 1;
+            return Ok(());
+        }
+        if let Some(t) = &self.ty {
+            if v["type"].as_str() != Some(t.as_str()) {
+                return Ok(());
+            }
+        }
+        if let Some(since) = self.since_ns {
+            if v["ts"].as_str().and_then(ts_ns).is_some_and(|t| t < since) {
+                return Ok(());
+            }
+        }
+        if !self.filter.is_empty() && !self.filter.matches(&v) {
+            return Ok(());
+        }
+        self.shown += 1;
+        if self.json {
+            writeln!(out, "{}", line.trim_end())
+        } else {
+            writeln!(out, "{}", human(&v, &self.style))
+        }
+    }
+
+    fn reader(&mut self, out: &mut impl Write, r: impl BufRead) -> std::io::Result<()> {
+        // Lines are read as bytes: a log with invalid UTF-8 is malformed there, not fatal.
+        for l in r.split(b'\n') {
+            let l = l?;
+            match std::str::from_utf8(&l) {
+                Ok(s) => self.line(out, s)?,
+                Err(_) => self.malformed += 1,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Oldest first: events.jsonl.N[.gz] ... events.jsonl.1[.gz], then events.jsonl.
+fn files(path: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for n in (1..=100).rev() {
+        let p = rotated(path, n);
+        let mut gz = p.as_os_str().to_owned();
+        gz.push(".gz");
+        let gz = PathBuf::from(gz);
+        if gz.exists() {
+            v.push(gz);
+        } else if p.exists() {
+            v.push(p);
+        }
+    }
+    v.push(path.to_path_buf());
+    v
+}
+
+fn open_any(p: &Path) -> std::io::Result<Box<dyn BufRead>> {
+    let f = File::open(p)?;
+    if p.extension().is_some_and(|e| e == "gz") {
+        Ok(Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(f))))
+    } else {
+        Ok(Box::new(BufReader::new(f)))
+    }
+}
+
+pub fn run(a: &TailArgs) -> Result<()> {
+    let path = a.path.clone().unwrap_or_else(|| PathBuf::from(crate::sink::DEFAULT_LOG));
+    if !path.exists() && !a.follow {
+        return Err(Error::Io {
+            what: "opening the log",
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "{} does not exist; is the agent writing elsewhere (--log-file)?",
+                    path.display()
+                ),
+            ),
+        });
+    }
+    let mut p = Printer {
+        filter: Filter {
+            port: a.port,
+            pid: None,
+            container: a.container.clone(),
+        },
+        ty: a.r#type.clone(),
+        since_ns: a.since.map(|d| Clock::now_wall_ns() - d.as_nanos() as i128),
+        json: a.json,
+        style: Style::for_stdout(),
+        malformed: 0,
+        shown: 0,
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let io = |source| Error::Io {
+        what: "reading the log",
+        source,
+    };
+    let list = files(&path);
+    let (current, older) = list.split_last().expect("files() always lists the current log");
+    for f in older {
+        match open_any(f) {
+            Ok(r) => p.reader(&mut out, r).map_err(io)?,
+            Err(e) => eprintln!("portwatch: warning: skipping {}: {e}", f.display()),
+        }
+    }
+    if !a.follow {
+        if current.exists() {
+            p.reader(&mut out, open_any(current).map_err(io)?).map_err(io)?;
+        }
+        let _ = out.flush();
+        if p.malformed > 0 {
+            eprintln!("portwatch: skipped {} malformed lines", p.malformed);
+        }
+        return Ok(());
+    }
+    let _ = out.flush();
+    follow(&mut p, current, &mut out)
+}
+
+/// Follow the current file; when it is rotated (a new inode at the path, or truncated),
+/// finish the old one and continue with the new one from its start.
+fn follow(p: &mut Printer, path: &Path, out: &mut impl Write) -> Result<()> {
+    let mut file: Option<(File, u64)> = None;
+    let mut pending = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut reported = 0;
+    loop {
+        if file.is_none() {
+            if let Ok(f) = File::open(path) {
+                let ino = f.metadata().map(|m| m.ino()).unwrap_or(0);
+                file = Some((f, ino));
+                pending.clear();
+            }
+        }
+        let mut progressed = false;
+        if let Some((f, ino)) = &mut file {
+            loop {
+                let n = f.read(&mut buf).map_err(|source| Error::Io {
+                    what: "reading the log",
+                    source,
+                })?;
+                if n == 0 {
+                    break;
+                }
+                progressed = true;
+                pending.extend_from_slice(&buf[..n]);
+                while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=i).collect();
+                    match std::str::from_utf8(&line) {
+                        Ok(s) => {
+                            if p.line(out, s).is_err() {
+                                return Ok(()); // stdout closed
+                            }
+                        }
+                        Err(_) => p.malformed += 1,
+                    }
+                }
+            }
+            if out.flush().is_err() {
+                return Ok(());
+            }
+            // Rotated away, or truncated in place?
+            let now = std::fs::metadata(path).ok();
+            let pos = f.stream_position().unwrap_or(0);
+            match now {
+                Some(m) if m.ino() != *ino => file = None,
+                Some(m) if m.len() < pos => {
+                    let _ = f.seek(SeekFrom::Start(0));
+                }
+                None => file = None,
+                _ => {}
+            }
+        }
+        if p.malformed > reported {
+            eprintln!("portwatch: skipped {} malformed lines so far", p.malformed);
+            reported = p.malformed;
+        }
+        if !progressed {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_our_timestamps() {
+        let t = ts_ns("2026-11-25T08:31:31.123456789Z").unwrap();
+        assert_eq!(t, 1_795_595_491i128 * 1_000_000_000 + 123_456_789);
+        assert_eq!(crate::decode::rfc3339(t), "2026-11-25T08:31:31.123456789Z");
+        assert_eq!(ts_ns("2026-11-25T08:31:31.123456Z").unwrap() % 1_000_000_000, 123_456_000);
+        assert!(ts_ns("garbage").is_none());
+    }
+
+    #[test]
+    fn reads_rotated_and_compressed_files_and_counts_malformed() {
+        let d = std::env::temp_dir().join(format!("pw-tail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("events.jsonl");
+        let rec = |n: u32| format!("{{\"v\":1,\"ts\":\"2026-11-25T08:00:0{n}.000000000Z\",\"type\":\"conflict\",\"port\":{n}}}\n");
+        // .2.gz (oldest), .1, current with junk in it
+        let mut gz = flate2::write::GzEncoder::new(File::create(rotated(&p, 2).with_extension("2.gz")).unwrap(), flate2::Compression::default());
+        gz.write_all(rec(1).as_bytes()).unwrap();
+        gz.finish().unwrap();
+        std::fs::write(rotated(&p, 1), rec(2)).unwrap();
+        std::fs::write(&p, format!("{}not json\n{{\"half\":\n\u{0}\n{}", rec(3), rec(4))).unwrap();
+        assert_eq!(files(&p).len(), 3);
+        let mut pr = Printer {
+            filter: Filter::default(),
+            ty: None,
+            since_ns: None,
+            json: true,
+            style: Style { color: false },
+            malformed: 0,
+            shown: 0,
+        };
+        let mut out = Vec::new();
+        for f in files(&p) {
+            pr.reader(&mut out, open_any(&f).unwrap()).unwrap();
+        }
+        let s = String::from_utf8(out).unwrap();
+        let ports: Vec<u64> = s.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["port"].as_u64().unwrap()).collect();
+        assert_eq!(ports, vec![1, 2, 3, 4], "oldest first, gz included");
+        assert_eq!(pr.malformed, 3);
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
