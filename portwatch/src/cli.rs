@@ -60,7 +60,9 @@ pub enum Command {
     Doctor(DoctorArgs),
 
     /// Print shell completions.
-    #[command(after_help = "Example:\n  portwatch completions bash > /etc/bash_completion.d/portwatch")]
+    #[command(
+        after_help = "Example:\n  portwatch completions bash > /etc/bash_completion.d/portwatch"
+    )]
     Completions {
         /// bash, zsh, fish, elvish or powershell
         shell: clap_complete::Shell,
@@ -73,7 +75,8 @@ pub enum Command {
 
 /// `10m`, `60s`, `2h`.
 fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration like 30s, 10m or 2h ({e})"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}' is not a duration like 30s, 10m or 2h ({e})"))
 }
 
 /// `100M`, `1G`, `65536`.
@@ -97,7 +100,9 @@ fn port_range(s: &str) -> Result<(u16, u16), String> {
     let a: u16 = a.parse().map_err(|_| format!("'{a}' is not a port"))?;
     let b: u16 = b.parse().map_err(|_| format!("'{b}' is not a port"))?;
     if a == 0 || a > b {
-        return Err(format!("'{s}': the range must go from a low port (>= 1) to a higher one"));
+        return Err(format!(
+            "'{s}': the range must go from a low port (>= 1) to a higher one"
+        ));
     }
     Ok((a, b))
 }
@@ -303,7 +308,10 @@ mod tests {
     #[test]
     fn every_command_has_an_example() {
         for sc in Cli::command().get_subcommands() {
-            let help = sc.get_after_help().map(|h| h.to_string()).unwrap_or_default();
+            let help = sc
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
             assert!(help.contains("Example"), "{} has no example", sc.get_name());
         }
     }
@@ -330,7 +338,8 @@ mod tests {
     #[test]
     fn port_zero_rejected() {
         assert!(Cli::try_parse_from(["portwatch", "run", "--port", "0"]).is_err());
-        let c = Cli::try_parse_from(["portwatch", "run", "--port", "80", "--port", "8080"]).unwrap();
+        let c =
+            Cli::try_parse_from(["portwatch", "run", "--port", "80", "--port", "8080"]).unwrap();
         let Command::Run(r) = c.command else { panic!() };
         assert_eq!(r.ports, vec![80, 8080]);
     }

@@ -98,8 +98,13 @@ pub enum Error {
     #[error("unknown group '{0}'; give a group name from /etc/group or a numeric gid")]
     UnknownGroup(String),
 
-    #[error("serving metrics on {addr} failed ({reason}); choose a free address with --metrics-addr")]
-    Metrics { addr: std::net::SocketAddr, reason: String },
+    #[error(
+        "serving metrics on {addr} failed ({reason}); choose a free address with --metrics-addr"
+    )]
+    Metrics {
+        addr: std::net::SocketAddr,
+        reason: String,
+    },
 
     #[error("{what} failed: {source}")]
     Io {

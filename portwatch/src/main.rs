@@ -34,15 +34,24 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| anyhow::Error::from(e).context("starting the async runtime"))
-            .and_then(|rt| rt.block_on(agent::run(args)).map(|()| 0).map_err(Into::into)),
+            .map_err(|e| anyhow::anyhow!("starting the async runtime failed: {e}"))
+            .and_then(|rt| {
+                rt.block_on(agent::run(args))
+                    .map(|()| 0)
+                    .map_err(Into::into)
+            }),
         cli::Command::Tail(a) => tail::run(&a).map(|()| 0).map_err(Into::into),
         cli::Command::Attach(a) => ops::attach(&a).map(|()| 0).map_err(Into::into),
         cli::Command::Ports(a) => ops::ports(&a).map(|()| 0).map_err(Into::into),
         cli::Command::Check(a) => ops::check(&a).map_err(Into::into),
         cli::Command::Doctor(a) => Ok(ops::doctor(&a.runtime_dir, &a.log_file, &a.docker_socket)),
         cli::Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut cli::Cli::command(), "portwatch", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut cli::Cli::command(),
+                "portwatch",
+                &mut std::io::stdout(),
+            );
             Ok(0)
         }
         cli::Command::Man => clap_mangen::Man::new(cli::Cli::command())
@@ -53,8 +62,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            // One line: what failed, on what, what to do.
-            eprintln!("portwatch: error: {e:#}");
+            // One line: what failed, on what, what to do. Our errors already name their cause.
+            eprintln!("portwatch: error: {e}");
             ExitCode::FAILURE
         }
     }

@@ -27,9 +27,28 @@ pub struct Metrics {
 /// allocating, so counting a record costs no allocation.
 fn intern(s: &str) -> &'static str {
     const KNOWN: [&str; 22] = [
-        "conflict", "bind", "listen", "connect", "close", "exit", "tcp_state", "lost", "agent",
-        "time_wait", "pressure", "docker", "listener", "bound", "time_wait", "docker_published",
-        "port_already_allocated", "ephemeral_exhausted", "unknown", "missed", "other", "",
+        "conflict",
+        "bind",
+        "listen",
+        "connect",
+        "close",
+        "exit",
+        "tcp_state",
+        "lost",
+        "agent",
+        "time_wait",
+        "pressure",
+        "docker",
+        "listener",
+        "bound",
+        "time_wait",
+        "docker_published",
+        "port_already_allocated",
+        "ephemeral_exhausted",
+        "unknown",
+        "missed",
+        "other",
+        "",
     ];
     KNOWN.iter().find(|k| **k == s).copied().unwrap_or("other")
 }
@@ -46,11 +65,31 @@ impl Metrics {
         let log_errors = Gauge::default();
         registry.register("conflicts", "Port conflicts by cause", conflicts.clone());
         registry.register("records", "Records written, by type", records.clone());
-        registry.register("lost_events", "Kernel events lost (ring buffer or agent queue full)", lost.clone());
-        registry.register("time_wait_sockets", "TIME_WAIT sockets per network namespace", time_wait.clone());
-        registry.register("port_table_entries", "Sockets in the port table", table_size.clone());
-        registry.register("docker_connected", "1 when the Docker daemon is connected", docker_connected.clone());
-        registry.register("log_write_errors", "Records that could not be written to the log file", log_errors.clone());
+        registry.register(
+            "lost_events",
+            "Kernel events lost (ring buffer or agent queue full)",
+            lost.clone(),
+        );
+        registry.register(
+            "time_wait_sockets",
+            "TIME_WAIT sockets per network namespace",
+            time_wait.clone(),
+        );
+        registry.register(
+            "port_table_entries",
+            "Sockets in the port table",
+            table_size.clone(),
+        );
+        registry.register(
+            "docker_connected",
+            "1 when the Docker daemon is connected",
+            docker_connected.clone(),
+        );
+        registry.register(
+            "log_write_errors",
+            "Records that could not be written to the log file",
+            log_errors.clone(),
+        );
         Metrics {
             registry,
             conflicts,
@@ -69,7 +108,9 @@ impl Metrics {
 
     /// Count one written record (a JSON line).
     pub fn record(&self, line: &[u8]) {
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else { return };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+            return;
+        };
         let ty = v["type"].as_str().unwrap_or("");
         self.record_type(ty);
         match ty {
@@ -146,10 +187,19 @@ mod tests {
         m.record(br#"{"v":1,"type":"time_wait","netns":4026531840,"total":12}"#);
         m.set_table_size(42);
         let s = m.encode();
-        assert!(s.contains(r#"portwatch_conflicts_total{cause="listener"} 2"#), "{s}");
-        assert!(s.contains(r#"portwatch_records_total{type="conflict"} 2"#), "{s}");
+        assert!(
+            s.contains(r#"portwatch_conflicts_total{cause="listener"} 2"#),
+            "{s}"
+        );
+        assert!(
+            s.contains(r#"portwatch_records_total{type="conflict"} 2"#),
+            "{s}"
+        );
         assert!(s.contains("portwatch_lost_events_total 7"), "{s}");
-        assert!(s.contains(r#"portwatch_time_wait_sockets{netns="4026531840"} 12"#), "{s}");
+        assert!(
+            s.contains(r#"portwatch_time_wait_sockets{netns="4026531840"} 12"#),
+            "{s}"
+        );
         assert!(s.contains("portwatch_port_table_entries 42"), "{s}");
     }
 }

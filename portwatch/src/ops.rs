@@ -84,7 +84,12 @@ pub fn human(v: &Value, st: &Style) -> String {
                     hs.iter()
                         .map(|h| match h["count"].as_u64() {
                             Some(n) => format!("{n}x TIME_WAIT"),
-                            None => format!("{} {} {}", who(h), h["state"].as_str().unwrap_or(""), addr_port(h)),
+                            None => format!(
+                                "{} {} {}",
+                                who(h),
+                                h["state"].as_str().unwrap_or(""),
+                                addr_port(h)
+                            ),
                         })
                         .collect()
                 })
@@ -118,7 +123,12 @@ pub fn human(v: &Value, st: &Style) -> String {
             who(&v["actor"]),
             v["netns"]
         ),
-        "exit" => format!("{} {} netns {}", st.paint("36", "exit"), who(&v["actor"]), v["netns"]),
+        "exit" => format!(
+            "{} {} netns {}",
+            st.paint("36", "exit"),
+            who(&v["actor"]),
+            v["netns"]
+        ),
         "tcp_state" => format!(
             "{} {} {} -> {} peer {}:{}",
             st.paint("36", "tcp_state"),
@@ -136,7 +146,11 @@ pub fn human(v: &Value, st: &Style) -> String {
             v["agent"],
             v["by_kind"]
         ),
-        "missed" => format!("{} {} records (this client read too slowly)", st.paint("1;35", "MISSED"), v["count"]),
+        "missed" => format!(
+            "{} {} records (this client read too slowly)",
+            st.paint("1;35", "MISSED"),
+            v["count"]
+        ),
         "time_wait" => format!(
             "{} netns {} total {} (+{} -{}) top ports {}",
             st.paint("33", "time_wait"),
@@ -159,7 +173,10 @@ pub fn human(v: &Value, st: &Style) -> String {
             "{} {}{}",
             st.paint("32", "agent"),
             v["event"].as_str().unwrap_or(""),
-            v["reason"].as_str().map(|r| format!(": {r}")).unwrap_or_default()
+            v["reason"]
+                .as_str()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
         ),
         "docker" => format!(
             "{} {} {}",
@@ -198,7 +215,9 @@ pub fn fold_time_wait(rows: &mut Vec<PortRow>) {
             count: Some(n),
         });
     }
-    rows.sort_by(|a, b| (a.port, &a.proto, a.netns, &a.state).cmp(&(b.port, &b.proto, b.netns, &b.state)));
+    rows.sort_by(|a, b| {
+        (a.port, &a.proto, a.netns, &a.state).cmp(&(b.port, &b.proto, b.netns, &b.state))
+    });
 }
 
 /// The table as a one-shot snapshot (no agent running): sock_diag of every namespace plus
@@ -209,7 +228,9 @@ fn snapshot_table() -> (PortTable, usize) {
     let mut t = PortTable::default();
     let nss = diag::namespaces();
     for ns in &nss {
-        let Ok(entries) = diag::dump(ns) else { continue };
+        let Ok(entries) = diag::dump(ns) else {
+            continue;
+        };
         let entries = entries
             .iter()
             .map(|d| Entry {
@@ -222,7 +243,8 @@ fn snapshot_table() -> (PortTable, usize) {
                 owner: None,
                 since_ns: None,
                 v6only: d.v6only,
-                expires_ns: (d.state == table::TCP_TIME_WAIT).then(|| wall + i128::from(d.expires_ms) * 1_000_000),
+                expires_ns: (d.state == table::TCP_TIME_WAIT)
+                    .then(|| wall + i128::from(d.expires_ms) * 1_000_000),
             })
             .collect();
         let lookup = |ino: u64| {
@@ -242,7 +264,11 @@ fn table_rows(t: &PortTable, filter: &Filter) -> Vec<PortRow> {
     let mut rows: Vec<PortRow> = t
         .rows()
         .filter(|(_, e)| filter.port.is_none_or(|p| e.local.port() == p))
-        .filter(|(_, e)| filter.pid.is_none_or(|p| e.owner.as_ref().is_some_and(|o| o.pid == p)))
+        .filter(|(_, e)| {
+            filter
+                .pid
+                .is_none_or(|p| e.owner.as_ref().is_some_and(|o| o.pid == p))
+        })
         .map(|(ns, e)| PortRow {
             proto: if e.proto == Proto::Tcp { "tcp" } else { "udp" }.into(),
             addr: e.local.ip().to_string(),
@@ -261,7 +287,12 @@ fn table_rows(t: &PortTable, filter: &Filter) -> Vec<PortRow> {
 
 /// Rows from the running agent, or from a snapshot of our own when none runs.
 fn rows(runtime_dir: &Path, filter: &Filter) -> Result<(Vec<PortRow>, &'static str)> {
-    match control::request(runtime_dir, &Request::Ports { filter: filter.clone() }) {
+    match control::request(
+        runtime_dir,
+        &Request::Ports {
+            filter: filter.clone(),
+        },
+    ) {
         Ok(mut r) => {
             let mut line = String::new();
             r.read_line(&mut line).map_err(|source| Error::Io {
@@ -272,7 +303,7 @@ fn rows(runtime_dir: &Path, filter: &Filter) -> Result<(Vec<PortRow>, &'static s
                 what: "parsing the agent's answer",
                 source: std::io::Error::other(e),
             })?;
-            if let Some(e) = v["error"].as_str() {
+            if let (None, Some(e)) = (v["type"].as_str(), v["error"].as_str()) {
                 return Err(Error::Agent(e.to_string()));
             }
             let rows: Vec<PortRow> = serde_json::from_value(v["ports"].clone()).unwrap_or_default();
@@ -357,7 +388,9 @@ pub fn attach(a: &AttachArgs) -> Result<()> {
     let deadline = a.duration.map(|d| Instant::now() + d);
     if let Some(d) = deadline {
         // The read below blocks; a timeout on the socket ends it when the duration is up.
-        let _ = r.get_ref().set_read_timeout(Some(Duration::from_millis(200)));
+        let _ = r
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(200)));
         let _ = d;
     }
     let st = Style::for_stdout();
@@ -371,7 +404,12 @@ pub fn attach(a: &AttachArgs) -> Result<()> {
         match r.read_line(&mut line) {
             Ok(0) => break,
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 continue;
             }
             Err(source) => {
@@ -385,7 +423,7 @@ pub fn attach(a: &AttachArgs) -> Result<()> {
             Ok(v) => v,
             Err(_) => continue,
         };
-        if let Some(e) = v["error"].as_str() {
+        if let (None, Some(e)) = (v["type"].as_str(), v["error"].as_str()) {
             return Err(Error::Agent(e.to_string()));
         }
         let ok = if a.json {
@@ -405,7 +443,11 @@ pub fn attach(a: &AttachArgs) -> Result<()> {
 /// Would a bind succeed right now? A real trial bind is the ground truth; the table says who
 /// is in the way.
 fn trial_bind(proto: Proto, addr: SocketAddr) -> std::io::Result<()> {
-    let fam = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let fam = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     let ty = if proto == Proto::Tcp {
         libc::SOCK_STREAM
     } else {
@@ -454,7 +496,11 @@ fn own_netns() -> u32 {
 
 /// Exit code: 0 free, 1 taken.
 pub fn check(a: &CheckArgs) -> Result<u8> {
-    let proto = if a.proto == "udp" { Proto::Udp } else { Proto::Tcp };
+    let proto = if a.proto == "udp" {
+        Proto::Udp
+    } else {
+        Proto::Tcp
+    };
     let addr: IpAddr = a.addr;
     let (t, _) = snapshot_table();
     let netns = own_netns();
@@ -501,10 +547,19 @@ pub fn check(a: &CheckArgs) -> Result<u8> {
                     let _ = writeln!(
                         out,
                         "  held by {} {} {}{}",
-                        if who(&v).is_empty() { "-".to_string() } else { who(&v) },
+                        if who(&v).is_empty() {
+                            "-".to_string()
+                        } else {
+                            who(&v)
+                        },
                         h.state,
                         SocketAddr::new(h.addr, h.port),
-                        h.count.map(|n| format!(" x{n}, first expires in {} s", h.expires_in_s.unwrap_or(0))).unwrap_or_default()
+                        h.count
+                            .map(|n| format!(
+                                " x{n}, first expires in {} s",
+                                h.expires_in_s.unwrap_or(0)
+                            ))
+                            .unwrap_or_default()
                     );
                 }
                 if !at.hint.is_empty() {
@@ -587,7 +642,11 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path) -> u8 {
     add(
         "privileges",
         priv_ok,
-        if priv_ok { "CAP_BPF+CAP_PERFMON or root".into() } else { "not root".into() },
+        if priv_ok {
+            "CAP_BPF+CAP_PERFMON or root".into()
+        } else {
+            "not root".into()
+        },
         "run as root (sudo portwatch run)",
     );
     let tracefs = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
@@ -597,7 +656,9 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path) -> u8 {
     add(
         "tracefs",
         tracefs.is_some(),
-        tracefs.map(|p| p.display().to_string()).unwrap_or_else(|| "not mounted".into()),
+        tracefs
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "not mounted".into()),
         "mount -t tracefs nodev /sys/kernel/tracing (portwatch run does this itself as root)",
     );
     for (_, cat, tp) in crate::probes::PROGRAMS {
@@ -605,7 +666,11 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path) -> u8 {
         add(
             &format!("tracepoint {cat}:{tp}"),
             ok,
-            if ok { "present".into() } else { "missing".into() },
+            if ok {
+                "present".into()
+            } else {
+                "missing".into()
+            },
             "mount tracefs; a kernel without this tracepoint is not supported",
         );
     }
@@ -617,7 +682,11 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path) -> u8 {
     };
     let dir = log_path.parent().unwrap_or(Path::new("/"));
     let log_ok = std::fs::create_dir_all(dir).is_ok()
-        && std::fs::OpenOptions::new().create(true).append(true).open(log_path).is_ok();
+        && std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .is_ok();
     add(
         "log path",
         log_ok,
@@ -628,15 +697,26 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path) -> u8 {
     add(
         "agent",
         agent.is_some(),
-        agent.map(|p| format!("running, pid {p}")).unwrap_or_else(|| "not running".into()),
+        agent
+            .map(|p| format!("running, pid {p}"))
+            .unwrap_or_else(|| "not running".into()),
         "start it: sudo portwatch run (or systemctl start portwatch)",
     );
     let st = Style::for_stdout();
     // Docker is optional: without it records only lack container names, so it warns.
-    let warn = (!docker).then(|| (docker_detail, "start dockerd to get container names on records"));
+    let warn = (!docker).then(|| {
+        (
+            docker_detail,
+            "start dockerd to get container names on records",
+        )
+    });
     let mut failed = 0;
     for c in &checks {
-        let mark = if c.ok { st.paint("32", "PASS") } else { st.paint("31", "FAIL") };
+        let mark = if c.ok {
+            st.paint("32", "PASS")
+        } else {
+            st.paint("31", "FAIL")
+        };
         if c.ok {
             println!("{mark} {:<36} {}", c.name, c.detail);
         } else {
@@ -645,9 +725,18 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path) -> u8 {
         }
     }
     if let Some((detail, fix)) = warn {
-        println!("{} {:<36} {detail} -- fix: {fix}", st.paint("33", "WARN"), "docker socket");
+        println!(
+            "{} {:<36} {detail} -- fix: {fix}",
+            st.paint("33", "WARN"),
+            "docker socket"
+        );
     } else {
-        println!("{} {:<36} {}", st.paint("32", "PASS"), "docker socket", docker_sock.display());
+        println!(
+            "{} {:<36} {}",
+            st.paint("32", "PASS"),
+            "docker socket",
+            docker_sock.display()
+        );
     }
     u8::from(failed > 0)
 }
@@ -669,10 +758,18 @@ mod tests {
             netns: 1,
             count: None,
         };
-        let mut rows = vec![row("TIME_WAIT", 80), row("LISTEN", 80), row("TIME_WAIT", 80), row("TIME_WAIT", 81)];
+        let mut rows = vec![
+            row("TIME_WAIT", 80),
+            row("LISTEN", 80),
+            row("TIME_WAIT", 80),
+            row("TIME_WAIT", 81),
+        ];
         fold_time_wait(&mut rows);
         assert_eq!(rows.len(), 3);
-        let tw80 = rows.iter().find(|r| r.port == 80 && r.state == "TIME_WAIT").unwrap();
+        let tw80 = rows
+            .iter()
+            .find(|r| r.port == 80 && r.state == "TIME_WAIT")
+            .unwrap();
         assert_eq!(tw80.count, Some(2));
     }
 

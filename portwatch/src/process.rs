@@ -19,9 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     control::{Filter, PortRow},
     decode::{self, Clock},
-    metrics::Metrics,
     diag,
     enrich::ProcCache,
+    metrics::Metrics,
     record::{self, Header},
     sink::{LogEvent, Output},
     table::{self, Attempt, Entry, Owner, PortTable, Proto},
@@ -347,7 +347,8 @@ impl Processor {
             Kind::Bind if e.ret == 0 => {
                 if let Some(p) = proto_of(e.proto) {
                     let o = self.owner_of(e);
-                    self.table.on_bind(netns, entry(table::TCP_CLOSE, Some(o), p));
+                    self.table
+                        .on_bind(netns, entry(table::TCP_CLOSE, Some(o), p));
                 }
             }
             Kind::Listen if e.ret == 0 => {
@@ -607,7 +608,9 @@ impl Processor {
             let line = match (line, raw) {
                 (Some(l), _) => l,
                 (None, Some((e, ns))) => {
-                    let Ok(k) = Kind::try_from(e.kind) else { continue };
+                    let Ok(k) = Kind::try_from(e.kind) else {
+                        continue;
+                    };
                     if !self.format_verbose(&e, k, ns, w) {
                         continue;
                     }
@@ -616,7 +619,8 @@ impl Processor {
                 _ => continue,
             };
             let keep = filter.is_empty()
-                || serde_json::from_slice::<serde_json::Value>(&line).is_ok_and(|v| filter.matches(&v));
+                || serde_json::from_slice::<serde_json::Value>(&line)
+                    .is_ok_and(|v| filter.matches(&v));
             if keep {
                 out.push(line);
             }
@@ -635,7 +639,11 @@ impl Processor {
             .table
             .rows()
             .filter(|(_, e)| filter.port.is_none_or(|p| e.local.port() == p))
-            .filter(|(_, e)| filter.pid.is_none_or(|p| e.owner.as_ref().is_some_and(|o| o.pid == p)))
+            .filter(|(_, e)| {
+                filter
+                    .pid
+                    .is_none_or(|p| e.owner.as_ref().is_some_and(|o| o.pid == p))
+            })
             .map(|(ns, e)| PortRow {
                 proto: match e.proto {
                     Proto::Tcp => "tcp".into(),
@@ -697,7 +705,8 @@ impl Processor {
                 uid: o.uid,
             })
         };
-        self.table.reconcile(s.ns.inode, entries, &lookup, s.wall_ns)
+        self.table
+            .reconcile(s.ns.inode, entries, &lookup, s.wall_ns)
     }
 
     fn snapshot(&mut self, s: &Snapshot) {
@@ -739,7 +748,9 @@ impl Processor {
                 if server_side {
                     *by_local.entry(lp).or_default() += 1;
                 } else {
-                    *by_remote.entry((d.remote.ip(), d.remote.port())).or_default() += 1;
+                    *by_remote
+                        .entry((d.remote.ip(), d.remote.port()))
+                        .or_default() += 1;
                 }
             }
             if !server_side && d.remote.port() != 0 && d.state != table::TCP_LISTEN {
@@ -747,12 +758,15 @@ impl Processor {
             }
         }
         let size = f64::from(range.1.saturating_sub(range.0)) + 1.0;
-        let busiest = to_dst.iter().max_by_key(|(_, n)| **n).map(|((a, p), n)| Busiest {
-            addr: *a,
-            port: *p,
-            in_use: *n,
-            pct: (*n as f64 * 1000.0 / size).round() / 10.0,
-        });
+        let busiest = to_dst
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|((a, p), n)| Busiest {
+                addr: *a,
+                port: *p,
+                in_use: *n,
+                pct: (*n as f64 * 1000.0 / size).round() / 10.0,
+            });
         let st = self.tw.entry(netns).or_default();
         let entered = std::mem::take(&mut st.entered);
         let expired = (st.last_total + entered).saturating_sub(total);
@@ -793,7 +807,12 @@ impl Processor {
                 total,
                 entered,
                 expired,
-                by_local_port: top_n(by_local.into_iter().map(|(port, count)| PortCount { port, count }), top),
+                by_local_port: top_n(
+                    by_local
+                        .into_iter()
+                        .map(|(port, count)| PortCount { port, count }),
+                    top,
+                ),
                 by_remote: top_n(
                     by_remote
                         .into_iter()

@@ -51,7 +51,9 @@ pub enum LogEvent {
     /// Still failing (counted, not reported again).
     StillFailing,
     /// Writing works again after `failed` lost lines.
-    Resumed { failed: u64 },
+    Resumed {
+        failed: u64,
+    },
 }
 
 pub struct LogFile {
@@ -242,11 +244,20 @@ mod tests {
         let p = d.join("events.jsonl");
         let mut l = LogFile::new(p.clone(), open_log(&p).unwrap(), 100, 2);
         for i in 0..30 {
-            assert_eq!(l.write_line(format!("{{\"n\":{i:02}}}\n").as_bytes()), LogEvent::Ok);
+            assert_eq!(
+                l.write_line(format!("{{\"n\":{i:02}}}\n").as_bytes()),
+                LogEvent::Ok
+            );
         }
         let all: Vec<String> = [rotated(&p, 2), rotated(&p, 1), p.clone()]
             .iter()
-            .flat_map(|f| std::fs::read_to_string(f).unwrap().lines().map(String::from).collect::<Vec<_>>())
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap()
+                    .lines()
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
             .collect();
         assert!(!rotated(&p, 3).exists(), "only --log-keep files are kept");
         for f in [rotated(&p, 2), rotated(&p, 1), p.clone()] {
@@ -255,7 +266,9 @@ mod tests {
             assert!(s.ends_with('\n'));
         }
         // Newest lines, in order, none split.
-        let expect: Vec<String> = (30 - all.len()..30).map(|i| format!("{{\"n\":{i:02}}}")).collect();
+        let expect: Vec<String> = (30 - all.len()..30)
+            .map(|i| format!("{{\"n\":{i:02}}}"))
+            .collect();
         assert_eq!(all, expect);
         let _ = std::fs::remove_dir_all(d);
     }

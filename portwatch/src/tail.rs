@@ -125,14 +125,19 @@ fn files(path: &Path) -> Vec<PathBuf> {
 fn open_any(p: &Path) -> std::io::Result<Box<dyn BufRead>> {
     let f = File::open(p)?;
     if p.extension().is_some_and(|e| e == "gz") {
-        Ok(Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(f))))
+        Ok(Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(
+            f,
+        ))))
     } else {
         Ok(Box::new(BufReader::new(f)))
     }
 }
 
 pub fn run(a: &TailArgs) -> Result<()> {
-    let path = a.path.clone().unwrap_or_else(|| PathBuf::from(crate::sink::DEFAULT_LOG));
+    let path = a
+        .path
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(crate::sink::DEFAULT_LOG));
     if !path.exists() && !a.follow {
         return Err(Error::Io {
             what: "opening the log",
@@ -165,7 +170,9 @@ pub fn run(a: &TailArgs) -> Result<()> {
         source,
     };
     let list = files(&path);
-    let (current, older) = list.split_last().expect("files() always lists the current log");
+    let (current, older) = list
+        .split_last()
+        .expect("files() always lists the current log");
     for f in older {
         match open_any(f) {
             Ok(r) => p.reader(&mut out, r).map_err(io)?,
@@ -174,7 +181,8 @@ pub fn run(a: &TailArgs) -> Result<()> {
     }
     if !a.follow {
         if current.exists() {
-            p.reader(&mut out, open_any(current).map_err(io)?).map_err(io)?;
+            p.reader(&mut out, open_any(current).map_err(io)?)
+                .map_err(io)?;
         }
         let _ = out.flush();
         if p.malformed > 0 {
@@ -259,7 +267,10 @@ mod tests {
         let t = ts_ns("2026-11-25T08:31:31.123456789Z").unwrap();
         assert_eq!(t, 1_795_595_491i128 * 1_000_000_000 + 123_456_789);
         assert_eq!(crate::decode::rfc3339(t), "2026-11-25T08:31:31.123456789Z");
-        assert_eq!(ts_ns("2026-11-25T08:31:31.123456Z").unwrap() % 1_000_000_000, 123_456_000);
+        assert_eq!(
+            ts_ns("2026-11-25T08:31:31.123456Z").unwrap() % 1_000_000_000,
+            123_456_000
+        );
         assert!(ts_ns("garbage").is_none());
     }
 
@@ -269,13 +280,22 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         let p = d.join("events.jsonl");
-        let rec = |n: u32| format!("{{\"v\":1,\"ts\":\"2026-11-25T08:00:0{n}.000000000Z\",\"type\":\"conflict\",\"port\":{n}}}\n");
+        let rec = |n: u32| {
+            format!("{{\"v\":1,\"ts\":\"2026-11-25T08:00:0{n}.000000000Z\",\"type\":\"conflict\",\"port\":{n}}}\n")
+        };
         // .2.gz (oldest), .1, current with junk in it
-        let mut gz = flate2::write::GzEncoder::new(File::create(rotated(&p, 2).with_extension("2.gz")).unwrap(), flate2::Compression::default());
+        let mut gz = flate2::write::GzEncoder::new(
+            File::create(rotated(&p, 2).with_extension("2.gz")).unwrap(),
+            flate2::Compression::default(),
+        );
         gz.write_all(rec(1).as_bytes()).unwrap();
         gz.finish().unwrap();
         std::fs::write(rotated(&p, 1), rec(2)).unwrap();
-        std::fs::write(&p, format!("{}not json\n{{\"half\":\n\u{0}\n{}", rec(3), rec(4))).unwrap();
+        std::fs::write(
+            &p,
+            format!("{}not json\n{{\"half\":\n\u{0}\n{}", rec(3), rec(4)),
+        )
+        .unwrap();
         assert_eq!(files(&p).len(), 3);
         let mut pr = Printer {
             filter: Filter::default(),
@@ -291,7 +311,14 @@ mod tests {
             pr.reader(&mut out, open_any(&f).unwrap()).unwrap();
         }
         let s = String::from_utf8(out).unwrap();
-        let ports: Vec<u64> = s.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["port"].as_u64().unwrap()).collect();
+        let ports: Vec<u64> = s
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["port"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
         assert_eq!(ports, vec![1, 2, 3, 4], "oldest first, gz included");
         assert_eq!(pr.malformed, 3);
         let _ = std::fs::remove_dir_all(d);

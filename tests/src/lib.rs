@@ -67,7 +67,10 @@ impl Agent {
     pub fn start(args: &[&str]) -> Agent {
         let mut cmd = Command::new(agent_bin());
         cmd.arg("run").args(args);
-        if !args.iter().any(|a| a.starts_with("--log-file") || *a == "--no-log-file") {
+        if !args
+            .iter()
+            .any(|a| a.starts_with("--log-file") || *a == "--no-log-file")
+        {
             cmd.arg("--no-log-file");
         }
         let rt = if let Some(i) = args.iter().position(|a| *a == "--runtime-dir") {
