@@ -6,11 +6,13 @@
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
-/// Bounded cache of pid -> (comm, cmdline). Only misses touch /proc.
+/// tid -> (pid, comm, cmdline)
+type Cached = (u32, Box<str>, Option<Arc<str>>);
+
+/// Bounded cache of thread -> (pid, comm, cmdline). Only misses touch /proc.
 pub struct ProcCache {
     root: PathBuf,
-    /// tid -> (pid, comm, cmdline)
-    map: HashMap<u32, (u32, Box<str>, Option<Arc<str>>)>,
+    map: HashMap<u32, Cached>,
     cap: usize,
 }
 

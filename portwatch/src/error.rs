@@ -41,8 +41,9 @@ pub enum Error {
         field: &'static str,
     },
 
+    // Boxed: aya's errors are large and would make every Result in the agent large.
     #[error("loading the eBPF programs into the kernel failed: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(Box<aya::EbpfError>),
 
     #[error(
         "attaching eBPF program {program} to tracepoint {category}:{tracepoint} failed: {source}; \
@@ -53,7 +54,7 @@ pub enum Error {
         category: &'static str,
         tracepoint: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
 
     #[error("eBPF map {name} is missing or of the wrong type: {source}")]
@@ -112,6 +113,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<aya::EbpfError> for Error {
+    fn from(e: aya::EbpfError) -> Self {
+        Error::Load(Box::new(e))
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -340,8 +340,8 @@ pub fn ports(a: &PortsArgs) -> Result<()> {
     }
     let _ = writeln!(
         out,
-        "{:<5} {:<40} {:<12} {:<24} {:<16} {}",
-        "PROTO", "LOCAL", "STATE", "PROCESS", "CONTAINER", "NETNS"
+        "PROTO {:<40} {:<12} {:<24} {:<16} NETNS",
+        "LOCAL", "STATE", "PROCESS", "CONTAINER"
     );
     for r in &rows {
         let local = if r.addr.contains(':') {
@@ -704,12 +704,10 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path) -> u8 {
     );
     let st = Style::for_stdout();
     // Docker is optional: without it records only lack container names, so it warns.
-    let warn = (!docker).then(|| {
-        (
-            docker_detail,
-            "start dockerd to get container names on records",
-        )
-    });
+    let warn = (!docker).then_some((
+        docker_detail,
+        "start dockerd to get container names on records",
+    ));
     let mut failed = 0;
     for c in &checks {
         let mark = if c.ok {

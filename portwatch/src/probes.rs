@@ -82,7 +82,7 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
             program,
             category,
             tracepoint,
-            source,
+            source: Box::new(source),
         })?;
     }
 

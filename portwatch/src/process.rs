@@ -139,6 +139,7 @@ const WINDOW_ITEMS: usize = 65_536;
 /// The recent past, for `attach`. Records that were logged are kept as their lines; verbose
 /// kernel events (logged only with --all-events) are kept raw and formatted on replay, so
 /// keeping them costs no JSON encoding on the hot path.
+#[derive(Clone)]
 enum WinItem {
     Line(i128, Arc<[u8]>),
     Raw(i128, Event, u32),
@@ -595,19 +596,16 @@ impl Processor {
     ) {
         let from = Clock::now_wall_ns() - i128::from(since_s) * 1_000_000_000;
         let mut out = Vec::new();
-        let items: Vec<(i128, Option<Arc<[u8]>>, Option<(Event, u32)>)> = self
+        let items: Vec<WinItem> = self
             .window
             .iter()
             .filter(|i| since_s > 0 && i.wall() >= from)
-            .map(|i| match i {
-                WinItem::Line(w, l) => (*w, Some(l.clone()), None),
-                WinItem::Raw(w, e, ns) => (*w, None, Some((*e, *ns))),
-            })
+            .cloned()
             .collect();
-        for (w, line, raw) in items {
-            let line = match (line, raw) {
-                (Some(l), _) => l,
-                (None, Some((e, ns))) => {
+        for item in items {
+            let line = match item {
+                WinItem::Line(_, l) => l,
+                WinItem::Raw(w, e, ns) => {
                     let Ok(k) = Kind::try_from(e.kind) else {
                         continue;
                     };
@@ -616,7 +614,6 @@ impl Processor {
                     }
                     Arc::from(&self.buf[..])
                 }
-                _ => continue,
             };
             let keep = filter.is_empty()
                 || serde_json::from_slice::<serde_json::Value>(&line)

@@ -667,11 +667,10 @@ impl Churn {
         let failed: Arc<Vec<Padded>> = Arc::new((0..clients).map(|_| Padded::default()).collect());
         let deadline = Instant::now() + max_run;
         let server = {
-            let stop = stop.clone();
             let fd = lfd.0;
             thread::Builder::new()
                 .name("bench-accept".into())
-                .spawn(move || accept_loop(fd, &stop, deadline))?
+                .spawn(move || accept_loop(fd, deadline))?
         };
         let mut c = Churn {
             stop,
@@ -727,9 +726,30 @@ impl Drop for Churn {
     }
 }
 
-fn accept_loop(lfd: i32, stop: &AtomicBool, deadline: Instant) {
-    while !stop.load(Relaxed) && Instant::now() < deadline {
-        // SAFETY: lfd stays open until this thread is joined.
+/// Accepts and closes at once. It deliberately ignores the stop flag: a client that connected
+/// just before stopping waits in read() for this close, so the acceptor runs until `finish`
+/// shuts the listener down (after joining the clients), or until its own deadline. Whichever
+/// way it ends, it shuts the listener down itself, which resets connections still queued, so
+/// no client can be left waiting on an acceptor that is gone.
+fn accept_loop(lfd: i32, deadline: Instant) {
+    // accept() gives up after this long when idle (SO_RCVTIMEO applies to accept), so the
+    // deadline is checked even if no client ever connects.
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 200_000,
+    };
+    // SAFETY: lfd stays open until this thread is joined; `tv` is a valid timeval.
+    unsafe {
+        libc::setsockopt(
+            lfd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+    }
+    while Instant::now() < deadline {
+        // SAFETY: as above.
         let fd = unsafe {
             libc::accept4(
                 lfd,
@@ -744,13 +764,15 @@ fn accept_loop(lfd: i32, stop: &AtomicBool, deadline: Instant) {
             continue;
         }
         match errno() {
-            libc::EINTR | libc::ECONNABORTED => {}
+            libc::EINTR | libc::ECONNABORTED | libc::EAGAIN => {}
             libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
                 thread::sleep(Duration::from_millis(1))
             }
             _ => break, // EINVAL after shutdown(): we are done.
         }
     }
+    // SAFETY: as above.
+    unsafe { libc::shutdown(lfd, libc::SHUT_RDWR) };
 }
 
 fn client_loop(
