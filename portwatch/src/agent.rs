@@ -253,7 +253,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     drop(tx);
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
     drop(ring);
-    drop(probes); // detaches every program
+    probes.detach();
     Ok(())
 }
 

@@ -104,6 +104,24 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
 }
 
 impl Probes {
+    /// Detach and unload every program, all at once. Each tracepoint detach waits for an RCU
+    /// grace period in the kernel; one after the other that is about half a second for nine
+    /// programs, while concurrent detaches share their grace periods.
+    pub fn detach(mut self) {
+        let programs: Vec<&mut TracePoint> = self
+            .ebpf
+            .programs_mut()
+            .filter_map(|(_, p)| p.try_into().ok())
+            .collect();
+        std::thread::scope(|s| {
+            for p in programs {
+                s.spawn(move || {
+                    let _ = p.unload();
+                });
+            }
+        });
+    }
+
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
         let m = self.ebpf.take_map("EVENTS").ok_or(Error::Map {
             name: "EVENTS",

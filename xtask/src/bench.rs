@@ -76,22 +76,38 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     let secs = args.duration.unwrap_or(if args.quick { 3 } else { 10 });
+    let dir = crate::workspace_root().join("target").join("bench");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let built = crate::build_agent(true)?;
+    // A private copy: others rebuilding target/release/portwatch during the run must not
+    // change what is measured between one round and the next.
+    let agent = dir.join("portwatch");
+    let _ = fs::remove_file(&agent);
+    fs::copy(&built, &agent)
+        .with_context(|| format!("copying {} to {}", built.display(), agent.display()))?;
     let cfg = Settings {
         window: Duration::from_secs(secs),
         rounds: args.rounds.unwrap_or(if args.quick { 1 } else { 3 }),
         clients: args.clients as usize,
         keep_logs: args.keep_logs,
-        dir: crate::workspace_root().join("target").join("bench"),
-        agent: crate::build_agent(true)?,
+        agent_args: agent_args(&agent, &dir),
+        dir,
+        agent,
     };
-    fs::create_dir_all(&cfg.dir).with_context(|| format!("creating {}", cfg.dir.display()))?;
     let peers = ensure_peers();
     let script = cfg.dir.join("peer.bt");
     fs::write(&script, BPFTRACE_SCRIPT).with_context(|| format!("writing {}", script.display()))?;
 
     let host = Host::probe();
     let started = Instant::now();
-    let mut report = Report::default();
+    let mut report = Report {
+        quiet_budget: if args.quick {
+            Duration::from_secs(20)
+        } else {
+            Duration::from_secs(90)
+        },
+        ..Default::default()
+    };
 
     let churn = churn_phase(&cfg, &peers, &mut report)?;
     let storm = bind_storm_phase(&cfg, &mut report)?;
@@ -131,6 +147,33 @@ struct Settings {
     keep_logs: bool,
     dir: PathBuf,
     agent: PathBuf,
+    /// Added to every `portwatch run`.
+    agent_args: Vec<std::ffi::OsString>,
+}
+
+/// Options the bench adds to `portwatch run`, when this build of the agent has them:
+/// `--no-log-file`, because as root the agent otherwise appends every record to
+/// /var/log/portwatch (a bench would write gigabytes there and rotate away real records;
+/// stdout carries the same lines); and a private `--runtime-dir`, so the bench neither takes
+/// the host-wide single-instance lock from a real agent or the end-to-end tests, nor fails
+/// because one of them holds it.
+fn agent_args(agent: &Path, dir: &Path) -> Vec<std::ffi::OsString> {
+    let help = Command::new(agent)
+        .args(["run", "--help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mut v = Vec::new();
+    if help.contains("--no-log-file") {
+        v.push("--no-log-file".into());
+    }
+    if help.contains("--runtime-dir") {
+        let run = dir.join("run");
+        let _ = fs::create_dir_all(&run);
+        v.push("--runtime-dir".into());
+        v.push(run.into_os_string());
+    }
+    v
 }
 
 fn note(msg: &str) {
@@ -361,7 +404,7 @@ impl Tracer {
             Cfg::None => bail!("no tracer to spawn"),
             Cfg::PwDefault | Cfg::PwAll => {
                 let mut c = Command::new(&s.agent);
-                c.arg("run");
+                c.arg("run").args(&s.agent_args);
                 if cfg == Cfg::PwAll {
                     c.arg("--all-events");
                 }
@@ -530,6 +573,92 @@ fn cpu_seconds(pid: i32) -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Some(ticks as f64 / hz)
+}
+
+/// CPU time of every task on the machine (user + nice + system, all cores), in seconds.
+/// irq/softirq time is left out on both sides of the "other processes" subtraction, as it is
+/// not charged to any process.
+fn system_cpu_seconds() -> Option<f64> {
+    let s = fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = s
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(3)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(f.iter().sum::<u64>() as f64 / hz)
+}
+
+/// CPU used by everything except the bench and the tracer under test, as % of one core:
+/// other engineers' builds, daemons, kernel threads. A high figure marks a noisy window.
+struct OtherCpu {
+    sys: Option<f64>,
+    own: Option<f64>,
+    tracer: Option<f64>,
+    at: Instant,
+    tracer_pid: Option<i32>,
+}
+
+impl OtherCpu {
+    fn start(tracer_pid: Option<i32>) -> OtherCpu {
+        OtherCpu {
+            sys: system_cpu_seconds(),
+            own: cpu_seconds(std::process::id() as i32),
+            tracer: tracer_pid.and_then(cpu_seconds),
+            at: Instant::now(),
+            tracer_pid,
+        }
+    }
+    fn pct(&self) -> Option<f64> {
+        let el = self.at.elapsed().as_secs_f64();
+        let sys = system_cpu_seconds()? - self.sys?;
+        let own = cpu_seconds(std::process::id() as i32)? - self.own?;
+        let tr = match (self.tracer_pid, self.tracer) {
+            (Some(p), Some(t0)) => cpu_seconds(p)? - t0,
+            _ => 0.0,
+        };
+        Some(((sys - own - tr) / el * 100.0).max(0.0))
+    }
+}
+
+/// Before a measurement, wait (bounded) until other processes are nearly idle: the
+/// machine is shared (builds), and 2 cores leave no headroom. The total wait over the whole
+/// bench is capped by `budget`; when it is spent, measurements go ahead and the noise shows
+/// in the "other CPU" column.
+fn wait_for_quiet(rep: &mut Report) {
+    const IDLE_ENOUGH: f64 = 30.0; // % of one core
+    let start = Instant::now();
+    let limit = rep.quiet_budget.min(Duration::from_secs(15));
+    let mut said = false;
+    loop {
+        let o = OtherCpu::start(None);
+        thread::sleep(Duration::from_millis(500));
+        let busy = o.pct().unwrap_or(0.0);
+        if busy < IDLE_ENOUGH {
+            break;
+        }
+        if start.elapsed() >= limit {
+            note(&format!(
+                "other processes still use {busy:.0}% of a core; measuring anyway (wait budget \
+                 left: {:.0} s)",
+                rep.quiet_budget
+                    .saturating_sub(start.elapsed())
+                    .as_secs_f64()
+            ));
+            break;
+        }
+        if !said {
+            note(&format!(
+                "waiting for the machine to quiet down: other processes use {busy:.0}% of a core"
+            ));
+            said = true;
+        }
+    }
+    rep.quiet_budget = rep.quiet_budget.saturating_sub(start.elapsed());
 }
 
 /// Peak resident set size (VmHWM) in KiB.
@@ -834,10 +963,12 @@ fn measure_churn(
     thread::sleep(WARM);
     let c0 = churn.completed();
     let cpu0 = tracer_pid.and_then(cpu_seconds);
+    let other = OtherCpu::start(tracer_pid);
     let t0 = Instant::now();
     thread::sleep(window);
     let c1 = churn.completed();
     let cpu1 = tracer_pid.and_then(cpu_seconds);
+    let other_cpu = other.pct();
     let el = t0.elapsed().as_secs_f64();
     let failures = churn.failures();
     churn.finish();
@@ -848,6 +979,7 @@ fn measure_churn(
             (Some(a), Some(b)) => Some((b - a) / el * 100.0),
             _ => None,
         },
+        other_cpu,
     })
 }
 
@@ -855,6 +987,8 @@ struct ChurnSample {
     rate: f64,
     failures: u64,
     tracer_cpu: Option<f64>,
+    /// CPU of everything else on the machine during the window (% of one core).
+    other_cpu: Option<f64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -994,6 +1128,8 @@ struct Report {
     hwm_default: u64,
     hwm_all: u64,
     warnings: Vec<String>,
+    /// What is left of the total time wait_for_quiet may spend.
+    quiet_budget: Duration,
 }
 
 impl Report {
@@ -1081,6 +1217,7 @@ fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnRes
         for k in 0..n {
             let i = (k + round as usize) % n;
             let cfg = cfgs[i];
+            wait_for_quiet(rep);
             note(&format!(
                 "churn: {} round {}/{} ({} s, {} clients)",
                 cfg.name(),
@@ -1154,6 +1291,7 @@ struct StormRow {
     eaddrinuse: u64,
     ok: u64,
     other_errors: u64,
+    other_cpu: Option<f64>,
     log: AgentLog,
 }
 
@@ -1242,6 +1380,7 @@ fn bind_storm_phase(s: &Settings, rep: &mut Report) -> Result<Vec<StormRow>> {
     let threads = 2;
     let mut rows = Vec::new();
     for (k, (rate, ok_binds, label)) in plan.into_iter().enumerate() {
+        wait_for_quiet(rep);
         note(&format!(
             "bind storm: {label} on 127.0.0.1:{port} for {} s ({}/{})",
             s.window.as_secs(),
@@ -1253,6 +1392,7 @@ fn bind_storm_phase(s: &Settings, rep: &mut Report) -> Result<Vec<StormRow>> {
         let (wall, line) = t.wait_ready_file()?;
         rep.agent_ready(wall, &line);
         thread::sleep(SETTLE);
+        let other = OtherCpu::start(Some(t.pid()));
         let t0 = Instant::now();
         let until = t0 + s.window;
         let workers: Vec<JoinHandle<StormCount>> = (0..threads)
@@ -1274,6 +1414,7 @@ fn bind_storm_phase(s: &Settings, rep: &mut Report) -> Result<Vec<StormRow>> {
             tot.other += c.other;
         }
         let secs = t0.elapsed().as_secs_f64();
+        let other_cpu = other.pct();
         rep.hwm(Cfg::PwDefault, t.pid());
         t.check_alive()?;
         // SIGINT: the agent drains the ring buffer and writes the final `lost` record.
@@ -1292,6 +1433,7 @@ fn bind_storm_phase(s: &Settings, rep: &mut Report) -> Result<Vec<StormRow>> {
             eaddrinuse: tot.eaddrinuse,
             ok: tot.ok,
             other_errors: tot.other,
+            other_cpu,
             log,
         };
         note(&format!(
@@ -1322,6 +1464,7 @@ struct LatencyResult {
     ready_wall: Duration,
     startup_ms: Option<u64>,
     lost: u64,
+    other_cpu: Option<f64>,
 }
 
 fn realtime_ns() -> i64 {
@@ -1351,6 +1494,7 @@ fn latency_cost_phase(s: &Settings, rep: &mut Report) -> Result<LatencyResult> {
         BACKGROUND_RATE,
         s.window.as_secs()
     ));
+    wait_for_quiet(rep);
     // One holder per probe so each conflict is known by its port. Created before the agent
     // starts: their listen() calls are not part of what is measured.
     let holders: Vec<(Fd, u16)> = (0..PROBES).map(|_| listener(0, 1)).collect::<Result<_>>()?;
@@ -1419,6 +1563,7 @@ fn latency_cost_phase(s: &Settings, rep: &mut Report) -> Result<LatencyResult> {
     )?;
     thread::sleep(WARM);
     let (c0, cpu0, t0) = (churn.completed(), cpu_seconds(t.pid()), Instant::now());
+    let other = OtherCpu::start(Some(t.pid()));
 
     // Probes: one reused socket (a failed bind leaves it unbound), spaced in time.
     let probe = tcp_socket()?;
@@ -1444,6 +1589,7 @@ fn latency_cost_phase(s: &Settings, rep: &mut Report) -> Result<LatencyResult> {
     }
     let el = t0.elapsed().as_secs_f64();
     let (c1, cpu1) = (churn.completed(), cpu_seconds(t.pid()));
+    let other_cpu = other.pct();
     churn.finish();
     let hwm = vm_hwm_kib(t.pid()).unwrap_or(0);
     rep.hwm(Cfg::PwDefault, t.pid());
@@ -1480,6 +1626,7 @@ fn latency_cost_phase(s: &Settings, rep: &mut Report) -> Result<LatencyResult> {
         ready_wall,
         startup_ms: log.startup_ms,
         lost: log.lost_count,
+        other_cpu,
         lat_ms,
     };
     note(&format!(
@@ -1503,6 +1650,7 @@ struct CostRow {
     hwm_kib: u64,
     lines: u64,
     lost: u64,
+    other_cpu: Option<f64>,
 }
 
 /// The agent's cost in --all-events mode under the same background churn (output to a file).
@@ -1512,6 +1660,7 @@ fn cost_all_events(s: &Settings, rep: &mut Report) -> Result<CostRow> {
         BACKGROUND_RATE,
         s.window.as_secs()
     ));
+    wait_for_quiet(rep);
     let (mut t, _) = Tracer::spawn(s, Cfg::PwAll, "cost-all-events", Sink::File)?;
     let (wall, line) = t.wait_ready_file()?;
     rep.agent_ready(wall, &line);
@@ -1529,6 +1678,7 @@ fn cost_all_events(s: &Settings, rep: &mut Report) -> Result<CostRow> {
         hwm_kib: hwm,
         lines: log.lines,
         lost: log.lost_count,
+        other_cpu: smp.other_cpu,
     };
     note(&format!(
         "cost: --all-events {:.1}% CPU at {:.0} conn/s, {} lines, {} lost, VmHWM {} KiB",
@@ -1908,6 +2058,7 @@ fn glyph(c: char) -> [u8; 5] {
         'Z' => [0x61, 0x51, 0x49, 0x45, 0x43],
         '%' => [0x23, 0x13, 0x08, 0x64, 0x62],
         '.' => [0x00, 0x60, 0x60, 0x00, 0x00],
+        ',' => [0x00, 0x50, 0x30, 0x00, 0x00],
         '-' => [0x08, 0x08, 0x08, 0x08, 0x08],
         '/' => [0x20, 0x10, 0x08, 0x04, 0x02],
         ':' => [0x00, 0x36, 0x36, 0x00, 0x00],

@@ -110,7 +110,11 @@ fn main() -> Result<()> {
         }
         Cmd::Test { filter } => {
             setup::all()?;
-            let bin = build_agent(false)?;
+            // The fault tests check with bpftool that nothing stays attached.
+            setup::apt_tools(&[("bpftool", "bpftool"), ("ss", "iproute2"), ("gzip", "gzip")])?;
+            // The end-to-end tests run the release agent: what users run, and what the
+            // benchmarks measure.
+            let bin = build_agent(true)?;
             step("unit tests");
             let mut c = cargo();
             c.args([

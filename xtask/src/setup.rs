@@ -14,6 +14,30 @@ pub fn all() -> Result<()> {
     Ok(())
 }
 
+/// Debian packages the tests and benchmarks use, installed only when their command is
+/// missing: `apt-get update` runs once, and only if something is missing.
+pub fn apt_tools(tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(cmd, _)| {
+            !std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                .chain(["/usr/sbin".into(), "/sbin".into()])
+                .any(|d| d.join(cmd).is_file())
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(&format!("installing {} (apt-get)", missing.join(", ")));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| format!("installing {} failed", missing.join(", ")))
+}
+
 fn output(cmd: &mut Command) -> Option<String> {
     let o = cmd.output().ok()?;
     o.status
