@@ -13,6 +13,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
+use portwatch_common::Event;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -32,7 +33,12 @@ use crate::{
     sink::{self, Output},
 };
 
-const QUEUE: usize = 65_536;
+/// Bounded queue between the drain and the processing thread, in batches.
+const QUEUE: usize = 4096;
+/// Largest batch: one queue slot carries up to this many events.
+const BATCH: usize = 256;
+/// How often events submitted without a wakeup are collected.
+const DRAIN_MS: u64 = 50;
 
 /// `--group`: a name from /etc/group, or a numeric gid.
 fn resolve_group(g: &str) -> Result<u32> {
@@ -226,8 +232,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         })
     };
 
+    // Events that need no prompt handling are submitted without a wakeup (see the kernel
+    // side's emit()); this tick collects them.
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(DRAIN_MS));
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = drain_tick.tick() => drain(ring.get_mut(), &tx, &agent_lost),
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(|source| Error::Io { what: "waiting on the ring buffer", source })?;
                 drain(guard.get_inner_mut(), &tx, &agent_lost);
@@ -257,18 +268,37 @@ pub async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Decode only; never block. A full queue is counted, not waited on.
+/// Decode only; never block. Events go to the processing thread in batches (one wakeup of
+/// that thread per batch, not per event); a full queue is counted as lost, not waited on.
 fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Msg>, agent_lost: &[AtomicU64; KINDS]) {
+    let mut batch: Vec<Event> = Vec::new();
+    let flush = |batch: &mut Vec<Event>| {
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = tx.try_send(Msg::Events(std::mem::take(batch))) {
+            let (mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m)) = e;
+            if let Msg::Events(lost) = m {
+                for ev in lost {
+                    agent_lost[(ev.kind as usize).min(KINDS - 1)].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    };
     while let Some(item) = ring.next() {
         let Some(e) = decode::event_from_bytes(&item) else {
             continue;
         };
         drop(item);
-        let k = (e.kind as usize).min(KINDS - 1);
-        if tx.try_send(Msg::Event(e)).is_err() {
-            agent_lost[k].fetch_add(1, Ordering::Relaxed);
+        if batch.capacity() == 0 {
+            batch.reserve_exact(BATCH);
+        }
+        batch.push(e);
+        if batch.len() == BATCH {
+            flush(&mut batch);
         }
     }
+    flush(&mut batch);
 }
 
 fn diag_loop(

@@ -31,7 +31,8 @@ pub const KINDS: usize = kind::COUNT as usize;
 
 /// What the processing thread receives.
 pub enum Msg {
-    Event(Event),
+    /// A batch of kernel events, in ring-buffer order.
+    Events(Vec<Event>),
     Agent(Box<AgentRecord>),
     Lost {
         kernel: [u64; KINDS],
@@ -948,14 +949,16 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
     let mut since_clock = 0u32;
     while let Some(m) = rx.blocking_recv() {
         match m {
-            Msg::Event(e) => {
+            Msg::Events(batch) => {
                 // Re-read the monotonic/wall offset now and then: NTP slews the wall clock.
-                since_clock += 1;
+                since_clock += batch.len() as u32;
                 if since_clock >= 10_000 {
                     p.clock = Clock::now();
                     since_clock = 0;
                 }
-                p.event(&e);
+                for e in &batch {
+                    p.event(e);
+                }
             }
             Msg::Agent(mut r) => {
                 if r.event == "ready" {
