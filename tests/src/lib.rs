@@ -381,7 +381,8 @@ pub fn host_netns() -> u64 {
 /// A port no test shares: tests run one at a time, but a leftover TIME_WAIT from an
 /// earlier run must not make a bind fail unexpectedly.
 pub fn test_port(offset: u16) -> u16 {
-    let base = 20000 + (std::process::id() % 2000) as u16 * 10;
+    // Below the ephemeral range (32768+), where client sockets of the churn tests live.
+    let base = 10000 + (std::process::id() % 2000) as u16 * 10;
     base + offset
 }
 

@@ -1,0 +1,108 @@
+//! The agent under mixed churn for ten minutes (PORTWATCH_SOAK_SECS): its memory must stay
+//! flat. Reports the growth in MB per hour.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use portwatch_tests::*;
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn memory_stays_flat_under_mixed_churn() {
+    let secs: u64 = std::env::var("PORTWATCH_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    assert!(secs >= 60, "a soak shorter than a minute says nothing");
+    let agent = Agent::start(&["--tw-interval", "5"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let conns = Arc::new(AtomicU64::new(0));
+    let port = test_port(51);
+    let addr = format!("127.0.0.1:{port}");
+    let l = TcpListener::bind(&addr).unwrap();
+    let mut workers = Vec::new();
+    // Connection churn, about 1k/s: TIME_WAIT entries, state changes.
+    {
+        let (stop, conns, addr) = (stop.clone(), conns.clone(), addr.clone());
+        workers.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..100 {
+                    if let Ok(c) = TcpStream::connect(&addr) {
+                        if let Ok((s, _)) = l.accept() {
+                            drop(c);
+                            drop(s);
+                            conns.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }));
+    }
+    // Conflicts, successful binds and closes, UDP, and short-lived holder processes.
+    {
+        let stop = stop.clone();
+        workers.push(std::thread::spawn(move || {
+            let mut i = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+                let s = socket(&a, SOCK_STREAM, false);
+                let _ = bind(&s, &a); // EADDRINUSE: a conflict
+                let b: SocketAddr = format!("127.0.0.1:{}", 31000 + (i % 500)).parse().unwrap();
+                let u = socket(&b, SOCK_DGRAM, false);
+                let _ = bind(&u, &b);
+                drop((s, u));
+                if i % 20 == 0 {
+                    let h = Holder::start(env!("CARGO_BIN_EXE_pw-hold"), "tcp-bind", &format!("127.0.0.1:{}", 31600 + (i % 300)), None);
+                    drop(h);
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }));
+    }
+    let t0 = Instant::now();
+    let warm = Duration::from_secs((secs / 5).max(30));
+    std::thread::sleep(warm);
+    let rss_start = rss_kb(agent.pid());
+    let mut peak = rss_start;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_secs(5));
+        peak = peak.max(rss_kb(agent.pid()));
+    }
+    let rss_end = rss_kb(agent.pid());
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let span_h = (t0.elapsed() - warm).as_secs_f64() / 3600.0;
+    let growth_mb = (rss_end as f64 - rss_start as f64) / 1024.0;
+    let per_hour = growth_mb / span_h;
+    let done = agent.stop();
+    let conflicts = done.lines.iter().filter(|v| v["type"] == "conflict").count();
+    eprintln!(
+        "soak {secs} s: {} connections, {conflicts} conflicts; RSS after warm-up {:.1} MB, at end {:.1} MB, peak {:.1} MB; growth {growth_mb:.2} MB = {per_hour:.2} MB/h",
+        conns.load(Ordering::Relaxed),
+        rss_start as f64 / 1024.0,
+        rss_end as f64 / 1024.0,
+        peak as f64 / 1024.0
+    );
+    assert!(done.status.success());
+    assert!(conflicts > 1000, "the churn made conflicts");
+    // Flat: under 4 MB of growth after warm-up (bounded caches fill during warm-up).
+    assert!(growth_mb < 4.0, "RSS grew {growth_mb:.2} MB ({per_hour:.2} MB/h)");
+}
