@@ -203,14 +203,25 @@ impl Processor {
             return;
         }
         self.buf.push(b'\n');
-        let ev = self.out.write_line(&self.buf);
+        self.out.write_line(&self.buf);
         let line: Arc<[u8]> = Arc::from(&self.buf[..]);
         if let Some(m) = &self.cfg.metrics {
             m.record(&line);
         }
         self.publish(&line);
         self.push_window(WinItem::Line(Clock::now_wall_ns(), line));
-        self.log_event(ev);
+    }
+
+    /// Write out what the last message produced, and report log-file trouble it met.
+    fn flush(&mut self) {
+        // A report may itself produce a line (log_resumed); two rounds settle it.
+        for _ in 0..2 {
+            let ev = self.out.flush();
+            if ev == LogEvent::Ok {
+                break;
+            }
+            self.log_event(ev);
+        }
     }
 
     /// Report log-file trouble: on stdout (the log may be what is failing) and to clients.
@@ -544,12 +555,11 @@ impl Processor {
         }
         if self.cfg.all_events {
             let buf = std::mem::take(&mut self.buf);
-            let ev = self.out.write_line(&buf);
+            self.out.write_line(&buf);
             self.buf = buf;
             if let Some(m) = &self.cfg.metrics {
                 m.record_type(k.name());
             }
-            self.log_event(ev);
         }
         if live {
             let line: Arc<[u8]> = Arc::from(&self.buf[..]);
@@ -987,6 +997,8 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
                 }
             }
             Msg::Stop => {
+                // Everything before the stop is written first, so the counts below are final.
+                p.flush();
                 let r = AgentRecord {
                     event: "stopped",
                     records: Some(p.out.lines),
@@ -997,8 +1009,10 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
                     ..Default::default()
                 };
                 p.emit_line("agent", Clock::now_wall_ns(), r);
+                p.flush();
                 break;
             }
         }
+        p.flush();
     }
 }

@@ -67,7 +67,12 @@ fn memory_stays_flat_under_mixed_churn() {
                 let _ = bind(&u, &b);
                 drop((s, u));
                 if i % 20 == 0 {
-                    let h = Holder::start(env!("CARGO_BIN_EXE_pw-hold"), "tcp-bind", &format!("127.0.0.1:{}", 31600 + (i % 300)), None);
+                    let h = Holder::start(
+                        env!("CARGO_BIN_EXE_pw-hold"),
+                        "tcp-bind",
+                        &format!("127.0.0.1:{}", 31600 + (i % 300)),
+                        None,
+                    );
                     drop(h);
                 }
                 i += 1;
@@ -93,7 +98,11 @@ fn memory_stays_flat_under_mixed_churn() {
     let growth_mb = (rss_end as f64 - rss_start as f64) / 1024.0;
     let per_hour = growth_mb / span_h;
     let done = agent.stop();
-    let conflicts = done.lines.iter().filter(|v| v["type"] == "conflict").count();
+    let conflicts = done
+        .lines
+        .iter()
+        .filter(|v| v["type"] == "conflict")
+        .count();
     eprintln!(
         "soak {secs} s: {} connections, {conflicts} conflicts; RSS after warm-up {:.1} MB, at end {:.1} MB, peak {:.1} MB; growth {growth_mb:.2} MB = {per_hour:.2} MB/h",
         conns.load(Ordering::Relaxed),
@@ -104,5 +113,8 @@ fn memory_stays_flat_under_mixed_churn() {
     assert!(done.status.success());
     assert!(conflicts > 1000, "the churn made conflicts");
     // Flat: under 4 MB of growth after warm-up (bounded caches fill during warm-up).
-    assert!(growth_mb < 4.0, "RSS grew {growth_mb:.2} MB ({per_hour:.2} MB/h)");
+    assert!(
+        growth_mb < 4.0,
+        "RSS grew {growth_mb:.2} MB ({per_hour:.2} MB/h)"
+    );
 }

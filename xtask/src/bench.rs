@@ -625,10 +625,10 @@ impl OtherCpu {
     }
 }
 
-/// Before a measurement, wait (bounded) until other processes are nearly idle: the
-/// machine is shared (builds), and 2 cores leave no headroom. The total wait over the whole
-/// bench is capped by `budget`; when it is spent, measurements go ahead and the noise shows
-/// in the "other CPU" column.
+/// Before a measurement, wait (bounded) until other processes are nearly idle and no foreign
+/// tracer is attached: the machine is shared (builds, soak tests), and 2 cores leave no
+/// headroom. The total wait over the whole bench is capped by `quiet_budget`; when it is
+/// spent, measurements go ahead and the noise shows in the "other CPU" column and warnings.
 fn wait_for_quiet(rep: &mut Report) {
     const IDLE_ENOUGH: f64 = 30.0; // % of one core
     let start = Instant::now();
@@ -638,13 +638,29 @@ fn wait_for_quiet(rep: &mut Report) {
         let o = OtherCpu::start(None);
         thread::sleep(Duration::from_millis(500));
         let busy = o.pct().unwrap_or(0.0);
-        if busy < IDLE_ENOUGH {
+        let foreign = foreign_tracers();
+        for f in &foreign {
+            if rep.foreign.insert(f.clone()) {
+                note(&format!(
+                    "WARNING: another process has tracing eBPF programs loaded: {f}; its hooks \
+                     run under every configuration, \"no tracer\" included"
+                ));
+            }
+        }
+        let why = format!(
+            "other processes use {busy:.0}% of a core{}",
+            if foreign.is_empty() {
+                ""
+            } else {
+                " and a foreign tracer is attached"
+            }
+        );
+        if busy < IDLE_ENOUGH && foreign.is_empty() {
             break;
         }
         if start.elapsed() >= limit {
             note(&format!(
-                "other processes still use {busy:.0}% of a core; measuring anyway (wait budget \
-                 left: {:.0} s)",
+                "{why}; measuring anyway (wait budget left: {:.0} s)",
                 rep.quiet_budget
                     .saturating_sub(start.elapsed())
                     .as_secs_f64()
@@ -652,13 +668,54 @@ fn wait_for_quiet(rep: &mut Report) {
             break;
         }
         if !said {
-            note(&format!(
-                "waiting for the machine to quiet down: other processes use {busy:.0}% of a core"
-            ));
+            note(&format!("waiting for the machine to quiet down: {why}"));
             said = true;
         }
     }
     rep.quiet_budget = rep.quiet_budget.saturating_sub(start.elapsed());
+}
+
+/// Other processes that hold tracing eBPF programs (kprobe, tracepoint, perf_event, raw
+/// tracepoint, tracing): another agent (a soak test, say) or a forgotten bpftrace. Their
+/// hooks run in every configuration, "no tracer" included, so the comparison is skewed while
+/// they live. Called between runs, when the bench itself has no tracer child.
+fn foreign_tracers() -> Vec<String> {
+    const TRACING: [u32; 6] = [2, 5, 7, 17, 24, 26];
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        let tracing = fds.flatten().any(|fd| {
+            fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:bpf-prog")
+                && fs::read_to_string(p.path().join("fdinfo").join(fd.file_name()))
+                    .ok()
+                    .and_then(|info| {
+                        info.lines()
+                            .find_map(|l| l.strip_prefix("prog_type:"))
+                            .and_then(|v| v.trim().parse::<u32>().ok())
+                    })
+                    .is_some_and(|t| TRACING.contains(&t))
+        });
+        if tracing {
+            let cmd = fs::read(p.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .unwrap_or_default();
+            let cmd: String = cmd.trim().chars().take(120).collect();
+            out.push(format!("pid {pid} ({cmd})"));
+        }
+    }
+    out
 }
 
 /// Peak resident set size (VmHWM) in KiB.
@@ -1130,6 +1187,8 @@ struct Report {
     warnings: Vec<String>,
     /// What is left of the total time wait_for_quiet may spend.
     quiet_budget: Duration,
+    /// Foreign tracers seen between runs.
+    foreign: std::collections::BTreeSet<String>,
 }
 
 impl Report {
@@ -1606,6 +1665,18 @@ fn latency_cost_phase(s: &Settings, rep: &mut Report) -> Result<LatencyResult> {
     if !log.stopped {
         rep.warn("latency run: no 'stopped' record".into());
     }
+    // Per-probe detail, in send order, to see when slow ones happened (e.g. periodic work).
+    let mut csv = String::from("probe,port,sent_realtime_ns,latency_ms\n");
+    for (i, (a, &s0)) in arrivals.iter().zip(&sent_at).enumerate() {
+        let a = a.load(Relaxed);
+        let l = if a != 0 {
+            format!("{:.3}", (a - s0) as f64 / 1e6)
+        } else {
+            "missing".into()
+        };
+        let _ = writeln!(csv, "{i},{},{s0},{l}", holders[i].1);
+    }
+    let _ = fs::write(s.dir.join("latency.csv"), csv);
     let mut lat_ms: Vec<f64> = arrivals
         .iter()
         .zip(&sent_at)
@@ -1698,6 +1769,12 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
+fn fmt_opt(v: Option<f64>, prec: usize) -> String {
+    v.filter(|x| x.is_finite())
+        .map(|x| format!("{x:.prec$}"))
+        .unwrap_or_else(|| "–".into())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn render_markdown(
     s: &Settings,
@@ -1710,6 +1787,7 @@ fn render_markdown(
     rep: &Report,
 ) -> String {
     let mut m = String::new();
+    let mut noisy: Vec<String> = Vec::new();
     let _ = writeln!(m, "# portwatch bench\n");
     let _ = writeln!(m, "| | |\n|---|---|");
     let _ = writeln!(m, "| date | {} |", host.date);
@@ -1722,65 +1800,107 @@ fn render_markdown(
     );
     let _ = writeln!(
         m,
-        "| settings | {} s per configuration, {} churn round(s), {} client threads + 1 acceptor |",
+        "| settings | {} s per configuration, {} churn round(s), {} client threads + 1 acceptor; \
+         agent: `portwatch run {}` (a private copy of the release build) |",
         s.window.as_secs(),
         s.rounds,
-        s.clients
+        s.clients,
+        s.agent_args
+            .iter()
+            .map(|a| {
+                let a = a.to_string_lossy();
+                // Keep the table short: the runtime dir is under target/bench/.
+                if a.starts_with('/') {
+                    "target/bench/run".to_string()
+                } else {
+                    a.into_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
     );
 
     // 1
     let base = churn.median_rate(Cfg::None);
+    let none_i = churn.cfgs.iter().position(|&c| c == Cfg::None);
     let _ = writeln!(
         m,
-        "\n## 1. Loopback TCP churn (connect/accept/close, 127.0.0.1)\n"
+        "\n## 1. Loopback TCP churn (connect/accept/close on 127.0.0.1)\n"
     );
     let _ = writeln!(
         m,
-        "Completed connections/s; median over rounds (configurations interleaved), range in \
-         brackets. Tracer CPU is % of one core over the window. Lost = records the tracer \
-         itself reported dropped, summed over rounds.\n"
+        "Completed connections/s over each {} s window, median over rounds; configurations \
+         interleaved (order rotated each round). The server accepts and closes first, so each \
+         connection leaves a server-side TIME_WAIT on the listening port, as a busy HTTP server \
+         does. *vs no tracer* = ratio of medians (the target); *paired* = median of per-round \
+         ratios. Tracer CPU = % of one core; other CPU = everything else on the machine (builds, \
+         daemons, kernel threads) during the window, % of one core, median (max). Lost = \
+         records the tracer reported dropped, summed over rounds.\n",
+        s.window.as_secs()
     );
     let _ = writeln!(
         m,
-        "| configuration | median conn/s | rounds (min–max) | vs no tracer | tracer CPU % | lines written | lost | target | result |"
+        "| configuration | median conn/s | rounds min–max | vs no tracer | paired | tracer CPU % | other CPU % | lines | lost | target | result |"
     );
-    let _ = writeln!(m, "|---|---:|---:|---:|---:|---:|---:|---|---|");
+    let _ = writeln!(m, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
     for (i, &c) in churn.cfgs.iter().enumerate() {
         let rates: Vec<f64> = churn.samples[i].iter().map(|x| x.rate).collect();
         let lo = rates.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = rates.iter().copied().fold(0.0, f64::max);
         let med = churn.median_rate(c).unwrap_or(f64::NAN);
         let ratio = base.map(|b| med / b).unwrap_or(f64::NAN);
+        let paired = none_i.and_then(|n| {
+            median(
+                churn.samples[i]
+                    .iter()
+                    .zip(&churn.samples[n])
+                    .map(|(x, b)| x.rate / b.rate * 100.0)
+                    .collect(),
+            )
+        });
         let cpu = median(
             churn.samples[i]
                 .iter()
                 .filter_map(|x| x.tracer_cpu)
                 .collect(),
         );
+        let others: Vec<f64> = churn.samples[i]
+            .iter()
+            .filter_map(|x| x.other_cpu)
+            .collect();
+        let other_max = others.iter().copied().fold(0.0, f64::max);
+        if other_max > 30.0 {
+            noisy.push(format!(
+                "churn {}: other processes used up to {other_max:.0}% of a core during a window",
+                c.name()
+            ));
+        }
         let (target, res) = match c {
             Cfg::PwDefault => ("≥ 97%", verdict(ratio >= 0.97)),
             Cfg::PwAll => ("≥ 93%", verdict(ratio >= 0.93)),
             _ => ("–", "–"),
         };
+        let dash = |v: u64| {
+            if c == Cfg::None {
+                "–".to_string()
+            } else {
+                v.to_string()
+            }
+        };
         let _ = writeln!(
             m,
-            "| {} | {:.0} | {:.0}–{:.0} | {:.1}% | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {:.0}–{:.0} | {:.1}% | {}% | {} | {} ({:.0}) | {} | {} | {} | {} |",
             c.label(),
             med,
             lo,
             hi,
             ratio * 100.0,
-            cpu.map(|c| format!("{c:.1}")).unwrap_or_else(|| "–".into()),
-            if c == Cfg::None {
-                "–".into()
-            } else {
-                churn.lines[i].to_string()
-            },
-            if c == Cfg::None {
-                "–".into()
-            } else {
-                churn.lost[i].to_string()
-            },
+            fmt_opt(paired, 1),
+            fmt_opt(cpu, 1),
+            fmt_opt(median(others.clone()), 0),
+            other_max,
+            dash(churn.lines[i]),
+            dash(churn.lost[i]),
             target,
             res
         );
@@ -1799,29 +1919,39 @@ fn render_markdown(
             .join(", ");
         let _ = writeln!(
             m,
-            "| {} cheaper than bpftrace and tcpstates | {:.1}% vs {} | | | | | | higher throughput than both | {} |",
+            "| {} cheaper than bpftrace and tcpstates | {:.1}% vs {} | | | | | | | | higher throughput than both | {} |",
             pw.label(),
             churn.ratio(pw).unwrap_or(f64::NAN) * 100.0,
-            if detail.is_empty() { "peers missing".into() } else { detail },
+            if detail.is_empty() {
+                "peers missing".into()
+            } else {
+                detail
+            },
             verdict(ok)
         );
     }
 
     // 2
-    let _ = writeln!(m, "\n## 2. Bind storm (EADDRINUSE on a port held by a listener; portwatch default, no port filter)\n");
     let _ = writeln!(
         m,
-        "2 threads; {} s per rate. `ok binds`: every {}th attempt is a successful bind to \
-         127.0.0.1:0 plus close. received = conflict records with op=bind for the port; lost = \
-         sum of by_kind.bind over `lost` records (after SIGINT, so the final one is included).\n",
+        "\n## 2. Bind storm (EADDRINUSE on a port held by a listener; portwatch default, no port filter)\n"
+    );
+    let _ = writeln!(
+        m,
+        "2 threads, {} s per rate. *ok binds*: every {}th attempt is a successful bind to \
+         127.0.0.1:0 plus close (bind ok and close events the kernel side carries too). \
+         *received* = conflict records with op=bind for the port; *lost* = sum of by_kind.bind \
+         over `lost` records, read after SIGINT so the final one is included. With ok binds \
+         mixed in, a lost bind may be either kind, so under loss the check is generated ≤ \
+         received + lost ≤ generated + ok binds; the last row has no ok binds and must be exact.\n",
         s.window.as_secs(),
         OK_BIND_EVERY
     );
     let _ = writeln!(
         m,
-        "| rate | achieved failing/s | failing binds | ok binds | received | lost (bind) | lost kernel / agent (all kinds) | generated = received + lost | target | result |"
+        "| rate | achieved failing/s | failing binds | ok binds | received | lost (bind) | lost kernel / agent (all kinds) | generated = received + lost | other CPU % | target | result |"
     );
-    let _ = writeln!(m, "|---|---:|---:|---:|---:|---:|---:|---|---|---|");
+    let _ = writeln!(m, "|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|");
     for r in storm {
         let (acc, acc_ok) = r.accounting();
         let low = r.target.is_some_and(|t| t <= 50_000.0);
@@ -1833,9 +1963,16 @@ fn render_markdown(
         } else {
             ("accounting closes", verdict(acc_ok))
         };
+        if r.other_cpu.is_some_and(|o| o > 30.0) {
+            noisy.push(format!(
+                "bind storm {}: other processes used {:.0}% of a core",
+                r.label,
+                r.other_cpu.unwrap_or(0.0)
+            ));
+        }
         let _ = writeln!(
             m,
-            "| {} | {:.0} | {} | {} | {} | {} | {} / {} | {}{} | {} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {} | {} / {} | {}{} | {} | {} | {} |",
             r.label,
             r.failing as f64 / r.secs,
             r.failing,
@@ -1854,6 +1991,7 @@ fn render_markdown(
             } else {
                 String::new()
             },
+            fmt_opt(r.other_cpu, 0),
             target,
             res
         );
@@ -1866,15 +2004,18 @@ fn render_markdown(
     let all_seen = lat.lat_ms.len() == lat.sent;
     let _ = writeln!(
         m,
-        "\n## 3. Conflict latency (failing bind → line read from the agent's stdout)\n"
+        "\n## 3. Conflict latency (failing bind → its line read from the agent's stdout)\n"
     );
     let _ = writeln!(
         m,
         "{} probes, one every {} ms, each on its own held port, under {:.0} conn/s background \
-         churn; CLOCK_REALTIME before bind() to the moment the line was read.\n",
+         churn (target {:.0}); CLOCK_REALTIME just before bind() to the moment a reader thread \
+         got the line. Other processes used {}% of a core meanwhile.\n",
         lat.sent,
         PROBE_SPACING.as_millis(),
-        lat.churn_rate
+        lat.churn_rate,
+        BACKGROUND_RATE,
+        fmt_opt(lat.other_cpu, 0)
     );
     let _ = writeln!(
         m,
@@ -1897,7 +2038,7 @@ fn render_markdown(
         "| p99 | {p99:.2} ms | ≤ 20 ms | {} |",
         verdict(p99 <= 20.0 && all_seen)
     );
-    let _ = writeln!(m, "| max | {max:.2} ms | – | – |");
+    let _ = writeln!(m, "| max | {max:.2} ms | – | info |");
 
     // 4
     let ready: Vec<f64> = rep.ready.iter().map(|r| r.0.as_secs_f64()).collect();
@@ -1917,15 +2058,20 @@ fn render_markdown(
     );
     let _ = writeln!(
         m,
-        "| CPU, default mode, at {:.0} conn/s (utime+stime over {} s) | {:.1}% of one core | – | info |",
+        "| CPU, default mode, at {:.0} conn/s (utime+stime over {} s; other processes {}%) | {:.1}% of one core | – | info |",
         lat.churn_rate,
         s.window.as_secs(),
+        fmt_opt(lat.other_cpu, 0),
         lat.cpu_pct
     );
     let _ = writeln!(
         m,
-        "| CPU, --all-events, at {:.0} conn/s ({} lines, {} lost) | {:.1}% of one core | – | info |",
-        all.churn_rate, all.lines, all.lost, all.cpu_pct
+        "| CPU, --all-events, at {:.0} conn/s ({} lines, {} lost; other processes {}%) | {:.1}% of one core | – | info |",
+        all.churn_rate,
+        all.lines,
+        all.lost,
+        fmt_opt(all.other_cpu, 0),
+        all.cpu_pct
     );
     let _ = writeln!(
         m,
@@ -1959,12 +2105,20 @@ fn render_markdown(
         m,
         "| latency run: ready wall / startup_ms / lost records | {:.0} ms / {} ms / {} | – | info |",
         lat.ready_wall.as_secs_f64() * 1000.0,
-        lat.startup_ms.map(|v| v.to_string()).unwrap_or_else(|| "?".into()),
+        lat.startup_ms
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "?".into()),
         lat.lost
     );
-    if !rep.warnings.is_empty() {
+    for f in &rep.foreign {
+        noisy.push(format!(
+            "another process had tracing eBPF programs loaded during the bench: {f}; its hooks \
+             ran under every configuration, \"no tracer\" included"
+        ));
+    }
+    if !rep.warnings.is_empty() || !noisy.is_empty() {
         let _ = writeln!(m, "\n## Warnings\n");
-        for w in &rep.warnings {
+        for w in rep.warnings.iter().chain(&noisy) {
             let _ = writeln!(m, "- {w}");
         }
     }
