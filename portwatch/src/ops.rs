@@ -196,7 +196,7 @@ pub fn fold_time_wait(rows: &mut Vec<PortRow>) {
     let mut tw: HashMap<(u32, String, u16), u32> = HashMap::new();
     rows.retain(|r| {
         if r.state == "TIME_WAIT" {
-            *tw.entry((r.netns, r.addr.clone(), r.port)).or_default() += 1;
+            *tw.entry((r.netns, r.addr.clone(), r.port)).or_default() += r.count.unwrap_or(1);
             false
         } else {
             true
@@ -281,6 +281,22 @@ fn table_rows(t: &PortTable, filter: &Filter) -> Vec<PortRow> {
             count: None,
         })
         .collect();
+    let now = Clock::now_wall_ns();
+    rows.extend(
+        t.time_wait_rows(now)
+            .filter(|r| filter.port.is_none_or(|p| r.2 == p))
+            .map(|(ns, addr, port, n)| PortRow {
+                proto: "tcp".into(),
+                addr: addr.to_string(),
+                port,
+                state: "TIME_WAIT".into(),
+                pid: None,
+                comm: None,
+                container: None,
+                netns: ns,
+                count: Some(n as u32),
+            }),
+    );
     fold_time_wait(&mut rows);
     rows
 }

@@ -9,7 +9,7 @@
 //! Pure logic: no syscalls here, so it is unit-tested with fakes.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -74,9 +74,15 @@ type Bucket = Vec<Entry>;
 /// (netns, proto, local port)
 type Key = (u32, Proto, u16);
 
+/// TIME_WAIT sockets of one (netns, TCP port). They have no owner and can number hundreds
+/// of thousands on a busy host, so only their local address and expiry are kept: 16 bytes a
+/// socket instead of a full `Entry`. Expiries are in time order.
+type TwBucket = Vec<(IpAddr, VecDeque<i128>)>;
+
 #[derive(Default)]
 pub struct PortTable {
     ports: HashMap<Key, Bucket>,
+    tw: HashMap<(u32, u16), TwBucket>,
     /// Entries healed by reconciliation (added or removed), since start.
     pub drift_healed: u64,
 }
@@ -185,7 +191,37 @@ fn fmt_addr(a: IpAddr, port: u16) -> String {
 
 impl PortTable {
     pub fn len(&self) -> usize {
-        self.ports.values().map(Vec::len).sum()
+        self.ports.values().map(Vec::len).sum::<usize>() + self.time_wait_len()
+    }
+
+    fn time_wait_len(&self) -> usize {
+        self.tw.values().flatten().map(|(_, q)| q.len()).sum()
+    }
+
+    fn add_time_wait(&mut self, netns: u32, local: SocketAddr, expires: i128) {
+        let b = self.tw.entry((netns, local.port())).or_default();
+        match b.iter_mut().find(|(a, _)| *a == local.ip()) {
+            Some((_, q)) => {
+                // Expired ones leave from the front as new ones come in at the back.
+                while q.front().is_some_and(|t| *t <= expires - 60_000_000_000) {
+                    q.pop_front();
+                }
+                q.push_back(expires);
+            }
+            None => b.push((local.ip(), VecDeque::from([expires]))),
+        }
+    }
+
+    /// TIME_WAIT sockets per (netns, addr, port) that have not expired at `now_ns`.
+    pub fn time_wait_rows(
+        &self,
+        now_ns: i128,
+    ) -> impl Iterator<Item = (u32, IpAddr, u16, usize)> + '_ {
+        self.tw.iter().flat_map(move |((ns, port), b)| {
+            b.iter()
+                .map(move |(a, q)| (*ns, *a, *port, q.iter().filter(|t| **t > now_ns).count()))
+                .filter(|r| r.3 > 0)
+        })
     }
 
     fn bucket(&mut self, netns: u32, proto: Proto, port: u16) -> &mut Bucket {
@@ -267,16 +303,13 @@ impl PortTable {
                 b.retain(|x| !(x.state == TCP_LISTEN && (x.sk == e.sk || x.local == e.local)));
             }
         } else if new == TCP_CLOSE && (old == 5 || old == 11) {
-            let b = self.bucket(netns, Proto::Tcp, port);
-            b.retain(|x| !(x.state != TCP_TIME_WAIT && x.sk == e.sk && e.sk != 0));
-            b.push(Entry {
-                state: TCP_TIME_WAIT,
-                owner: None,
-                inode: 0,
-                sk: 0,
-                expires_ns: e.since_ns.map(|t| t + 60_000_000_000),
-                ..e.clone()
-            });
+            if e.sk != 0 {
+                if let Some(b) = self.ports.get_mut(&(netns, Proto::Tcp, port)) {
+                    b.retain(|x| !(x.state != TCP_TIME_WAIT && x.sk == e.sk));
+                }
+            }
+            let at = e.since_ns.unwrap_or(0);
+            self.add_time_wait(netns, e.local, at + 60_000_000_000);
         }
     }
 
@@ -311,8 +344,16 @@ impl PortTable {
                 true
             }
         });
+        // TIME_WAIT: the snapshot is the truth, events since then are re-added by the kernel's
+        // next entries. Rebuilt for this namespace, sorted by expiry.
+        self.tw.retain(|k, _| k.0 != netns);
+        let mut tws: Vec<(SocketAddr, i128)> = Vec::new();
         let mut healed = 0u64;
         for mut e in snapshot {
+            if e.proto == Proto::Tcp && e.state == TCP_TIME_WAIT {
+                tws.push((e.local, e.expires_ns.unwrap_or(now_ns + 60_000_000_000)));
+                continue;
+            }
             let key = (netns, e.proto, e.local.port());
             let prev = old.get_mut(&key).and_then(|b| {
                 let i = b.iter().position(|x| x.same_socket(&e))?;
@@ -338,6 +379,14 @@ impl PortTable {
                 e.expires_ns = Some(now_ns + 60_000_000_000);
             }
             self.ports.entry(key).or_default().push(e);
+        }
+        tws.sort_unstable_by_key(|t| t.1);
+        for (local, exp) in tws {
+            let b = self.tw.entry((netns, local.port())).or_default();
+            match b.iter_mut().find(|(a, _)| *a == local.ip()) {
+                Some((_, q)) => q.push_back(exp),
+                None => b.push((local.ip(), VecDeque::from([exp]))),
+            }
         }
         // What the table had but the kernel no longer does. TIME_WAIT entries that expired
         // are normal, not drift.
@@ -424,6 +473,29 @@ impl PortTable {
                 count: None,
                 expires_in_s: None,
             });
+        }
+        if !a.op_listen && a.proto == Proto::Tcp {
+            for (addr, q) in self.tw.get(&(a.netns, a.port)).into_iter().flatten() {
+                let Some(ov) = overlap(a.addr, None, *addr, None) else {
+                    continue;
+                };
+                let live = q.iter().filter(|t| **t > a.now_ns);
+                let (n, soonest) = live.fold((0u32, i128::MAX), |(n, m), t| (n + 1, m.min(*t)));
+                if n == 0 {
+                    continue;
+                }
+                kinds.2 = true;
+                best_overlap = Some(match best_overlap {
+                    Some(Overlap::Exact) => Overlap::Exact,
+                    _ if ov == Overlap::Exact => Overlap::Exact,
+                    Some(o) => o,
+                    None => ov,
+                });
+                tw = Some(match tw {
+                    Some((c, e, ad, o)) => (c + n, e.min(soonest), ad, o),
+                    None => (n, soonest, *addr, ov),
+                });
+            }
         }
         // Listeners first: they are the usual answer.
         holders.sort_by_key(|h| (h.state != "LISTEN", h.pid));
