@@ -187,7 +187,8 @@ impl Processor {
             Kind::Bind if e.ret == 0 => {
                 if let Some(p) = proto_of(e.proto) {
                     let o = self.owner_of(e);
-                    self.table.on_bind(netns, entry(table::TCP_CLOSE, Some(o), p));
+                    self.table
+                        .on_bind(netns, entry(table::TCP_CLOSE, Some(o), p));
                 }
             }
             Kind::Listen if e.ret == 0 => {
@@ -426,7 +427,8 @@ impl Processor {
                 uid: o.uid,
             })
         };
-        self.table.reconcile(s.ns.inode, entries, &lookup, s.wall_ns)
+        self.table
+            .reconcile(s.ns.inode, entries, &lookup, s.wall_ns)
     }
 
     fn snapshot(&mut self, s: &Snapshot) {
@@ -464,7 +466,9 @@ impl Processor {
                 if server_side {
                     *by_local.entry(lp).or_default() += 1;
                 } else {
-                    *by_remote.entry((d.remote.ip(), d.remote.port())).or_default() += 1;
+                    *by_remote
+                        .entry((d.remote.ip(), d.remote.port()))
+                        .or_default() += 1;
                 }
             }
             if !server_side && d.remote.port() != 0 && d.state != table::TCP_LISTEN {
@@ -472,12 +476,15 @@ impl Processor {
             }
         }
         let size = f64::from(range.1.saturating_sub(range.0)) + 1.0;
-        let busiest = to_dst.iter().max_by_key(|(_, n)| **n).map(|((a, p), n)| Busiest {
-            addr: *a,
-            port: *p,
-            in_use: *n,
-            pct: (*n as f64 * 1000.0 / size).round() / 10.0,
-        });
+        let busiest = to_dst
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|((a, p), n)| Busiest {
+                addr: *a,
+                port: *p,
+                in_use: *n,
+                pct: (*n as f64 * 1000.0 / size).round() / 10.0,
+            });
         let st = self.tw.entry(netns).or_default();
         let entered = std::mem::take(&mut st.entered);
         let expired = (st.last_total + entered).saturating_sub(total);
@@ -518,7 +525,12 @@ impl Processor {
                 total,
                 entered,
                 expired,
-                by_local_port: top_n(by_local.into_iter().map(|(port, count)| PortCount { port, count }), top),
+                by_local_port: top_n(
+                    by_local
+                        .into_iter()
+                        .map(|(port, count)| PortCount { port, count }),
+                    top,
+                ),
                 by_remote: top_n(
                     by_remote
                         .into_iter()

@@ -284,7 +284,9 @@ impl PortTable {
     /// the next reconciliation will show.
     pub fn on_exit(&mut self, pid: u32) {
         self.ports.retain(|_, b| {
-            b.retain(|x| !(x.state != TCP_TIME_WAIT && x.owner.as_ref().is_some_and(|o| o.pid == pid)));
+            b.retain(|x| {
+                !(x.state != TCP_TIME_WAIT && x.owner.as_ref().is_some_and(|o| o.pid == pid))
+            });
             !b.is_empty()
         });
     }
@@ -342,7 +344,10 @@ impl PortTable {
         for b in old.values() {
             healed += b
                 .iter()
-                .filter(|x| x.state != TCP_TIME_WAIT || x.expires_ns.is_some_and(|t| t > now_ns + 1_000_000_000))
+                .filter(|x| {
+                    x.state != TCP_TIME_WAIT
+                        || x.expires_ns.is_some_and(|t| t > now_ns + 1_000_000_000)
+                })
                 .count() as u64;
         }
         self.drift_healed += healed;
@@ -552,15 +557,33 @@ mod tests {
     #[test]
     fn overlaps() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(overlap(ip("127.0.0.1"), None, ip("127.0.0.1"), None), Some(Overlap::Exact));
-        assert_eq!(overlap(ip("127.0.0.1"), None, ip("0.0.0.0"), None), Some(Overlap::Wildcard));
-        assert_eq!(overlap(ip("0.0.0.0"), None, ip("127.0.0.1"), None), Some(Overlap::Wildcard));
+        assert_eq!(
+            overlap(ip("127.0.0.1"), None, ip("127.0.0.1"), None),
+            Some(Overlap::Exact)
+        );
+        assert_eq!(
+            overlap(ip("127.0.0.1"), None, ip("0.0.0.0"), None),
+            Some(Overlap::Wildcard)
+        );
+        assert_eq!(
+            overlap(ip("0.0.0.0"), None, ip("127.0.0.1"), None),
+            Some(Overlap::Wildcard)
+        );
         assert_eq!(overlap(ip("127.0.0.1"), None, ip("127.0.0.2"), None), None);
-        assert_eq!(overlap(ip("0.0.0.0"), None, ip("::"), None), Some(Overlap::DualStack));
+        assert_eq!(
+            overlap(ip("0.0.0.0"), None, ip("::"), None),
+            Some(Overlap::DualStack)
+        );
         assert_eq!(overlap(ip("0.0.0.0"), None, ip("::"), Some(true)), None);
-        assert_eq!(overlap(ip("::"), None, ip("10.0.0.1"), None), Some(Overlap::DualStack));
+        assert_eq!(
+            overlap(ip("::"), None, ip("10.0.0.1"), None),
+            Some(Overlap::DualStack)
+        );
         assert_eq!(overlap(ip("::1"), None, ip("127.0.0.1"), None), None);
-        assert_eq!(overlap(ip("::ffff:127.0.0.1"), None, ip("127.0.0.1"), None), Some(Overlap::Exact));
+        assert_eq!(
+            overlap(ip("::ffff:127.0.0.1"), None, ip("127.0.0.1"), None),
+            Some(Overlap::Exact)
+        );
     }
 
     #[test]
@@ -574,12 +597,18 @@ mod tests {
         assert_eq!(a.holders.len(), 1);
         assert_eq!(a.holders[0].pid, Some(4242));
         assert_eq!(a.holders[0].state, "LISTEN");
-        assert_eq!(a.hint, "pid 4242 (nginx) listens on 0.0.0.0:8080; stop it or bind another port");
+        assert_eq!(
+            a.hint,
+            "pid 4242 (nginx) listens on 0.0.0.0:8080; stop it or bind another port"
+        );
         // Other namespace, other proto: nothing.
         let mut other = attempt("127.0.0.1", 8080, Proto::Tcp);
         other.netns = 2;
         assert_eq!(t.attribute(&other).cause, "unknown");
-        assert_eq!(t.attribute(&attempt("127.0.0.1", 8080, Proto::Udp)).cause, "unknown");
+        assert_eq!(
+            t.attribute(&attempt("127.0.0.1", 8080, Proto::Udp)).cause,
+            "unknown"
+        );
     }
 
     #[test]
@@ -592,7 +621,10 @@ mod tests {
         assert_eq!(a.cause, "bound");
         assert_eq!(a.holders[0].state, "UDP");
         t.on_close(1, Proto::Udp, 5353, 0xabc, 7);
-        assert_eq!(t.attribute(&attempt("127.0.0.1", 5353, Proto::Udp)).cause, "unknown");
+        assert_eq!(
+            t.attribute(&attempt("127.0.0.1", 5353, Proto::Udp)).cause,
+            "unknown"
+        );
         assert_eq!(t.len(), 0);
     }
 
@@ -610,7 +642,12 @@ mod tests {
         assert_eq!(a.holders.len(), 1);
         assert_eq!(a.holders[0].count, Some(3));
         assert_eq!(a.holders[0].expires_in_s, Some(41));
-        assert!(a.hint.starts_with("3 TIME_WAIT sockets on 127.0.0.1:8080 expire within 41 s"), "{}", a.hint);
+        assert!(
+            a.hint
+                .starts_with("3 TIME_WAIT sockets on 127.0.0.1:8080 expire within 41 s"),
+            "{}",
+            a.hint
+        );
     }
 
     #[test]
@@ -653,7 +690,10 @@ mod tests {
         assert!(a.holders[0].since.is_some());
         let b = t.attribute(&attempt("0.0.0.0", 7000, Proto::Tcp));
         assert_eq!(b.holders[0].pid, Some(555), "owner from the inode map");
-        assert_eq!(t.attribute(&attempt("0.0.0.0", 9999, Proto::Tcp)).cause, "unknown");
+        assert_eq!(
+            t.attribute(&attempt("0.0.0.0", 9999, Proto::Tcp)).cause,
+            "unknown"
+        );
     }
 
     #[test]

@@ -28,7 +28,11 @@ fn listener_started_before_the_agent_is_attributed() {
     // The holder predates the agent: only the start-up snapshot can know it.
     let h = Holder::start(HOLD, "tcp-listen", &format!("0.0.0.0:{port}"), None);
     let agent = Agent::start(&[]);
-    assert!(agent.ready["table_size"].as_u64().unwrap() > 0, "{}", agent.ready);
+    assert!(
+        agent.ready["table_size"].as_u64().unwrap() > 0,
+        "{}",
+        agent.ready
+    );
     fail_bind(&format!("127.0.0.1:{port}"));
     let c = conflict_on(&agent, port);
     assert_eq!(c["cause"], "listener", "{c}");
@@ -41,10 +45,16 @@ fn listener_started_before_the_agent_is_attributed() {
     assert_eq!(hd["state"], "LISTEN");
     assert_eq!(hd["addr"], "0.0.0.0");
     assert_eq!(hd["port"], port);
-    assert!(hd["cmdline"].as_str().unwrap().contains("tcp-listen"), "{c}");
+    assert!(
+        hd["cmdline"].as_str().unwrap().contains("tcp-listen"),
+        "{c}"
+    );
     assert_eq!(
         c["hint"],
-        format!("pid {} (pw-hold) listens on 0.0.0.0:{port}; stop it or bind another port", h.pid())
+        format!(
+            "pid {} (pw-hold) listens on 0.0.0.0:{port}; stop it or bind another port",
+            h.pid()
+        )
     );
     assert!(c.get("reason").is_none(), "{c}");
 }
@@ -63,7 +73,10 @@ fn bound_only_tcp_socket_started_after_the_agent() {
     let hd = &c["holders"][0];
     assert_eq!(hd["pid"], h.pid(), "{c}");
     assert_eq!(hd["state"], "BOUND");
-    assert!(hd["since"].is_string(), "seen bound by the agent, so since is known: {c}");
+    assert!(
+        hd["since"].is_string(),
+        "seen bound by the agent, so since is known: {c}"
+    );
 }
 
 #[test]
@@ -74,7 +87,10 @@ fn udp_holder() {
     std::thread::sleep(Duration::from_millis(200));
     let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let s = socket(&a, SOCK_DGRAM, false);
-    assert_eq!(bind(&s, &a).unwrap_err().raw_os_error(), Some(libc::EADDRINUSE));
+    assert_eq!(
+        bind(&s, &a).unwrap_err().raw_os_error(),
+        Some(libc::EADDRINUSE)
+    );
     let c = conflict_on(&agent, port);
     assert_eq!(c["proto"], "udp");
     assert_eq!(c["cause"], "bound", "{c}");
@@ -166,10 +182,16 @@ fn ephemeral_exhaustion_counts_ports_toward_the_destination() {
         // Hold them until the agent has looked.
         std::thread::sleep(Duration::from_millis(1500));
     });
-    let c = agent.wait_for("connect conflict", |v| v["op"] == "connect" && v["port"] == port);
+    let c = agent.wait_for("connect conflict", |v| {
+        v["op"] == "connect" && v["port"] == port
+    });
     assert_eq!(c["cause"], "ephemeral_exhausted", "{c}");
     assert_eq!(c["destination"]["in_use"], 2, "{c}");
-    assert_eq!(c["destination"]["range"], serde_json::json!([40000, 40001]), "{c}");
+    assert_eq!(
+        c["destination"]["range"],
+        serde_json::json!([40000, 40001]),
+        "{c}"
+    );
     assert!(c["hint"].as_str().unwrap().contains("40000-40001"), "{c}");
 }
 
@@ -196,14 +218,25 @@ fn time_wait_counts_match_ss() {
         v["type"] == "time_wait" && v["netns"] == inode && v["total"].as_u64().unwrap_or(0) > 0
     });
     let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "ss", "-Htan", "state", "time-wait"])
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "ss",
+            "-Htan",
+            "state",
+            "time-wait",
+        ])
         .output()
         .unwrap();
     let ss = String::from_utf8_lossy(&out.stdout).lines().count() as f64;
     let ours = rec["total"].as_f64().unwrap();
     eprintln!("time_wait: portwatch {ours}, ss {ss}");
     assert!(ss >= 5000.0, "churn left only {ss} TIME_WAIT sockets");
-    assert!((ours - ss).abs() / ss <= 0.02, "portwatch {ours} vs ss {ss}: {rec}");
+    assert!(
+        (ours - ss).abs() / ss <= 0.02,
+        "portwatch {ours} vs ss {ss}: {rec}"
+    );
     // Client side: the destination shows in by_remote.
     assert_eq!(rec["by_remote"][0]["port"], port, "{rec}");
     assert!(rec["ephemeral"]["range"].is_array());
@@ -235,7 +268,9 @@ fn pressure_comes_before_connects_fail() {
             let _ = rx.recv_timeout(Duration::from_secs(15));
         }
     });
-    let p = agent.wait_for("pressure", |v| v["type"] == "pressure" && v["netns"] == inode);
+    let p = agent.wait_for("pressure", |v| {
+        v["type"] == "pressure" && v["netns"] == inode
+    });
     tx.send(()).unwrap();
     worker.join().unwrap();
     assert_eq!(p["port"], port, "{p}");
@@ -243,7 +278,10 @@ fn pressure_comes_before_connects_fail() {
     assert!(p["pct"].as_f64().unwrap() >= 50.0, "{p}");
     let done = agent.stop();
     assert!(
-        !done.lines.iter().any(|v| v["type"] == "conflict" && v["port"] == port),
+        !done
+            .lines
+            .iter()
+            .any(|v| v["type"] == "conflict" && v["port"] == port),
         "no connect failed: the warning came first"
     );
 }

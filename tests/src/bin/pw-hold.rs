@@ -13,7 +13,10 @@ use portwatch_tests::{bind, listen, set_v6only, socket, SOCK_DGRAM, SOCK_STREAM}
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (mode, addr) = match args.as_slice() {
-        [_, m, a] => (m.as_str(), a.parse::<SocketAddr>().expect("ADDR like 127.0.0.1:8080")),
+        [_, m, a] => (
+            m.as_str(),
+            a.parse::<SocketAddr>().expect("ADDR like 127.0.0.1:8080"),
+        ),
         _ => {
             eprintln!("usage: pw-hold tcp-listen|tcp-bind|udp|tcp6-dual ADDR");
             std::process::exit(2);
