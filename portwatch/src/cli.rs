@@ -22,7 +22,8 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
         sudo portwatch run\n  \
         sudo portwatch run --log-file /var/log/portwatch/events.jsonl\n  \
-        sudo portwatch run --all-events --port 8080 --port 8443")]
+        sudo portwatch run --all-events --port 8080 --port 8443\n  \
+        sudo portwatch run --docker-host unix:///run/user/1000/docker.sock")]
     Run(RunArgs),
 }
 
@@ -61,6 +62,16 @@ pub struct RunArgs {
     /// ephemeral port range.
     #[arg(long, value_name = "PCT", default_value_t = 50.0)]
     pub pressure_pct: f64,
+
+    /// The Docker daemon to join: unix:///path, a socket path, or tcp://HOST:PORT (default:
+    /// $DOCKER_HOST, else unix:///var/run/docker.sock). Conflicts then name containers,
+    /// and Docker's own port failures become conflict records.
+    #[arg(long, value_name = "URL", conflicts_with = "no_docker")]
+    pub docker_host: Option<String>,
+
+    /// Do not join the Docker daemon (no container names, no `docker` records).
+    #[arg(long)]
+    pub no_docker: bool,
 
     /// Do not read the network namespace in the kernel; read /proc/<pid>/ns/net instead
     /// (the fallback used when kernel offsets cannot be resolved from BTF).

@@ -1,14 +1,17 @@
 //! portwatch: who held this port when my bind failed, why, and what to do about it.
 //!
 //! Modules in the order an event travels: prereq/btf/probes (load and attach), decode
-//! (kernel bytes to values), enrich (/proc), record (the JSON schema), sink (outputs),
+//! (kernel bytes to values), enrich (/proc), diag/table (the port table), docker/containers
+//! (the container index), process (attribution), record (the JSON schema), sink (outputs),
 //! agent (the pipeline that ties them), cli.
 
 mod agent;
 mod btf;
 mod cli;
+mod containers;
 mod decode;
 mod diag;
+mod docker;
 mod enrich;
 mod error;
 mod prereq;
