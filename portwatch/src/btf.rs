@@ -113,7 +113,7 @@ impl Resolver<'_> {
             bits += off;
             cur = ty;
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(Unresolved(format!("{}: is a bit field", what())));
         }
         Ok(bits / 8)

@@ -6,11 +6,14 @@
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
+/// (pid, comm, cmdline) of one thread.
+type Seen = (u32, Box<str>, Option<Arc<str>>);
+
 /// Bounded cache of pid -> (comm, cmdline). Only misses touch /proc.
 pub struct ProcCache {
     root: PathBuf,
-    /// tid -> (pid, comm, cmdline)
-    map: HashMap<u32, (u32, Box<str>, Option<Arc<str>>)>,
+    /// tid -> what was read for it
+    map: HashMap<u32, Seen>,
     cap: usize,
 }
 

@@ -41,8 +41,9 @@ pub enum Error {
         field: &'static str,
     },
 
+    // aya's errors are large; boxed so every Result in the agent stays small.
     #[error("loading the eBPF programs into the kernel failed: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
 
     #[error(
         "attaching eBPF program {program} to tracepoint {category}:{tracepoint} failed: {source}; \
@@ -53,14 +54,14 @@ pub enum Error {
         category: &'static str,
         tracepoint: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
 
     #[error("eBPF map {name} is missing or of the wrong type: {source}")]
     Map {
         name: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
 
     #[error(
@@ -116,6 +117,12 @@ pub enum DockerError {
 
     #[error("the agent is stopping")]
     Stopped,
+}
+
+impl From<aya::EbpfError> for Error {
+    fn from(e: aya::EbpfError) -> Self {
+        Error::Load(Box::new(e))
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
