@@ -5,7 +5,7 @@
 //!
 //! Connection: `--docker-host`, else `DOCKER_HOST`, else `unix:///var/run/docker.sock`; the
 //! API version is negotiated (Debian's Docker 20.10 speaks 1.41). Without a daemon the
-//! agent runs as before, says `unavailable` once, and retries with a backoff capped at 2 s,
+//! agent runs as before, says `unavailable` once, and retries with a backoff capped at 1 s,
 //! so a daemon that comes back is joined within a few seconds.
 //!
 //! Sync without gaps: the event stream is read from the moment just before the list, so a
@@ -48,9 +48,23 @@ pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
 const REQUEST_TIMEOUT_S: u64 = 10;
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// Bounds how long a returning daemon goes unnoticed.
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// For the first requests of a connection. A daemon that is shutting down still accepts
+/// connections on its socket but never answers them; waiting the full request timeout
+/// there would keep the agent from seeing its successor for seconds.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Inspects in flight during a sync.
 const SYNC_PARALLEL: usize = 8;
+/// How long a container that never ran may take to show why its start failed.
+const START_ERROR_WAIT: Duration = Duration::from_secs(3);
+
+/// `PORTWATCH_TRACE_DOCKER=1`: every event and decision on stderr, for debugging the join.
+fn trace(args: std::fmt::Arguments<'_>) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("PORTWATCH_TRACE_DOCKER").is_some_and(|v| v != "0")) {
+        eprintln!("portwatch: docker: {args}");
+    }
+}
 
 /// Where the daemon is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,13 +207,20 @@ impl Join {
             Ok(d) => d,
             Err(e) => return (unreachable(e), false),
         };
-        let docker = match docker.negotiate_version().await {
-            Ok(d) => d,
-            Err(e) => return (unreachable(e), false),
+        let hello = async {
+            let docker = docker.negotiate_version().await?;
+            let v = docker.version().await?;
+            Ok::<_, bollard::errors::Error>((docker, v.version.unwrap_or_default()))
         };
-        let server_version = match docker.version().await {
-            Ok(v) => v.version.unwrap_or_default(),
-            Err(e) => return (unreachable(e), false),
+        let (docker, server_version) = match tokio::time::timeout(HELLO_TIMEOUT, hello).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return (unreachable(e), false),
+            Err(_) => {
+                return (
+                    unreachable(bollard::errors::Error::RequestTimeoutError),
+                    false,
+                )
+            }
         };
         // Events from here on are replayed by the stream below: nothing between the list
         // and the subscription is missed.
@@ -353,6 +374,11 @@ impl Join {
         let ts_ns = ev.time_nano.map(i128::from).unwrap_or_else(now_ns);
         let action = ev.action.as_deref().unwrap_or("");
         let attrs = ev.actor.as_ref().and_then(|a| a.attributes.as_ref());
+        trace(format_args!(
+            "event {:?} {action} {:?}",
+            ev.typ,
+            ev.actor.as_ref().and_then(|a| a.id.as_deref())
+        ));
         match ev.typ {
             Some(EventMessageTypeEnum::CONTAINER) => {
                 let Some(id) = ev.actor.as_ref().and_then(|a| a.id.as_deref()) else {
@@ -424,19 +450,29 @@ impl Join {
                 };
                 if action == "disconnect" && !c.state.is_live() {
                     // A stop ends with this event too, and then State.Error is empty. A
-                    // container that never ran and is disconnected failed to start; the
-                    // daemon sets State.Error before the cleanup that sends this event, but
-                    // read it again briefly in case a daemon orders it differently.
-                    for _ in 0..3 {
-                        if error.is_some() || c.state != State::Created {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    // container that never ran and is disconnected failed to start: Docker
+                    // 20.10 releases the network (sending this event, then tearing down
+                    // iptables rules and the sandbox) before it records State.Error, so on
+                    // a busy host the error shows up a good while later. `docker run`
+                    // returns only after it is set.
+                    let waited = Instant::now();
+                    while error.is_none()
+                        && c.state == State::Created
+                        && waited.elapsed() < START_ERROR_WAIT
+                    {
+                        tokio::time::sleep(Duration::from_millis(25)).await;
                         match self.inspect_full(docker, id).await {
                             Some((c2, e2)) => (c, error) = (c2, e2),
                             None => return true,
                         }
                     }
+                    trace(format_args!(
+                        "{} disconnected while {:?}; State.Error after {:?}: {:?}",
+                        c.r.name,
+                        c.state,
+                        waited.elapsed(),
+                        error
+                    ));
                     if let Some(prev) = self.view.get(id.as_str()) {
                         c = Arc::new(keep_ports(&c, &prev.c));
                     }
