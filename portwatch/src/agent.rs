@@ -25,7 +25,7 @@ use crate::{
     cli::RunArgs,
     control,
     decode::{self, Clock},
-    diag,
+    diag, docker,
     error::{Error, Result},
     metrics::{self, Metrics},
     prereq, probes,
@@ -88,6 +88,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     let control = control::bind(&args.runtime_dir, group)?;
     let host = args.host.clone().unwrap_or_else(hostname);
+    let docker_ep = if args.no_docker {
+        None
+    } else {
+        Some(docker::endpoint(args.docker_host.as_deref())?)
+    };
 
     let (offsets, problems) = if args.no_btf_offsets {
         (
@@ -192,6 +197,25 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .await;
     }
 
+    // Docker: its own thread and runtime, started after `ready` so that stays the first
+    // line. Without a daemon it says so once and retries; a slow daemon can delay container
+    // names, never the records themselves.
+    let (stop_docker, stop_docker_rx) = tokio::sync::watch::channel(false);
+    let docker_thread = match docker_ep {
+        Some(ep) => {
+            let tx = tx.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("portwatch-docker".into())
+                    .spawn(move || docker::run(ep, tx, stop_docker_rx))
+                    .map_err(|source| Error::Io {
+                        what: "starting the Docker thread",
+                        source,
+                    })?,
+            )
+        }
+        None => None,
+    };
     let mut sigint = signal(SignalKind::interrupt()).map_err(|source| Error::Io {
         what: "installing the SIGINT handler",
         source,
@@ -260,6 +284,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     stop_diag.store(true, Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || diag_thread.join()).await;
+    let _ = stop_docker.send(true);
+    if let Some(t) = docker_thread {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     send(Msg::Stop).await;
     drop(tx);
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;

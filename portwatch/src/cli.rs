@@ -25,7 +25,8 @@ pub enum Command {
         sudo portwatch run\n  \
         sudo portwatch run --log-file /var/log/portwatch/events.jsonl --log-max-size 50M\n  \
         sudo portwatch run --all-events --port 8080 --port 8443\n  \
-        sudo portwatch run --metrics-addr 127.0.0.1:9560")]
+        sudo portwatch run --metrics-addr 127.0.0.1:9560\n  \
+        sudo portwatch run --docker-host unix:///run/user/1000/docker.sock")]
     Run(RunArgs),
 
     /// Read the JSON log: readable on a terminal, filtered, followed across rotation.
@@ -172,6 +173,15 @@ pub struct RunArgs {
     /// unless you mean to expose them).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// The Docker daemon to join: unix:///path, a socket path, or tcp://HOST:PORT (default:
+    /// $DOCKER_HOST, else unix:///var/run/docker.sock). Conflicts then name containers,
+    /// and Docker's own port failures become conflict records.
+    #[arg(long, value_name = "URL", conflicts_with = "no_docker")]
+    pub docker_host: Option<String>,
+
+    /// Do not join the Docker daemon (no container names, no `docker` records).
+    #[arg(long)]
+    pub no_docker: bool,
 
     /// Do not read the network namespace in the kernel; read /proc/<pid>/ns/net instead
     /// (the fallback used when kernel offsets cannot be resolved from BTF).

@@ -61,7 +61,7 @@ pub enum Error {
     Map {
         name: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
 
     #[error(
@@ -107,12 +107,46 @@ pub enum Error {
         reason: String,
     },
 
+    #[error(
+        "--docker-host (or DOCKER_HOST) is {given:?}, which portwatch cannot use; give \
+         unix:///path/to/docker.sock, a socket path, or tcp://HOST:PORT"
+    )]
+    DockerHost { given: String },
+
     #[error("{what} failed: {source}")]
     Io {
         what: &'static str,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why the Docker join is not (or no longer) connected. Written in `docker` records with
+/// `event:"unavailable"`; the agent keeps running and retries.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error(
+        "the Docker daemon at {endpoint} cannot be reached ({source}); start dockerd or point \
+         --docker-host at it. portwatch keeps retrying and names containers again once it \
+         answers"
+    )]
+    Unreachable {
+        endpoint: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+
+    #[error("a Docker API request failed ({0}); the container index is resynced on reconnection")]
+    Api(#[from] bollard::errors::Error),
+
+    #[error(
+        "the Docker event stream from {endpoint} ended ({why}); the daemon stopped or \
+         restarted. portwatch reconnects and resyncs when it is back"
+    )]
+    StreamEnded { endpoint: String, why: String },
+
+    #[error("the agent is stopping")]
+    Stopped,
 }
 
 impl From<aya::EbpfError> for Error {

@@ -9,9 +9,11 @@
 mod agent;
 mod btf;
 mod cli;
+mod containers;
 mod control;
 mod decode;
 mod diag;
+mod docker;
 mod enrich;
 mod error;
 mod metrics;

@@ -533,6 +533,7 @@ pub fn check(a: &CheckArgs) -> Result<u8> {
             actor_sk: 0,
             now_ns: now,
             proto_name: if proto == Proto::Tcp { "tcp" } else { "udp" },
+            publishing: None,
         };
         let at = t.attribute(&attempt);
         // TIME_WAIT counts as taken for suggestions even when SO_REUSEADDR would get past it.

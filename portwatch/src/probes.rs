@@ -90,14 +90,14 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
         .take_map("LOST")
         .ok_or(Error::Map {
             name: "LOST",
-            source: aya::maps::MapError::InvalidName {
+            source: Box::new(aya::maps::MapError::InvalidName {
                 name: "LOST".into(),
-            },
+            }),
         })
         .and_then(|m| {
             PerCpuArray::try_from(m).map_err(|source| Error::Map {
                 name: "LOST",
-                source,
+                source: Box::new(source),
             })
         })?;
     Ok(Probes { ebpf, lost })
@@ -125,13 +125,13 @@ impl Probes {
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
         let m = self.ebpf.take_map("EVENTS").ok_or(Error::Map {
             name: "EVENTS",
-            source: aya::maps::MapError::InvalidName {
+            source: Box::new(aya::maps::MapError::InvalidName {
                 name: "EVENTS".into(),
-            },
+            }),
         })?;
         RingBuf::try_from(m).map_err(|source| Error::Map {
             name: "EVENTS",
-            source,
+            source: Box::new(source),
         })
     }
 

@@ -7,9 +7,10 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
+    os::unix::fs::MetadataExt,
     path::PathBuf,
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use portwatch_common::{kind, Event, Kind, IPPROTO_TCP, IPPROTO_UDP};
@@ -17,6 +18,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
+    containers::{self, Container, DockerMsg, Index, StartError},
     control::{Filter, PortRow},
     decode::{self, Clock},
     diag,
@@ -24,8 +26,12 @@ use crate::{
     metrics::Metrics,
     record::{self, Header},
     sink::{LogEvent, Output},
-    table::{self, Attempt, Entry, Owner, PortTable, Proto},
+    table::{self, Attempt, Entry, Owner, Placement, PortTable, Proto},
 };
+
+/// How long a failed docker-proxy/dockerd bind waits for the daemon to say which container
+/// failed to start. The daemon's event for it comes within milliseconds.
+const PUBLISH_WAIT: Duration = Duration::from_secs(2);
 
 pub const KINDS: usize = kind::COUNT as usize;
 
@@ -57,6 +63,8 @@ pub enum Msg {
     },
     /// SIGHUP: reopen the log file.
     Reopen,
+    /// From the Docker thread: the container index and lifecycle.
+    Docker(DockerMsg),
     Stop,
 }
 
@@ -185,6 +193,45 @@ struct Processor {
     window: std::collections::VecDeque<WinItem>,
     subs: Vec<Sub>,
     started: Instant,
+    docker: Index,
+    /// Failed docker-proxy/dockerd binds waiting for the daemon to name their container.
+    pending: Vec<PendingBind>,
+    /// Start failures with EADDRINUSE the daemon reported, in case its report arrives
+    /// before the kernel's.
+    recent_in_use: Vec<(Arc<Container>, IpAddr, u16, Instant)>,
+}
+
+struct PendingBind {
+    e: Event,
+    k: Kind,
+    netns: u32,
+    wall: i128,
+    cmdline: Option<Arc<str>>,
+    via: &'static str,
+    deadline: Instant,
+}
+
+/// Where a socket's owner stands in Docker: a published port held by docker-proxy/dockerd
+/// for a container, or a process inside a container.
+fn place(docker: &mut Index, netns: u32, x: &Entry) -> Option<Placement> {
+    let owner = x.owner.as_ref();
+    if let Some(via) = owner.and_then(|o| containers::docker_binder(&o.comm)) {
+        if netns == docker.host_netns() {
+            if let Some((c, p)) = docker.publisher(x.proto, x.local.ip(), x.local.port()) {
+                return Some(Placement {
+                    container: c.r.clone(),
+                    via: Some(via),
+                    container_port: Some(p.container_port),
+                });
+            }
+        }
+    }
+    let c = docker.container_of(owner.map_or(0, |o| o.pid), netns, 0)?;
+    Some(Placement {
+        container: c.r.clone(),
+        via: None,
+        container_port: None,
+    })
 }
 
 fn proto_of(p: u16) -> Option<Proto> {
@@ -377,6 +424,7 @@ impl Processor {
             Kind::Exit => {
                 self.table.on_exit(e.pid);
                 self.procs.forget(e.pid);
+                self.docker.forget_pid(e.pid);
             }
             Kind::TcpState => {
                 let (old, new) = (e.old_state as u8, e.new_state as u8);
@@ -444,7 +492,103 @@ impl Processor {
     fn conflict(&mut self, e: &Event, k: Kind, netns: u32, wall: i128) {
         let comm = decode::comm(&e.comm);
         let cmdline = self.procs.cmdline(e.pid, e.tid, &comm);
+        // docker-proxy or dockerd failing to bind a published port: the actor that matters
+        // is the container being started. The daemon names it (State.Error) a moment
+        // later, so wait for that rather than guess among containers asking for the port.
+        let binder = containers::docker_binder(&comm)
+            .filter(|_| k != Kind::Connect && netns == self.docker.host_netns());
+        if let Some(via) = binder {
+            let ip = decode::ip(e.family, &e.addr);
+            if let Some(c) = self.recent_failure(ip, e.port) {
+                self.emit_conflict(e, k, netns, wall, cmdline, Some((c, via)));
+            } else if self.docker.connected {
+                self.pending.push(PendingBind {
+                    e: *e,
+                    k,
+                    netns,
+                    wall,
+                    cmdline,
+                    via,
+                    deadline: Instant::now() + PUBLISH_WAIT,
+                });
+            } else {
+                let c = self.guess_publishing(e, cmdline.as_deref());
+                self.emit_conflict(e, k, netns, wall, cmdline, c.map(|c| (c, via)));
+            }
+            return;
+        }
+        self.emit_conflict(e, k, netns, wall, cmdline, None);
+    }
+
+    /// A start failure the daemon already reported for this host address.
+    fn recent_failure(&self, ip: IpAddr, port: u16) -> Option<Arc<Container>> {
+        self.recent_in_use
+            .iter()
+            .rev()
+            .find(|(_, fip, fport, _)| {
+                *fport == port && table::overlap(ip, None, *fip, None).is_some()
+            })
+            .map(|(c, ..)| c.clone())
+    }
+
+    /// Without the daemon's word: the one container that is not running and asks for this
+    /// host port (docker-proxy's `-container-ip`, when its address is known, decides first).
+    fn guess_publishing(&self, e: &Event, cmdline: Option<&str>) -> Option<Arc<Container>> {
+        let proto = proto_of(e.proto)?;
+        let (cip, _) = cmdline.map(containers::proxy_args).unwrap_or_default();
+        if let Some(c) = cip.and_then(|ip| self.docker.by_ip(ip)) {
+            return Some(c.clone());
+        }
+        match self
+            .docker
+            .starting(proto, decode::ip(e.family, &e.addr), e.port)[..]
+        {
+            [c] => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    /// Write held-back proxy binds whose wait is over (all of them with `all`).
+    fn flush_pending(&mut self, all: bool) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.pending.len() {
+            if all || self.pending[i].deadline <= now {
+                let p = self.pending.swap_remove(i);
+                let c = self.guess_publishing(&p.e, p.cmdline.as_deref());
+                self.emit_conflict(&p.e, p.k, p.netns, p.wall, p.cmdline, c.map(|c| (c, p.via)));
+            } else {
+                i += 1;
+            }
+        }
+        self.recent_in_use
+            .retain(|(.., t)| now.duration_since(*t) < Duration::from_secs(5));
+    }
+
+    /// `publishing`: the container a failed docker-proxy/dockerd bind was for, and which of
+    /// the two made it.
+    fn emit_conflict(
+        &mut self,
+        e: &Event,
+        k: Kind,
+        netns: u32,
+        wall: i128,
+        cmdline: Option<Arc<str>>,
+        publishing: Option<(Arc<Container>, &'static str)>,
+    ) {
         let mut r = record::conflict(Header::new("conflict", "", wall), e, k, netns, cmdline);
+        match &publishing {
+            Some((c, via)) => {
+                r.actor.container = Some(c.r.clone());
+                r.actor.via = Some(via);
+            }
+            None => {
+                r.actor.container = self
+                    .docker
+                    .container_of(e.pid, netns, e.cgroup_id)
+                    .map(|c| c.r.clone());
+            }
+        }
         if k != Kind::Connect {
             if let Some(proto) = proto_of(e.proto) {
                 let attempt = Attempt {
@@ -457,10 +601,17 @@ impl Processor {
                     actor_sk: e.sk,
                     now_ns: wall,
                     proto_name: r.proto,
+                    publishing: publishing.as_ref().map(|(c, _)| &*c.r.name),
                 };
-                let mut a = self.table.attribute(&attempt);
+                let docker = &mut self.docker;
+                let mut a = self
+                    .table
+                    .attribute_with(&attempt, &mut |x| place(docker, netns, x));
                 if a.cause == "unknown" && self.refresh_ns(netns, e) {
-                    a = self.table.attribute(&attempt);
+                    let docker = &mut self.docker;
+                    a = self
+                        .table
+                        .attribute_with(&attempt, &mut |x| place(docker, netns, x));
                 }
                 for h in &mut a.holders {
                     if let (Some(pid), Some(comm), None) = (h.pid, &h.comm, &h.cmdline) {
@@ -575,14 +726,17 @@ impl Processor {
             Kind::Bind | Kind::Listen | Kind::Connect | Kind::Close => {
                 let comm = decode::comm(&e.comm);
                 let cmdline = self.procs.cmdline(e.pid, e.tid, &comm);
-                let r = record::sock_op(Header::new(k.name(), &host, wall), e, netns, cmdline);
+                let mut r = record::sock_op(Header::new(k.name(), &host, wall), e, netns, cmdline);
+                r.actor.container = self.container_ref(e, netns);
                 serde_json::to_writer(&mut self.buf, &r).is_ok()
             }
             Kind::Exit => {
+                let mut actor = record::Actor::from_event(e, None);
+                actor.container = self.container_ref(e, netns);
                 let r = record::Exit {
                     h: Header::new("exit", &host, wall),
                     netns,
-                    actor: record::Actor::from_event(e, None),
+                    actor,
                 };
                 serde_json::to_writer(&mut self.buf, &r).is_ok()
             }
@@ -642,7 +796,8 @@ impl Processor {
         });
     }
 
-    fn ports(&self, filter: &Filter) -> Vec<PortRow> {
+    fn ports(&mut self, filter: &Filter) -> Vec<PortRow> {
+        let docker = &mut self.docker;
         let mut rows: Vec<PortRow> = self
             .table
             .rows()
@@ -662,7 +817,7 @@ impl Processor {
                 state: e.state_name().into(),
                 pid: e.owner.as_ref().map(|o| o.pid),
                 comm: e.owner.as_ref().map(|o| o.comm.to_string()),
-                container: None,
+                container: place(docker, ns, e).map(|p| p.container.name.to_string()),
                 netns: ns,
                 count: None,
             })
@@ -856,6 +1011,218 @@ impl Processor {
         }
     }
 
+    fn container_ref(&mut self, e: &Event, netns: u32) -> Option<Arc<containers::ContainerRef>> {
+        self.docker
+            .container_of(e.pid, netns, e.cgroup_id)
+            .map(|c| c.r.clone())
+    }
+
+    fn docker_msg(&mut self, m: DockerMsg) {
+        match m {
+            DockerMsg::Connected(c) => {
+                self.docker.replace_all(c.containers.iter().cloned());
+                self.docker.connected = true;
+                if let Some(m) = &self.cfg.metrics {
+                    m.set_docker_connected(true);
+                }
+                let running = c.containers.iter().filter(|c| c.state.is_live()).count();
+                let r = record::Docker {
+                    event: "connected",
+                    endpoint: Some(&c.endpoint),
+                    api_version: Some(&c.api_version),
+                    server_version: Some(&c.server_version),
+                    containers: Some(c.containers.len()),
+                    running: Some(running),
+                    sync_ms: Some(c.sync_ms),
+                    cgroup: Some(c.cgroup),
+                    ..Default::default()
+                };
+                self.emit_line("docker", c.ts_ns, r);
+            }
+            DockerMsg::Unavailable {
+                endpoint,
+                reason,
+                ts_ns,
+            } => {
+                // No start failure will be reported now: write what was held back.
+                self.docker.connected = false;
+                if let Some(m) = &self.cfg.metrics {
+                    m.set_docker_connected(false);
+                }
+                self.flush_pending(true);
+                let r = record::Docker {
+                    event: "unavailable",
+                    endpoint: Some(&endpoint),
+                    reason: Some(&reason),
+                    ..Default::default()
+                };
+                self.emit_line("docker", ts_ns, r);
+            }
+            DockerMsg::Upsert(c) => self.docker.upsert(c),
+            DockerMsg::Lifecycle(l) => {
+                if l.event == "destroy" {
+                    self.docker.remove(&l.container.full_id);
+                } else {
+                    self.docker.upsert(l.container.clone());
+                }
+                let r = record::Docker::lifecycle(l.event, &l.container, l.exit_code, l.missed);
+                self.emit_line("docker", l.ts_ns, r);
+            }
+            DockerMsg::StartFailed {
+                container,
+                error,
+                ts_ns,
+            } => {
+                self.docker.upsert(container.clone());
+                match containers::parse_start_error(&error) {
+                    Some(StartError::Allocated { ip, port }) => {
+                        self.publish_conflict(&container, ip, port, &error, ts_ns)
+                    }
+                    Some(StartError::InUse { ip, port }) => {
+                        self.recent_in_use
+                            .push((container.clone(), ip, port, Instant::now()));
+                        let mut i = 0;
+                        while i < self.pending.len() {
+                            let p = &self.pending[i];
+                            let pip = decode::ip(p.e.family, &p.e.addr);
+                            if p.e.port == port && table::overlap(pip, None, ip, None).is_some() {
+                                let p = self.pending.swap_remove(i);
+                                let c = Some((container.clone(), p.via));
+                                self.emit_conflict(&p.e, p.k, p.netns, p.wall, p.cmdline, c);
+                            } else {
+                                i += 1;
+                            }
+                        }
+                    }
+                    None => {}
+                }
+            }
+            DockerMsg::Tick => self.flush_pending(false),
+        }
+    }
+
+    /// Container `b` asked for a host port that a running container publishes, and dockerd's
+    /// allocator refused: a conflict no syscall shows. The holder is the publisher, with
+    /// the socket its proxy holds when there is one.
+    fn publish_conflict(&mut self, b: &Container, ip: IpAddr, port: u16, error: &str, ts_ns: i128) {
+        let proto = b
+            .bindings
+            .iter()
+            .find(|p| p.host_port <= port && port <= p.host_port_end)
+            .map_or(Proto::Tcp, |p| p.proto);
+        let proto_name = match proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        let netns = self.docker.host_netns();
+        let attempt = Attempt {
+            netns,
+            proto,
+            addr: ip,
+            port,
+            op_listen: false,
+            actor_pid: 0,
+            actor_sk: 0,
+            now_ns: ts_ns,
+            proto_name,
+            publishing: Some(&b.r.name),
+        };
+        let publisher = self
+            .docker
+            .publisher(proto, ip, port)
+            .map(|(c, p)| (c.clone(), *p));
+        let docker = &mut self.docker;
+        let a = self
+            .table
+            .attribute_with(&attempt, &mut |x| place(docker, netns, x));
+        let mut holders: Vec<table::Holder> = a
+            .holders
+            .into_iter()
+            .filter(|h| {
+                h.via.is_some()
+                    && publisher
+                        .as_ref()
+                        .is_some_and(|(c, _)| h.container.as_ref() == Some(&c.r))
+            })
+            .collect();
+        if holders.is_empty() {
+            // No socket (e.g. --userland-proxy=false with a daemon before 28): the port is
+            // dockerd's allocation alone.
+            if let Some((c, p)) = &publisher {
+                holders.push(table::Holder {
+                    pid: None,
+                    comm: None,
+                    cmdline: None,
+                    uid: None,
+                    state: "PUBLISHED",
+                    proto: proto_name,
+                    addr: p.host_ip,
+                    port,
+                    overlap: table::overlap(ip, None, p.host_ip, None)
+                        .unwrap_or(table::Overlap::Exact),
+                    since: None,
+                    count: None,
+                    expires_in_s: None,
+                    container: Some(c.r.clone()),
+                    via: Some("dockerd"),
+                    container_port: Some(p.container_port),
+                });
+            }
+        }
+        for h in &mut holders {
+            if let (Some(pid), Some(comm), None) = (h.pid, &h.comm, &h.cmdline) {
+                h.cmdline = self.procs.cmdline(pid, pid, comm);
+            }
+        }
+        let target = table::fmt_addr(ip, port);
+        let (hint, reason) = match &publisher {
+            Some((a, p)) => (
+                format!(
+                    "container {} ({}, {}) already publishes {} -> {}; docker stop {}, or \
+                     publish {} on another host port",
+                    a.r.name,
+                    a.r.image,
+                    a.r.id,
+                    table::fmt_addr(p.host_ip, port),
+                    p.target(),
+                    a.r.name,
+                    b.r.name
+                ),
+                None,
+            ),
+            None => (
+                format!("publish {} on another host port", b.r.name),
+                Some(format!(
+                    "no running container in the index publishes {proto_name} {target}; it \
+                     may have stopped since"
+                )),
+            ),
+        };
+        let overlap = holders.first().map(|h| h.overlap);
+        let host = std::mem::take(&mut self.cfg.host);
+        let r = record::PublishConflict {
+            h: Header::new("conflict", &host, ts_ns),
+            op: "docker_publish",
+            error: "port_already_allocated",
+            proto: proto_name,
+            family: if ip.is_ipv4() { "ipv4" } else { "ipv6" },
+            addr: ip,
+            port,
+            netns,
+            actor: record::ContainerActor {
+                container: b.r.clone(),
+            },
+            holders,
+            cause: "port_already_allocated",
+            overlap,
+            hint,
+            docker_error: error.to_string(),
+            reason,
+        };
+        self.emit(&r);
+        self.cfg.host = host;
+    }
+
     fn lost(&mut self, kernel: [u64; KINDS], agent: [u64; KINDS]) {
         let mut by_kind = BTreeMap::new();
         for kd in Kind::ALL {
@@ -972,6 +1339,15 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
         window: std::collections::VecDeque::new(),
         subs: Vec::new(),
         started,
+        docker: Index::new(
+            std::fs::metadata("/proc/self/ns/net")
+                .ok()
+                .and_then(|m| u32::try_from(m.ino()).ok())
+                .unwrap_or(0),
+            "/proc",
+        ),
+        pending: Vec::new(),
+        recent_in_use: Vec::new(),
     };
     let mut since_clock = 0u32;
     while let Some(m) = rx.blocking_recv() {
@@ -1013,7 +1389,9 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
                     l.reopen();
                 }
             }
+            Msg::Docker(m) => p.docker_msg(m),
             Msg::Stop => {
+                p.flush_pending(true);
                 // Everything before the stop is written first, so the counts below are final.
                 p.flush();
                 let r = AgentRecord {

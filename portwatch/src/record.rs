@@ -6,7 +6,10 @@ use std::{borrow::Cow, net::IpAddr, sync::Arc};
 use portwatch_common::{Event, Kind};
 use serde::Serialize;
 
-use crate::decode::{self, errno_name, family_name, ip, proto_name, tcp_state_name};
+use crate::{
+    containers::{CgroupMode, Container, ContainerRef, Network, PortMap},
+    decode::{self, errno_name, family_name, ip, proto_name, tcp_state_name},
+};
 
 pub const SCHEMA_VERSION: u8 = 1;
 
@@ -41,6 +44,12 @@ pub struct Actor<'a> {
     /// null when the process was gone (or its pid reused) before it could be read.
     pub cmdline: Option<Arc<str>>,
     pub cgroup_id: u64,
+    /// The container it runs in; for docker-proxy/dockerd (`via`), the container whose
+    /// port it was publishing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<Arc<ContainerRef>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<&'static str>,
 }
 
 impl<'a> Actor<'a> {
@@ -52,6 +61,8 @@ impl<'a> Actor<'a> {
             uid: e.uid,
             cmdline,
             cgroup_id: e.cgroup_id,
+            container: None,
+            via: None,
         }
     }
 }
@@ -158,6 +169,108 @@ pub struct Lost<'a> {
     pub by_kind: std::collections::BTreeMap<&'static str, u64>,
     /// Totals since the agent started.
     pub total: u64,
+}
+
+/// `type: "conflict"`, `op: "docker_publish"`: the daemon refused to publish a port that a
+/// running container already publishes. No syscall failed, so there is no errno, fd or
+/// process: the actor is the container that asked.
+#[derive(Debug, Serialize)]
+pub struct PublishConflict<'a> {
+    #[serde(flatten)]
+    pub h: Header<'a>,
+    pub op: &'static str,
+    pub error: &'static str,
+    pub proto: &'static str,
+    pub family: &'static str,
+    pub addr: IpAddr,
+    pub port: u16,
+    /// The namespace ports are published in: the host's.
+    pub netns: u32,
+    pub actor: ContainerActor,
+    pub holders: Vec<crate::table::Holder>,
+    pub cause: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlap: Option<crate::table::Overlap>,
+    pub hint: String,
+    /// The daemon's own words (`State.Error`).
+    pub docker_error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ContainerActor {
+    pub container: Arc<ContainerRef>,
+}
+
+/// `type: "docker"`: the Docker join's connection and the containers' lifecycle.
+#[derive(Debug, Serialize, Default)]
+pub struct Docker<'a> {
+    /// `connected`, `unavailable`, `start`, `die` or `destroy`.
+    pub event: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_version: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub containers: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<CgroupMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<&'a ContainerRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_path: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_mode: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub networks: Option<&'a [Network]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ports: Option<&'a [PortMap]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+    /// It happened while the agent was not connected; found at the resync.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub missed: bool,
+}
+
+impl<'a> Docker<'a> {
+    /// start, die, destroy: who, and which host ports it took or freed.
+    pub fn lifecycle(
+        event: &'static str,
+        c: &'a Container,
+        exit_code: Option<i64>,
+        missed: bool,
+    ) -> Self {
+        let live = event == "start";
+        Docker {
+            event,
+            container: Some(&c.r),
+            pid: live.then_some(c.pid).filter(|p| *p != 0),
+            netns: c.netns.filter(|_| live),
+            cgroup_id: c.cgroup_id.filter(|_| live),
+            cgroup_path: c.cgroup_path.as_deref().filter(|_| live),
+            network_mode: live.then_some(&*c.network_mode),
+            networks: live.then_some(&c.networks[..]),
+            ports: Some(&c.published),
+            exit_code,
+            missed,
+            ..Default::default()
+        }
+    }
 }
 
 pub fn is_conflict(e: &Event, k: Kind) -> bool {

@@ -16,6 +16,7 @@ use std::{
 
 use serde::Serialize;
 
+use crate::containers::ContainerRef;
 pub use crate::diag::Proto;
 
 pub const TCP_TIME_WAIT: u8 = 6;
@@ -157,6 +158,22 @@ pub struct Holder {
     /// TIME_WAIT only: seconds until the first of them expires.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_in_s: Option<u32>,
+    /// The container the owner runs in, or, with `via`, whose published port it holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<Arc<ContainerRef>>,
+    /// `docker-proxy` or `dockerd`: the socket is a published port held for `container`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<&'static str>,
+    /// With `via`: the container port it forwards to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_port: Option<u16>,
+}
+
+/// Where a holder stands in Docker, as the container index tells it.
+pub struct Placement {
+    pub container: Arc<ContainerRef>,
+    pub via: Option<&'static str>,
+    pub container_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -180,9 +197,12 @@ pub struct Attempt<'a> {
     pub actor_sk: u64,
     pub now_ns: i128,
     pub proto_name: &'a str,
+    /// The container a failing docker-proxy/dockerd bind was publishing for: hints then
+    /// suggest another host port for it rather than "bind another port".
+    pub publishing: Option<&'a str>,
 }
 
-fn fmt_addr(a: IpAddr, port: u16) -> String {
+pub fn fmt_addr(a: IpAddr, port: u16) -> String {
     match a {
         IpAddr::V6(v6) => format!("[{v6}]:{port}"),
         v4 => format!("{v4}:{port}"),
@@ -410,8 +430,19 @@ impl PortTable {
             .flat_map(|(k, b)| b.iter().map(move |e| (k.0, e)))
     }
 
-    /// Who blocks `a`, why, and what to do.
+    /// Who blocks `a`, why, and what to do (without Docker placement).
     pub fn attribute(&self, a: &Attempt<'_>) -> Attribution {
+        self.attribute_with(a, &mut |_| None)
+    }
+
+    /// `attribute`, with each owned socket placed in Docker by `place`: a holder in a
+    /// container names it, and a published port held by docker-proxy/dockerd makes the
+    /// cause `docker_published`.
+    pub fn attribute_with(
+        &self,
+        a: &Attempt<'_>,
+        place: &mut dyn FnMut(&Entry) -> Option<Placement>,
+    ) -> Attribution {
         let mut holders = Vec::new();
         let mut tw: Option<(u32, i128, IpAddr, Overlap)> = None;
         let mut kinds = (false, false, false); // listener, bound, time_wait
@@ -459,6 +490,7 @@ impl PortTable {
             } else {
                 kinds.1 = true;
             }
+            let p = place(x);
             holders.push(Holder {
                 pid: x.owner.as_ref().map(|o| o.pid),
                 comm: x.owner.as_ref().map(|o| o.comm.clone()),
@@ -472,6 +504,9 @@ impl PortTable {
                 since: x.since_ns.map(crate::decode::rfc3339),
                 count: None,
                 expires_in_s: None,
+                via: p.as_ref().and_then(|p| p.via),
+                container_port: p.as_ref().and_then(|p| p.container_port),
+                container: p.map(|p| p.container),
             });
         }
         if !a.op_listen && a.proto == Proto::Tcp {
@@ -512,61 +547,99 @@ impl PortTable {
             since: None,
             count: Some(n),
             expires_in_s: Some(((exp - a.now_ns).max(0) as u64).div_ceil(1_000_000_000) as u32),
+            container: None,
+            via: None,
+            container_port: None,
         });
         let target = fmt_addr(a.addr, a.port);
-        let who = |h: &Holder| match (h.pid, &h.comm) {
-            (Some(p), Some(c)) => format!("pid {p} ({c})"),
-            (Some(p), None) => format!("pid {p}"),
-            _ => "a socket with no known owner".to_string(),
+        let who = |h: &Holder| {
+            let mut w = match (h.pid, &h.comm) {
+                (Some(p), Some(c)) => format!("pid {p} ({c})"),
+                (Some(p), None) => format!("pid {p}"),
+                _ => "a socket with no known owner".to_string(),
+            };
+            if let Some(c) = &h.container {
+                w.push_str(&format!(" in container {}", c.name));
+            }
+            w
         };
-        let (cause, hint, reason) = if kinds.0 {
-            let h = holders.iter().find(|h| h.state == "LISTEN").unwrap();
-            (
-                "listener",
-                format!(
-                    "{} listens on {}; stop it or bind another port",
-                    who(h),
-                    fmt_addr(h.addr, h.port)
-                ),
-                None,
-            )
-        } else if kinds.1 {
-            let h = &holders[0];
-            (
-                "bound",
-                format!(
-                    "{} holds {} {} ({}); close that socket or bind another port",
-                    who(h),
-                    a.proto_name,
+        let instead = match a.publishing {
+            Some(name) => format!("publish {name} on another host port"),
+            None => "bind another port".to_string(),
+        };
+        // The holder that decides the cause: a listener if there is one.
+        let top = holders
+            .iter()
+            .find(|h| h.state == "LISTEN")
+            .or(holders.first());
+        let (cause, hint, reason) =
+            if let Some((h, c, via)) = top.and_then(|h| Some((h, h.container.as_ref()?, h.via?))) {
+                let target = h
+                    .container_port
+                    .map(|p| format!(" -> {p}/{}", h.proto))
+                    .unwrap_or_default();
+                let pid = h.pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+                (
+                    "docker_published",
+                    format!(
+                    "container {} ({}, {}) publishes {}{target} through {via}{pid}; docker stop \
+                     {}, or {instead}",
+                    c.name,
+                    c.image,
+                    c.id,
                     fmt_addr(h.addr, h.port),
-                    h.state
+                    c.name
                 ),
-                None,
-            )
-        } else if let Some(h) = &tw_holder {
-            let n = h.count.unwrap_or(0);
-            (
-                "time_wait",
-                format!(
-                    "{n} TIME_WAIT socket{} on {} expire within {} s; set SO_REUSEADDR on the \
+                    None,
+                )
+            } else if kinds.0 {
+                let h = top.unwrap();
+                (
+                    "listener",
+                    format!(
+                        "{} listens on {}; stop it or {instead}",
+                        who(h),
+                        fmt_addr(h.addr, h.port)
+                    ),
+                    None,
+                )
+            } else if kinds.1 {
+                let h = &holders[0];
+                (
+                    "bound",
+                    format!(
+                        "{} holds {} {} ({}); close that socket or {instead}",
+                        who(h),
+                        a.proto_name,
+                        fmt_addr(h.addr, h.port),
+                        h.state
+                    ),
+                    None,
+                )
+            } else if let Some(h) = &tw_holder {
+                let n = h.count.unwrap_or(0);
+                (
+                    "time_wait",
+                    format!(
+                        "{n} TIME_WAIT socket{} on {} expire within {} s; set SO_REUSEADDR on the \
                      listener (the old one lacked it too) or wait",
-                    if n == 1 { "" } else { "s" },
-                    target,
-                    h.expires_in_s.unwrap_or(60)
-                ),
-                None,
-            )
-        } else {
-            (
-                "unknown",
-                String::new(),
-                Some(format!(
-                    "no socket in network namespace {} holds {} {} (the holder may have gone \
+                        if n == 1 { "" } else { "s" },
+                        target,
+                        h.expires_in_s.unwrap_or(60)
+                    ),
+                    None,
+                )
+            } else {
+                (
+                    "unknown",
+                    String::new(),
+                    Some(format!(
+                        "no socket in network namespace {} holds {} {} (the holder may have gone \
                      already)",
-                    a.netns, a.proto_name, target
-                )),
-            )
-        };
+                        a.netns, a.proto_name, target
+                    )),
+                )
+            };
         holders.extend(tw_holder);
         Attribution {
             holders,
@@ -630,6 +703,7 @@ mod tests {
             actor_sk: 0,
             now_ns: 0,
             proto_name: if proto == Proto::Tcp { "tcp" } else { "udp" },
+            publishing: None,
         }
     }
 

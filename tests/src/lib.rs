@@ -14,6 +14,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod docker;
+
 pub fn require_root() {
     // SAFETY: no preconditions.
     let euid = unsafe { libc::geteuid() };
@@ -175,10 +177,41 @@ impl Agent {
         self.try_wait_for(Duration::from_secs(10), pred)
             .unwrap_or_else(|| {
                 panic!(
-                    "no record matching {what} within 10 s; got:\n{}",
-                    self.dump()
+                    "no record matching {what} within 10 s; got:\n{}\nstderr:\n{}",
+                    self.dump(),
+                    self.stderr.lock().unwrap()
                 )
             })
+    }
+
+    /// Waits until at least `n` records match `pred`; returns them all.
+    pub fn wait_count(
+        &self,
+        what: &str,
+        n: usize,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &*self.shared;
+        let mut g = m.lock().unwrap();
+        loop {
+            let found: Vec<Value> = g.lines.iter().filter(|v| pred(v)).cloned().collect();
+            if found.len() >= n {
+                return found;
+            }
+            let now = Instant::now();
+            if now >= deadline || g.eof {
+                drop(g);
+                panic!(
+                    "{} of {n} records matching {what} within {} s; got:\n{}",
+                    found.len(),
+                    timeout.as_secs(),
+                    self.dump()
+                );
+            }
+            g = cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
     }
 
     pub fn snapshot(&self) -> Vec<Value> {
@@ -384,6 +417,28 @@ pub fn test_port(offset: u16) -> u16 {
     // Below the ephemeral range (32768+), where client sockets of the churn tests live.
     let base = 10000 + (std::process::id() % 2000) as u16 * 10;
     base + offset
+}
+
+/// A TCP port that is free on 0.0.0.0 and [::] right now, below the ephemeral range: ports
+/// that a daemon binds with SO_REUSEADDR (docker-proxy, dockerd) still fail on another
+/// process's client-side TIME_WAIT, which a busy host leaves all over the ephemeral range.
+pub fn free_port(offset: u16) -> u16 {
+    let mut p = 10000 + (std::process::id() % 1000) as u16 * 20 + offset;
+    for _ in 0..40 {
+        let free = ["0.0.0.0", "[::]"].iter().all(|ip| {
+            let a: SocketAddr = format!("{ip}:{p}").parse().unwrap();
+            let s = socket(&a, SOCK_STREAM, false);
+            if a.is_ipv6() {
+                set_v6only(&s, true);
+            }
+            bind(&s, &a).is_ok()
+        });
+        if free {
+            return p;
+        }
+        p = 10000 + (p - 10000 + 997) % 22000;
+    }
+    panic!("no free TCP port found below 32000");
 }
 
 // ---- network namespaces ----

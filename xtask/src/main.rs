@@ -2,7 +2,8 @@
 //!
 //! Every task starts with `setup`, which installs what a fresh machine lacks (rust-src for
 //! the nightly toolchain, bpf-linker built against that nightly's own libLLVM, the tracefs
-//! mount) and is fast when everything is already there.
+//! mount, a running dockerd; for `test`, the Docker test image) and is fast when everything
+//! is already there.
 
 mod bench;
 mod setup;
@@ -21,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what is missing (rust-src, bpf-linker, tracefs mount). Idempotent.
+    /// Install what is missing (rust-src, bpf-linker, tracefs mount, dockerd running).
+    /// Idempotent.
     Setup,
     /// Setup, build (release) and run the agent as root: `cargo xtask run -- --all-events`.
     Run {
@@ -109,7 +111,7 @@ fn main() -> Result<()> {
             Err(c.exec()).with_context(|| format!("could not exec {}", bin.display()))
         }
         Cmd::Test { filter } => {
-            setup::all()?;
+            setup::for_tests()?;
             // The fault tests check with bpftool that nothing stays attached.
             setup::apt_tools(&[("bpftool", "bpftool"), ("ss", "iproute2"), ("gzip", "gzip")])?;
             // The end-to-end tests run the release agent: what users run, and what the

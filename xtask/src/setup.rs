@@ -1,9 +1,14 @@
 //! Idempotent machine setup. Each step checks first and only installs what is missing, so a
 //! second run takes well under a second. Nothing here relies on something installed by hand.
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context as _, Result};
+use portwatch_tests::docker as d;
 
 use crate::{run, step};
 
@@ -11,6 +16,7 @@ pub fn all() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     tracefs()?;
+    dockerd()?;
     Ok(())
 }
 
@@ -36,6 +42,49 @@ pub fn apt_tools(tools: &[(&str, &str)]) -> Result<()> {
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
     .with_context(|| format!("installing {} failed", missing.join(", ")))
+}
+
+/// What the Docker tests also need: the test image.
+pub fn for_tests() -> Result<()> {
+    all()?;
+    test_image()
+}
+
+/// A running dockerd: installed from Debian's docker.io when missing, started in the
+/// background when not running (fresh machines and CI have none running).
+fn dockerd() -> Result<()> {
+    if d::dockerd_running() {
+        return Ok(());
+    }
+    if !d::dockerd_installed() {
+        apt_tools(&[("dockerd", "docker.io")])?;
+    }
+    let timeout = Duration::from_secs(60);
+    step(&format!(
+        "starting dockerd in the background (log: {}); waiting up to {} s for `docker info`",
+        d::DOCKERD_LOG,
+        timeout.as_secs()
+    ));
+    let t = Instant::now();
+    d::start_dockerd(Path::new(d::DOCKERD_LOG), timeout).context("starting dockerd failed")?;
+    step(&format!(
+        "dockerd answers after {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// The image the Docker tests run, built once from Debian's busybox-static (nothing can be
+/// pulled here); Docker keeps it, so later runs only check that it exists.
+fn test_image() -> Result<()> {
+    if d::image_present() {
+        return Ok(());
+    }
+    step(&format!(
+        "building the test image {} from Debian's busybox-static (once; Docker keeps it)",
+        d::TEST_IMAGE
+    ));
+    d::build_image().context("building the Docker test image failed")
 }
 
 fn output(cmd: &mut Command) -> Option<String> {

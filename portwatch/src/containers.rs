@@ -1,0 +1,679 @@
+//! The container index: which container a process, a network namespace or a published port
+//! belongs to. The Docker thread (docker.rs) builds it from the daemon's list, inspect and
+//! event stream and sends changes as messages; the processing thread keeps its own copy and
+//! only reads it, so attributing a kernel event never waits on the daemon.
+//!
+//! Pure logic apart from the /proc fallback, which reads from a configurable root so the
+//! tests can fake it.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use serde::{Serialize, Serializer};
+
+use crate::diag::Proto;
+
+/// How a container is named in records. Shared (`Arc`) so attaching it to a record costs no
+/// allocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContainerRef {
+    /// The first 12 hex digits, as `docker ps` shows.
+    pub id: Box<str>,
+    pub name: Box<str>,
+    pub image: Box<str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compose_project: Option<Box<str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compose_service: Option<Box<str>>,
+}
+
+pub const COMPOSE_PROJECT: &str = "com.docker.compose.project";
+pub const COMPOSE_SERVICE: &str = "com.docker.compose.service";
+
+/// Docker's container states, as `State.Status` reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Created,
+    Running,
+    Paused,
+    Restarting,
+    Removing,
+    Exited,
+    Dead,
+}
+
+impl State {
+    /// Its processes exist (a paused container still holds its sockets).
+    pub fn is_live(self) -> bool {
+        matches!(self, State::Running | State::Paused | State::Restarting)
+    }
+}
+
+fn ser_proto<S: Serializer>(p: &Proto, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match p {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+    })
+}
+
+/// One host port mapped to a container port. In `Container::published` (what the daemon
+/// actually set up) `host_ip` is concrete and `host_port` a single port; in
+/// `Container::bindings` (what `-p` asked for) `host_ip` may be unspecified ("all"), and
+/// the port may be 0 (any free one) or a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PortMap {
+    #[serde(serialize_with = "ser_proto")]
+    pub proto: Proto,
+    pub host_ip: IpAddr,
+    pub host_port: u16,
+    /// Last port of a requested range (`-p 8000-8010:80`); equals `host_port` otherwise.
+    #[serde(skip)]
+    pub host_port_end: u16,
+    pub container_port: u16,
+}
+
+impl PortMap {
+    fn covers(&self, proto: Proto, ip: IpAddr, port: u16) -> bool {
+        self.proto == proto
+            && self.host_port != 0
+            && (self.host_port..=self.host_port_end).contains(&port)
+            && crate::table::overlap(ip, None, self.host_ip, None).is_some()
+    }
+
+    /// "80/tcp": the container side, as Docker writes it.
+    pub fn target(&self) -> String {
+        let p = match self.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        format!("{}/{p}", self.container_port)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Network {
+    pub name: Box<str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<IpAddr>,
+}
+
+/// Everything the agent keeps about one container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Container {
+    pub r: Arc<ContainerRef>,
+    pub full_id: Box<str>,
+    pub state: State,
+    /// Main process, 0 unless live.
+    pub pid: u32,
+    /// Inode of its network namespace (`/proc/<pid>/ns/net`), when live.
+    pub netns: Option<u32>,
+    /// Inode of its cgroup v2 directory: what `bpf_get_current_cgroup_id()` returns for its
+    /// processes. None on a cgroup v1-only host, or when it is not live.
+    pub cgroup_id: Option<u64>,
+    /// Its cgroup path (the v2 one, else a v1 controller's), e.g. `/docker/<id>`.
+    pub cgroup_path: Option<Box<str>>,
+    /// `HostConfig.NetworkMode`: `default`, `bridge`, `host`, `none`, a network name, or
+    /// `container:<id>`.
+    pub network_mode: Box<str>,
+    pub networks: Vec<Network>,
+    /// Ports the daemon published. Kept after the container stops (the daemon then reports
+    /// none) so that `die` and `destroy` records can say which ports were freed.
+    pub published: Vec<PortMap>,
+    /// Ports it asks for (`HostConfig.PortBindings`), used when it starts.
+    pub bindings: Vec<PortMap>,
+}
+
+impl Container {
+    fn publishes(&self, proto: Proto, ip: IpAddr, port: u16) -> Option<&PortMap> {
+        self.published.iter().find(|p| p.covers(proto, ip, port))
+    }
+
+    fn asks_for(&self, proto: Proto, ip: IpAddr, port: u16) -> bool {
+        self.bindings.iter().any(|p| p.covers(proto, ip, port))
+    }
+
+    fn has_ip(&self, ip: IpAddr) -> bool {
+        self.networks.iter().any(|n| n.ip == Some(ip))
+    }
+}
+
+/// Whether the kernel's cgroup id can name a container on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CgroupMode {
+    /// Only cgroup2 (`/sys/fs/cgroup` is cgroup2): every process has a v2 cgroup.
+    V2,
+    /// v1 controllers plus cgroup2 at another mount point (e.g. `/sys/fs/cgroup/unified`):
+    /// runc also places containers there, so the v2 id still names them.
+    Hybrid,
+    /// No cgroup2 mounted: the kernel's cgroup id is the root's for every process, and
+    /// containers are matched by network namespace and /proc/<pid>/cgroup instead.
+    V1,
+}
+
+/// A connection state change, lifecycle change or start failure from the Docker thread.
+#[derive(Debug)]
+pub enum DockerMsg {
+    /// (Re)connected and fully synced: replaces the index.
+    Connected(Box<Connected>),
+    /// The daemon cannot be reached (at start, or it went away).
+    Unavailable {
+        endpoint: Box<str>,
+        reason: String,
+        ts_ns: i128,
+    },
+    /// A container changed in a way that is no lifecycle record (created, renamed, joined a
+    /// network).
+    Upsert(Arc<Container>),
+    /// start, die or destroy.
+    Lifecycle(Box<Lifecycle>),
+    /// A start failed before the container ran (`State.Error`): port already allocated, or
+    /// the proxy's bind failed.
+    StartFailed {
+        container: Arc<Container>,
+        error: String,
+        ts_ns: i128,
+    },
+    /// Once a second while connected: lets the processing thread time out start failures
+    /// it is holding back.
+    Tick,
+}
+
+#[derive(Debug)]
+pub struct Connected {
+    pub endpoint: Box<str>,
+    pub api_version: String,
+    pub server_version: String,
+    pub containers: Vec<Arc<Container>>,
+    pub sync_ms: u64,
+    pub cgroup: CgroupMode,
+    pub ts_ns: i128,
+}
+
+#[derive(Debug)]
+pub struct Lifecycle {
+    /// "start", "die" or "destroy".
+    pub event: &'static str,
+    pub container: Arc<Container>,
+    pub exit_code: Option<i64>,
+    pub ts_ns: i128,
+    /// It happened while the agent was not connected; found when it resynced.
+    pub missed: bool,
+}
+
+enum NetnsOwner {
+    One(Arc<Container>),
+    /// Several containers share it (`--network container:X`): the cgroup decides.
+    Shared,
+}
+
+/// The processing thread's view of the daemon's containers, with the lookups attribution
+/// needs. Rebuilt from scratch on every change: a few hundred containers take microseconds,
+/// and changes come at human pace.
+pub struct Index {
+    by_id: HashMap<Box<str>, Arc<Container>>,
+    by_cgroup: HashMap<u64, Arc<Container>>,
+    by_netns: HashMap<u32, NetnsOwner>,
+    /// The host's own network namespace: never a container's, even for `--network host`.
+    host_netns: u32,
+    /// Live containers without a network namespace of their own (`--network host`).
+    host_network: usize,
+    /// pid -> container from /proc/<pid>/cgroup, for processes that netns and cgroup id
+    /// cannot place. Cleared on every index change and when a process exits.
+    pid_cache: HashMap<u32, Option<Arc<Container>>>,
+    proc_root: PathBuf,
+    /// The daemon is reachable: start failures will be reported, so a proxy's failed bind
+    /// may wait for its container's name.
+    pub connected: bool,
+}
+
+impl Index {
+    pub fn new(host_netns: u32, proc_root: impl Into<PathBuf>) -> Self {
+        Index {
+            by_id: HashMap::new(),
+            by_cgroup: HashMap::new(),
+            by_netns: HashMap::new(),
+            host_netns,
+            host_network: 0,
+            pid_cache: HashMap::new(),
+            proc_root: proc_root.into(),
+            connected: false,
+        }
+    }
+
+    pub fn host_netns(&self) -> u32 {
+        self.host_netns
+    }
+
+    #[cfg(test)]
+    pub fn get(&self, full_id: &str) -> Option<&Arc<Container>> {
+        self.by_id.get(full_id)
+    }
+
+    pub fn replace_all(&mut self, cs: impl IntoIterator<Item = Arc<Container>>) {
+        self.by_id = cs.into_iter().map(|c| (c.full_id.clone(), c)).collect();
+        self.rebuild();
+    }
+
+    pub fn upsert(&mut self, c: Arc<Container>) {
+        self.by_id.insert(c.full_id.clone(), c);
+        self.rebuild();
+    }
+
+    pub fn remove(&mut self, full_id: &str) {
+        if self.by_id.remove(full_id).is_some() {
+            self.rebuild();
+        }
+    }
+
+    /// A process exited: its pid may be reused by someone else.
+    pub fn forget_pid(&mut self, pid: u32) {
+        self.pid_cache.remove(&pid);
+    }
+
+    fn rebuild(&mut self) {
+        self.by_cgroup.clear();
+        self.by_netns.clear();
+        self.pid_cache.clear();
+        self.host_network = 0;
+        for c in self.by_id.values().filter(|c| c.state.is_live()) {
+            if let Some(id) = c.cgroup_id {
+                self.by_cgroup.insert(id, c.clone());
+            }
+            match c.netns {
+                Some(ns) if ns != self.host_netns => {
+                    self.by_netns
+                        .entry(ns)
+                        .and_modify(|o| *o = NetnsOwner::Shared)
+                        .or_insert_with(|| NetnsOwner::One(c.clone()));
+                }
+                Some(_) => self.host_network += 1,
+                None => {}
+            }
+        }
+    }
+
+    /// The container process `pid` runs in. `cgroup_id` is the kernel's (0 when unknown).
+    /// Tried in order: the cgroup id (exact where cgroup2 is mounted), the network namespace
+    /// when one container owns it, and /proc/<pid>/cgroup for what those two cannot tell
+    /// (host-network containers, shared namespaces, cgroup v1-only hosts); that last read
+    /// is cached per pid and only happens when such a container exists.
+    pub fn container_of(&mut self, pid: u32, netns: u32, cgroup_id: u64) -> Option<Arc<Container>> {
+        if self.by_id.is_empty() {
+            return None;
+        }
+        if cgroup_id > 1 {
+            if let Some(c) = self.by_cgroup.get(&cgroup_id) {
+                return Some(c.clone());
+            }
+        }
+        let ambiguous = match self.by_netns.get(&netns) {
+            Some(NetnsOwner::One(c)) => return Some(c.clone()),
+            Some(NetnsOwner::Shared) => true,
+            None => netns == self.host_netns && self.host_network > 0,
+        };
+        if !ambiguous || pid == 0 {
+            return None;
+        }
+        if let Some(c) = self.pid_cache.get(&pid) {
+            return c.clone();
+        }
+        let found = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("cgroup"))
+            .ok()
+            .and_then(|t| container_id_in_cgroup(&t).and_then(|id| self.by_id.get(id).cloned()));
+        if self.pid_cache.len() >= 4096 {
+            self.pid_cache.clear();
+        }
+        self.pid_cache.insert(pid, found.clone());
+        found
+    }
+
+    /// The live container that publishes `ip:port/proto` on the host.
+    pub fn publisher(
+        &self,
+        proto: Proto,
+        ip: IpAddr,
+        port: u16,
+    ) -> Option<(&Arc<Container>, &PortMap)> {
+        self.by_id
+            .values()
+            .filter(|c| c.state.is_live())
+            .find_map(|c| c.publishes(proto, ip, port).map(|p| (c, p)))
+    }
+
+    /// The container with this address on one of its networks (docker-proxy's
+    /// `-container-ip`).
+    pub fn by_ip(&self, ip: IpAddr) -> Option<&Arc<Container>> {
+        self.by_id.values().find(|c| c.has_ip(ip))
+    }
+
+    /// Containers that are not running but ask for `ip:port/proto`: the ones a failing
+    /// proxy bind may be starting.
+    pub fn starting(&self, proto: Proto, ip: IpAddr, port: u16) -> Vec<&Arc<Container>> {
+        self.by_id
+            .values()
+            .filter(|c| !c.state.is_live() && c.asks_for(proto, ip, port))
+            .collect()
+    }
+}
+
+/// The 64-hex-digit container id in a /proc/<pid>/cgroup text: `/docker/<id>` (cgroupfs
+/// driver), `/system.slice/docker-<id>.scope` (systemd driver), and nested forms.
+pub fn container_id_in_cgroup(text: &str) -> Option<&str> {
+    for line in text.lines() {
+        let path = line.splitn(3, ':').nth(2).unwrap_or("");
+        for seg in path.split('/').rev() {
+            let seg = seg.strip_suffix(".scope").unwrap_or(seg);
+            let seg = seg.rsplit('-').next().unwrap_or(seg);
+            if seg.len() == 64 && seg.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Some(seg);
+            }
+        }
+    }
+    None
+}
+
+/// What a failed start's `State.Error` says about ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartError {
+    /// `Bind for 0.0.0.0:8080 failed: port is already allocated`: dockerd's own allocator
+    /// refused; no syscall failed.
+    Allocated { ip: IpAddr, port: u16 },
+    /// `Error starting userland proxy: listen tcp4 0.0.0.0:8080: bind: address already in
+    /// use` (docker-proxy, up to Docker 27), or `failed to bind host port for
+    /// 0.0.0.0:8080:172.17.0.2:80/tcp: address already in use` (dockerd, since 28): a real
+    /// EADDRINUSE, which the kernel programs see.
+    InUse { ip: IpAddr, port: u16 },
+}
+
+/// `0.0.0.0:8080`, `:::8080` or `[::]:8080` at the start of `s`.
+fn host_port_prefix(s: &str) -> Option<(IpAddr, u16)> {
+    let s = s.trim();
+    if let Some(rest) = s.strip_prefix('[') {
+        let (ip, rest) = rest.split_once(']')?;
+        let port = rest.strip_prefix(':')?;
+        let port = port.split(|c: char| !c.is_ascii_digit()).next()?;
+        return Some((ip.parse().ok()?, port.parse().ok()?));
+    }
+    let (ip, port) = s.rsplit_once(':')?;
+    Some((ip.parse().ok()?, port.parse().ok()?))
+}
+
+pub fn parse_start_error(msg: &str) -> Option<StartError> {
+    if msg.contains("port is already allocated") {
+        let rest = msg.split("Bind for ").nth(1)?;
+        let (hp, _) = rest.split_once(" failed")?;
+        let (ip, port) = host_port_prefix(hp)?;
+        return Some(StartError::Allocated { ip, port });
+    }
+    if msg.contains("address already in use") {
+        // docker-proxy: "listen tcp4 0.0.0.0:8080: bind: ..."
+        for proto in ["tcp4 ", "tcp6 ", "udp4 ", "udp6 ", "tcp ", "udp "] {
+            if let Some(rest) = msg.split(&format!("listen {proto}")).nth(1) {
+                let hp = rest.split(": ").next()?;
+                let (ip, port) = host_port_prefix(hp)?;
+                return Some(StartError::InUse { ip, port });
+            }
+        }
+        // dockerd >= 28: "failed to bind host port for 0.0.0.0:8080:172.17.0.2:80/tcp: ..."
+        if let Some(rest) = msg.split("host port for ").nth(1) {
+            let hp = rest.split(": ").next()?;
+            // host:port:container-ip:port/proto -> the first host:port.
+            let (ip, rest) = if let Some(r) = hp.strip_prefix('[') {
+                let (ip, r) = r.split_once(']')?;
+                (ip.parse().ok()?, r.strip_prefix(':')?)
+            } else {
+                let (ip, r) = hp.split_once(':')?;
+                (ip.parse().ok()?, r)
+            };
+            let port = rest.split(':').next()?.parse().ok()?;
+            return Some(StartError::InUse { ip, port });
+        }
+    }
+    None
+}
+
+/// `-p` specs as the daemon reports them: `"80/tcp" -> [{HostIp, HostPort}]`. An empty
+/// HostIp means every address; an empty HostPort any free port; `8000-8010` a range.
+pub fn port_map(key: &str, host_ip: Option<&str>, host_port: Option<&str>) -> Option<PortMap> {
+    let (cport, proto) = key.split_once('/').unwrap_or((key, "tcp"));
+    let proto = match proto {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        _ => return None, // sctp: not watched by the kernel programs
+    };
+    let container_port = cport.split('-').next()?.parse().ok()?;
+    let host_ip = match host_ip.unwrap_or("") {
+        "" => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        s => s.trim_matches(|c| c == '[' || c == ']').parse().ok()?,
+    };
+    let (lo, hi) = match host_port.unwrap_or("") {
+        "" => (0, 0),
+        s => match s.split_once('-') {
+            Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
+            None => {
+                let p = s.parse().ok()?;
+                (p, p)
+            }
+        },
+    };
+    Some(PortMap {
+        proto,
+        host_ip,
+        host_port: lo,
+        host_port_end: hi,
+        container_port,
+    })
+}
+
+/// docker-proxy's `-container-ip X` and `-host-port N`, from its command line.
+pub fn proxy_args(cmdline: &str) -> (Option<IpAddr>, Option<u16>) {
+    let mut it = cmdline.split(' ');
+    let (mut ip, mut port) = (None, None);
+    while let Some(a) = it.next() {
+        match a {
+            "-container-ip" => ip = it.next().and_then(|s| s.parse().ok()),
+            "-host-port" => port = it.next().and_then(|s| s.parse().ok()),
+            _ => {}
+        }
+    }
+    (ip, port)
+}
+
+/// Kernel comm of the processes that bind published ports for the daemon.
+pub fn docker_binder(comm: &str) -> Option<&'static str> {
+    match comm {
+        "docker-proxy" => Some("docker-proxy"),
+        "dockerd" => Some("dockerd"),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    pub fn container(id_digit: char, name: &str, state: State) -> Container {
+        let full: String = std::iter::repeat_n(id_digit, 64).collect();
+        Container {
+            r: Arc::new(ContainerRef {
+                id: full[..12].into(),
+                name: name.into(),
+                image: "nginx:1.27".into(),
+                compose_project: None,
+                compose_service: None,
+            }),
+            full_id: full.into(),
+            state,
+            pid: 0,
+            netns: None,
+            cgroup_id: None,
+            cgroup_path: None,
+            network_mode: "default".into(),
+            networks: Vec::new(),
+            published: Vec::new(),
+            bindings: Vec::new(),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn cgroup_ids_in_proc_text() {
+        let id = "8b9af854e0580aa6a5fd34c75ca7350e8eb7253d0a0c2cc7007ab72f55a004a6";
+        let v1 = format!("4:memory:/docker/{id}\n0::/docker/{id}\n");
+        assert_eq!(container_id_in_cgroup(&v1), Some(id));
+        let systemd = format!("0::/system.slice/docker-{id}.scope\n");
+        assert_eq!(container_id_in_cgroup(&systemd), Some(id));
+        assert_eq!(
+            container_id_in_cgroup("0::/user.slice/session-3.scope\n"),
+            None
+        );
+        assert_eq!(container_id_in_cgroup("0::/\n"), None);
+    }
+
+    #[test]
+    fn start_errors() {
+        assert_eq!(
+            parse_start_error(
+                "driver failed programming external connectivity on endpoint pwy (d98e): Bind \
+                 for 0.0.0.0:18080 failed: port is already allocated"
+            ),
+            Some(StartError::Allocated {
+                ip: ip("0.0.0.0"),
+                port: 18080
+            })
+        );
+        assert_eq!(
+            parse_start_error("Bind for :::8080 failed: port is already allocated"),
+            Some(StartError::Allocated {
+                ip: ip("::"),
+                port: 8080
+            })
+        );
+        assert_eq!(
+            parse_start_error(
+                "driver failed programming external connectivity on endpoint pwz (4791): Error \
+                 starting userland proxy: listen tcp4 0.0.0.0:18081: bind: address already in use"
+            ),
+            Some(StartError::InUse {
+                ip: ip("0.0.0.0"),
+                port: 18081
+            })
+        );
+        assert_eq!(
+            parse_start_error(
+                "failed to set up container networking: driver failed programming external \
+                 connectivity on endpoint web (ab): failed to bind host port for \
+                 0.0.0.0:8080:172.17.0.2:80/tcp: address already in use"
+            ),
+            Some(StartError::InUse {
+                ip: ip("0.0.0.0"),
+                port: 8080
+            })
+        );
+        assert_eq!(
+            parse_start_error(
+                "failed to bind host port for [::]:8080:[fd00::2]:80/tcp: address already in use"
+            ),
+            Some(StartError::InUse {
+                ip: ip("::"),
+                port: 8080
+            })
+        );
+        assert_eq!(parse_start_error("OCI runtime create failed"), None);
+    }
+
+    #[test]
+    fn port_maps() {
+        let p = port_map("80/tcp", Some(""), Some("8080")).unwrap();
+        assert_eq!(
+            (p.proto, p.host_ip, p.host_port, p.container_port),
+            (Proto::Tcp, ip("0.0.0.0"), 8080, 80)
+        );
+        assert!(p.covers(Proto::Tcp, ip("127.0.0.1"), 8080));
+        assert!(
+            p.covers(Proto::Tcp, ip("::"), 8080),
+            "an empty HostIp takes IPv6 too"
+        );
+        assert!(!p.covers(Proto::Udp, ip("0.0.0.0"), 8080));
+        let r = port_map("53/udp", Some("127.0.0.1"), Some("5000-5010")).unwrap();
+        assert!(r.covers(Proto::Udp, ip("127.0.0.1"), 5005));
+        assert!(!r.covers(Proto::Udp, ip("127.0.0.2"), 5005));
+        assert!(!port_map("80/tcp", None, None)
+            .unwrap()
+            .covers(Proto::Tcp, ip("0.0.0.0"), 0));
+        assert_eq!(port_map("80/sctp", None, Some("80")), None);
+        assert_eq!(p.target(), "80/tcp");
+    }
+
+    #[test]
+    fn proxy_command_line() {
+        let (ip_, port) = proxy_args(
+            "/usr/sbin/docker-proxy -proto tcp -host-ip 0.0.0.0 -host-port 18080 -container-ip \
+             172.17.0.2 -container-port 80",
+        );
+        assert_eq!(ip_, Some(ip("172.17.0.2")));
+        assert_eq!(port, Some(18080));
+    }
+
+    #[test]
+    fn lookups_by_cgroup_netns_and_port() {
+        let mut idx = Index::new(1000, "/nonexistent");
+        let mut a = container('a', "web1", State::Running);
+        a.pid = 10;
+        a.netns = Some(2000);
+        a.cgroup_id = Some(63);
+        a.published = vec![port_map("80/tcp", Some("0.0.0.0"), Some("8080")).unwrap()];
+        let mut b = container('b', "web2", State::Created);
+        b.bindings = vec![port_map("80/tcp", Some(""), Some("8080")).unwrap()];
+        idx.replace_all([Arc::new(a), Arc::new(b)]);
+        assert_eq!(&*idx.container_of(5, 0, 63).unwrap().r.name, "web1");
+        assert_eq!(&*idx.container_of(5, 2000, 0).unwrap().r.name, "web1");
+        assert!(
+            idx.container_of(5, 1000, 1).is_none(),
+            "host processes are no container's"
+        );
+        let (c, p) = idx.publisher(Proto::Tcp, ip("0.0.0.0"), 8080).unwrap();
+        assert_eq!((&*c.r.name, p.container_port), ("web1", 80));
+        assert!(idx.publisher(Proto::Udp, ip("0.0.0.0"), 8080).is_none());
+        let s = idx.starting(Proto::Tcp, ip("0.0.0.0"), 8080);
+        assert_eq!(s.len(), 1);
+        assert_eq!(&*s[0].r.name, "web2");
+        // Stopped: its namespace and published ports no longer place anyone.
+        let mut a2 = (**idx.get(&"a".repeat(64)).unwrap()).clone();
+        a2.state = State::Exited;
+        idx.upsert(Arc::new(a2));
+        assert!(idx.container_of(5, 2000, 63).is_none());
+        assert!(idx.publisher(Proto::Tcp, ip("0.0.0.0"), 8080).is_none());
+    }
+
+    #[test]
+    fn host_network_container_found_through_proc() {
+        let root = std::env::temp_dir().join(format!("pw-cg-{}", std::process::id()));
+        let id = "c".repeat(64);
+        std::fs::create_dir_all(root.join("77")).unwrap();
+        std::fs::write(
+            root.join("77/cgroup"),
+            format!("4:memory:/docker/{id}\n0::/\n"),
+        )
+        .unwrap();
+        std::fs::create_dir_all(root.join("78")).unwrap();
+        std::fs::write(root.join("78/cgroup"), "0::/user.slice\n").unwrap();
+        let mut idx = Index::new(1000, &root);
+        let mut h = container('c', "hostnet", State::Running);
+        h.pid = 77;
+        h.netns = Some(1000);
+        idx.replace_all([Arc::new(h)]);
+        assert_eq!(&*idx.container_of(77, 1000, 1).unwrap().r.name, "hostnet");
+        assert!(idx.container_of(78, 1000, 1).is_none());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

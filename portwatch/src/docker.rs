@@ -1,0 +1,786 @@
+//! The Docker join: a thread of its own that keeps a container index from the daemon's
+//! list, inspect and event stream, and sends every change to the processing thread as a
+//! message. The processing thread never talks to the daemon: a slow or absent daemon can
+//! delay container names, never a record.
+//!
+//! Connection: `--docker-host`, else `DOCKER_HOST`, else `unix:///var/run/docker.sock`; the
+//! API version is negotiated (Debian's Docker 20.10 speaks 1.41). Without a daemon the
+//! agent runs as before, says `unavailable` once, and retries with a backoff capped at 1 s,
+//! so a daemon that comes back is joined within a few seconds.
+//!
+//! Sync without gaps: the event stream is read from the moment just before the list, so a
+//! change during the sync is replayed rather than lost. Replays are harmless: every
+//! lifecycle record goes through a per-container state (`announced`), so each start, die
+//! and destroy is written once, whether it came live, replayed, or was found missing at a
+//! resync.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use bollard::{
+    models::{
+        ContainerInspectResponse, ContainerStateStatusEnum, EventMessage, EventMessageTypeEnum,
+    },
+    query_parameters::{EventsOptions, InspectContainerOptions, ListContainersOptions},
+    Docker, API_DEFAULT_VERSION,
+};
+use futures_util::{stream, StreamExt};
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    containers::{
+        port_map, CgroupMode, Connected, Container, ContainerRef, DockerMsg, Lifecycle, Network,
+        PortMap, State, COMPOSE_PROJECT, COMPOSE_SERVICE,
+    },
+    decode::Clock,
+    error::{DockerError, Error},
+    process::Msg,
+};
+
+pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
+/// Per request (not for the event stream, which stays open).
+const REQUEST_TIMEOUT_S: u64 = 10;
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// Bounds how long a returning daemon goes unnoticed.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// For the first requests of a connection. A daemon that is shutting down still accepts
+/// connections on its socket but never answers them; waiting the full request timeout
+/// there would keep the agent from seeing its successor for seconds.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Inspects in flight during a sync.
+const SYNC_PARALLEL: usize = 8;
+/// How long a container that never ran may take to show why its start failed.
+const START_ERROR_WAIT: Duration = Duration::from_secs(3);
+
+/// `PORTWATCH_TRACE_DOCKER=1`: every event and decision on stderr, for debugging the join.
+fn trace(args: std::fmt::Arguments<'_>) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("PORTWATCH_TRACE_DOCKER").is_some_and(|v| v != "0")) {
+        eprintln!("portwatch: docker: {args}");
+    }
+}
+
+/// Where the daemon is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix://{}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// `--docker-host`, else `DOCKER_HOST`, else the default socket. A bare path is a Unix
+/// socket.
+pub fn endpoint(flag: Option<&str>) -> Result<Endpoint, Error> {
+    let env = std::env::var("DOCKER_HOST").ok().filter(|s| !s.is_empty());
+    let given = flag
+        .map(str::to_string)
+        .or(env)
+        .unwrap_or_else(|| DEFAULT_HOST.into());
+    if let Some(p) = given.strip_prefix("unix://") {
+        Ok(Endpoint::Unix(p.into()))
+    } else if given.starts_with('/') {
+        Ok(Endpoint::Unix(given.into()))
+    } else if given.starts_with("tcp://") || given.starts_with("http://") {
+        Ok(Endpoint::Tcp(given))
+    } else {
+        Err(Error::DockerHost { given })
+    }
+}
+
+fn connect(ep: &Endpoint) -> Result<Docker, bollard::errors::Error> {
+    match ep {
+        Endpoint::Unix(p) => {
+            Docker::connect_with_unix(&p.to_string_lossy(), REQUEST_TIMEOUT_S, API_DEFAULT_VERSION)
+        }
+        Endpoint::Tcp(a) => Docker::connect_with_http(a, REQUEST_TIMEOUT_S, API_DEFAULT_VERSION),
+    }
+}
+
+fn now_ns() -> i128 {
+    Clock::now_wall_ns()
+}
+
+/// What the Docker thread remembers of one container between events.
+struct Tracked {
+    c: Arc<Container>,
+    /// The last lifecycle record written says it runs.
+    announced_running: bool,
+}
+
+struct Join {
+    ep: Endpoint,
+    tx: mpsc::Sender<Msg>,
+    view: HashMap<Box<str>, Tracked>,
+    /// A sync has completed before: the next one reports what changed meanwhile.
+    synced_once: bool,
+    proc_root: PathBuf,
+    cgroup2: Option<PathBuf>,
+}
+
+/// Runs until `stop` turns true. Owns a current-thread runtime, so nothing here shares a
+/// thread with the ring-buffer drain.
+pub fn run(ep: Endpoint, tx: mpsc::Sender<Msg>, stop: watch::Receiver<bool>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!(
+                "portwatch: warning: starting the Docker thread's runtime failed ({e}); \
+                 conflicts will not name containers"
+            );
+            return;
+        }
+    };
+    let mut j = Join {
+        ep,
+        tx,
+        view: HashMap::new(),
+        synced_once: false,
+        proc_root: PathBuf::from("/proc"),
+        cgroup2: None,
+    };
+    rt.block_on(j.run(stop));
+}
+
+impl Join {
+    async fn send(&self, m: DockerMsg) -> bool {
+        self.tx.send(Msg::Docker(m)).await.is_ok()
+    }
+
+    async fn run(&mut self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = BACKOFF_MIN;
+        let mut said_unavailable = false;
+        loop {
+            let end = tokio::select! {
+                e = self.session() => e,
+                _ = stop.changed() => return,
+            };
+            let (reason, was_connected) = end;
+            if was_connected {
+                backoff = BACKOFF_MIN;
+            }
+            // Once per outage: a daemon that stays away for a day is one line, not 40,000.
+            if was_connected || !said_unavailable {
+                said_unavailable = true;
+                let m = DockerMsg::Unavailable {
+                    endpoint: self.ep.to_string().into(),
+                    reason: reason.to_string(),
+                    ts_ns: now_ns(),
+                };
+                if !self.send(m).await {
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One connection: connect, sync, follow events until the stream ends. Returns why it
+    /// ended and whether it got as far as `connected`.
+    async fn session(&mut self) -> (DockerError, bool) {
+        let started = Instant::now();
+        let unreachable = |source| DockerError::Unreachable {
+            endpoint: self.ep.to_string(),
+            source,
+        };
+        let docker = match connect(&self.ep) {
+            Ok(d) => d,
+            Err(e) => return (unreachable(e), false),
+        };
+        let hello = async {
+            let docker = docker.negotiate_version().await?;
+            let v = docker.version().await?;
+            Ok::<_, bollard::errors::Error>((docker, v.version.unwrap_or_default()))
+        };
+        let (docker, server_version) = match tokio::time::timeout(HELLO_TIMEOUT, hello).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return (unreachable(e), false),
+            Err(_) => {
+                return (
+                    unreachable(bollard::errors::Error::RequestTimeoutError),
+                    false,
+                )
+            }
+        };
+        // Events from here on are replayed by the stream below: nothing between the list
+        // and the subscription is missed.
+        let since = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let (cgroup_mode, cgroup2) = cgroup_layout();
+        self.cgroup2 = cgroup2;
+        let containers = match self.sync(&docker).await {
+            Ok(c) => c,
+            Err(e) => return (e, false),
+        };
+        let missed = self.adopt(&containers);
+        let connected = Connected {
+            endpoint: self.ep.to_string().into(),
+            api_version: docker.client_version().to_string(),
+            server_version,
+            containers,
+            sync_ms: started.elapsed().as_millis() as u64,
+            cgroup: cgroup_mode,
+            ts_ns: now_ns(),
+        };
+        if !self.send(DockerMsg::Connected(Box::new(connected))).await {
+            return (DockerError::Stopped, true);
+        }
+        for m in missed {
+            if !self.send(m).await {
+                return (DockerError::Stopped, true);
+            }
+        }
+
+        let filters = HashMap::from([(
+            "type".to_string(),
+            vec!["container".to_string(), "network".to_string()],
+        )]);
+        let opts = EventsOptions {
+            since: Some(format!("{}.{:09}", since.as_secs(), since.subsec_nanos())),
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let mut events = docker.events(Some(opts));
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                ev = events.next() => match ev {
+                    Some(Ok(ev)) => {
+                        if !self.on_event(&docker, ev).await {
+                            return (DockerError::Stopped, true);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        return (DockerError::StreamEnded { endpoint: self.ep.to_string(), why: e.to_string() }, true)
+                    }
+                    None => {
+                        return (DockerError::StreamEnded { endpoint: self.ep.to_string(), why: "closed by the daemon".into() }, true)
+                    }
+                },
+                _ = tick.tick() => {
+                    if !self.send(DockerMsg::Tick).await {
+                        return (DockerError::Stopped, true);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every container, inspected (running or not: a stopped one's port bindings matter the
+    /// moment it starts).
+    async fn sync(&self, docker: &Docker) -> Result<Vec<Arc<Container>>, DockerError> {
+        let list = docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                ..Default::default()
+            }))
+            .await?;
+        let ids: Vec<String> = list.into_iter().filter_map(|c| c.id).collect();
+        let inspected: Vec<Option<Arc<Container>>> = stream::iter(ids)
+            .map(|id| async move { self.inspect(docker, &id).await })
+            .buffer_unordered(SYNC_PARALLEL)
+            .collect()
+            .await;
+        Ok(inspected.into_iter().flatten().collect())
+    }
+
+    /// None when it is gone already (removed between list and inspect, or a 404).
+    async fn inspect(&self, docker: &Docker, id: &str) -> Option<Arc<Container>> {
+        self.inspect_full(docker, id).await.map(|(c, _)| c)
+    }
+
+    /// The container and, if its last start failed, why (`State.Error`).
+    async fn inspect_full(
+        &self,
+        docker: &Docker,
+        id: &str,
+    ) -> Option<(Arc<Container>, Option<String>)> {
+        let r = docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .ok()?;
+        let c = container_from(&r, &self.proc_root, self.cgroup2.as_deref())?;
+        let error = r.state.and_then(|s| s.error).filter(|e| !e.is_empty());
+        Some((Arc::new(c), error))
+    }
+
+    /// Take a fresh sync as the view; the lifecycle records for what changed while nobody
+    /// was listening (none on the first sync: what runs then is the baseline).
+    fn adopt(&mut self, now: &[Arc<Container>]) -> Vec<DockerMsg> {
+        let ts_ns = now_ns();
+        let mut missed = Vec::new();
+        let mut old = std::mem::take(&mut self.view);
+        for c in now {
+            let live = c.state.is_live();
+            let prev = old.remove(&c.full_id);
+            let was = prev.as_ref().is_some_and(|t| t.announced_running);
+            if self.synced_once && live != was {
+                let c = match (&prev, live) {
+                    // Stopped meanwhile: report the ports it had.
+                    (Some(p), false) => Arc::new(keep_ports(c, &p.c)),
+                    _ => c.clone(),
+                };
+                missed.push(lifecycle(
+                    if live { "start" } else { "die" },
+                    c,
+                    None,
+                    ts_ns,
+                    true,
+                ));
+            }
+            self.view.insert(
+                c.full_id.clone(),
+                Tracked {
+                    c: c.clone(),
+                    announced_running: live,
+                },
+            );
+        }
+        if self.synced_once {
+            for (_, t) in old {
+                if t.announced_running {
+                    missed.push(lifecycle("die", t.c.clone(), None, ts_ns, true));
+                }
+                missed.push(lifecycle("destroy", t.c, None, ts_ns, true));
+            }
+        }
+        self.synced_once = true;
+        missed
+    }
+
+    /// False when the processing thread is gone.
+    async fn on_event(&mut self, docker: &Docker, ev: EventMessage) -> bool {
+        let ts_ns = ev.time_nano.map(i128::from).unwrap_or_else(now_ns);
+        let action = ev.action.as_deref().unwrap_or("");
+        let attrs = ev.actor.as_ref().and_then(|a| a.attributes.as_ref());
+        trace(format_args!(
+            "event {:?} {action} {:?}",
+            ev.typ,
+            ev.actor.as_ref().and_then(|a| a.id.as_deref())
+        ));
+        match ev.typ {
+            Some(EventMessageTypeEnum::CONTAINER) => {
+                let Some(id) = ev.actor.as_ref().and_then(|a| a.id.as_deref()) else {
+                    return true;
+                };
+                match action {
+                    "create" | "rename" | "update" => {
+                        if let Some(c) = self.inspect(docker, id).await {
+                            self.track(c.clone(), None);
+                            return self.send(DockerMsg::Upsert(c)).await;
+                        }
+                    }
+                    "start" => {
+                        let Some(c) = self.inspect(docker, id).await else {
+                            return true;
+                        };
+                        // A restart policy's restart, or a replay: say it once.
+                        let first = !self.view.get(id).is_some_and(|t| t.announced_running);
+                        self.track(c.clone(), Some(true));
+                        let m = if first && c.state.is_live() {
+                            lifecycle("start", c, None, ts_ns, false)
+                        } else {
+                            DockerMsg::Upsert(c)
+                        };
+                        return self.send(m).await;
+                    }
+                    "die" => {
+                        let exit_code = attrs
+                            .and_then(|a| a.get("exitCode"))
+                            .and_then(|s| s.parse().ok());
+                        let Some(t) = self.view.get_mut(id) else {
+                            return true;
+                        };
+                        let mut c = (*t.c).clone();
+                        c.state = State::Exited;
+                        c.pid = 0;
+                        c.netns = None;
+                        c.cgroup_id = None;
+                        let c = Arc::new(c);
+                        let was = t.announced_running;
+                        t.c = c.clone();
+                        t.announced_running = false;
+                        let m = if was {
+                            lifecycle("die", c, exit_code, ts_ns, false)
+                        } else {
+                            DockerMsg::Upsert(c)
+                        };
+                        return self.send(m).await;
+                    }
+                    "destroy" => {
+                        if let Some(t) = self.view.remove(id) {
+                            return self
+                                .send(lifecycle("destroy", t.c, None, ts_ns, false))
+                                .await;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Some(EventMessageTypeEnum::NETWORK) => {
+                if action != "connect" && action != "disconnect" {
+                    return true;
+                }
+                let Some(id) = attrs.and_then(|a| a.get("container")) else {
+                    return true;
+                };
+                let Some((mut c, mut error)) = self.inspect_full(docker, id).await else {
+                    return true;
+                };
+                if action == "disconnect" && !c.state.is_live() {
+                    // A stop ends with this event too, and then State.Error is empty. A
+                    // container that never ran and is disconnected failed to start: Docker
+                    // 20.10 releases the network (sending this event, then tearing down
+                    // iptables rules and the sandbox) before it records State.Error, so on
+                    // a busy host the error shows up a good while later. `docker run`
+                    // returns only after it is set.
+                    let waited = Instant::now();
+                    while error.is_none()
+                        && c.state == State::Created
+                        && waited.elapsed() < START_ERROR_WAIT
+                    {
+                        tokio::time::sleep(Duration::from_millis(25)).await;
+                        match self.inspect_full(docker, id).await {
+                            Some((c2, e2)) => (c, error) = (c2, e2),
+                            None => return true,
+                        }
+                    }
+                    trace(format_args!(
+                        "{} disconnected while {:?}; State.Error after {:?}: {:?}",
+                        c.r.name,
+                        c.state,
+                        waited.elapsed(),
+                        error
+                    ));
+                    if let Some(prev) = self.view.get(id.as_str()) {
+                        c = Arc::new(keep_ports(&c, &prev.c));
+                    }
+                    self.track(c.clone(), None);
+                    if let Some(error) = error {
+                        return self
+                            .send(DockerMsg::StartFailed {
+                                container: c,
+                                error,
+                                ts_ns,
+                            })
+                            .await;
+                    }
+                    return self.send(DockerMsg::Upsert(c)).await;
+                }
+                self.track(c.clone(), None);
+                return self.send(DockerMsg::Upsert(c)).await;
+            }
+            _ => {}
+        }
+        true
+    }
+
+    fn track(&mut self, c: Arc<Container>, running: Option<bool>) {
+        let live = c.state.is_live();
+        let t = self.view.entry(c.full_id.clone()).or_insert(Tracked {
+            c: c.clone(),
+            announced_running: false,
+        });
+        t.c = c;
+        if let Some(r) = running {
+            t.announced_running = r && live;
+        }
+    }
+}
+
+fn lifecycle(
+    event: &'static str,
+    container: Arc<Container>,
+    exit_code: Option<i64>,
+    ts_ns: i128,
+    missed: bool,
+) -> DockerMsg {
+    DockerMsg::Lifecycle(Box::new(Lifecycle {
+        event,
+        container,
+        exit_code,
+        ts_ns,
+        missed,
+    }))
+}
+
+/// `now`, with the published ports of `before` when it has none of its own (the daemon
+/// reports none once a container stops).
+fn keep_ports(now: &Container, before: &Container) -> Container {
+    let mut c = now.clone();
+    if c.published.is_empty() {
+        c.published = before.published.clone();
+    }
+    c
+}
+
+/// The cgroup layout of this host, and where cgroup2 is mounted if it is.
+fn cgroup_layout() -> (CgroupMode, Option<PathBuf>) {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let (mode, mount) = parse_cgroup_layout(&text);
+    (mode, mount.map(PathBuf::from))
+}
+
+/// From /proc/self/mountinfo: `... <mount point> <options> - <fstype> <source> ...`.
+fn parse_cgroup_layout(mountinfo: &str) -> (CgroupMode, Option<&str>) {
+    let mut v2 = None;
+    let mut v1 = false;
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mount = left.split(' ').nth(4).unwrap_or("");
+        match right.split(' ').next() {
+            Some("cgroup2") => v2 = v2.or(Some(mount)),
+            Some("cgroup") => v1 = true,
+            _ => {}
+        }
+    }
+    let mode = match (v2, v1) {
+        (Some(_), false) => CgroupMode::V2,
+        (Some(_), true) => CgroupMode::Hybrid,
+        (None, _) => CgroupMode::V1,
+    };
+    (mode, v2)
+}
+
+/// The v2 path (`0::/docker/<id>`), else the first v1 controller's path, from
+/// /proc/<pid>/cgroup.
+fn cgroup_paths(text: &str) -> (Option<&str>, Option<&str>) {
+    let mut v2 = None;
+    let mut v1 = None;
+    for line in text.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(h), Some(ctl), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if h == "0" && ctl.is_empty() {
+            v2 = Some(path);
+        } else if v1.is_none() && path != "/" {
+            v1 = Some(path);
+        }
+    }
+    (v2, v1)
+}
+
+fn state_of(s: Option<ContainerStateStatusEnum>) -> State {
+    match s {
+        Some(ContainerStateStatusEnum::RUNNING) => State::Running,
+        Some(ContainerStateStatusEnum::PAUSED) => State::Paused,
+        Some(ContainerStateStatusEnum::RESTARTING) => State::Restarting,
+        Some(ContainerStateStatusEnum::REMOVING) => State::Removing,
+        Some(ContainerStateStatusEnum::EXITED) | Some(ContainerStateStatusEnum::STOPPING) => {
+            State::Exited
+        }
+        Some(ContainerStateStatusEnum::DEAD) => State::Dead,
+        _ => State::Created,
+    }
+}
+
+fn port_maps(
+    m: Option<&HashMap<String, Option<Vec<bollard::models::PortBinding>>>>,
+) -> Vec<PortMap> {
+    let mut out: Vec<PortMap> = m
+        .into_iter()
+        .flatten()
+        .flat_map(|(k, v)| {
+            v.iter()
+                .flatten()
+                .filter_map(move |b| port_map(k, b.host_ip.as_deref(), b.host_port.as_deref()))
+        })
+        .collect();
+    // Map order is random; records should not be.
+    out.sort_by_key(|p| (p.host_port, p.container_port, p.proto as u8, p.host_ip));
+    out
+}
+
+/// The index entry for one inspect response; /proc gives the namespace and cgroup.
+fn container_from(
+    r: &ContainerInspectResponse,
+    proc_root: &Path,
+    cgroup2: Option<&Path>,
+) -> Option<Container> {
+    let full_id: Box<str> = r.id.as_deref()?.into();
+    let config = r.config.as_ref();
+    let labels = config.and_then(|c| c.labels.as_ref());
+    let label = |k: &str| labels.and_then(|l| l.get(k)).map(|s| s.as_str().into());
+    let st = r.state.as_ref();
+    let state = state_of(st.and_then(|s| s.status));
+    let pid = st
+        .and_then(|s| s.pid)
+        .filter(|_| state.is_live())
+        .and_then(|p| u32::try_from(p).ok())
+        .unwrap_or(0);
+    let (mut netns, mut cgroup_id, mut cgroup_path) = (None, None, None);
+    if pid != 0 {
+        let dir = proc_root.join(pid.to_string());
+        netns = std::fs::metadata(dir.join("ns/net"))
+            .ok()
+            .and_then(|m| u32::try_from(m.ino()).ok());
+        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup")) {
+            let (v2, v1) = cgroup_paths(&text);
+            if let (Some(p), Some(root)) = (v2.filter(|p| *p != "/"), cgroup2) {
+                cgroup_id = std::fs::metadata(root.join(p.trim_start_matches('/')))
+                    .ok()
+                    .map(|m| m.ino());
+            }
+            cgroup_path = v2.filter(|p| *p != "/").or(v1).map(Into::into);
+        }
+    }
+    let host_config = r.host_config.as_ref();
+    let ns = r.network_settings.as_ref();
+    let mut networks: Vec<Network> = ns
+        .and_then(|n| n.networks.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|(name, e)| Network {
+            name: name.as_str().into(),
+            ip: e
+                .ip_address
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .and_then(|s| s.parse::<IpAddr>().ok()),
+        })
+        .collect();
+    networks.sort_by(|a, b| a.name.cmp(&b.name));
+    Some(Container {
+        r: Arc::new(ContainerRef {
+            id: full_id.get(..12).unwrap_or(&full_id).into(),
+            name: r
+                .name
+                .as_deref()
+                .unwrap_or("")
+                .trim_start_matches('/')
+                .into(),
+            image: config.and_then(|c| c.image.as_deref()).unwrap_or("").into(),
+            compose_project: label(COMPOSE_PROJECT),
+            compose_service: label(COMPOSE_SERVICE),
+        }),
+        full_id,
+        state,
+        pid,
+        netns,
+        cgroup_id,
+        cgroup_path,
+        network_mode: host_config
+            .and_then(|h| h.network_mode.as_deref())
+            .unwrap_or("default")
+            .into(),
+        networks,
+        published: if state.is_live() {
+            port_maps(ns.and_then(|n| n.ports.as_ref()))
+        } else {
+            Vec::new()
+        },
+        bindings: port_maps(host_config.and_then(|h| h.port_bindings.as_ref())),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(
+            endpoint(Some("unix:///run/docker.sock")).unwrap(),
+            Endpoint::Unix("/run/docker.sock".into())
+        );
+        assert_eq!(
+            endpoint(Some("/tmp/d.sock")).unwrap(),
+            Endpoint::Unix("/tmp/d.sock".into())
+        );
+        assert_eq!(
+            endpoint(Some("tcp://127.0.0.1:2375")).unwrap(),
+            Endpoint::Tcp("tcp://127.0.0.1:2375".into())
+        );
+        let e = endpoint(Some("ssh://lab1")).unwrap_err().to_string();
+        assert!(e.contains("ssh://lab1") && e.contains("unix://"), "{e}");
+        assert_eq!(
+            Endpoint::Unix("/var/run/docker.sock".into()).to_string(),
+            DEFAULT_HOST
+        );
+    }
+
+    #[test]
+    fn cgroup_layouts() {
+        let hybrid = "35 25 0:30 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
+                      40 25 0:35 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup_layout(hybrid),
+            (CgroupMode::Hybrid, Some("/sys/fs/cgroup/unified"))
+        );
+        let v2 = "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            parse_cgroup_layout(v2),
+            (CgroupMode::V2, Some("/sys/fs/cgroup"))
+        );
+        let v1 = "35 25 0:30 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+        assert_eq!(parse_cgroup_layout(v1), (CgroupMode::V1, None));
+    }
+
+    #[test]
+    fn cgroup_paths_v1_and_v2() {
+        let t = "4:memory:/docker/abc\n1:cpu:/docker/abc\n0::/docker/abc\n";
+        assert_eq!(cgroup_paths(t), (Some("/docker/abc"), Some("/docker/abc")));
+        let v1_only = "4:memory:/docker/abc\n";
+        assert_eq!(cgroup_paths(v1_only), (None, Some("/docker/abc")));
+    }
+
+    #[test]
+    fn inspect_of_a_running_container() {
+        // The shape Docker 20.10 (API 1.41) returns, trimmed to what is read.
+        let json = r#"{
+          "Id": "8b9af854e0580aa6a5fd34c75ca7350e8eb7253d0a0c2cc7007ab72f55a004a6",
+          "Name": "/web1",
+          "State": {"Status": "running", "Running": true, "Pid": 0, "Error": ""},
+          "Config": {"Image": "nginx:1.27", "Labels": {"com.docker.compose.project": "shop",
+                     "com.docker.compose.service": "web"}},
+          "HostConfig": {"NetworkMode": "default",
+                         "PortBindings": {"80/tcp": [{"HostIp": "", "HostPort": "8080"}]}},
+          "NetworkSettings": {
+            "Ports": {"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"},
+                                 {"HostIp": "::", "HostPort": "8080"}], "443/tcp": null},
+            "Networks": {"bridge": {"IPAddress": "172.17.0.2"}}}
+        }"#;
+        let r: ContainerInspectResponse = serde_json::from_str(json).unwrap();
+        let c = container_from(&r, Path::new("/nonexistent"), None).unwrap();
+        assert_eq!(&*c.r.id, "8b9af854e058");
+        assert_eq!(&*c.r.name, "web1");
+        assert_eq!(&*c.r.image, "nginx:1.27");
+        assert_eq!(c.r.compose_project.as_deref(), Some("shop"));
+        assert_eq!(c.r.compose_service.as_deref(), Some("web"));
+        assert_eq!(c.state, State::Running);
+        assert_eq!(c.published.len(), 2);
+        assert_eq!(c.published[0].host_port, 8080);
+        assert_eq!(c.bindings.len(), 1);
+        assert_eq!(c.networks[0].ip, Some("172.17.0.2".parse().unwrap()));
+        let v = serde_json::to_value(&*c.r).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"id":"8b9af854e058","name":"web1","image":"nginx:1.27",
+                               "compose_project":"shop","compose_service":"web"})
+        );
+    }
+}
