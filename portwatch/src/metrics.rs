@@ -21,6 +21,8 @@ pub struct Metrics {
     table_size: Gauge,
     docker_connected: Gauge,
     log_errors: Gauge,
+    reconcile_ms: Gauge,
+    reconcile_sockets: Gauge,
 }
 
 /// `"type":"conflict"` and friends are fixed strings: map them to &'static str without
@@ -63,6 +65,8 @@ impl Metrics {
         let table_size = Gauge::default();
         let docker_connected = Gauge::default();
         let log_errors = Gauge::default();
+        let reconcile_ms = Gauge::default();
+        let reconcile_sockets = Gauge::default();
         registry.register("conflicts", "Port conflicts by cause", conflicts.clone());
         registry.register("records", "Records written, by type", records.clone());
         registry.register(
@@ -90,7 +94,19 @@ impl Metrics {
             "Records that could not be written to the log file",
             log_errors.clone(),
         );
+        registry.register(
+            "reconcile_milliseconds",
+            "Duration of the last sock_diag reconciliation of one namespace",
+            reconcile_ms.clone(),
+        );
+        registry.register(
+            "reconcile_sockets",
+            "Sockets in the last sock_diag reconciliation of one namespace",
+            reconcile_sockets.clone(),
+        );
         Metrics {
+            reconcile_ms,
+            reconcile_sockets,
             registry,
             conflicts,
             records,
@@ -137,6 +153,11 @@ impl Metrics {
 
     pub fn set_docker_connected(&self, up: bool) {
         self.docker_connected.set(up as i64);
+    }
+
+    pub fn set_reconcile(&self, sockets: usize, took: std::time::Duration) {
+        self.reconcile_sockets.set(sockets as i64);
+        self.reconcile_ms.set(took.as_millis() as i64);
     }
 
     pub fn set_log_errors(&self, n: u64) {

@@ -193,6 +193,8 @@ struct Processor {
     window: std::collections::VecDeque<WinItem>,
     subs: Vec<Sub>,
     started: Instant,
+    /// Sockets in, and duration of, the last sock_diag reconciliation of one namespace.
+    last_reconcile: (usize, std::time::Duration),
     docker: Index,
     /// Failed docker-proxy/dockerd binds waiting for the daemon to name their container.
     pending: Vec<PendingBind>,
@@ -854,6 +856,15 @@ impl Processor {
             "log_write_errors": self.out.log_errors(),
             "attached": self.subs.len(),
             "drift_healed": self.table.drift_healed,
+            "last_reconcile": {
+                "sockets": self.last_reconcile.0,
+                "ms": self.last_reconcile.1.as_secs_f64() * 1000.0,
+            },
+            "rss_kb": std::fs::read_to_string("/proc/self/status").ok().and_then(|st| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            }),
         })
     }
 
@@ -890,8 +901,12 @@ impl Processor {
     }
 
     fn snapshot(&mut self, s: &Snapshot) {
+        let t = Instant::now();
         self.reconcile(s);
+        // The cost of one pass on the processing thread, for `status` and the metrics.
+        self.last_reconcile = (s.entries.len(), t.elapsed());
         if let Some(m) = &self.cfg.metrics {
+            m.set_reconcile(s.entries.len(), self.last_reconcile.1);
             m.set_table_size(self.table.len());
             m.set_log_errors(self.out.log_errors());
         }
@@ -1339,6 +1354,7 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
         window: std::collections::VecDeque::new(),
         subs: Vec::new(),
         started,
+        last_reconcile: (0, std::time::Duration::ZERO),
         docker: Index::new(
             std::fs::metadata("/proc/self/ns/net")
                 .ok()
