@@ -6,6 +6,7 @@
 //! is already there.
 
 mod bench;
+mod docker_scale;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -40,6 +41,9 @@ enum Cmd {
     Lint,
     /// Setup, then the side-by-side benchmarks; results in target/bench/.
     Bench(bench::BenchArgs),
+    /// Setup, then time the Docker join's sync and measure its memory with many containers;
+    /// results in target/bench/docker-scale.md.
+    DockerScale(docker_scale::ScaleArgs),
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -171,5 +175,6 @@ fn main() -> Result<()> {
             setup::all()?;
             bench::run(args)
         }
+        Cmd::DockerScale(args) => docker_scale::run(args),
     }
 }
