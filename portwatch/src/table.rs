@@ -442,7 +442,7 @@ impl PortTable {
                 cmdline: x.owner.as_ref().and_then(|o| o.cmdline.clone()),
                 uid: x.owner.as_ref().map(|o| o.uid),
                 state: x.state_name(),
-                proto: a.proto_name_static(),
+                proto: a.proto.name(),
                 addr: x.local.ip(),
                 port: x.local.port(),
                 overlap: ov,
@@ -569,15 +569,6 @@ impl PortTable {
             overlap: best_overlap,
             hint,
             reason,
-        }
-    }
-}
-
-impl Attempt<'_> {
-    fn proto_name_static(&self) -> &'static str {
-        match self.proto {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
         }
     }
 }
