@@ -23,8 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what is missing (rust-src, bpf-linker, tracefs mount, dockerd running).
-    /// Idempotent.
+    /// Install what is missing (rust-src, bpf-linker, tracefs mount, dockerd running, the
+    /// Docker test image). Idempotent.
     Setup,
     /// Setup, build (release) and run the agent as root: `cargo xtask run -- --all-events`.
     Run {
@@ -99,9 +99,9 @@ pub fn build_agent(release: bool) -> Result<PathBuf> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Setup => setup::all(),
+        Cmd::Setup => setup::for_tests(),
         Cmd::Run { args } => {
-            setup::all()?;
+            setup::for_run()?;
             let bin = build_agent(true)?;
             step(&format!(
                 "starting {} run {}",
@@ -143,7 +143,7 @@ fn main() -> Result<()> {
             run(&mut c)
         }
         Cmd::Lint => {
-            setup::all()?;
+            setup::build()?;
             run(cargo().args(["fmt", "--all", "--check"]))?;
             run(cargo().args([
                 "clippy",
@@ -172,7 +172,7 @@ fn main() -> Result<()> {
                 ]))
         }
         Cmd::Bench(args) => {
-            setup::all()?;
+            setup::build()?;
             bench::run(args)
         }
         Cmd::DockerScale(args) => docker_scale::run(args),
