@@ -55,10 +55,7 @@ impl State {
 }
 
 fn ser_proto<S: Serializer>(p: &Proto, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(match p {
-        Proto::Tcp => "tcp",
-        Proto::Udp => "udp",
-    })
+    s.serialize_str(p.name())
 }
 
 /// One host port mapped to a container port. In `Container::published` (what the daemon
@@ -87,11 +84,7 @@ impl PortMap {
 
     /// "80/tcp": the container side, as Docker writes it.
     pub fn target(&self) -> String {
-        let p = match self.proto {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        };
-        format!("{}/{p}", self.container_port)
+        format!("{}/{}", self.container_port, self.proto.name())
     }
 }
 

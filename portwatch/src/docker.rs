@@ -445,6 +445,14 @@ impl Join {
                 let Some(id) = attrs.and_then(|a| a.get("container")) else {
                     return true;
                 };
+                let live = self
+                    .view
+                    .get(id.as_str())
+                    .is_some_and(|t| t.c.state.is_live());
+                if action == "connect" && !live {
+                    // Part of a start: the `start` event right after it inspects anyway.
+                    return true;
+                }
                 let Some((mut c, mut error)) = self.inspect_full(docker, id).await else {
                     return true;
                 };
@@ -611,7 +619,7 @@ fn port_maps(
         })
         .collect();
     // Map order is random; records should not be.
-    out.sort_by_key(|p| (p.host_port, p.container_port, p.proto as u8, p.host_ip));
+    out.sort_by_key(|p| (p.host_port, p.container_port, p.proto, p.host_ip));
     out
 }
 

@@ -550,19 +550,29 @@ impl Processor {
         }
     }
 
+    /// Write the held-back proxy binds that `done` selects, naming `container` or, without
+    /// it, the best guess.
+    fn release_pending(
+        &mut self,
+        done: impl Fn(&PendingBind) -> bool,
+        container: Option<&Arc<Container>>,
+    ) {
+        let (ready, wait) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| done(p));
+        self.pending = wait;
+        for p in ready {
+            let c = container
+                .cloned()
+                .or_else(|| self.guess_publishing(&p.e, p.cmdline.as_deref()));
+            self.emit_conflict(&p.e, p.k, p.netns, p.wall, p.cmdline, c.map(|c| (c, p.via)));
+        }
+    }
+
     /// Write held-back proxy binds whose wait is over (all of them with `all`).
     fn flush_pending(&mut self, all: bool) {
         let now = Instant::now();
-        let mut i = 0;
-        while i < self.pending.len() {
-            if all || self.pending[i].deadline <= now {
-                let p = self.pending.swap_remove(i);
-                let c = self.guess_publishing(&p.e, p.cmdline.as_deref());
-                self.emit_conflict(&p.e, p.k, p.netns, p.wall, p.cmdline, c.map(|c| (c, p.via)));
-            } else {
-                i += 1;
-            }
-        }
+        self.release_pending(|p| all || p.deadline <= now, None);
         self.recent_in_use
             .retain(|(.., t)| now.duration_since(*t) < Duration::from_secs(5));
     }
@@ -1096,18 +1106,11 @@ impl Processor {
                     Some(StartError::InUse { ip, port }) => {
                         self.recent_in_use
                             .push((container.clone(), ip, port, Instant::now()));
-                        let mut i = 0;
-                        while i < self.pending.len() {
-                            let p = &self.pending[i];
+                        let same = |p: &PendingBind| {
                             let pip = decode::ip(p.e.family, &p.e.addr);
-                            if p.e.port == port && table::overlap(pip, None, ip, None).is_some() {
-                                let p = self.pending.swap_remove(i);
-                                let c = Some((container.clone(), p.via));
-                                self.emit_conflict(&p.e, p.k, p.netns, p.wall, p.cmdline, c);
-                            } else {
-                                i += 1;
-                            }
-                        }
+                            p.e.port == port && table::overlap(pip, None, ip, None).is_some()
+                        };
+                        self.release_pending(same, Some(&container));
                     }
                     None => {}
                 }
@@ -1125,10 +1128,7 @@ impl Processor {
             .iter()
             .find(|p| p.host_port <= port && port <= p.host_port_end)
             .map_or(Proto::Tcp, |p| p.proto);
-        let proto_name = match proto {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        };
+        let proto_name = proto.name();
         let netns = self.docker.host_netns();
         let attempt = Attempt {
             netns,

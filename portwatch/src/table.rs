@@ -497,7 +497,7 @@ impl PortTable {
                 cmdline: x.owner.as_ref().and_then(|o| o.cmdline.clone()),
                 uid: x.owner.as_ref().map(|o| o.uid),
                 state: x.state_name(),
-                proto: a.proto_name_static(),
+                proto: a.proto.name(),
                 addr: x.local.ip(),
                 port: x.local.port(),
                 overlap: ov,
@@ -647,15 +647,6 @@ impl PortTable {
             overlap: best_overlap,
             hint,
             reason,
-        }
-    }
-}
-
-impl Attempt<'_> {
-    fn proto_name_static(&self) -> &'static str {
-        match self.proto {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
         }
     }
 }
@@ -846,6 +837,78 @@ mod tests {
         assert_eq!(
             t.attribute(&attempt("0.0.0.0", 9999, Proto::Tcp)).cause,
             "unknown"
+        );
+    }
+
+    fn web1() -> Arc<ContainerRef> {
+        Arc::new(ContainerRef {
+            id: "99c0b70358a8".into(),
+            name: "web1".into(),
+            image: "nginx:1.27".into(),
+            compose_project: Some("shop".into()),
+            compose_service: Some("web".into()),
+        })
+    }
+
+    #[test]
+    fn published_port_makes_the_cause_docker_published() {
+        let mut t = PortTable::default();
+        let mut proxy = entry(Proto::Tcp, "0.0.0.0:8080", TCP_LISTEN, 31032);
+        proxy.owner = owner(31032, "docker-proxy");
+        t.on_bind(1, proxy);
+        let mut place = |x: &Entry| {
+            (x.owner.as_ref()?.comm.as_ref() == "docker-proxy").then(|| Placement {
+                container: web1(),
+                via: Some("docker-proxy"),
+                container_port: Some(80),
+            })
+        };
+        let a = t.attribute_with(&attempt("127.0.0.1", 8080, Proto::Tcp), &mut place);
+        assert_eq!(a.cause, "docker_published");
+        assert_eq!(a.holders[0].via, Some("docker-proxy"));
+        assert_eq!(
+            a.holders[0].container.as_deref().map(|c| &*c.name),
+            Some("web1")
+        );
+        assert_eq!(
+            a.hint,
+            "container web1 (nginx:1.27, 99c0b70358a8) publishes 0.0.0.0:8080 -> 80/tcp through \
+             docker-proxy (pid 31032); docker stop web1, or bind another port"
+        );
+        let v = serde_json::to_value(&a.holders[0]).unwrap();
+        assert_eq!(v["container"]["compose_project"], "shop");
+        assert_eq!(v["container_port"], 80);
+        // Without placement the same socket is an ordinary listener.
+        assert_eq!(
+            t.attribute(&attempt("127.0.0.1", 8080, Proto::Tcp)).cause,
+            "listener"
+        );
+    }
+
+    #[test]
+    fn holder_in_a_container_and_an_actor_publishing() {
+        let mut t = PortTable::default();
+        t.on_bind(1, entry(Proto::Tcp, "0.0.0.0:8080", TCP_LISTEN, 4242));
+        let mut place = |_: &Entry| {
+            Some(Placement {
+                container: web1(),
+                via: None,
+                container_port: None,
+            })
+        };
+        let mut at = attempt("0.0.0.0", 8080, Proto::Tcp);
+        at.publishing = Some("web2");
+        let a = t.attribute_with(&at, &mut place);
+        assert_eq!(a.cause, "listener");
+        assert_eq!(
+            a.hint,
+            "pid 4242 (nginx) in container web1 listens on 0.0.0.0:8080; stop it or publish web2 \
+             on another host port"
+        );
+        let v = serde_json::to_value(&a.holders[0]).unwrap();
+        assert!(
+            v.get("via").is_none() && v.get("container_port").is_none(),
+            "{v}"
         );
     }
 

@@ -6,6 +6,7 @@
 //! is already there.
 
 mod bench;
+mod docker_scale;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -22,8 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what is missing (rust-src, bpf-linker, tracefs mount, dockerd running).
-    /// Idempotent.
+    /// Install what is missing (rust-src, bpf-linker, tracefs mount, dockerd running, the
+    /// Docker test image). Idempotent.
     Setup,
     /// Setup, build (release) and run the agent as root: `cargo xtask run -- --all-events`.
     Run {
@@ -40,6 +41,9 @@ enum Cmd {
     Lint,
     /// Setup, then the side-by-side benchmarks; results in target/bench/.
     Bench(bench::BenchArgs),
+    /// Setup, then time the Docker join's sync and measure its memory with many containers;
+    /// results in target/bench/docker-scale.md.
+    DockerScale(docker_scale::ScaleArgs),
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -95,9 +99,9 @@ pub fn build_agent(release: bool) -> Result<PathBuf> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Setup => setup::all(),
+        Cmd::Setup => setup::for_tests(),
         Cmd::Run { args } => {
-            setup::all()?;
+            setup::for_run()?;
             let bin = build_agent(true)?;
             step(&format!(
                 "starting {} run {}",
@@ -143,7 +147,7 @@ fn main() -> Result<()> {
             run(&mut c)
         }
         Cmd::Lint => {
-            setup::all()?;
+            setup::build()?;
             run(cargo().args(["fmt", "--all", "--check"]))?;
             run(cargo().args([
                 "clippy",
@@ -172,8 +176,9 @@ fn main() -> Result<()> {
                 ]))
         }
         Cmd::Bench(args) => {
-            setup::all()?;
+            setup::build()?;
             bench::run(args)
         }
+        Cmd::DockerScale(args) => docker_scale::run(args),
     }
 }

@@ -12,12 +12,11 @@ use portwatch_tests::docker as d;
 
 use crate::{run, step};
 
-pub fn all() -> Result<()> {
+/// What building the agent needs.
+pub fn build() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
-    tracefs()?;
-    dockerd()?;
-    Ok(())
+    tracefs()
 }
 
 /// Debian packages the tests and benchmarks use, installed only when their command is
@@ -44,9 +43,15 @@ pub fn apt_tools(tools: &[(&str, &str)]) -> Result<()> {
     .with_context(|| format!("installing {} failed", missing.join(", ")))
 }
 
-/// What the Docker tests also need: the test image.
+/// What running it on this host needs: a daemon to join as well.
+pub fn for_run() -> Result<()> {
+    build()?;
+    dockerd()
+}
+
+/// What the tests need: the Docker test image as well.
 pub fn for_tests() -> Result<()> {
-    all()?;
+    for_run()?;
     test_image()
 }
 
