@@ -253,20 +253,27 @@ fn fill_task(e: &mut Event, k: u32, o: &Offsets) {
 }
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 /// Reserve, write, submit; count the loss when the ring buffer is full.
 ///
 /// Only failures wake the agent at once (a conflict must reach the log within
 /// milliseconds). Everything else is submitted without a wakeup and collected by the agent's
 /// periodic drain: at thousands of connections a second, a wakeup per TIME_WAIT entry would
-/// cost the agent more than the events themselves.
+/// cost the agent more than the events themselves. A failure forces its wakeup: the default
+/// only wakes a reader that has consumed everything before the record, which is never the
+/// case while unwoken records wait in front of it.
 #[inline(always)]
 fn emit(e: &Event) {
     let urgent = e.ret < 0;
     match EVENTS.reserve::<Event>(0) {
         Some(mut entry) => {
             entry.write(*e);
-            entry.submit(if urgent { 0 } else { BPF_RB_NO_WAKEUP });
+            entry.submit(if urgent {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            });
         }
         None => {
             if let Some(p) = LOST.get_ptr_mut(e.kind) {
