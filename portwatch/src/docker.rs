@@ -756,6 +756,82 @@ mod tests {
         assert_eq!(cgroup_paths(v1_only), (None, Some("/docker/abc")));
     }
 
+    fn join() -> Join {
+        let (tx, _rx) = mpsc::channel(1);
+        Join {
+            ep: Endpoint::Unix(DEFAULT_HOST.into()),
+            tx,
+            view: HashMap::new(),
+            synced_once: false,
+            proc_root: PathBuf::from("/nonexistent"),
+            cgroup2: None,
+        }
+    }
+
+    fn lifecycles(ms: &[DockerMsg]) -> Vec<(&'static str, String, bool)> {
+        ms.iter()
+            .map(|m| match m {
+                DockerMsg::Lifecycle(l) => (l.event, l.container.r.name.to_string(), l.missed),
+                other => panic!("not a lifecycle message: {other:?}"),
+            })
+            .collect()
+    }
+
+    fn c(digit: char, name: &str, state: State) -> Arc<Container> {
+        let mut c = crate::containers::tests::container(digit, name, state);
+        if state.is_live() {
+            c.published = vec![port_map("80/tcp", Some("0.0.0.0"), Some("8080")).unwrap()];
+        }
+        Arc::new(c)
+    }
+
+    #[test]
+    fn resync_reports_what_changed_meanwhile_once() {
+        let mut j = join();
+        // First sync: the baseline, nothing to report.
+        let first = j.adopt(&[
+            c('a', "stays", State::Running),
+            c('b', "stops", State::Running),
+            c('d', "goes", State::Running),
+            c('e', "idle", State::Exited),
+        ]);
+        assert!(first.is_empty());
+        // The daemon was away; meanwhile one stopped, one was removed, one started.
+        let again = j.adopt(&[
+            c('a', "stays", State::Running),
+            c('b', "stops", State::Exited),
+            c('e', "idle", State::Running),
+            c('f', "new", State::Created),
+        ]);
+        let mut got = lifecycles(&again);
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("destroy", "goes".into(), true),
+                ("die", "goes".into(), true),
+                ("die", "stops".into(), true),
+                ("start", "idle".into(), true),
+            ]
+        );
+        // The stopped one still says which ports it freed.
+        let die = again.iter().find_map(|m| match m {
+            DockerMsg::Lifecycle(l) if l.event == "die" && &*l.container.r.name == "stops" => {
+                Some(l)
+            }
+            _ => None,
+        });
+        assert_eq!(die.unwrap().container.published.len(), 1);
+        // The same state again: nothing new.
+        let same = j.adopt(&[
+            c('a', "stays", State::Running),
+            c('b', "stops", State::Exited),
+            c('e', "idle", State::Running),
+            c('f', "new", State::Created),
+        ]);
+        assert!(same.is_empty(), "{same:?}");
+    }
+
     #[test]
     fn inspect_of_a_running_container() {
         // The shape Docker 20.10 (API 1.41) returns, trimmed to what is read.
