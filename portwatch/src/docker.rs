@@ -53,8 +53,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// connections on its socket but never answers them; waiting the full request timeout
 /// there would keep the agent from seeing its successor for seconds.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
-/// Inspects in flight during a sync.
-const SYNC_PARALLEL: usize = 8;
+/// Inspects in flight during a sync, and ahead of the event loop.
+const PARALLEL: usize = 8;
 /// How long a container that never ran may take to show why its start failed.
 const START_ERROR_WAIT: Duration = Duration::from_secs(3);
 
@@ -119,6 +119,77 @@ struct Tracked {
     c: Arc<Container>,
     /// The last lifecycle record written says it runs.
     announced_running: bool,
+}
+
+/// What an inspect needs; cloned into the futures that inspect ahead of the event loop.
+#[derive(Clone)]
+struct Inspector {
+    docker: Docker,
+    proc_root: PathBuf,
+    cgroup2: Option<PathBuf>,
+}
+
+/// What the daemon said about an event's container, fetched ahead of the event loop.
+type Inspected = Option<(Arc<Container>, Option<String>)>;
+
+impl Inspector {
+    /// The container and, if its last start failed, why (`State.Error`). None when it is
+    /// gone already (removed between event and inspect, or a 404).
+    async fn inspect(&self, id: &str) -> Inspected {
+        let r = self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .ok()?;
+        let c = container_from(&r, &self.proc_root, self.cgroup2.as_deref())?;
+        let error = r.state.and_then(|s| s.error).filter(|e| !e.is_empty());
+        Some((Arc::new(c), error))
+    }
+
+    /// The inspect an event needs, if any. Runs ahead of the event loop, several at a
+    /// time: on a busy daemon an inspect takes tens of milliseconds, and a burst of starts
+    /// would otherwise queue them one after another.
+    async fn prepare(&self, ev: &EventMessage) -> Inspected {
+        let action = ev.action.as_deref().unwrap_or("");
+        match ev.typ {
+            Some(EventMessageTypeEnum::CONTAINER) => match action {
+                "create" | "rename" | "update" | "start" => {
+                    self.inspect(ev.actor.as_ref()?.id.as_deref()?).await
+                }
+                _ => None,
+            },
+            // A connect is mostly part of a start, and the start event that follows is
+            // inspected; a running container that joins another network is seen with it at
+            // its next inspect. Attribution does not depend on it.
+            Some(EventMessageTypeEnum::NETWORK) if action == "disconnect" => {
+                let id = ev.actor.as_ref()?.attributes.as_ref()?.get("container")?;
+                let (mut c, mut error) = self.inspect(id).await?;
+                // A stop ends with this event too, and then State.Error is empty. A
+                // container that never ran and is disconnected failed to start. Docker
+                // 20.10 holds the container's lock until it has recorded State.Error, so
+                // the first inspect sees it; no daemon promises that order, so a container
+                // that never ran is read again for a while before its error is taken to be
+                // empty.
+                let waited = Instant::now();
+                while error.is_none()
+                    && c.state == State::Created
+                    && waited.elapsed() < START_ERROR_WAIT
+                {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                    (c, error) = self.inspect(id).await?;
+                }
+                trace(format_args!(
+                    "{} disconnected while {:?}; State.Error after {:?}: {:?}",
+                    c.r.name,
+                    c.state,
+                    waited.elapsed(),
+                    error
+                ));
+                Some((c, error))
+            }
+            _ => None,
+        }
+    }
 }
 
 struct Join {
@@ -261,13 +332,28 @@ impl Join {
             filters: Some(filters),
             ..Default::default()
         };
-        let mut events = docker.events(Some(opts));
+        // Inspects run ahead, PARALLEL at a time; `buffered` hands the results back in the
+        // order of the events, which the loop below applies one by one.
+        let insp = self.inspector(&docker);
+        let mut events = Box::pin(
+            docker
+                .events(Some(opts))
+                .map(move |ev| {
+                    let insp = insp.clone();
+                    async move {
+                        let ev = ev?;
+                        let pre = insp.prepare(&ev).await;
+                        Ok::<_, bollard::errors::Error>((ev, pre))
+                    }
+                })
+                .buffered(PARALLEL),
+        );
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 ev = events.next() => match ev {
-                    Some(Ok(ev)) => {
-                        if !self.on_event(&docker, ev).await {
+                    Some(Ok((ev, pre))) => {
+                        if !self.on_event(ev, pre).await {
                             return (DockerError::Stopped, true);
                         }
                     }
@@ -297,32 +383,24 @@ impl Join {
             }))
             .await?;
         let ids: Vec<String> = list.into_iter().filter_map(|c| c.id).collect();
-        let inspected: Vec<Option<Arc<Container>>> = stream::iter(ids)
-            .map(|id| async move { self.inspect(docker, &id).await })
-            .buffer_unordered(SYNC_PARALLEL)
+        let insp = self.inspector(docker);
+        let inspected: Vec<Inspected> = stream::iter(ids)
+            .map(|id| {
+                let insp = &insp;
+                async move { insp.inspect(&id).await }
+            })
+            .buffer_unordered(PARALLEL)
             .collect()
             .await;
-        Ok(inspected.into_iter().flatten().collect())
+        Ok(inspected.into_iter().flatten().map(|(c, _)| c).collect())
     }
 
-    /// None when it is gone already (removed between list and inspect, or a 404).
-    async fn inspect(&self, docker: &Docker, id: &str) -> Option<Arc<Container>> {
-        self.inspect_full(docker, id).await.map(|(c, _)| c)
-    }
-
-    /// The container and, if its last start failed, why (`State.Error`).
-    async fn inspect_full(
-        &self,
-        docker: &Docker,
-        id: &str,
-    ) -> Option<(Arc<Container>, Option<String>)> {
-        let r = docker
-            .inspect_container(id, None::<InspectContainerOptions>)
-            .await
-            .ok()?;
-        let c = container_from(&r, &self.proc_root, self.cgroup2.as_deref())?;
-        let error = r.state.and_then(|s| s.error).filter(|e| !e.is_empty());
-        Some((Arc::new(c), error))
+    fn inspector(&self, docker: &Docker) -> Inspector {
+        Inspector {
+            docker: docker.clone(),
+            proc_root: self.proc_root.clone(),
+            cgroup2: self.cgroup2.clone(),
+        }
     }
 
     /// Take a fresh sync as the view; the lifecycle records for what changed while nobody
@@ -370,7 +448,7 @@ impl Join {
     }
 
     /// False when the processing thread is gone.
-    async fn on_event(&mut self, docker: &Docker, ev: EventMessage) -> bool {
+    async fn on_event(&mut self, ev: EventMessage, pre: Inspected) -> bool {
         let ts_ns = ev.time_nano.map(i128::from).unwrap_or_else(now_ns);
         let action = ev.action.as_deref().unwrap_or("");
         let attrs = ev.actor.as_ref().and_then(|a| a.attributes.as_ref());
@@ -386,13 +464,13 @@ impl Join {
                 };
                 match action {
                     "create" | "rename" | "update" => {
-                        if let Some(c) = self.inspect(docker, id).await {
+                        if let Some((c, _)) = pre {
                             self.track(c.clone(), None);
                             return self.send(DockerMsg::Upsert(c)).await;
                         }
                     }
                     "start" => {
-                        let Some(c) = self.inspect(docker, id).await else {
+                        let Some((c, _)) = pre else {
                             return true;
                         };
                         // A restart policy's restart, or a replay: say it once.
@@ -439,48 +517,13 @@ impl Join {
                 }
             }
             Some(EventMessageTypeEnum::NETWORK) => {
-                if action != "connect" && action != "disconnect" {
-                    return true;
-                }
-                let Some(id) = attrs.and_then(|a| a.get("container")) else {
-                    return true;
-                };
-                let live = self
-                    .view
-                    .get(id.as_str())
-                    .is_some_and(|t| t.c.state.is_live());
-                if action == "connect" && !live {
-                    // Part of a start: the `start` event right after it inspects anyway.
-                    return true;
-                }
-                let Some((mut c, mut error)) = self.inspect_full(docker, id).await else {
+                // Only disconnects are inspected (see Inspector::prepare).
+                let (Some(id), Some((mut c, error))) =
+                    (attrs.and_then(|a| a.get("container")), pre)
+                else {
                     return true;
                 };
-                if action == "disconnect" && !c.state.is_live() {
-                    // A stop ends with this event too, and then State.Error is empty. A
-                    // container that never ran and is disconnected failed to start: Docker
-                    // 20.10 releases the network (sending this event, then tearing down
-                    // iptables rules and the sandbox) before it records State.Error, so on
-                    // a busy host the error shows up a good while later. `docker run`
-                    // returns only after it is set.
-                    let waited = Instant::now();
-                    while error.is_none()
-                        && c.state == State::Created
-                        && waited.elapsed() < START_ERROR_WAIT
-                    {
-                        tokio::time::sleep(Duration::from_millis(25)).await;
-                        match self.inspect_full(docker, id).await {
-                            Some((c2, e2)) => (c, error) = (c2, e2),
-                            None => return true,
-                        }
-                    }
-                    trace(format_args!(
-                        "{} disconnected while {:?}; State.Error after {:?}: {:?}",
-                        c.r.name,
-                        c.state,
-                        waited.elapsed(),
-                        error
-                    ));
+                if !c.state.is_live() {
                     if let Some(prev) = self.view.get(id.as_str()) {
                         c = Arc::new(keep_ports(&c, &prev.c));
                     }
@@ -754,6 +797,82 @@ mod tests {
         assert_eq!(cgroup_paths(t), (Some("/docker/abc"), Some("/docker/abc")));
         let v1_only = "4:memory:/docker/abc\n";
         assert_eq!(cgroup_paths(v1_only), (None, Some("/docker/abc")));
+    }
+
+    fn join() -> Join {
+        let (tx, _rx) = mpsc::channel(1);
+        Join {
+            ep: Endpoint::Unix(DEFAULT_HOST.into()),
+            tx,
+            view: HashMap::new(),
+            synced_once: false,
+            proc_root: PathBuf::from("/nonexistent"),
+            cgroup2: None,
+        }
+    }
+
+    fn lifecycles(ms: &[DockerMsg]) -> Vec<(&'static str, String, bool)> {
+        ms.iter()
+            .map(|m| match m {
+                DockerMsg::Lifecycle(l) => (l.event, l.container.r.name.to_string(), l.missed),
+                other => panic!("not a lifecycle message: {other:?}"),
+            })
+            .collect()
+    }
+
+    fn c(digit: char, name: &str, state: State) -> Arc<Container> {
+        let mut c = crate::containers::tests::container(digit, name, state);
+        if state.is_live() {
+            c.published = vec![port_map("80/tcp", Some("0.0.0.0"), Some("8080")).unwrap()];
+        }
+        Arc::new(c)
+    }
+
+    #[test]
+    fn resync_reports_what_changed_meanwhile_once() {
+        let mut j = join();
+        // First sync: the baseline, nothing to report.
+        let first = j.adopt(&[
+            c('a', "stays", State::Running),
+            c('b', "stops", State::Running),
+            c('d', "goes", State::Running),
+            c('e', "idle", State::Exited),
+        ]);
+        assert!(first.is_empty());
+        // The daemon was away; meanwhile one stopped, one was removed, one started.
+        let again = j.adopt(&[
+            c('a', "stays", State::Running),
+            c('b', "stops", State::Exited),
+            c('e', "idle", State::Running),
+            c('f', "new", State::Created),
+        ]);
+        let mut got = lifecycles(&again);
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("destroy", "goes".into(), true),
+                ("die", "goes".into(), true),
+                ("die", "stops".into(), true),
+                ("start", "idle".into(), true),
+            ]
+        );
+        // The stopped one still says which ports it freed.
+        let die = again.iter().find_map(|m| match m {
+            DockerMsg::Lifecycle(l) if l.event == "die" && &*l.container.r.name == "stops" => {
+                Some(l)
+            }
+            _ => None,
+        });
+        assert_eq!(die.unwrap().container.published.len(), 1);
+        // The same state again: nothing new.
+        let same = j.adopt(&[
+            c('a', "stays", State::Running),
+            c('b', "stops", State::Exited),
+            c('e', "idle", State::Running),
+            c('f', "new", State::Created),
+        ]);
+        assert!(same.is_empty(), "{same:?}");
     }
 
     #[test]

@@ -384,6 +384,21 @@ fn time_until(
     t.elapsed()
 }
 
+/// After 3 s without a daemon (the backoff goes on quietly), dockerd comes back; the
+/// agent's `nth` `connected` must follow within 5 s of `docker info` answering.
+fn daemon_back(agent: &Agent, outage: &DockerdOutage, nth: usize) {
+    std::thread::sleep(Duration::from_secs(3));
+    outage.end();
+    let took = time_until(agent, nth, Duration::from_secs(10), |v| {
+        is_docker(v, "connected")
+    });
+    eprintln!("connected ({nth}) {took:?} after dockerd answered");
+    assert!(
+        took < Duration::from_secs(5),
+        "connected only after {took:?}"
+    );
+}
+
 /// Containers publish a port; a host bind shows that attribution works.
 fn attribution_works(agent: &Agent, tag: &str, port: u16) {
     let b = Container::running(tag, &["-p", &format!("{port}:80")], &strs(&httpd(80)));
@@ -411,17 +426,7 @@ fn dockerd_restart_while_the_agent_runs() {
 
     let outage = DockerdOutage::begin();
     agent.wait_for("unavailable", |v| is_docker(v, "unavailable"));
-    // The backoff goes on quietly.
-    std::thread::sleep(Duration::from_secs(3));
-    outage.end();
-    let took = time_until(&agent, 2, Duration::from_secs(10), |v| {
-        is_docker(v, "connected")
-    });
-    eprintln!("reconnected {took:?} after dockerd answered");
-    assert!(
-        took < Duration::from_secs(5),
-        "reconnected only after {took:?}"
-    );
+    daemon_back(&agent, &outage, 2);
 
     attribution_works(&agent, "restart-b", port2);
     drop(a);
@@ -461,16 +466,7 @@ fn agent_started_before_dockerd() {
     let u = agent.wait_for("unavailable", |v| is_docker(v, "unavailable"));
     assert!(u["reason"].as_str().unwrap().contains("dockerd"), "{u}");
     assert_eq!(u["endpoint"], "unix:///var/run/docker.sock", "{u}");
-    std::thread::sleep(Duration::from_secs(3));
-    outage.end();
-    let took = time_until(&agent, 1, Duration::from_secs(10), |v| {
-        is_docker(v, "connected")
-    });
-    eprintln!("connected {took:?} after dockerd answered");
-    assert!(
-        took < Duration::from_secs(5),
-        "connected only after {took:?}"
-    );
+    daemon_back(&agent, &outage, 1);
     attribution_works(&agent, "late", port);
     let done = agent.stop();
     assert!(done.status.success(), "{}", done.stderr);

@@ -280,6 +280,7 @@ fn measure(bin: &Path, n: u64, parallel: usize) -> Result<String> {
         .collect();
     lag.sort_by(f64::total_cmp);
     let lag_p50 = lag.get(lag.len() / 2).copied().unwrap_or(f64::NAN);
+    let lag_p90 = lag.get(lag.len() * 9 / 10).copied().unwrap_or(f64::NAN);
     let lag_max = lag.last().copied().unwrap_or(f64::NAN);
     std::thread::sleep(Duration::from_millis(500));
     let rss1 = a.rss_kib()?;
@@ -316,7 +317,7 @@ fn measure(bin: &Path, n: u64, parallel: usize) -> Result<String> {
          | measure | value |\n|---|---|\n\
          | creating {n} containers ({parallel} docker runs at a time) | {create_s:.1} s |\n\
          | last `start` record after the last `docker run` returned | {follow_ms:.0} ms (0: before it returned) |\n\
-         | daemon's start event to the agent's `start` record, median / max | {lag_p50:.1} ms / {lag_max:.1} ms |\n\
+         | daemon's start event to the agent's `start` record, median / p90 / max | {lag_p50:.1} / {lag_p90:.1} / {lag_max:.1} ms |\n\
          | RSS with no containers / after {n} started | {rss0} KiB / {rss1} KiB |\n\
          | memory per container (RSS delta / {n}) | {:.1} KiB |\n\
          | fresh agent: spawn to `connected` (median of 3) | {:.0} ms |\n\
