@@ -33,8 +33,9 @@ use crate::{
     sink::{self, Output},
 };
 
-/// Bounded queue between the drain and the processing thread, in batches.
-const QUEUE: usize = 4096;
+/// Bounded queue between the drain and the processing thread, in batches: at most
+/// 256 x 256 events (~8 MB) wait, as the event-at-a-time queue of 65,536 did.
+const QUEUE: usize = 256;
 /// Largest batch: one queue slot carries up to this many events.
 const BATCH: usize = 256;
 /// How often events submitted without a wakeup are collected.

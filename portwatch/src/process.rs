@@ -141,9 +141,10 @@ pub struct Config {
     pub metrics: Option<Arc<Metrics>>,
 }
 
-/// Most items the recent-past window holds, whatever its age: memory stays bounded on a busy
-/// host (about 150 bytes an item).
+/// Most items the recent-past window holds, whatever its age, and most bytes: memory stays
+/// bounded on a busy host (a soak run showed 65,536 conflict lines alone take ~50 MB).
 const WINDOW_ITEMS: usize = 65_536;
+const WINDOW_BYTES: usize = 8 << 20;
 
 /// The recent past, for `attach`. Records that were logged are kept as their lines; verbose
 /// kernel events (logged only with --all-events) are kept raw and formatted on replay, so
@@ -158,6 +159,14 @@ impl WinItem {
     fn wall(&self) -> i128 {
         match self {
             WinItem::Line(w, _) | WinItem::Raw(w, _, _) => *w,
+        }
+    }
+
+    /// Approximate heap and slot cost, for the window's byte bound.
+    fn cost(&self) -> usize {
+        match self {
+            WinItem::Line(_, l) => l.len() + 64,
+            WinItem::Raw(..) => std::mem::size_of::<WinItem>(),
         }
     }
 }
@@ -191,6 +200,7 @@ struct Processor {
     lost_total: u64,
     unknown_kinds: u64,
     window: std::collections::VecDeque<WinItem>,
+    window_bytes: usize,
     subs: Vec<Sub>,
     started: Instant,
     /// Sockets in, and duration of, the last sock_diag reconciliation of one namespace.
@@ -319,13 +329,17 @@ impl Processor {
 
     fn push_window(&mut self, item: WinItem) {
         let horizon = item.wall() - i128::from(self.cfg.window_s) * 1_000_000_000;
-        while self
-            .window
-            .front()
-            .is_some_and(|f| f.wall() < horizon || self.window.len() >= WINDOW_ITEMS)
-        {
-            self.window.pop_front();
+        let cost = item.cost();
+        while self.window.front().is_some_and(|f| {
+            f.wall() < horizon
+                || self.window.len() >= WINDOW_ITEMS
+                || self.window_bytes + cost > WINDOW_BYTES
+        }) {
+            if let Some(f) = self.window.pop_front() {
+                self.window_bytes -= f.cost();
+            }
         }
+        self.window_bytes += cost;
         self.window.push_back(item);
     }
 
@@ -1352,6 +1366,7 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
         lost_total: 0,
         unknown_kinds: 0,
         window: std::collections::VecDeque::new(),
+        window_bytes: 0,
         subs: Vec::new(),
         started,
         last_reconcile: (0, std::time::Duration::ZERO),

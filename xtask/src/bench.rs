@@ -51,6 +51,18 @@ pub struct BenchArgs {
     /// Keep the tracers' output files in target/bench/ (they can reach hundreds of MB each).
     #[arg(long)]
     keep_logs: bool,
+    /// Run only these parts (repeatable; default: all): churn (1), storm (2), latency (3 and
+    /// the default-mode cost), cost (the --all-events cost).
+    #[arg(long, value_enum, value_name = "PART")]
+    only: Vec<Part>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+enum Part {
+    Churn,
+    Storm,
+    Latency,
+    Cost,
 }
 
 /// Background churn rate for the latency and cost runs (connections/s).
@@ -78,6 +90,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let secs = args.duration.unwrap_or(if args.quick { 3 } else { 10 });
     let dir = crate::workspace_root().join("target").join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _lock = bench_lock(&dir)?;
     let built = crate::build_agent(true)?;
     // A private copy: others rebuilding target/release/portwatch during the run must not
     // change what is measured between one round and the next.
@@ -109,35 +122,84 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ..Default::default()
     };
 
-    let churn = churn_phase(&cfg, &peers, &mut report)?;
-    let storm = bind_storm_phase(&cfg, &mut report)?;
-    let lat = latency_cost_phase(&cfg, &mut report)?;
-    let all_cost = cost_all_events(&cfg, &mut report)?;
+    let want = |p: Part| args.only.is_empty() || args.only.contains(&p);
+    let churn = if want(Part::Churn) {
+        Some(churn_phase(&cfg, &peers, &mut report)?)
+    } else {
+        None
+    };
+    let storm = if want(Part::Storm) {
+        Some(bind_storm_phase(&cfg, &mut report)?)
+    } else {
+        None
+    };
+    let lat = if want(Part::Latency) {
+        Some(latency_cost_phase(&cfg, &mut report)?)
+    } else {
+        None
+    };
+    let all_cost = if want(Part::Cost) {
+        Some(cost_all_events(&cfg, &mut report)?)
+    } else {
+        None
+    };
 
     let host_end_load = read_loadavg();
     let md = render_markdown(
         &cfg,
         &host,
         &host_end_load,
-        &churn,
-        &storm,
-        &lat,
-        &all_cost,
+        churn.as_ref(),
+        storm.as_deref(),
+        lat.as_ref(),
+        all_cost.as_ref(),
         &report,
     );
     let out = cfg.dir.join("results.md");
     fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
     println!("{md}");
     let png = cfg.dir.join("churn.png");
-    match write_churn_png(&png, &churn) {
-        Ok(()) => note(&format!("wrote {} and {}", out.display(), png.display())),
-        Err(e) => note(&format!(
+    match churn.as_ref().map(|c| write_churn_png(&png, c)) {
+        Some(Ok(())) => note(&format!("wrote {} and {}", out.display(), png.display())),
+        Some(Err(e)) => note(&format!(
             "wrote {}; churn.png skipped: {e:#}",
             out.display()
         )),
+        None => note(&format!("wrote {}", out.display())),
     }
     note(&format!("done in {:.0} s", started.elapsed().as_secs_f64()));
     Ok(())
+}
+
+/// One bench at a time: two would load the same 2 cores, see each other's agents as foreign
+/// tracers, and overwrite each other's files in target/bench/. The lock is released when the
+/// returned file is dropped (or the process dies).
+fn bench_lock(dir: &Path) -> Result<fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join(".lock");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = fs::read_to_string(&path).unwrap_or_default();
+        bail!(
+            "another `cargo xtask bench` is running ({}); two at once would measure each other. \
+             Wait for it to finish.",
+            if holder.trim().is_empty() {
+                "pid unknown".to_string()
+            } else {
+                format!("pid {}", holder.trim())
+            }
+        );
+    }
+    let _ = f.set_len(0);
+    let _ = fs::write(&path, std::process::id().to_string());
+    Ok(f)
 }
 
 struct Settings {
@@ -404,7 +466,19 @@ impl Tracer {
             Cfg::None => bail!("no tracer to spawn"),
             Cfg::PwDefault | Cfg::PwAll => {
                 let mut c = Command::new(&s.agent);
-                c.arg("run").args(&s.agent_args);
+                c.arg("run");
+                // A runtime dir per start: the single-instance lock of an agent that is still
+                // detaching must not refuse the next one.
+                let mut args = s.agent_args.iter();
+                while let Some(a) = args.next() {
+                    c.arg(a);
+                    if a == "--runtime-dir" {
+                        let _ = args.next();
+                        let run = s.dir.join(format!("run-{tag}"));
+                        let _ = fs::create_dir_all(&run);
+                        c.arg(run);
+                    }
+                }
                 if cfg == Cfg::PwAll {
                     c.arg("--all-events");
                 }
@@ -422,6 +496,9 @@ impl Tracer {
                 c
             }
         };
+        if matches!(cfg, Cfg::Bpftrace | Cfg::Tcpstates) {
+            ensure_tracefs();
+        }
         c.stdin(Stdio::null());
         c.stderr(fs::File::create(&err).with_context(|| format!("creating {}", err.display()))?);
         match sink {
@@ -562,6 +639,19 @@ impl Drop for Tracer {
     }
 }
 
+/// The peers attach through tracefs. Setup mounted it, but on a shared machine something
+/// (a fresh-machine test, say) may unmount it mid-run; the agent mounts it itself, the peers
+/// do not. Best effort: if this fails, the peer's own error says why.
+fn ensure_tracefs() {
+    let dir = Path::new("/sys/kernel/tracing");
+    if !dir.join("events").exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "tracefs", "nodev"])
+            .arg(dir)
+            .status();
+    }
+}
+
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: i32) -> Option<f64> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -591,6 +681,17 @@ fn system_cpu_seconds() -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Some(f.iter().sum::<u64>() as f64 / hz)
+}
+
+/// System-wide softirq time, in seconds. Loopback TCP is processed in softirq context (and
+/// so are the tracepoint programs that fire there); with IRQ time accounting that time is
+/// charged to no process, so the per-connection CPU cost adds it explicitly.
+fn softirq_seconds() -> Option<f64> {
+    let s = fs::read_to_string("/proc/stat").ok()?;
+    let v: u64 = s.lines().next()?.split_whitespace().nth(7)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(v as f64 / hz)
 }
 
 /// CPU used by everything except the bench and the tracer under test, as % of one core:
@@ -630,7 +731,6 @@ impl OtherCpu {
 /// headroom. The total wait over the whole bench is capped by `quiet_budget`; when it is
 /// spent, measurements go ahead and the noise shows in the "other CPU" column and warnings.
 fn wait_for_quiet(rep: &mut Report) {
-    const IDLE_ENOUGH: f64 = 30.0; // % of one core
     let start = Instant::now();
     let limit = rep.quiet_budget.min(Duration::from_secs(15));
     let mut said = false;
@@ -638,7 +738,7 @@ fn wait_for_quiet(rep: &mut Report) {
         let o = OtherCpu::start(None);
         thread::sleep(Duration::from_millis(500));
         let busy = o.pct().unwrap_or(0.0);
-        let foreign = foreign_tracers();
+        let foreign = foreign_tracers(None);
         for f in &foreign {
             if rep.foreign.insert(f.clone()) {
                 note(&format!(
@@ -655,7 +755,7 @@ fn wait_for_quiet(rep: &mut Report) {
                 " and a foreign tracer is attached"
             }
         );
-        if busy < IDLE_ENOUGH && foreign.is_empty() {
+        if busy < NOISY_OTHER_CPU && foreign.is_empty() {
             break;
         }
         if start.elapsed() >= limit {
@@ -678,8 +778,8 @@ fn wait_for_quiet(rep: &mut Report) {
 /// Other processes that hold tracing eBPF programs (kprobe, tracepoint, perf_event, raw
 /// tracepoint, tracing): another agent (a soak test, say) or a forgotten bpftrace. Their
 /// hooks run in every configuration, "no tracer" included, so the comparison is skewed while
-/// they live. Called between runs, when the bench itself has no tracer child.
-fn foreign_tracers() -> Vec<String> {
+/// they live. `ours`: the bench's own tracer child, if one is running.
+fn foreign_tracers(ours: Option<i32>) -> Vec<String> {
     const TRACING: [u32; 6] = [2, 5, 7, 17, 24, 26];
     let me = std::process::id();
     let mut out = Vec::new();
@@ -690,7 +790,7 @@ fn foreign_tracers() -> Vec<String> {
         let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
-        if pid == me {
+        if pid == me || ours.is_some_and(|o| o as u32 == pid) {
             continue;
         }
         let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
@@ -1008,8 +1108,12 @@ fn client_loop(
     }
 }
 
-/// Run the churn for `window` after WARM, returning (connections/s, completed in window,
-/// failures, tracer CPU% of one core over the window).
+/// Above this much CPU used by other processes during a window (% of one core), the window
+/// is marked noisy: on 2 cores that is a large share of what the load generator could use.
+const NOISY_OTHER_CPU: f64 = 30.0;
+
+/// Run the churn for `window` after WARM: connections/s, failures, the tracer's CPU, and
+/// whether anything foreign (CPU hogs, another tracer) disturbed the window.
 fn measure_churn(
     clients: usize,
     rate: Option<f64>,
@@ -1019,16 +1123,22 @@ fn measure_churn(
     let mut churn = Churn::start(clients, rate, WARM + window + Duration::from_secs(30))?;
     thread::sleep(WARM);
     let c0 = churn.completed();
+    let foreign_before = !foreign_tracers(tracer_pid).is_empty();
     let cpu0 = tracer_pid.and_then(cpu_seconds);
+    let own0 = cpu_seconds(std::process::id() as i32);
+    let sirq0 = softirq_seconds();
     let other = OtherCpu::start(tracer_pid);
     let t0 = Instant::now();
     thread::sleep(window);
     let c1 = churn.completed();
     let cpu1 = tracer_pid.and_then(cpu_seconds);
+    let own1 = cpu_seconds(std::process::id() as i32);
+    let sirq1 = softirq_seconds();
     let other_cpu = other.pct();
     let el = t0.elapsed().as_secs_f64();
     let failures = churn.failures();
     churn.finish();
+    let foreign = foreign_before || !foreign_tracers(tracer_pid).is_empty();
     Ok(ChurnSample {
         rate: (c1 - c0) as f64 / el,
         failures,
@@ -1036,7 +1146,17 @@ fn measure_churn(
             (Some(a), Some(b)) => Some((b - a) / el * 100.0),
             _ => None,
         },
+        noisy: foreign || other_cpu.is_some_and(|o| o > NOISY_OTHER_CPU),
         other_cpu,
+        cpu_us_per_conn: (|| {
+            let tracer = match (cpu0, cpu1) {
+                (Some(a), Some(b)) => b - a,
+                (None, None) if tracer_pid.is_none() => 0.0,
+                _ => return None,
+            };
+            let total = own1? - own0? + sirq1? - sirq0? + tracer;
+            (c1 > c0).then(|| total / (c1 - c0) as f64 * 1e6)
+        })(),
     })
 }
 
@@ -1046,6 +1166,12 @@ struct ChurnSample {
     tracer_cpu: Option<f64>,
     /// CPU of everything else on the machine during the window (% of one core).
     other_cpu: Option<f64>,
+    /// Another tracer was attached, or other processes used more than NOISY_OTHER_CPU.
+    noisy: bool,
+    /// CPU spent per completed connection: the bench's own threads (load generator, mostly
+    /// kernel time in syscalls, where the tracepoint programs run) + the tracer process +
+    /// softirq time. Contention from other processes moves it far less than throughput.
+    cpu_us_per_conn: Option<f64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1176,7 +1302,8 @@ fn parse_peer_log(path: &Path) -> (u64, u64) {
     (lines, lost)
 }
 
-/// Every agent start, for the ready-time figures.
+/// What every phase adds to: agent ready times and peak RSS, warnings, the time left for
+/// waiting on a busy machine, and the foreign tracers seen.
 #[derive(Default)]
 struct Report {
     /// (spawn -> ready line wall time, startup_ms from the line)
@@ -1261,9 +1388,10 @@ fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnRes
         lines: vec![0; cfgs.len()],
         cfgs: cfgs.clone(),
     };
-    // Fill the TIME_WAIT table to its steady state (it is capped by tcp_max_tw_buckets) and
-    // warm caches, so the first configuration measured is not favoured.
-    let warm = s.window.min(Duration::from_secs(3));
+    // Fill the TIME_WAIT table towards its steady state (capped by tcp_max_tw_buckets; each
+    // agent's start-up snapshot and the kernel's lookups depend on it) and warm caches, so the
+    // first configuration measured is not favoured.
+    let warm = s.window;
     note(&format!(
         "churn: warm-up {:.0} s without tracer",
         warm.as_secs_f64()
@@ -1351,21 +1479,35 @@ struct StormRow {
     ok: u64,
     other_errors: u64,
     other_cpu: Option<f64>,
+    /// Another tracer was attached or other processes were busy: foreign binds possible.
+    busy_host: bool,
     log: AgentLog,
 }
 
 impl StormRow {
-    /// Does the accounting close? With successful binds mixed in, a `lost` bind may be either
-    /// kind, so under loss the check is a bracket: generated <= received + lost <= generated +
-    /// ok binds. Without them (or without loss) it must be exact.
-    fn accounting(&self) -> (&'static str, bool) {
+    /// Does the accounting close? `lost` records count per kind and host-wide, not per port:
+    /// a lost bind may be one of our ok binds, or another process's bind. So received + lost
+    /// may exceed what we generated by at most our ok binds, or by what other processes bound
+    /// meanwhile (only possible when the host was busy). Falling short is always a failure:
+    /// events vanished without being counted.
+    fn accounting(&self) -> (String, bool) {
         let seen = self.log.conflicts_bind + self.log.lost_bind;
         if seen == self.failing {
-            ("exact", true)
-        } else if self.ok_binds && seen > self.failing && seen - self.failing <= self.ok {
-            ("closes (lost includes ok binds)", true)
+            return ("exact".into(), true);
+        }
+        if seen < self.failing {
+            return (format!("MISMATCH: {} missing", self.failing - seen), false);
+        }
+        let over = seen - self.failing;
+        if self.ok_binds && over <= self.ok {
+            (format!("closes (+{over}: lost includes ok binds)"), true)
+        } else if self.busy_host {
+            (
+                format!("closes (+{over}: lost includes other processes' binds; host busy)"),
+                true,
+            )
         } else {
-            ("MISMATCH", false)
+            (format!("MISMATCH: {over} too many"), false)
         }
     }
 }
@@ -1451,6 +1593,7 @@ fn bind_storm_phase(s: &Settings, rep: &mut Report) -> Result<Vec<StormRow>> {
         let (wall, line) = t.wait_ready_file()?;
         rep.agent_ready(wall, &line);
         thread::sleep(SETTLE);
+        let foreign_before = !foreign_tracers(Some(t.pid())).is_empty();
         let other = OtherCpu::start(Some(t.pid()));
         let t0 = Instant::now();
         let until = t0 + s.window;
@@ -1474,6 +1617,9 @@ fn bind_storm_phase(s: &Settings, rep: &mut Report) -> Result<Vec<StormRow>> {
         }
         let secs = t0.elapsed().as_secs_f64();
         let other_cpu = other.pct();
+        let busy_host = foreign_before
+            || !foreign_tracers(Some(t.pid())).is_empty()
+            || other_cpu.is_some_and(|o| o > NOISY_OTHER_CPU);
         rep.hwm(Cfg::PwDefault, t.pid());
         t.check_alive()?;
         // SIGINT: the agent drains the ring buffer and writes the final `lost` record.
@@ -1493,6 +1639,7 @@ fn bind_storm_phase(s: &Settings, rep: &mut Report) -> Result<Vec<StormRow>> {
             ok: tot.ok,
             other_errors: tot.other,
             other_cpu,
+            busy_host,
             log,
         };
         note(&format!(
@@ -1780,10 +1927,10 @@ fn render_markdown(
     s: &Settings,
     host: &Host,
     load_end: &str,
-    churn: &ChurnResult,
-    storm: &[StormRow],
-    lat: &LatencyResult,
-    all: &CostRow,
+    churn: Option<&ChurnResult>,
+    storm: Option<&[StormRow]>,
+    lat: Option<&LatencyResult>,
+    all: Option<&CostRow>,
     rep: &Report,
 ) -> String {
     let mut m = String::new();
@@ -1820,226 +1967,269 @@ fn render_markdown(
             .join(" ")
     );
 
-    // 1
-    let base = churn.median_rate(Cfg::None);
-    let none_i = churn.cfgs.iter().position(|&c| c == Cfg::None);
-    let _ = writeln!(
-        m,
-        "\n## 1. Loopback TCP churn (connect/accept/close on 127.0.0.1)\n"
-    );
-    let _ = writeln!(
-        m,
-        "Completed connections/s over each {} s window, median over rounds; configurations \
-         interleaved (order rotated each round). The server accepts and closes first, so each \
-         connection leaves a server-side TIME_WAIT on the listening port, as a busy HTTP server \
-         does. *vs no tracer* = ratio of medians (the target); *paired* = median of per-round \
-         ratios. Tracer CPU = % of one core; other CPU = everything else on the machine (builds, \
-         daemons, kernel threads) during the window, % of one core, median (max). Lost = \
-         records the tracer reported dropped, summed over rounds.\n",
-        s.window.as_secs()
-    );
-    let _ = writeln!(
-        m,
-        "| configuration | median conn/s | rounds min–max | vs no tracer | paired | tracer CPU % | other CPU % | lines | lost | target | result |"
-    );
-    let _ = writeln!(m, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
-    for (i, &c) in churn.cfgs.iter().enumerate() {
-        let rates: Vec<f64> = churn.samples[i].iter().map(|x| x.rate).collect();
-        let lo = rates.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = rates.iter().copied().fold(0.0, f64::max);
-        let med = churn.median_rate(c).unwrap_or(f64::NAN);
-        let ratio = base.map(|b| med / b).unwrap_or(f64::NAN);
-        let paired = none_i.and_then(|n| {
+    if let Some(churn) = churn {
+        // 1
+        let base = churn.median_rate(Cfg::None);
+        let churn_noisy = churn.samples.iter().flatten().any(|x| x.noisy);
+        let none_i = churn.cfgs.iter().position(|&c| c == Cfg::None);
+        let base_cost = none_i.and_then(|n| {
             median(
-                churn.samples[i]
+                churn.samples[n]
                     .iter()
-                    .zip(&churn.samples[n])
-                    .map(|(x, b)| x.rate / b.rate * 100.0)
+                    .filter_map(|x| x.cpu_us_per_conn)
                     .collect(),
             )
         });
-        let cpu = median(
-            churn.samples[i]
+        let _ = writeln!(
+            m,
+            "\n## 1. Loopback TCP churn (connect/accept/close on 127.0.0.1)\n"
+        );
+        let _ = writeln!(
+            m,
+            "Completed connections/s over each {} s window, median over rounds; configurations \
+             interleaved (order rotated each round). The server accepts and closes first, so each \
+             connection leaves a server-side TIME_WAIT on the listening port, as a busy HTTP server \
+             does. *vs no tracer* = ratio of medians (the target); *paired* = median of per-round \
+             ratios. *CPU µs/conn* = (bench threads + tracer + softirq CPU) / connections, median: \
+             it moves far less with contention than throughput does, so it is the steadier \
+             comparison on a shared machine. Tracer CPU = % of one core; other CPU = everything else on the machine (builds, \
+             daemons, kernel threads) during the window, % of one core, median (max). Lost = \
+             records the tracer reported dropped, summed over rounds.\n",
+            s.window.as_secs()
+        );
+        let _ = writeln!(
+            m,
+            "| configuration | median conn/s | rounds min–max | vs no tracer | paired | CPU µs/conn (vs none) | tracer CPU % | other CPU % | clean rounds | lines | lost | target | result |"
+        );
+        let _ = writeln!(
+            m,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
+        );
+        for (i, &c) in churn.cfgs.iter().enumerate() {
+            let rates: Vec<f64> = churn.samples[i].iter().map(|x| x.rate).collect();
+            let lo = rates.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = rates.iter().copied().fold(0.0, f64::max);
+            let med = churn.median_rate(c).unwrap_or(f64::NAN);
+            let ratio = base.map(|b| med / b).unwrap_or(f64::NAN);
+            let paired = none_i.and_then(|n| {
+                median(
+                    churn.samples[i]
+                        .iter()
+                        .zip(&churn.samples[n])
+                        .map(|(x, b)| x.rate / b.rate * 100.0)
+                        .collect(),
+                )
+            });
+            let cpu = median(
+                churn.samples[i]
+                    .iter()
+                    .filter_map(|x| x.tracer_cpu)
+                    .collect(),
+            );
+            let others: Vec<f64> = churn.samples[i]
                 .iter()
-                .filter_map(|x| x.tracer_cpu)
-                .collect(),
-        );
-        let others: Vec<f64> = churn.samples[i]
-            .iter()
-            .filter_map(|x| x.other_cpu)
-            .collect();
-        let other_max = others.iter().copied().fold(0.0, f64::max);
-        if other_max > 30.0 {
-            noisy.push(format!(
-                "churn {}: other processes used up to {other_max:.0}% of a core during a window",
-                c.name()
-            ));
-        }
-        let (target, res) = match c {
-            Cfg::PwDefault => ("≥ 97%", verdict(ratio >= 0.97)),
-            Cfg::PwAll => ("≥ 93%", verdict(ratio >= 0.93)),
-            _ => ("–", "–"),
-        };
-        let dash = |v: u64| {
-            if c == Cfg::None {
-                "–".to_string()
-            } else {
-                v.to_string()
+                .filter_map(|x| x.other_cpu)
+                .collect();
+            let other_max = others.iter().copied().fold(0.0, f64::max);
+            let clean = churn.samples[i].iter().filter(|x| !x.noisy).count();
+            let cost = median(
+                churn.samples[i]
+                    .iter()
+                    .filter_map(|x| x.cpu_us_per_conn)
+                    .collect(),
+            );
+            if clean < churn.samples[i].len() {
+                noisy.push(format!(
+                    "churn {}: {} of {} rounds noisy (another tracer attached, or other processes \
+                     above {NOISY_OTHER_CPU:.0}% of a core; up to {other_max:.0}%)",
+                    c.name(),
+                    churn.samples[i].len() - clean,
+                    churn.samples[i].len()
+                ));
             }
-        };
-        let _ = writeln!(
-            m,
-            "| {} | {:.0} | {:.0}–{:.0} | {:.1}% | {}% | {} | {} ({:.0}) | {} | {} | {} | {} |",
-            c.label(),
-            med,
-            lo,
-            hi,
-            ratio * 100.0,
-            fmt_opt(paired, 1),
-            fmt_opt(cpu, 1),
-            fmt_opt(median(others.clone()), 0),
-            other_max,
-            dash(churn.lines[i]),
-            dash(churn.lost[i]),
-            target,
-            res
-        );
-    }
-    for pw in [Cfg::PwDefault, Cfg::PwAll] {
-        let mine = churn.median_rate(pw);
-        let peers: Vec<(Cfg, f64)> = [Cfg::Bpftrace, Cfg::Tcpstates]
-            .into_iter()
-            .filter_map(|p| churn.median_rate(p).map(|r| (p, r)))
-            .collect();
-        let ok = peers.len() == 2 && mine.is_some_and(|x| peers.iter().all(|(_, r)| x > *r));
-        let detail = peers
-            .iter()
-            .map(|(p, r)| format!("{} {:.1}%", p.name(), r / base.unwrap_or(f64::NAN) * 100.0))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let _ = writeln!(
-            m,
-            "| {} cheaper than bpftrace and tcpstates | {:.1}% vs {} | | | | | | | | higher throughput than both | {} |",
-            pw.label(),
-            churn.ratio(pw).unwrap_or(f64::NAN) * 100.0,
-            if detail.is_empty() {
-                "peers missing".into()
+            let (target, res) = match c {
+                Cfg::PwDefault => ("≥ 97%", verdict(ratio >= 0.97)),
+                Cfg::PwAll => ("≥ 93%", verdict(ratio >= 0.93)),
+                _ => ("–", "–"),
+            };
+            let res = if res != "–" && churn_noisy {
+                format!("{res} (noisy run)")
             } else {
-                detail
-            },
-            verdict(ok)
-        );
-    }
-
-    // 2
-    let _ = writeln!(
-        m,
-        "\n## 2. Bind storm (EADDRINUSE on a port held by a listener; portwatch default, no port filter)\n"
-    );
-    let _ = writeln!(
-        m,
-        "2 threads, {} s per rate. *ok binds*: every {}th attempt is a successful bind to \
-         127.0.0.1:0 plus close (bind ok and close events the kernel side carries too). \
-         *received* = conflict records with op=bind for the port; *lost* = sum of by_kind.bind \
-         over `lost` records, read after SIGINT so the final one is included. With ok binds \
-         mixed in, a lost bind may be either kind, so under loss the check is generated ≤ \
-         received + lost ≤ generated + ok binds; the last row has no ok binds and must be exact.\n",
-        s.window.as_secs(),
-        OK_BIND_EVERY
-    );
-    let _ = writeln!(
-        m,
-        "| rate | achieved failing/s | failing binds | ok binds | received | lost (bind) | lost kernel / agent (all kinds) | generated = received + lost | other CPU % | target | result |"
-    );
-    let _ = writeln!(m, "|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|");
-    for r in storm {
-        let (acc, acc_ok) = r.accounting();
-        let low = r.target.is_some_and(|t| t <= 50_000.0);
-        let (target, res) = if low {
-            (
-                "0 lost, exact",
-                verdict(r.log.lost_bind == 0 && r.log.lost_count == 0 && acc_ok),
-            )
-        } else {
-            ("accounting closes", verdict(acc_ok))
-        };
-        if r.other_cpu.is_some_and(|o| o > 30.0) {
-            noisy.push(format!(
-                "bind storm {}: other processes used {:.0}% of a core",
-                r.label,
-                r.other_cpu.unwrap_or(0.0)
-            ));
+                res.to_string()
+            };
+            let dash = |v: u64| {
+                if c == Cfg::None {
+                    "–".to_string()
+                } else {
+                    v.to_string()
+                }
+            };
+            let _ = writeln!(
+                m,
+                "| {} | {:.0} | {:.0}–{:.0} | {:.1}% | {}% | {} | {} | {} ({:.0}) | {}/{} | {} | {} | {} | {} |",
+                c.label(),
+                med,
+                lo,
+                hi,
+                ratio * 100.0,
+                fmt_opt(paired, 1),
+                match (cost, base_cost) {
+                    (Some(x), Some(b)) if c != Cfg::None => {
+                        format!("{x:.1} ({:+.0}%)", (x / b - 1.0) * 100.0)
+                    }
+                    _ => fmt_opt(cost, 1),
+                },
+                fmt_opt(cpu, 1),
+                fmt_opt(median(others.clone()), 0),
+                other_max,
+                clean,
+                churn.samples[i].len(),
+                dash(churn.lines[i]),
+                dash(churn.lost[i]),
+                target,
+                res
+            );
         }
+        for pw in [Cfg::PwDefault, Cfg::PwAll] {
+            let mine = churn.median_rate(pw);
+            let peers: Vec<(Cfg, f64)> = [Cfg::Bpftrace, Cfg::Tcpstates]
+                .into_iter()
+                .filter_map(|p| churn.median_rate(p).map(|r| (p, r)))
+                .collect();
+            let ok = peers.len() == 2 && mine.is_some_and(|x| peers.iter().all(|(_, r)| x > *r));
+            let detail = peers
+                .iter()
+                .map(|(p, r)| format!("{} {:.1}%", p.name(), r / base.unwrap_or(f64::NAN) * 100.0))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(
+                m,
+                "| {} cheaper than bpftrace and tcpstates | {:.1}% vs {} | | | | | | | | | higher throughput than both | {}{} |",
+                pw.label(),
+                churn.ratio(pw).unwrap_or(f64::NAN) * 100.0,
+                if detail.is_empty() {
+                    "peers missing".into()
+                } else {
+                    detail
+                },
+                verdict(ok),
+                if churn_noisy { " (noisy run)" } else { "" }
+            );
+        }
+    }
+    if let Some(storm) = storm {
+        // 2
         let _ = writeln!(
             m,
-            "| {} | {:.0} | {} | {} | {} | {} | {} / {} | {}{} | {} | {} | {} |",
-            r.label,
-            r.failing as f64 / r.secs,
-            r.failing,
-            r.ok,
-            r.log.conflicts_bind,
-            r.log.lost_bind,
-            r.log.lost_kernel,
-            r.log.lost_agent,
-            acc,
-            if r.other_errors > 0 || r.eaddrinuse != r.failing {
-                format!(
-                    " ({} non-EADDRINUSE, {} other errors)",
-                    r.failing - r.eaddrinuse,
-                    r.other_errors
+            "\n## 2. Bind storm (EADDRINUSE on a port held by a listener; portwatch default, no port filter)\n"
+        );
+        let _ = writeln!(
+            m,
+            "2 threads, {} s per rate. *ok binds*: every {}th attempt is a successful bind to \
+             127.0.0.1:0 plus close (bind ok and close events the kernel side carries too). \
+             *received* = conflict records with op=bind for the port; *lost* = sum of by_kind.bind \
+             over `lost` records, read after SIGINT so the final one is included. `lost` counts \
+             per kind and host-wide, so under loss a lost bind may be one of our ok binds or \
+             another process's: the check is then generated ≤ received + lost ≤ generated + ok \
+             binds (+ other processes' binds, possible only on a busy host). The last row has no \
+             ok binds: on a quiet host it must be exact. Falling short is always a MISS.\n",
+            s.window.as_secs(),
+            OK_BIND_EVERY
+        );
+        let _ = writeln!(
+            m,
+            "| rate | achieved failing/s | failing binds | ok binds | received | lost (bind) | lost kernel / agent (all kinds) | generated = received + lost | other CPU % | target | result |"
+        );
+        let _ = writeln!(m, "|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|");
+        for r in storm {
+            let (acc, acc_ok) = r.accounting();
+            let low = r.target.is_some_and(|t| t <= 50_000.0);
+            let (target, res) = if low {
+                (
+                    "0 lost, exact",
+                    verdict(r.log.lost_bind == 0 && r.log.lost_count == 0 && acc_ok),
                 )
             } else {
-                String::new()
-            },
-            fmt_opt(r.other_cpu, 0),
-            target,
-            res
-        );
+                ("accounting closes", verdict(acc_ok))
+            };
+            if r.other_cpu.is_some_and(|o| o > NOISY_OTHER_CPU) {
+                noisy.push(format!(
+                    "bind storm {}: other processes used {:.0}% of a core",
+                    r.label,
+                    r.other_cpu.unwrap_or(0.0)
+                ));
+            }
+            let _ = writeln!(
+                m,
+                "| {} | {:.0} | {} | {} | {} | {} | {} / {} | {}{} | {} | {} | {} |",
+                r.label,
+                r.failing as f64 / r.secs,
+                r.failing,
+                r.ok,
+                r.log.conflicts_bind,
+                r.log.lost_bind,
+                r.log.lost_kernel,
+                r.log.lost_agent,
+                acc,
+                if r.other_errors > 0 || r.eaddrinuse != r.failing {
+                    format!(
+                        " ({} non-EADDRINUSE, {} other errors)",
+                        r.failing - r.eaddrinuse,
+                        r.other_errors
+                    )
+                } else {
+                    String::new()
+                },
+                fmt_opt(r.other_cpu, 0),
+                target,
+                res
+            );
+        }
     }
-
-    // 3
-    let p50 = pct(&lat.lat_ms, 50.0);
-    let p99 = pct(&lat.lat_ms, 99.0);
-    let max = lat.lat_ms.last().copied().unwrap_or(f64::NAN);
-    let all_seen = lat.lat_ms.len() == lat.sent;
-    let _ = writeln!(
-        m,
-        "\n## 3. Conflict latency (failing bind → its line read from the agent's stdout)\n"
-    );
-    let _ = writeln!(
-        m,
-        "{} probes, one every {} ms, each on its own held port, under {:.0} conn/s background \
-         churn (target {:.0}); CLOCK_REALTIME just before bind() to the moment a reader thread \
-         got the line. Other processes used {}% of a core meanwhile.\n",
-        lat.sent,
-        PROBE_SPACING.as_millis(),
-        lat.churn_rate,
-        BACKGROUND_RATE,
-        fmt_opt(lat.other_cpu, 0)
-    );
-    let _ = writeln!(
-        m,
-        "| metric | value | target | result |\n|---|---:|---|---|"
-    );
-    let _ = writeln!(
-        m,
-        "| probes received | {}/{} | all | {} |",
-        lat.lat_ms.len(),
-        lat.sent,
-        verdict(all_seen)
-    );
-    let _ = writeln!(
-        m,
-        "| p50 | {p50:.2} ms | ≤ 2 ms | {} |",
-        verdict(p50 <= 2.0)
-    );
-    let _ = writeln!(
-        m,
-        "| p99 | {p99:.2} ms | ≤ 20 ms | {} |",
-        verdict(p99 <= 20.0 && all_seen)
-    );
-    let _ = writeln!(m, "| max | {max:.2} ms | – | info |");
-
+    if let Some(lat) = lat {
+        // 3
+        let p50 = pct(&lat.lat_ms, 50.0);
+        let p99 = pct(&lat.lat_ms, 99.0);
+        let max = lat.lat_ms.last().copied().unwrap_or(f64::NAN);
+        let all_seen = lat.lat_ms.len() == lat.sent;
+        let _ = writeln!(
+            m,
+            "\n## 3. Conflict latency (failing bind → its line read from the agent's stdout)\n"
+        );
+        let _ = writeln!(
+            m,
+            "{} probes, one every {} ms, each on its own held port, under {:.0} conn/s background \
+             churn (target {:.0}); CLOCK_REALTIME just before bind() to the moment a reader thread \
+             got the line. Other processes used {}% of a core meanwhile.\n",
+            lat.sent,
+            PROBE_SPACING.as_millis(),
+            lat.churn_rate,
+            BACKGROUND_RATE,
+            fmt_opt(lat.other_cpu, 0)
+        );
+        let _ = writeln!(
+            m,
+            "| metric | value | target | result |\n|---|---:|---|---|"
+        );
+        let _ = writeln!(
+            m,
+            "| probes received | {}/{} | all | {} |",
+            lat.lat_ms.len(),
+            lat.sent,
+            verdict(all_seen)
+        );
+        let _ = writeln!(
+            m,
+            "| p50 | {p50:.2} ms | ≤ 2 ms | {} |",
+            verdict(p50 <= 2.0)
+        );
+        let _ = writeln!(
+            m,
+            "| p99 | {p99:.2} ms | ≤ 20 ms | {} |",
+            verdict(p99 <= 20.0 && all_seen)
+        );
+        let _ = writeln!(m, "| max | {max:.2} ms | – | info |");
+    }
     // 4
     let ready: Vec<f64> = rep.ready.iter().map(|r| r.0.as_secs_f64()).collect();
     let ready_med = median(ready.clone()).unwrap_or(f64::NAN);
@@ -2056,28 +2246,34 @@ fn render_markdown(
         m,
         "| metric | value | target | result |\n|---|---:|---|---|"
     );
-    let _ = writeln!(
-        m,
-        "| CPU, default mode, at {:.0} conn/s (utime+stime over {} s; other processes {}%) | {:.1}% of one core | – | info |",
-        lat.churn_rate,
-        s.window.as_secs(),
-        fmt_opt(lat.other_cpu, 0),
-        lat.cpu_pct
-    );
-    let _ = writeln!(
-        m,
-        "| CPU, --all-events, at {:.0} conn/s ({} lines, {} lost; other processes {}%) | {:.1}% of one core | – | info |",
-        all.churn_rate,
-        all.lines,
-        all.lost,
-        fmt_opt(all.other_cpu, 0),
-        all.cpu_pct
-    );
-    let _ = writeln!(
-        m,
-        "| peak RSS (VmHWM), default, latency run | {:.1} MiB | – | info |",
-        lat.hwm_kib as f64 / 1024.0
-    );
+    if let Some(lat) = lat {
+        let _ = writeln!(
+            m,
+            "| CPU, default mode, at {:.0} conn/s (utime+stime over {} s; other processes {}%) | {:.1}% of one core | – | info |",
+            lat.churn_rate,
+            s.window.as_secs(),
+            fmt_opt(lat.other_cpu, 0),
+            lat.cpu_pct
+        );
+    }
+    if let Some(all) = all {
+        let _ = writeln!(
+            m,
+            "| CPU, --all-events, at {:.0} conn/s ({} lines, {} lost; other processes {}%) | {:.1}% of one core | – | info |",
+            all.churn_rate,
+            all.lines,
+            all.lost,
+            fmt_opt(all.other_cpu, 0),
+            all.cpu_pct
+        );
+    }
+    if let Some(lat) = lat {
+        let _ = writeln!(
+            m,
+            "| peak RSS (VmHWM), default, latency run | {:.1} MiB | – | info |",
+            lat.hwm_kib as f64 / 1024.0
+        );
+    }
     let _ = writeln!(
         m,
         "| peak RSS (VmHWM), highest of all default-mode runs (incl. bind storm) | {:.1} MiB | – | info |",
@@ -2101,15 +2297,17 @@ fn render_markdown(
         "| ready: startup_ms in the ready line, median / max | {su_med:.0} / {su_max:.0} ms | ≤ 1500 ms | {} |",
         verdict(!su.is_empty() && su_max <= 1500.0)
     );
-    let _ = writeln!(
-        m,
-        "| latency run: ready wall / startup_ms / lost records | {:.0} ms / {} ms / {} | – | info |",
-        lat.ready_wall.as_secs_f64() * 1000.0,
-        lat.startup_ms
-            .map(|v| v.to_string())
-            .unwrap_or_else(|| "?".into()),
-        lat.lost
-    );
+    if let Some(lat) = lat {
+        let _ = writeln!(
+            m,
+            "| latency run: ready wall / startup_ms / lost records | {:.0} ms / {} ms / {} | – | info |",
+            lat.ready_wall.as_secs_f64() * 1000.0,
+            lat.startup_ms
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "?".into()),
+            lat.lost
+        );
+    }
     for f in &rep.foreign {
         noisy.push(format!(
             "another process had tracing eBPF programs loaded during the bench: {f}; its hooks \

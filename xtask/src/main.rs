@@ -39,6 +39,8 @@ enum Cmd {
     },
     /// rustfmt check and clippy over the userspace crates and the eBPF crate.
     Lint,
+    /// The agent under ten minutes of mixed churn (PORTWATCH_SOAK_SECS): RSS growth in MB/h.
+    Soak,
     /// Setup, then the side-by-side benchmarks; results in target/bench/.
     Bench(bench::BenchArgs),
     /// Setup, then time the Docker join's sync and measure its memory with many containers;
@@ -145,6 +147,15 @@ fn main() -> Result<()> {
             }
             c.arg("--test-threads=1");
             run(&mut c)
+        }
+        Cmd::Soak => {
+            setup::for_tests()?;
+            let bin = build_agent(true)?;
+            step("soak: the agent under mixed churn, RSS sampled (10 minutes by default)");
+            run(cargo()
+                .args(["test", "--package", "portwatch-tests", "--test", "soak"])
+                .env("PORTWATCH_BIN", &bin)
+                .args(["--", "--ignored", "--nocapture"]))
         }
         Cmd::Lint => {
             setup::build()?;
