@@ -33,9 +33,10 @@ use crate::{
     sink::{self, Output},
 };
 
-/// Bounded queue between the drain and the processing thread, in batches: at most
-/// 256 x 256 events (~8 MB) wait, as the event-at-a-time queue of 65,536 did.
-const QUEUE: usize = 256;
+/// Bounded queue between the drain and the processing thread, in batches. Batches are as
+/// large as what one wakeup finds, so most are small; a burst (20,000 conflicts with ten
+/// attach clients) needs the depth: 256 batches lost events in that test.
+const QUEUE: usize = 4096;
 /// Largest batch: one queue slot carries up to this many events.
 const BATCH: usize = 256;
 /// How often events submitted without a wakeup are collected.
