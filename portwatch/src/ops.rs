@@ -231,22 +231,7 @@ fn snapshot_table() -> (PortTable, usize) {
         let Ok(entries) = diag::dump(ns) else {
             continue;
         };
-        let entries = entries
-            .iter()
-            .map(|d| Entry {
-                proto: d.proto,
-                local: d.local,
-                remote: d.remote,
-                state: d.state,
-                inode: d.inode,
-                sk: 0,
-                owner: None,
-                since_ns: None,
-                v6only: d.v6only,
-                expires_ns: (d.state == table::TCP_TIME_WAIT)
-                    .then(|| wall + i128::from(d.expires_ms) * 1_000_000),
-            })
-            .collect();
+        let entries = entries.iter().map(|d| Entry::from_diag(d, wall)).collect();
         let lookup = |ino: u64| {
             owners.get(&ino).map(|o| Owner {
                 pid: o.pid,

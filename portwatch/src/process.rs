@@ -897,19 +897,7 @@ impl Processor {
         let entries: Vec<Entry> = s
             .entries
             .iter()
-            .map(|d| Entry {
-                proto: d.proto,
-                local: d.local,
-                remote: d.remote,
-                state: d.state,
-                inode: d.inode,
-                sk: 0,
-                owner: None,
-                since_ns: None,
-                v6only: d.v6only,
-                expires_ns: (d.state == table::TCP_TIME_WAIT)
-                    .then(|| s.wall_ns + i128::from(d.expires_ms) * 1_000_000),
-            })
+            .map(|d| Entry::from_diag(d, s.wall_ns))
             .collect();
         let owners = s.owners.clone();
         let lookup = move |ino: u64| {

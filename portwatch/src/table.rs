@@ -51,6 +51,23 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// A socket as sock_diag reported it at `wall_ns`; owner and since are unknown yet.
+    pub fn from_diag(d: &crate::diag::SockEntry, wall_ns: i128) -> Entry {
+        Entry {
+            proto: d.proto,
+            local: d.local,
+            remote: d.remote,
+            state: d.state,
+            inode: d.inode,
+            sk: 0,
+            owner: None,
+            since_ns: None,
+            v6only: d.v6only,
+            expires_ns: (d.state == TCP_TIME_WAIT)
+                .then(|| wall_ns + i128::from(d.expires_ms) * 1_000_000),
+        }
+    }
+
     pub fn state_name(&self) -> &'static str {
         match (self.proto, self.state) {
             (Proto::Udp, _) => "UDP",
