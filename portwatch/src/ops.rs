@@ -191,6 +191,26 @@ pub fn human(v: &Value, st: &Style) -> String {
 
 // ---- ports ----
 
+/// The table's TIME_WAIT sockets (kept as counts per port) as rows, for `ports`.
+pub fn add_time_wait_rows(rows: &mut Vec<PortRow>, t: &PortTable, filter: &Filter) {
+    let now = Clock::now_wall_ns();
+    rows.extend(
+        t.time_wait_rows(now)
+            .filter(|r| filter.port.is_none_or(|p| r.2 == p))
+            .map(|(ns, addr, port, n)| PortRow {
+                proto: "tcp".into(),
+                addr: addr.to_string(),
+                port,
+                state: "TIME_WAIT".into(),
+                pid: None,
+                comm: None,
+                container: None,
+                netns: ns,
+                count: Some(n as u32),
+            }),
+    );
+}
+
 /// TIME_WAIT sockets are many and ownerless: show one row per port with a count.
 pub fn fold_time_wait(rows: &mut Vec<PortRow>) {
     let mut tw: HashMap<(u32, String, u16), u32> = HashMap::new();
@@ -266,22 +286,7 @@ fn table_rows(t: &PortTable, filter: &Filter) -> Vec<PortRow> {
             count: None,
         })
         .collect();
-    let now = Clock::now_wall_ns();
-    rows.extend(
-        t.time_wait_rows(now)
-            .filter(|r| filter.port.is_none_or(|p| r.2 == p))
-            .map(|(ns, addr, port, n)| PortRow {
-                proto: "tcp".into(),
-                addr: addr.to_string(),
-                port,
-                state: "TIME_WAIT".into(),
-                pid: None,
-                comm: None,
-                container: None,
-                netns: ns,
-                count: Some(n as u32),
-            }),
-    );
+    add_time_wait_rows(&mut rows, t, filter);
     fold_time_wait(&mut rows);
     rows
 }

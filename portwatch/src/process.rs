@@ -848,23 +848,7 @@ impl Processor {
                 count: None,
             })
             .collect();
-        let now = Clock::now_wall_ns();
-        rows.extend(
-            self.table
-                .time_wait_rows(now)
-                .filter(|r| filter.port.is_none_or(|p| r.2 == p))
-                .map(|(ns, addr, port, n)| PortRow {
-                    proto: "tcp".into(),
-                    addr: addr.to_string(),
-                    port,
-                    state: "TIME_WAIT".into(),
-                    pid: None,
-                    comm: None,
-                    container: None,
-                    netns: ns,
-                    count: Some(n as u32),
-                }),
-        );
+        crate::ops::add_time_wait_rows(&mut rows, &self.table, filter);
         crate::ops::fold_time_wait(&mut rows);
         rows
     }
