@@ -573,9 +573,11 @@ mod tests {
     };
 
     /// Ports unlikely to collide with other tests running on this machine.
+    /// Above the default ephemeral range (32768-60999) and the e2e tests' ports, so that
+    /// neither a busy host's outgoing connections nor a concurrent test suite collide.
     fn port(k: u16) -> u16 {
         assert!(k < 8);
-        30000 + (std::process::id() % 1000) as u16 * 8 + k
+        61000 + (std::process::id() % 500) as u16 * 8 + k
     }
 
     fn own_ns() -> Namespace {
