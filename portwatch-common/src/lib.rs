@@ -162,7 +162,18 @@ pub struct Offsets {
     pub skc_rcv_saddr: u32,
     /// sock.__sk_common.skc_v6_rcv_saddr (16 bytes)
     pub skc_v6_rcv_saddr: u32,
-    pub _pad: u32,
+    /// 1 when the remote-end fields below resolved: the state-change program then reads the
+    /// socket itself from a raw tracepoint instead of the classic tracepoint's record.
+    pub remote_ok: u32,
+    /// sock.__sk_common.skc_daddr (be32)
+    pub skc_daddr: u32,
+    /// sock.__sk_common.skc_dport (be16)
+    pub skc_dport: u32,
+    /// sock.__sk_common.skc_v6_daddr (16 bytes)
+    pub skc_v6_daddr: u32,
+    /// inet_sock.inet_sport (be16). Not skc_num: the kernel zeroes that when it releases the
+    /// port, just before a closing socket's last state change.
+    pub inet_sport: u32,
 }
 
 /// Field offsets of the `sock:inet_sock_set_state` tracepoint record, parsed by the agent
@@ -204,7 +215,11 @@ impl Offsets {
             skc_num: 0,
             skc_rcv_saddr: 0,
             skc_v6_rcv_saddr: 0,
-            _pad: 0,
+            remote_ok: 0,
+            skc_daddr: 0,
+            skc_dport: 0,
+            skc_v6_daddr: 0,
+            inet_sport: 0,
         }
     }
 }

@@ -13,9 +13,10 @@ use aya_ebpf::{
         bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
     },
-    macros::{map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{RawTracePointContext, TracePointContext},
+    EbpfContext,
 };
 use portwatch_common::{
     flags, kind, mask, Event, Offsets, SetStateOffsets, AF_INET, AF_INET6, IPPROTO_TCP,
@@ -71,11 +72,20 @@ static BIND_PENDING: HashMap<u64, PendingBind> = HashMap::with_max_entries(8192,
 struct PendingConnect {
     uaddr: u64,
     fd: i32,
-    _pad: u32,
+    tid: u32,
 }
 
+/// Slots of `CONNECT_PENDING`, a power of two.
+const CONNECT_SLOTS: u32 = 65536;
+
+/// Direct-mapped by thread id (tid % CONNECT_SLOTS), each slot stamped with its tid. Every
+/// connect() on the host passes here, and a hash insert and delete per connect cost more
+/// than the rest of the hook: an array slot is a plain store, and nothing needs removing
+/// because the exit only looks when the connect failed. Two threads whose tids share a slot
+/// and connect at the same moment overwrite each other; the exit then finds another tid
+/// and counts the failure as lost instead of naming a wrong destination.
 #[map]
-static CONNECT_PENDING: HashMap<u64, PendingConnect> = HashMap::with_max_entries(8192, 0);
+static CONNECT_PENDING: Array<PendingConnect> = Array::with_max_entries(CONNECT_SLOTS, 0);
 
 #[map]
 static LISTEN_PENDING: HashMap<u64, i32> = HashMap::with_max_entries(8192, 0);
@@ -114,6 +124,15 @@ const TCP_CLOSING: i32 = 11;
 const SYSCALL_ARG0: usize = 16;
 const SYSCALL_ARG1: usize = 24;
 const SYSCALL_RET: usize = 16;
+
+/// One 8-byte slot of a syscall tracepoint record, loaded straight from the context. The
+/// verifier allows direct, constant-offset reads of a tracepoint record, which costs a load
+/// instead of a `bpf_probe_read_kernel` call on every bind, connect and close on the host.
+#[inline(always)]
+fn sys_slot(ctx: &TracePointContext, off: usize) -> u64 {
+    // SAFETY: `off` is one of the constants above, inside every syscall record.
+    unsafe { core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(off) as *const u64) }
+}
 
 #[inline(always)]
 fn event_mask() -> u32 {
@@ -331,8 +350,8 @@ fn try_enter_bind(ctx: &TracePointContext) -> Result<u32, u32> {
         return Ok(0);
     }
     // SAFETY: offsets follow the syscall tracepoint ABI.
-    let fd: u64 = unsafe { ctx.read_at(SYSCALL_ARG0) }.map_err(|_| 1u32)?;
-    let uaddr: u64 = unsafe { ctx.read_at(SYSCALL_ARG1) }.map_err(|_| 1u32)?;
+    let fd: u64 = sys_slot(ctx, SYSCALL_ARG0);
+    let uaddr: u64 = sys_slot(ctx, SYSCALL_ARG1);
     // SAFETY: see read_sockaddr.
     let Some((family, port, addr)) = (unsafe { read_sockaddr(uaddr) }) else {
         return Ok(0);
@@ -364,8 +383,7 @@ fn try_exit_bind(ctx: &TracePointContext) -> Result<u32, u32> {
         return Ok(0);
     };
     let _ = BIND_PENDING.remove(&id);
-    // SAFETY: syscall tracepoint ABI.
-    let ret: i64 = unsafe { ctx.read_at(SYSCALL_RET) }.map_err(|_| 1u32)?;
+    let ret: i64 = sys_slot(ctx, SYSCALL_RET) as i64;
     let o = offsets();
     let mut e = Event::zeroed();
     fill_task(&mut e, kind::BIND, &o);
@@ -408,8 +426,7 @@ fn try_enter_listen(ctx: &TracePointContext) -> Result<u32, u32> {
     if event_mask() & mask::LISTEN == 0 {
         return Ok(0);
     }
-    // SAFETY: syscall tracepoint ABI.
-    let fd: u64 = unsafe { ctx.read_at(SYSCALL_ARG0) }.map_err(|_| 1u32)?;
+    let fd: u64 = sys_slot(ctx, SYSCALL_ARG0);
     let _ = LISTEN_PENDING.insert(&bpf_get_current_pid_tgid(), &(fd as i32), 0);
     Ok(0)
 }
@@ -428,8 +445,7 @@ fn try_exit_listen(ctx: &TracePointContext) -> Result<u32, u32> {
         return Ok(0);
     };
     let _ = LISTEN_PENDING.remove(&id);
-    // SAFETY: syscall tracepoint ABI.
-    let ret: i64 = unsafe { ctx.read_at(SYSCALL_RET) }.map_err(|_| 1u32)?;
+    let ret: i64 = sys_slot(ctx, SYSCALL_RET) as i64;
     let o = offsets();
     let mut e = Event::zeroed();
     fill_task(&mut e, kind::LISTEN, &o);
@@ -493,15 +509,18 @@ fn try_enter_connect(ctx: &TracePointContext) -> Result<u32, u32> {
     if event_mask() & mask::CONNECT == 0 {
         return Ok(0);
     }
-    // SAFETY: syscall tracepoint ABI.
-    let fd: u64 = unsafe { ctx.read_at(SYSCALL_ARG0) }.map_err(|_| 1u32)?;
-    let uaddr: u64 = unsafe { ctx.read_at(SYSCALL_ARG1) }.map_err(|_| 1u32)?;
-    let p = PendingConnect {
-        uaddr,
-        fd: fd as i32,
-        _pad: 0,
-    };
-    let _ = CONNECT_PENDING.insert(&bpf_get_current_pid_tgid(), &p, 0);
+    let fd: u64 = sys_slot(ctx, SYSCALL_ARG0);
+    let uaddr: u64 = sys_slot(ctx, SYSCALL_ARG1);
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if let Some(p) = CONNECT_PENDING.get_ptr_mut(tid & (CONNECT_SLOTS - 1)) {
+        // SAFETY: an in-bounds array slot; a racing writer can only be another tid, which
+        // the stamp tells apart at exit.
+        unsafe {
+            (*p).uaddr = uaddr;
+            (*p).fd = fd as i32;
+            (*p).tid = tid;
+        }
+    }
     Ok(0)
 }
 
@@ -513,15 +532,19 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
 }
 
 fn try_exit_connect(ctx: &TracePointContext) -> Result<u32, u32> {
-    let id = bpf_get_current_pid_tgid();
-    // SAFETY: copied out before removal.
-    let Some(p) = (unsafe { CONNECT_PENDING.get(&id) }).copied() else {
+    let ret: i64 = sys_slot(ctx, SYSCALL_RET) as i64;
+    if ret as i32 != -EADDRNOTAVAIL {
+        return Ok(0);
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(p) = CONNECT_PENDING.get(tid & (CONNECT_SLOTS - 1)).copied() else {
         return Ok(0);
     };
-    let _ = CONNECT_PENDING.remove(&id);
-    // SAFETY: syscall tracepoint ABI.
-    let ret: i64 = unsafe { ctx.read_at(SYSCALL_RET) }.map_err(|_| 1u32)?;
-    if ret as i32 != -EADDRNOTAVAIL {
+    if p.tid != tid {
+        if let Some(l) = LOST.get_ptr_mut(kind::CONNECT) {
+            // SAFETY: per-CPU slot; tracepoint programs do not migrate while running.
+            unsafe { *l += 1 };
+        }
         return Ok(0);
     }
     // SAFETY: same task as at entry, so the user pointer is still this process's memory.
@@ -558,8 +581,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
 }
 
 fn try_enter_close(ctx: &TracePointContext) -> Result<u32, u32> {
-    // SAFETY: syscall tracepoint ABI.
-    let fd: u64 = unsafe { ctx.read_at(SYSCALL_ARG0) }.map_err(|_| 1u32)?;
+    let fd: u64 = sys_slot(ctx, SYSCALL_ARG0);
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let key = fd_key(tgid, fd as i32);
     // The in-kernel filter: only fds portwatch saw bound go further.
@@ -632,16 +654,8 @@ fn try_set_state(ctx: &TracePointContext) -> Result<u32, u32> {
     }
     let old: i32 = unsafe { ctx.read_at(so.oldstate as usize) }.map_err(|_| 1u32)?;
     let new: i32 = unsafe { ctx.read_at(so.newstate as usize) }.map_err(|_| 1u32)?;
-    if m & mask::TCP_STATE_ALL == 0 {
-        // Default: LISTEN start/stop and TIME_WAIT entry. This tracepoint never reports
-        // TCP_TIME_WAIT itself: a socket entering it shows as FIN_WAIT2->CLOSE or
-        // CLOSING->CLOSE (blind spot: a FIN_WAIT2 timeout without TIME_WAIT looks the same).
-        let interesting = old == TCP_LISTEN
-            || new == TCP_LISTEN
-            || (new == TCP_CLOSE && (old == TCP_FIN_WAIT2 || old == TCP_CLOSING));
-        if !interesting {
-            return Ok(0);
-        }
+    if !state_interesting(m, old, new) {
+        return Ok(0);
     }
     let sport: u16 = unsafe { ctx.read_at(so.sport as usize) }.map_err(|_| 1u32)?;
     if !port_wanted(sport) {
@@ -684,6 +698,88 @@ fn try_set_state(ctx: &TracePointContext) -> Result<u32, u32> {
     }
     emit(&e);
     Ok(0)
+}
+
+/// The same facts as `inet_sock_set_state` above, from the raw tracepoint: the kernel passes
+/// (sk, oldstate, newstate) and builds no trace record, and uninteresting transitions are
+/// dropped before any helper call. The tracepoint fires about nine times per TCP connection,
+/// so this is most of what portwatch costs a host that churns connections. Attached instead
+/// of the classic program when BTF gave the socket's remote-end offsets (`remote_ok`).
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
+    let _ = try_set_state_raw(&ctx);
+    0
+}
+
+#[inline(always)]
+fn state_interesting(m: u32, old: i32, new: i32) -> bool {
+    // Default: LISTEN start/stop and TIME_WAIT entry. The tracepoint never reports
+    // TCP_TIME_WAIT itself: a socket entering it shows as FIN_WAIT2->CLOSE or
+    // CLOSING->CLOSE (blind spot: a FIN_WAIT2 timeout without TIME_WAIT looks the same).
+    m & mask::TCP_STATE_ALL != 0
+        || old == TCP_LISTEN
+        || new == TCP_LISTEN
+        || (new == TCP_CLOSE && (old == TCP_FIN_WAIT2 || old == TCP_CLOSING))
+}
+
+fn try_set_state_raw(ctx: &RawTracePointContext) -> Result<(), i64> {
+    let m = event_mask();
+    if m & (mask::TCP_STATE | mask::TCP_STATE_ALL) == 0 {
+        return Ok(());
+    }
+    let sk: u64 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    if sk == 0 || !state_interesting(m, old, new) {
+        return Ok(());
+    }
+    let o = offsets();
+    // SAFETY: every read of the socket goes through bpf_probe_read_kernel.
+    unsafe {
+        let rd16 = |off: u32| bpf_probe_read_kernel((sk + off as u64) as *const u16);
+        if rd16(o.sk_protocol)? != IPPROTO_TCP {
+            return Ok(());
+        }
+        let sport = u16::from_be(rd16(o.inet_sport)?);
+        if !port_wanted(sport) {
+            return Ok(());
+        }
+        let mut e = Event::zeroed();
+        // Most state changes run in softirq context, where the current task is whoever was
+        // interrupted: only its pid is kept (as `context_pid`); no comm, uid or cgroup.
+        let pid_tgid = bpf_get_current_pid_tgid();
+        e.kind = kind::TCP_STATE;
+        e.ts_ns = bpf_ktime_get_ns();
+        e.pid = (pid_tgid >> 32) as u32;
+        e.tid = pid_tgid as u32;
+        e.sk = sk;
+        e.family = rd16(o.skc_family)?;
+        e.rport = u16::from_be(rd16(o.skc_dport)?);
+        if e.family == AF_INET6 {
+            e.addr = bpf_probe_read_kernel((sk + o.skc_v6_rcv_saddr as u64) as *const [u8; 16])
+                .unwrap_or([0; 16]);
+            e.raddr = bpf_probe_read_kernel((sk + o.skc_v6_daddr as u64) as *const [u8; 16])
+                .unwrap_or([0; 16]);
+        } else {
+            let s: [u8; 4] = bpf_probe_read_kernel((sk + o.skc_rcv_saddr as u64) as *const [u8; 4])
+                .unwrap_or([0; 4]);
+            let d: [u8; 4] = bpf_probe_read_kernel((sk + o.skc_daddr as u64) as *const [u8; 4])
+                .unwrap_or([0; 4]);
+            e.addr[..4].copy_from_slice(&s);
+            e.raddr[..4].copy_from_slice(&d);
+        }
+        e.port = sport;
+        e.proto = IPPROTO_TCP;
+        e.old_state = old as u16;
+        e.new_state = new as u16;
+        let ns = sock_netns(&o, sk);
+        if ns != 0 {
+            e.netns = ns;
+            e.flags |= flags::NETNS_FROM_SOCK;
+        }
+        emit(&e);
+    }
+    Ok(())
 }
 
 #[cfg(not(test))]

@@ -169,7 +169,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         version: Some(env!("CARGO_PKG_VERSION")),
         pid: Some(std::process::id()),
         mode: Some(if args.all_events { "all" } else { "default" }),
-        programs: Some(probes::PROGRAMS.iter().map(|p| p.0).collect()),
+        programs: Some(probes.attached().to_vec()),
         ports: Some(args.ports.clone()),
         ringbuf_bytes: Some(args.ringbuf_size),
         netns_source: Some(if netns_in_kernel { "kernel" } else { "procfs" }),

@@ -85,6 +85,26 @@ pub fn resolve(path: &Path) -> (Offsets, Vec<Unresolved>) {
         }
         Err(e) => problems.push(e),
     }
+    if o.sock_ok == 1 {
+        let remote = (|| -> Result<[u32; 4], Unresolved> {
+            Ok([
+                r.offset("sock", &["__sk_common", "skc_daddr"])?,
+                r.offset("sock", &["__sk_common", "skc_dport"])?,
+                r.offset("sock", &["__sk_common", "skc_v6_daddr"])?,
+                r.offset("inet_sock", &["inet_sport"])?,
+            ])
+        })();
+        match remote {
+            Ok(v) => {
+                o.skc_daddr = v[0];
+                o.skc_dport = v[1];
+                o.skc_v6_daddr = v[2];
+                o.inet_sport = v[3];
+                o.remote_ok = 1;
+            }
+            Err(e) => problems.push(e),
+        }
+    }
     (o, problems)
 }
 
@@ -177,6 +197,12 @@ mod tests {
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(o.netns_ok, 1);
         assert_eq!(o.sock_ok, 1);
+        assert_eq!(o.remote_ok, 1);
+        // skc_daddr is the first member of sock_common; the v6 addresses follow skc_net.
+        assert_eq!(o.skc_daddr, 0);
+        assert!(o.skc_v6_daddr > o.skc_net && o.skc_v6_rcv_saddr > o.skc_v6_daddr);
+        // inet_sock starts with its struct sock, so inet_sport lies beyond sock_common.
+        assert!(o.inet_sport > o.skc_v6_rcv_saddr);
         assert!(o.task_nsproxy > 0 && o.task_files > 0);
         // skc_family and skc_num sit in the first cache line of sock_common.
         assert!(o.skc_family < 64 && o.skc_num < 64);

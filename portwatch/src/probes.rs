@@ -4,7 +4,7 @@ use std::path::Path;
 
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
 use portwatch_common::{kind, mask, Offsets, SetStateOffsets, MAX_FILTER_PORTS};
@@ -14,7 +14,9 @@ use crate::error::{Error, Result};
 /// The kernel object, built by build.rs and embedded so the binary ships alone.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch"));
 
-/// (program, category, tracepoint)
+/// (program, category, tracepoint). The state-change hook is attached as a raw tracepoint
+/// (`inet_sock_set_state_raw`) when BTF gives the socket offsets it needs; the classic
+/// tracepoint program listed here is the fallback.
 pub const PROGRAMS: [(&str, &str, &str); 9] = [
     ("sys_enter_bind", "syscalls", "sys_enter_bind"),
     ("sys_exit_bind", "syscalls", "sys_exit_bind"),
@@ -40,7 +42,11 @@ pub struct LoadConfig<'a> {
 pub struct Probes {
     ebpf: Ebpf,
     lost: PerCpuArray<MapData, u64>,
+    attached: Vec<&'static str>,
 }
+
+/// The raw-tracepoint variant of the state-change program.
+pub const RAW_STATE_PROGRAM: &str = "inet_sock_set_state_raw";
 
 pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
     if cfg.ports.len() > MAX_FILTER_PORTS {
@@ -49,7 +55,13 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
             max: MAX_FILTER_PORTS,
         });
     }
-    let ss = set_state_offsets(cfg.tracefs)?;
+    // The raw tracepoint reads the socket itself; only the fallback needs the record layout.
+    let raw_state = cfg.offsets.sock_ok == 1 && cfg.offsets.remote_ok == 1;
+    let ss = if raw_state {
+        SetStateOffsets::default()
+    } else {
+        set_state_offsets(cfg.tracefs)?
+    };
     let mut filter = [0u16; MAX_FILTER_PORTS];
     filter[..cfg.ports.len()].copy_from_slice(cfg.ports);
     let filter_n = cfg.ports.len() as u32;
@@ -68,7 +80,28 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
         .map_max_entries("EVENTS", cfg.ringbuf_size)
         .load(EBPF_OBJECT)?;
 
+    let mut attached = Vec::with_capacity(PROGRAMS.len());
     for (program, category, tracepoint) in PROGRAMS {
+        if raw_state && program == "inet_sock_set_state" {
+            let program = RAW_STATE_PROGRAM;
+            let attach = |ebpf: &mut Ebpf| -> Result<(), aya::programs::ProgramError> {
+                let p: &mut RawTracePoint = ebpf
+                    .program_mut(program)
+                    .ok_or(aya::programs::ProgramError::UnexpectedProgramType)?
+                    .try_into()?;
+                p.load()?;
+                p.attach(tracepoint)?;
+                Ok(())
+            };
+            attach(&mut ebpf).map_err(|source| Error::Attach {
+                program,
+                category: "raw_tracepoint",
+                tracepoint,
+                source: Box::new(source),
+            })?;
+            attached.push(program);
+            continue;
+        }
         let attach = |ebpf: &mut Ebpf| -> Result<(), aya::programs::ProgramError> {
             let p: &mut TracePoint = ebpf
                 .program_mut(program)
@@ -84,6 +117,7 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
             tracepoint,
             source: Box::new(source),
         })?;
+        attached.push(program);
     }
 
     let lost = ebpf
@@ -100,7 +134,11 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
                 source: Box::new(source),
             })
         })?;
-    Ok(Probes { ebpf, lost })
+    Ok(Probes {
+        ebpf,
+        lost,
+        attached,
+    })
 }
 
 impl Probes {
@@ -108,18 +146,22 @@ impl Probes {
     /// grace period in the kernel; one after the other that is about half a second for nine
     /// programs, while concurrent detaches share their grace periods.
     pub fn detach(mut self) {
-        let programs: Vec<&mut TracePoint> = self
-            .ebpf
-            .programs_mut()
-            .filter_map(|(_, p)| p.try_into().ok())
-            .collect();
         std::thread::scope(|s| {
-            for p in programs {
+            for (_, p) in self.ebpf.programs_mut() {
                 s.spawn(move || {
-                    let _ = p.unload();
+                    if let Ok(tp) = <&mut TracePoint>::try_from(&mut *p) {
+                        let _ = tp.unload();
+                    } else if let Ok(raw) = <&mut RawTracePoint>::try_from(p) {
+                        let _ = raw.unload();
+                    }
                 });
             }
         });
+    }
+
+    /// The programs attached, by name, in attach order.
+    pub fn attached(&self) -> &[&'static str] {
+        &self.attached
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
