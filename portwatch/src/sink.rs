@@ -144,29 +144,26 @@ impl LogFile {
         let mut result = LogEvent::Ok;
         while !buf.is_empty() {
             // The longest run of whole lines that fits before the limit (at least one line).
+            // Usually everything fits and nothing needs scanning: this runs on every batch.
             let room = if self.max_size == 0 {
                 u64::MAX
             } else {
                 self.max_size.saturating_sub(self.len)
             };
-            let mut end = 0;
-            for (i, b) in buf.iter().enumerate() {
-                if *b == b'\n' {
-                    if (i + 1) as u64 > room && end > 0 {
-                        break;
-                    }
-                    end = i + 1;
-                    if (i + 1) as u64 >= room {
-                        break;
-                    }
+            let end = if (buf.len() as u64) <= room {
+                buf.len()
+            } else {
+                let cut = room as usize; // < buf.len()
+                match buf[..cut].iter().rposition(|b| *b == b'\n') {
+                    Some(i) => i + 1,
+                    None => buf
+                        .iter()
+                        .position(|b| *b == b'\n')
+                        .map_or(buf.len(), |i| i + 1),
                 }
-            }
-            if end == 0 {
-                end = buf.len();
-            }
+            };
             let (chunk, rest) = buf.split_at(end);
-            let lines = chunk.iter().filter(|b| **b == b'\n').count() as u64;
-            let ev = self.write_chunk(chunk, lines);
+            let ev = self.write_chunk(chunk);
             // Report the most significant thing that happened in this batch.
             result = match (result, ev) {
                 (LogEvent::Failed(r), _) | (_, LogEvent::Failed(r)) => LogEvent::Failed(r),
@@ -181,7 +178,7 @@ impl LogFile {
         result
     }
 
-    fn write_chunk(&mut self, chunk: &[u8], lines: u64) -> LogEvent {
+    fn write_chunk(&mut self, chunk: &[u8]) -> LogEvent {
         let r = (|| -> std::io::Result<()> {
             self.ensure_open()?;
             if self.max_size > 0 && self.len > 0 && self.len + chunk.len() as u64 > self.max_size {
@@ -228,7 +225,8 @@ impl LogFile {
                 if first {
                     self.failing_since = Some(self.errors);
                 }
-                self.errors += lines;
+                // Counted only here, on the rare failing path.
+                self.errors += chunk.iter().filter(|b| **b == b'\n').count() as u64;
                 if first {
                     LogEvent::Failed(format!("writing {} failed: {e}", self.path.display()))
                 } else {
