@@ -894,7 +894,9 @@ fn listener(port: u16, backlog: i32) -> Result<(Fd, u16)> {
     }
 }
 
-/// Spreads operations evenly in time for one thread. A thread that falls behind (busy
+/// Spreads operations evenly in time for one thread, on a deadline schedule: operation n is
+/// due at start + n * interval, whatever the previous sleeps overshot, so timer slack and
+/// syscall time do not accumulate into a lower rate. A thread that falls behind (busy
 /// machine) catches up at most MAX_LAG worth of work instead of bursting an unbounded backlog.
 struct Pacer {
     start: Instant,
@@ -906,20 +908,27 @@ impl Pacer {
     const MAX_LAG_NS: u64 = 50_000_000;
 
     fn new(per_sec: f64) -> Pacer {
+        Pacer::starting_at(per_sec, Instant::now())
+    }
+
+    /// `start` may lie in the future: the first operation waits for it. Threads sharing a
+    /// rate use it to interleave their schedules instead of all firing at the same instants.
+    fn starting_at(per_sec: f64, start: Instant) -> Pacer {
         Pacer {
-            start: Instant::now(),
+            start,
             interval_ns: (1e9 / per_sec).max(1.0) as u64,
             n: 0,
         }
     }
 
     fn wait(&mut self) {
-        let due = self.n * self.interval_ns;
-        let now = self.start.elapsed().as_nanos() as u64;
+        let due = self.start + Duration::from_nanos(self.n * self.interval_ns);
+        let now = Instant::now();
         if due > now {
-            thread::sleep(Duration::from_nanos(due - now));
-        } else if now - due > Self::MAX_LAG_NS {
-            self.n = (now - Self::MAX_LAG_NS) / self.interval_ns;
+            thread::sleep(due - now);
+        } else if (now - due).as_nanos() as u64 > Self::MAX_LAG_NS {
+            let behind = (now - self.start).as_nanos() as u64 - Self::MAX_LAG_NS;
+            self.n = behind / self.interval_ns;
         }
         self.n += 1;
     }
@@ -966,14 +975,21 @@ impl Churn {
             server: Some(server),
             lfd: Some(lfd),
         };
+        // Each client paces its share of the rate on its own schedule, offset by a fraction of
+        // the interval so that together they are evenly spread (not all connecting at once).
+        let t0 = Instant::now();
         for i in 0..clients {
             let (stop, done, failed) = (c.stop.clone(), c.done.clone(), c.failed.clone());
-            let per_thread = rate.map(|r| r / clients as f64);
+            let pacer = rate.map(|r| {
+                let per_thread = r / clients as f64;
+                let offset = Duration::from_secs_f64(i as f64 / r);
+                Pacer::starting_at(per_thread, t0 + offset)
+            });
             c.clients.push(
                 thread::Builder::new()
                     .name(format!("bench-client{i}"))
                     .spawn(move || {
-                        client_loop(port, per_thread, &stop, &done[i].0, &failed[i].0, deadline)
+                        client_loop(port, pacer, &stop, &done[i].0, &failed[i].0, deadline)
                     })?,
             );
         }
@@ -1063,14 +1079,13 @@ fn accept_loop(lfd: i32, deadline: Instant) {
 
 fn client_loop(
     port: u16,
-    per_sec: Option<f64>,
+    mut pacer: Option<Pacer>,
     stop: &AtomicBool,
     done: &AtomicU64,
     failed: &AtomicU64,
     deadline: Instant,
 ) {
     let sa = loopback(port);
-    let mut pacer = per_sec.map(Pacer::new);
     let mut buf = [0u8; 16];
     while !stop.load(Relaxed) && Instant::now() < deadline {
         if let Some(p) = &mut pacer {
