@@ -1388,15 +1388,20 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     })
 }
 
-fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnResult> {
-    let cfgs: Vec<Cfg> = CONFIGS
+/// The configurations this machine can run: all of CONFIGS but the peers that are missing.
+fn available_cfgs(peers: &Peers) -> Vec<Cfg> {
+    CONFIGS
         .into_iter()
         .filter(|c| match c {
             Cfg::Bpftrace => peers.bpftrace,
             Cfg::Tcpstates => peers.tcpstates,
             _ => true,
         })
-        .collect();
+        .collect()
+}
+
+fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnResult> {
+    let cfgs = available_cfgs(peers);
     let mut res = ChurnResult {
         samples: cfgs.iter().map(|_| Vec::new()).collect(),
         lost: vec![0; cfgs.len()],
@@ -1428,37 +1433,10 @@ fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnRes
                 s.window.as_secs(),
                 s.clients
             ));
-            let sample = if cfg == Cfg::None {
-                measure_churn(s.clients, None, s.window, None)?
-            } else {
-                let tag = format!("churn-{}-r{}", cfg.name(), round + 1);
-                let (mut t, _) = Tracer::spawn(s, cfg, &tag, Sink::File)?;
-                let (wall, line) = t.wait_ready_file()?;
-                if cfg.is_agent() {
-                    rep.agent_ready(wall, &line);
-                }
-                thread::sleep(SETTLE);
-                let sample = measure_churn(s.clients, None, s.window, Some(t.pid()))?;
-                if cfg.is_agent() {
-                    rep.hwm(cfg, t.pid());
-                }
-                t.check_alive()?;
-                t.stop(Duration::from_secs(30))?;
-                if cfg.is_agent() {
-                    let log = parse_agent_log(&t.out, None)?;
-                    if !log.stopped {
-                        rep.warn(format!("{tag}: no 'stopped' record"));
-                    }
-                    res.lost[i] += log.lost_count;
-                    res.lines[i] += log.lines;
-                } else {
-                    let (lines, lost) = parse_peer_log(&t.out);
-                    res.lost[i] += lost;
-                    res.lines[i] += lines;
-                }
-                t.remove_logs(s.keep_logs);
-                sample
-            };
+            let tag = format!("churn-{}-r{}", cfg.name(), round + 1);
+            let (sample, lines, lost) = churn_point(s, cfg, None, s.window, &tag, rep)?;
+            res.lines[i] += lines;
+            res.lost[i] += lost;
             note(&format!(
                 "churn: {} round {}/{}: {:.0} conn/s{}{}",
                 cfg.name(),
@@ -1479,6 +1457,45 @@ fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnRes
         }
     }
     Ok(res)
+}
+
+/// One churn window under `cfg` at `rate` (None: as fast as possible): start the tracer, wait
+/// until it is attached, measure, stop it and read back what it wrote. Returns the sample and
+/// the tracer's output lines and lost records (0 and 0 without a tracer).
+fn churn_point(
+    s: &Settings,
+    cfg: Cfg,
+    rate: Option<f64>,
+    window: Duration,
+    tag: &str,
+    rep: &mut Report,
+) -> Result<(ChurnSample, u64, u64)> {
+    if cfg == Cfg::None {
+        return Ok((measure_churn(s.clients, rate, window, None)?, 0, 0));
+    }
+    let (mut t, _) = Tracer::spawn(s, cfg, tag, Sink::File)?;
+    let (wall, line) = t.wait_ready_file()?;
+    if cfg.is_agent() {
+        rep.agent_ready(wall, &line);
+    }
+    thread::sleep(SETTLE);
+    let sample = measure_churn(s.clients, rate, window, Some(t.pid()))?;
+    if cfg.is_agent() {
+        rep.hwm(cfg, t.pid());
+    }
+    t.check_alive()?;
+    t.stop(Duration::from_secs(30))?;
+    let (lines, lost) = if cfg.is_agent() {
+        let log = parse_agent_log(&t.out, None)?;
+        if !log.stopped {
+            rep.warn(format!("{tag}: no 'stopped' record"));
+        }
+        (log.lines, log.lost_count)
+    } else {
+        parse_peer_log(&t.out)
+    };
+    t.remove_logs(s.keep_logs);
+    Ok((sample, lines, lost))
 }
 
 // ---------------------------------------------------------------------------------------------
