@@ -2669,8 +2669,14 @@ impl Canvas {
         }
     }
     /// A filled marker about 2r+1 pixels across: shapes tell overlapping series apart.
-    fn marker(&mut self, x: i64, y: i64, shape: Marker, c: [u8; 3]) {
-        let r = 5i64;
+    /// `hollow`: only the outline, for points taken while the machine was noisy.
+    fn marker(&mut self, x: i64, y: i64, shape: Marker, c: [u8; 3], hollow: bool) {
+        self.shape(x, y, shape, 5, c);
+        if hollow {
+            self.shape(x, y, shape, 3, [255, 255, 255]);
+        }
+    }
+    fn shape(&mut self, x: i64, y: i64, shape: Marker, r: i64, c: [u8; 3]) {
         for oy in -r..=r {
             for ox in -r..=r {
                 let inside = match shape {
@@ -2889,6 +2895,9 @@ fn thousands(v: f64) -> String {
     }
 }
 
+/// A plotted point: pixel position, and whether it was measured on a noisy machine.
+type Pt = (i64, i64, bool);
+
 /// churn.png: achieved connections/s against offered rate, one line per configuration, with
 /// the ideal achieved = offered line; the unpaced (max) points sit in a column of their own at
 /// the right. Below it, each tracer's CPU at the same rates.
@@ -3023,37 +3032,43 @@ fn write_sweep_png(path: &Path, sw: &SweepResult) -> Result<()> {
     );
 
     // One line per configuration; the unpaced point joined by a dotted line.
+    let mut any_noisy = false;
     for (ci, &c) in sw.cfgs.iter().enumerate() {
         let (color, mk) = style(c);
-        let pts: Vec<(i64, i64)> = paced
-            .iter()
-            .map(|&(ri, r)| (x_of(r), y1_of(sw.samples[ri][ci].rate)))
-            .collect();
-        for p in pts.windows(2) {
-            cv.line(p[0], p[1], 3, None, color);
-        }
-        let mx = max_i.map(|ri| (max_x, y1_of(sw.samples[ri][ci].rate)));
-        if let (Some(last), Some(m)) = (pts.last(), mx) {
-            cv.line(*last, m, 1, Some((2, 3)), color);
-        }
-        if c != Cfg::None {
-            let cpu: Vec<(i64, i64)> = paced
+        // (x, y, noisy) per paced rate, then the unpaced point.
+        let at = |ri: usize, x: i64, v: Option<f64>, y_of: &dyn Fn(f64) -> i64| {
+            v.map(|v| (x, y_of(v), sw.samples[ri][ci].noisy))
+        };
+        let rate = |ri: usize| Some(sw.samples[ri][ci].rate);
+        let cpu = |ri: usize| sw.samples[ri][ci].tracer_cpu;
+        let mut series: Vec<(Vec<Pt>, Option<Pt>)> = Vec::new();
+        series.push((
+            paced
                 .iter()
-                .filter_map(|&(ri, r)| sw.samples[ri][ci].tracer_cpu.map(|v| (x_of(r), y2_of(v))))
-                .collect();
-            for p in cpu.windows(2) {
-                cv.line(p[0], p[1], 3, None, color);
-            }
-            let mc = max_i.and_then(|ri| sw.samples[ri][ci].tracer_cpu.map(|v| (max_x, y2_of(v))));
-            if let (Some(last), Some(m)) = (cpu.last(), mc) {
-                cv.line(*last, m, 1, Some((2, 3)), color);
-            }
-            for (x, y) in cpu.into_iter().chain(mc) {
-                cv.marker(x, y, mk, color);
-            }
+                .filter_map(|&(ri, r)| at(ri, x_of(r), rate(ri), &y1_of))
+                .collect(),
+            max_i.and_then(|ri| at(ri, max_x, rate(ri), &y1_of)),
+        ));
+        if c != Cfg::None {
+            series.push((
+                paced
+                    .iter()
+                    .filter_map(|&(ri, r)| at(ri, x_of(r), cpu(ri), &y2_of))
+                    .collect(),
+                max_i.and_then(|ri| at(ri, max_x, cpu(ri), &y2_of)),
+            ));
         }
-        for (x, y) in pts.into_iter().chain(mx) {
-            cv.marker(x, y, mk, color);
+        for (pts, mx) in series {
+            for p in pts.windows(2) {
+                cv.line((p[0].0, p[0].1), (p[1].0, p[1].1), 3, None, color);
+            }
+            if let (Some(last), Some(m)) = (pts.last(), mx) {
+                cv.line((last.0, last.1), (m.0, m.1), 1, Some((2, 3)), color);
+            }
+            for (x, y, noisy) in pts.into_iter().chain(mx) {
+                any_noisy |= noisy;
+                cv.marker(x, y, mk, color, noisy);
+            }
         }
     }
 
@@ -3063,7 +3078,7 @@ fn write_sweep_png(path: &Path, sw: &SweepResult) -> Result<()> {
     for &c in &sw.cfgs {
         let (color, mk) = style(c);
         cv.line((lx, ly), (lx + 26, ly), 3, None, color);
-        cv.marker(lx + 13, ly, mk, color);
+        cv.marker(lx + 13, ly, mk, color, false);
         let name = match c {
             Cfg::None => "NO TRACER",
             Cfg::PwDefault => "PORTWATCH (DEFAULT)",
@@ -3076,6 +3091,12 @@ fn write_sweep_png(path: &Path, sw: &SweepResult) -> Result<()> {
     }
     cv.line((lx, ly), (lx + 26, ly), 2, Some((8, 6)), ideal);
     cv.text(lx + 34, ly - 3, "ACHIEVED = OFFERED", 1, ink);
+    if any_noisy {
+        ly += 22;
+        cv.marker(lx + 13, ly, Marker::Square, ink, true);
+        cv.text(lx + 34, ly - 3, "NOISY POINT (SEE", 1, ink);
+        cv.text(lx + 34, ly + 9, "WARNINGS IN RESULTS.MD)", 1, ink);
+    }
     fs::write(path, encode_png(&cv)).with_context(|| format!("writing {}", path.display()))
 }
 
@@ -3174,7 +3195,9 @@ mod tests {
                     .map(|(i, _)| {
                         let got = r.map_or(caps[i], |r: f64| r.min(caps[i]) * 0.995);
                         let cpu = (i > 0).then(|| got / 1000.0 * cpu_per_k[i]);
-                        sample(got, cpu)
+                        let mut x = sample(got, cpu);
+                        x.noisy = i == 3 && r.is_none();
+                        x
                     })
                     .collect()
             })
