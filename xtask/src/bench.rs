@@ -1175,22 +1175,23 @@ fn measure_churn(
     window: Duration,
     tracer_pid: Option<i32>,
 ) -> Result<ChurnSample> {
+    // The scan for foreign tracers reads every fd of every process: with a process holding
+    // 100k sockets it takes seconds. It runs before the load, never between the count and the
+    // clock that bound the window.
+    let foreign_before = !foreign_tracers(tracer_pid).is_empty();
     let mut churn = Churn::start(clients, rate, WARM + window + Duration::from_secs(30))?;
     thread::sleep(WARM);
-    let c0 = churn.completed();
-    let foreign_before = !foreign_tracers(tracer_pid).is_empty();
     let cpu0 = tracer_pid.and_then(cpu_seconds);
     let own0 = cpu_seconds(std::process::id() as i32);
     let sirq0 = softirq_seconds();
     let other = OtherCpu::start(tracer_pid);
-    let t0 = Instant::now();
+    let (c0, t0) = (churn.completed(), Instant::now());
     thread::sleep(window);
-    let c1 = churn.completed();
+    let (c1, el) = (churn.completed(), t0.elapsed().as_secs_f64());
     let cpu1 = tracer_pid.and_then(cpu_seconds);
     let own1 = cpu_seconds(std::process::id() as i32);
     let sirq1 = softirq_seconds();
     let other_cpu = other.pct();
-    let el = t0.elapsed().as_secs_f64();
     let failures = churn.failures();
     churn.finish();
     let foreign = foreign_before || !foreign_tracers(tracer_pid).is_empty();
