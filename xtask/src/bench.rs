@@ -3,12 +3,16 @@
 //! 1. Loopback TCP churn (connect/accept/close) with no tracer, portwatch (default and
 //!    `--all-events`), an equivalent bpftrace script and libbpf-tools' tcpstates, interleaved
 //!    over rounds so that drift on a noisy machine hits every configuration alike.
+//!    1b. The same configurations at several offered (paced) churn rates: achieved throughput
+//!    and tracer CPU against offered rate.
 //! 2. Bind storm: failing binds at controlled rates; every generated failure must come out
 //!    as a conflict record or be counted in a `lost` record.
 //! 3. Latency from a failing bind to its conflict line on the agent's stdout.
 //! 4. The agent's own cost: CPU, peak RSS, time to ready.
 //!
-//! Results go to target/bench/results.md (printed too) and target/bench/churn.png.
+//! Results go to target/bench/results.md (printed too), target/bench/churn.png (the sweep:
+//! throughput against churn rate per tracer) and target/bench/churn-max.png (the max-rate
+//! rounds).
 //!
 //! Load generators call libc directly on pre-built socket addresses: no allocation and no
 //! std wrappers in the measured loops, so the generator itself costs as little as possible and
@@ -36,10 +40,12 @@ use anyhow::{bail, Context as _, Result};
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Seconds of measurement per configuration (churn rounds, each bind-storm rate, the cost
-    /// runs). Default 10, or 3 with --quick.
+    /// runs). Default 10, or 3 with --quick. Each point of the churn rate sweep gets half of
+    /// it (5 s, or 1 s with --quick).
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=600))]
     duration: Option<u64>,
-    /// Smoke run: 3 s per configuration and a single churn round.
+    /// Smoke run: 3 s per configuration, a single churn round, and a sweep of 3 rates
+    /// (5k, 15k and max conn/s) at 1 s each.
     #[arg(long)]
     quick: bool,
     /// Interleaved churn rounds (default 3, or 1 with --quick).
@@ -51,8 +57,9 @@ pub struct BenchArgs {
     /// Keep the tracers' output files in target/bench/ (they can reach hundreds of MB each).
     #[arg(long)]
     keep_logs: bool,
-    /// Run only these parts (repeatable; default: all): churn (1), storm (2), latency (3 and
-    /// the default-mode cost), cost (the --all-events cost).
+    /// Run only these parts (repeatable; default: all): churn (1, max rate), sweep (1b,
+    /// achieved against offered churn rate, churn.png), storm (2), latency (3 and the
+    /// default-mode cost), cost (the --all-events cost).
     #[arg(long, value_enum, value_name = "PART")]
     only: Vec<Part>,
 }
@@ -60,11 +67,14 @@ pub struct BenchArgs {
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
 enum Part {
     Churn,
+    Sweep,
     Storm,
     Latency,
     Cost,
 }
 
+/// How far behind its schedule a paced churn client may fall and still catch up.
+const CHURN_MAX_LAG: Duration = Duration::from_millis(10);
 /// Background churn rate for the latency and cost runs (connections/s).
 const BACKGROUND_RATE: f64 = 10_000.0;
 /// Latency probes: count and spacing.
@@ -128,6 +138,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         None
     };
+    let sweep = if want(Part::Sweep) {
+        let rates = if args.quick {
+            &SWEEP_RATES_QUICK[..]
+        } else {
+            &SWEEP_RATES[..]
+        };
+        let window = Duration::from_secs((secs / 2).max(1));
+        Some(sweep_phase(&cfg, &peers, rates, window, &mut report)?)
+    } else {
+        None
+    };
     let storm = if want(Part::Storm) {
         Some(bind_storm_phase(&cfg, &mut report)?)
     } else {
@@ -150,6 +171,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         &host,
         &host_end_load,
         churn.as_ref(),
+        sweep.as_ref(),
         storm.as_deref(),
         lat.as_ref(),
         all_cost.as_ref(),
@@ -158,14 +180,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let out = cfg.dir.join("results.md");
     fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
     println!("{md}");
-    let png = cfg.dir.join("churn.png");
-    match churn.as_ref().map(|c| write_churn_png(&png, c)) {
-        Some(Ok(())) => note(&format!("wrote {} and {}", out.display(), png.display())),
-        Some(Err(e)) => note(&format!(
-            "wrote {}; churn.png skipped: {e:#}",
-            out.display()
-        )),
-        None => note(&format!("wrote {}", out.display())),
+    note(&format!("wrote {}", out.display()));
+    // churn.png: the sweep (throughput against churn rate); churn-max.png: the max-rate rounds.
+    let pngs: [(&str, Option<Result<()>>); 2] = [
+        (
+            "churn.png",
+            sweep
+                .as_ref()
+                .map(|sw| write_sweep_png(&cfg.dir.join("churn.png"), sw)),
+        ),
+        (
+            "churn-max.png",
+            churn
+                .as_ref()
+                .map(|c| write_churn_png(&cfg.dir.join("churn-max.png"), c)),
+        ),
+    ];
+    for (name, r) in pngs {
+        match r {
+            Some(Ok(())) => note(&format!("wrote {}", cfg.dir.join(name).display())),
+            Some(Err(e)) => note(&format!("{name} skipped: {e:#}")),
+            None => {}
+        }
     }
     note(&format!("done in {:.0} s", started.elapsed().as_secs_f64()));
     Ok(())
@@ -894,32 +930,42 @@ fn listener(port: u16, backlog: i32) -> Result<(Fd, u16)> {
     }
 }
 
-/// Spreads operations evenly in time for one thread. A thread that falls behind (busy
-/// machine) catches up at most MAX_LAG worth of work instead of bursting an unbounded backlog.
+/// Spreads operations evenly in time for one thread, on a deadline schedule: operation n is
+/// due at start + n * interval, whatever the previous sleeps overshot, so timer slack and
+/// syscall time do not accumulate into a lower rate. A thread that falls behind (busy
+/// machine) catches up at most `max_lag` worth of work instead of bursting an unbounded
+/// backlog; work later than that is skipped, as a client that gave up would.
 struct Pacer {
     start: Instant,
     interval_ns: u64,
+    max_lag_ns: u64,
     n: u64,
 }
 
 impl Pacer {
-    const MAX_LAG_NS: u64 = 50_000_000;
-
     fn new(per_sec: f64) -> Pacer {
+        Pacer::starting_at(per_sec, Instant::now(), Duration::from_millis(50))
+    }
+
+    /// `start` may lie in the future: the first operation waits for it. Threads sharing a
+    /// rate use it to interleave their schedules instead of all firing at the same instants.
+    fn starting_at(per_sec: f64, start: Instant, max_lag: Duration) -> Pacer {
         Pacer {
-            start: Instant::now(),
+            start,
             interval_ns: (1e9 / per_sec).max(1.0) as u64,
+            max_lag_ns: max_lag.as_nanos() as u64,
             n: 0,
         }
     }
 
     fn wait(&mut self) {
-        let due = self.n * self.interval_ns;
-        let now = self.start.elapsed().as_nanos() as u64;
+        let due = self.start + Duration::from_nanos(self.n * self.interval_ns);
+        let now = Instant::now();
         if due > now {
-            thread::sleep(Duration::from_nanos(due - now));
-        } else if now - due > Self::MAX_LAG_NS {
-            self.n = (now - Self::MAX_LAG_NS) / self.interval_ns;
+            thread::sleep(due - now);
+        } else if (now - due).as_nanos() as u64 > self.max_lag_ns {
+            let behind = (now - self.start).as_nanos() as u64 - self.max_lag_ns;
+            self.n = behind / self.interval_ns;
         }
         self.n += 1;
     }
@@ -966,14 +1012,24 @@ impl Churn {
             server: Some(server),
             lfd: Some(lfd),
         };
+        // Each client paces its share of the rate on its own schedule, offset by a fraction of
+        // the interval so that together they are evenly spread (not all connecting at once).
+        // A backlog left by a stall (the machine is shared) is caught up only up to
+        // CHURN_MAX_LAG: the sweep's windows are 1-5 s, and a 50 ms burst carried into one would
+        // show as up to 5% more achieved than offered.
+        let t0 = Instant::now();
         for i in 0..clients {
             let (stop, done, failed) = (c.stop.clone(), c.done.clone(), c.failed.clone());
-            let per_thread = rate.map(|r| r / clients as f64);
+            let pacer = rate.map(|r| {
+                let per_thread = r / clients as f64;
+                let offset = Duration::from_secs_f64(i as f64 / r);
+                Pacer::starting_at(per_thread, t0 + offset, CHURN_MAX_LAG)
+            });
             c.clients.push(
                 thread::Builder::new()
                     .name(format!("bench-client{i}"))
                     .spawn(move || {
-                        client_loop(port, per_thread, &stop, &done[i].0, &failed[i].0, deadline)
+                        client_loop(port, pacer, &stop, &done[i].0, &failed[i].0, deadline)
                     })?,
             );
         }
@@ -1063,14 +1119,13 @@ fn accept_loop(lfd: i32, deadline: Instant) {
 
 fn client_loop(
     port: u16,
-    per_sec: Option<f64>,
+    mut pacer: Option<Pacer>,
     stop: &AtomicBool,
     done: &AtomicU64,
     failed: &AtomicU64,
     deadline: Instant,
 ) {
     let sa = loopback(port);
-    let mut pacer = per_sec.map(Pacer::new);
     let mut buf = [0u8; 16];
     while !stop.load(Relaxed) && Instant::now() < deadline {
         if let Some(p) = &mut pacer {
@@ -1120,22 +1175,23 @@ fn measure_churn(
     window: Duration,
     tracer_pid: Option<i32>,
 ) -> Result<ChurnSample> {
+    // The scan for foreign tracers reads every fd of every process: with a process holding
+    // 100k sockets it takes seconds. It runs before the load, never between the count and the
+    // clock that bound the window.
+    let foreign_before = !foreign_tracers(tracer_pid).is_empty();
     let mut churn = Churn::start(clients, rate, WARM + window + Duration::from_secs(30))?;
     thread::sleep(WARM);
-    let c0 = churn.completed();
-    let foreign_before = !foreign_tracers(tracer_pid).is_empty();
     let cpu0 = tracer_pid.and_then(cpu_seconds);
     let own0 = cpu_seconds(std::process::id() as i32);
     let sirq0 = softirq_seconds();
     let other = OtherCpu::start(tracer_pid);
-    let t0 = Instant::now();
+    let (c0, t0) = (churn.completed(), Instant::now());
     thread::sleep(window);
-    let c1 = churn.completed();
+    let (c1, el) = (churn.completed(), t0.elapsed().as_secs_f64());
     let cpu1 = tracer_pid.and_then(cpu_seconds);
     let own1 = cpu_seconds(std::process::id() as i32);
     let sirq1 = softirq_seconds();
     let other_cpu = other.pct();
-    let el = t0.elapsed().as_secs_f64();
     let failures = churn.failures();
     churn.finish();
     let foreign = foreign_before || !foreign_tracers(tracer_pid).is_empty();
@@ -1373,15 +1429,20 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     })
 }
 
-fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnResult> {
-    let cfgs: Vec<Cfg> = CONFIGS
+/// The configurations this machine can run: all of CONFIGS but the peers that are missing.
+fn available_cfgs(peers: &Peers) -> Vec<Cfg> {
+    CONFIGS
         .into_iter()
         .filter(|c| match c {
             Cfg::Bpftrace => peers.bpftrace,
             Cfg::Tcpstates => peers.tcpstates,
             _ => true,
         })
-        .collect();
+        .collect()
+}
+
+fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnResult> {
+    let cfgs = available_cfgs(peers);
     let mut res = ChurnResult {
         samples: cfgs.iter().map(|_| Vec::new()).collect(),
         lost: vec![0; cfgs.len()],
@@ -1413,37 +1474,10 @@ fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnRes
                 s.window.as_secs(),
                 s.clients
             ));
-            let sample = if cfg == Cfg::None {
-                measure_churn(s.clients, None, s.window, None)?
-            } else {
-                let tag = format!("churn-{}-r{}", cfg.name(), round + 1);
-                let (mut t, _) = Tracer::spawn(s, cfg, &tag, Sink::File)?;
-                let (wall, line) = t.wait_ready_file()?;
-                if cfg.is_agent() {
-                    rep.agent_ready(wall, &line);
-                }
-                thread::sleep(SETTLE);
-                let sample = measure_churn(s.clients, None, s.window, Some(t.pid()))?;
-                if cfg.is_agent() {
-                    rep.hwm(cfg, t.pid());
-                }
-                t.check_alive()?;
-                t.stop(Duration::from_secs(30))?;
-                if cfg.is_agent() {
-                    let log = parse_agent_log(&t.out, None)?;
-                    if !log.stopped {
-                        rep.warn(format!("{tag}: no 'stopped' record"));
-                    }
-                    res.lost[i] += log.lost_count;
-                    res.lines[i] += log.lines;
-                } else {
-                    let (lines, lost) = parse_peer_log(&t.out);
-                    res.lost[i] += lost;
-                    res.lines[i] += lines;
-                }
-                t.remove_logs(s.keep_logs);
-                sample
-            };
+            let tag = format!("churn-{}-r{}", cfg.name(), round + 1);
+            let (sample, lines, lost) = churn_point(s, cfg, None, s.window, &tag, rep)?;
+            res.lines[i] += lines;
+            res.lost[i] += lost;
             note(&format!(
                 "churn: {} round {}/{}: {:.0} conn/s{}{}",
                 cfg.name(),
@@ -1462,6 +1496,142 @@ fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnRes
             ));
             res.samples[i].push(sample);
         }
+    }
+    Ok(res)
+}
+
+/// One churn window under `cfg` at `rate` (None: as fast as possible): start the tracer, wait
+/// until it is attached, measure, stop it and read back what it wrote. Returns the sample and
+/// the tracer's output lines and lost records (0 and 0 without a tracer).
+fn churn_point(
+    s: &Settings,
+    cfg: Cfg,
+    rate: Option<f64>,
+    window: Duration,
+    tag: &str,
+    rep: &mut Report,
+) -> Result<(ChurnSample, u64, u64)> {
+    if cfg == Cfg::None {
+        return Ok((measure_churn(s.clients, rate, window, None)?, 0, 0));
+    }
+    let (mut t, _) = Tracer::spawn(s, cfg, tag, Sink::File)?;
+    let (wall, line) = t.wait_ready_file()?;
+    if cfg.is_agent() {
+        rep.agent_ready(wall, &line);
+    }
+    thread::sleep(SETTLE);
+    let sample = measure_churn(s.clients, rate, window, Some(t.pid()))?;
+    if cfg.is_agent() {
+        rep.hwm(cfg, t.pid());
+    }
+    t.check_alive()?;
+    t.stop(Duration::from_secs(30))?;
+    let (lines, lost) = if cfg.is_agent() {
+        let log = parse_agent_log(&t.out, None)?;
+        if !log.stopped {
+            rep.warn(format!("{tag}: no 'stopped' record"));
+        }
+        (log.lines, log.lost_count)
+    } else {
+        parse_peer_log(&t.out)
+    };
+    t.remove_logs(s.keep_logs);
+    Ok((sample, lines, lost))
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1b. Churn rate sweep: achieved throughput against offered rate
+
+/// Offered rates of the sweep (total connections/s over all clients); None = unpaced, as fast
+/// as possible. The no-tracer maximum on the 2-core reference machine is 12k-24k conn/s, so the
+/// paced steps reach from light load to just under it, and the peers saturate between them.
+const SWEEP_RATES: [Option<f64>; 6] = [
+    Some(2_000.0),
+    Some(5_000.0),
+    Some(10_000.0),
+    Some(15_000.0),
+    Some(20_000.0),
+    None,
+];
+const SWEEP_RATES_QUICK: [Option<f64>; 3] = [Some(5_000.0), Some(15_000.0), None];
+
+struct SweepResult {
+    cfgs: Vec<Cfg>,
+    /// Offered rates, ascending, None (unpaced) last.
+    rates: Vec<Option<f64>>,
+    window: Duration,
+    /// [rate][configuration], same orders as `rates` and `cfgs`.
+    samples: Vec<Vec<ChurnSample>>,
+    /// Per configuration: records lost by the tracer over the whole sweep.
+    lost: Vec<u64>,
+}
+
+impl SweepResult {
+    fn cfg_index(&self, c: Cfg) -> Option<usize> {
+        self.cfgs.iter().position(|&x| x == c)
+    }
+}
+
+fn rate_label(r: Option<f64>) -> String {
+    r.map(|r| format!("{r:.0}")).unwrap_or_else(|| "max".into())
+}
+
+/// Every configuration at each offered rate, one window per point. At each rate the
+/// configurations run one after the other (order rotated from rate to rate), as the churn
+/// rounds do, so drift on a shared machine hits them alike. Each point starts its tracer
+/// afresh, so no tracer carries state or a backlog from one rate into the next.
+fn sweep_phase(
+    s: &Settings,
+    peers: &Peers,
+    rates: &[Option<f64>],
+    window: Duration,
+    rep: &mut Report,
+) -> Result<SweepResult> {
+    let cfgs = available_cfgs(peers);
+    let mut res = SweepResult {
+        cfgs: cfgs.clone(),
+        rates: rates.to_vec(),
+        window,
+        samples: Vec::new(),
+        lost: vec![0; cfgs.len()],
+    };
+    // Bring the TIME_WAIT table near its steady state first, as the churn phase does, so the
+    // lowest rates are not measured against an empty table and the highest against a full one.
+    note(&format!(
+        "sweep: warm-up {:.0} s without tracer",
+        window.as_secs_f64()
+    ));
+    measure_churn(s.clients, None, window, None)?;
+    let n = cfgs.len();
+    for (ri, &rate) in rates.iter().enumerate() {
+        let mut row: Vec<Option<ChurnSample>> = (0..n).map(|_| None).collect();
+        for k in 0..n {
+            let i = (k + ri) % n;
+            let cfg = cfgs[i];
+            wait_for_quiet(rep);
+            let tag = format!("sweep-{}-{}", cfg.name(), rate_label(rate));
+            let (sample, _, lost) = churn_point(s, cfg, rate, window, &tag, rep)?;
+            res.lost[i] += lost;
+            note(&format!(
+                "sweep: {} at {} conn/s offered: {:.0} achieved{}{}",
+                cfg.name(),
+                rate_label(rate),
+                sample.rate,
+                sample
+                    .tracer_cpu
+                    .map(|c| format!(", tracer {c:.1}% CPU"))
+                    .unwrap_or_default(),
+                if sample.failures > 0 {
+                    format!(", {} failed connections", sample.failures)
+                } else {
+                    String::new()
+                }
+            ));
+            row[i] = Some(sample);
+        }
+        let row = row.into_iter().collect::<Option<Vec<_>>>();
+        res.samples
+            .push(row.context("a sweep configuration was skipped")?);
     }
     Ok(res)
 }
@@ -1928,6 +2098,7 @@ fn render_markdown(
     host: &Host,
     load_end: &str,
     churn: Option<&ChurnResult>,
+    sweep: Option<&SweepResult>,
     storm: Option<&[StormRow]>,
     lat: Option<&LatencyResult>,
     all: Option<&CostRow>,
@@ -2115,6 +2286,116 @@ fn render_markdown(
                 verdict(ok),
                 if churn_noisy { " (noisy run)" } else { "" }
             );
+        }
+    }
+    if let Some(sw) = sweep {
+        // 1b
+        let _ = writeln!(
+            m,
+            "\n## 1b. Churn rate sweep: achieved against offered connections/s\n"
+        );
+        let _ = writeln!(
+            m,
+            "The same churn and configurations at each offered rate: {} client threads, each \
+             pacing its share on a deadline schedule (*max* = unpaced), one {} s window per point, \
+             configurations in rotated order at each rate, each tracer started afresh per point. \
+             A tracer that keeps up gives achieved = offered; below that, the gap is the \
+             throughput it costs. Plotted in churn.png.\n",
+            s.clients,
+            sw.window.as_secs()
+        );
+        let head = |m: &mut String, cfgs: &[Cfg]| {
+            let _ = writeln!(
+                m,
+                "| offered conn/s | {} |",
+                cfgs.iter()
+                    .map(|c| c.name())
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
+            let _ = writeln!(m, "|---:|{}", "---:|".repeat(cfgs.len()));
+        };
+        let _ = writeln!(m, "Achieved conn/s:\n");
+        head(&mut m, &sw.cfgs);
+        for (ri, &r) in sw.rates.iter().enumerate() {
+            let cells: Vec<String> = sw.samples[ri]
+                .iter()
+                .map(|x| format!("{:.0}", x.rate))
+                .collect();
+            let _ = writeln!(m, "| {} | {} |", rate_label(r), cells.join(" | "));
+        }
+        let traced: Vec<Cfg> = sw
+            .cfgs
+            .iter()
+            .copied()
+            .filter(|&c| c != Cfg::None)
+            .collect();
+        if !traced.is_empty() {
+            let _ = writeln!(
+                m,
+                "\nTracer CPU, % of one core (the tracer process's utime + stime; eBPF programs \
+                 run in the churning threads and are not in it):\n"
+            );
+            head(&mut m, &traced);
+            for (ri, &r) in sw.rates.iter().enumerate() {
+                let cells: Vec<String> = traced
+                    .iter()
+                    .filter_map(|&c| sw.cfg_index(c))
+                    .map(|i| fmt_opt(sw.samples[ri][i].tracer_cpu, 1))
+                    .collect();
+                let _ = writeln!(m, "| {} | {} |", rate_label(r), cells.join(" | "));
+            }
+            let _ = writeln!(
+                m,
+                "\nRecords lost over the sweep: {}.",
+                traced
+                    .iter()
+                    .filter_map(|&c| sw.cfg_index(c).map(|i| format!(
+                        "{} {}",
+                        c.name(),
+                        sw.lost[i]
+                    )))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        // Noise, failed connections, and pacing: with no tracer, a paced rate below the unpaced
+        // maximum must be met, or the generator (or a busy machine) is what was measured.
+        let none_i = sw.cfg_index(Cfg::None);
+        let none_max = none_i.and_then(|n| {
+            sw.rates
+                .iter()
+                .position(|r| r.is_none())
+                .map(|ri| sw.samples[ri][n].rate)
+        });
+        let (mut noisy_pts, mut failed, mut other_max) = (0, 0u64, 0.0f64);
+        for (ri, &r) in sw.rates.iter().enumerate() {
+            for x in &sw.samples[ri] {
+                noisy_pts += usize::from(x.noisy);
+                failed += x.failures;
+                other_max = other_max.max(x.other_cpu.unwrap_or(0.0));
+            }
+            if let (Some(n), Some(off), Some(top)) = (none_i, r, none_max) {
+                let got = sw.samples[ri][n].rate;
+                if off < top * 0.9 && got < off * 0.97 {
+                    noisy.push(format!(
+                        "sweep: with no tracer only {got:.0} of {off:.0} offered conn/s were \
+                         achieved, below the unpaced maximum ({top:.0}): pacing or machine noise"
+                    ));
+                }
+            }
+        }
+        let points = sw.rates.len() * sw.cfgs.len();
+        if noisy_pts > 0 {
+            noisy.push(format!(
+                "sweep: {noisy_pts} of {points} points noisy (another tracer attached, or other \
+                 processes above {NOISY_OTHER_CPU:.0}% of a core; up to {other_max:.0}%)"
+            ));
+        }
+        if failed > 0 {
+            noisy.push(format!(
+                "sweep: {failed} failed connections over all points"
+            ));
         }
     }
     if let Some(storm) = storm {
@@ -2367,6 +2648,60 @@ impl Canvas {
     fn text_width(s: &str, scale: i64) -> i64 {
         s.chars().count() as i64 * 6 * scale
     }
+    /// A straight line `thick` pixels wide; `dash`: (on, off) lengths in pixels, or solid.
+    fn line(
+        &mut self,
+        (x0, y0): (i64, i64),
+        (x1, y1): (i64, i64),
+        thick: i64,
+        dash: Option<(i64, i64)>,
+        c: [u8; 3],
+    ) {
+        let (dx, dy) = (x1 - x0, y1 - y0);
+        let n = dx.abs().max(dy.abs()).max(1);
+        let h = thick / 2;
+        for k in 0..=n {
+            if dash.is_some_and(|(on, off)| k % (on + off) >= on) {
+                continue;
+            }
+            let x = x0 + (dx * k + n / 2 * dx.signum()) / n;
+            let y = y0 + (dy * k + n / 2 * dy.signum()) / n;
+            self.rect(x - h, y - h, x - h + thick, y - h + thick, c);
+        }
+    }
+    /// A filled marker about 2r+1 pixels across: shapes tell overlapping series apart.
+    /// `hollow`: only the outline, for points taken while the machine was noisy.
+    fn marker(&mut self, x: i64, y: i64, shape: Marker, c: [u8; 3], hollow: bool) {
+        self.shape(x, y, shape, 5, c);
+        if hollow {
+            self.shape(x, y, shape, 3, [255, 255, 255]);
+        }
+    }
+    fn shape(&mut self, x: i64, y: i64, shape: Marker, r: i64, c: [u8; 3]) {
+        for oy in -r..=r {
+            for ox in -r..=r {
+                let inside = match shape {
+                    Marker::Square => ox.abs() < r && oy.abs() < r,
+                    Marker::Diamond => ox.abs() + oy.abs() <= r + 1,
+                    Marker::Up => oy < r && 2 * ox.abs() <= oy + r,
+                    Marker::Down => oy > -r && 2 * ox.abs() <= r - oy,
+                    Marker::Disc => ox * ox + oy * oy <= r * r,
+                };
+                if inside {
+                    self.rect(x + ox, y + oy, x + ox + 1, y + oy + 1, c);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Marker {
+    Square,
+    Diamond,
+    Up,
+    Down,
+    Disc,
 }
 
 /// Columns of a 5x7 glyph, bit 0 at the top (the classic HD44780-style font).
@@ -2417,6 +2752,8 @@ fn glyph(c: char) -> [u8; 5] {
         '(' => [0x00, 0x1C, 0x22, 0x41, 0x00],
         ')' => [0x00, 0x41, 0x22, 0x1C, 0x00],
         '=' => [0x14, 0x14, 0x14, 0x14, 0x14],
+        '+' => [0x08, 0x08, 0x3E, 0x08, 0x08],
+        ';' => [0x00, 0x56, 0x36, 0x00, 0x00],
         _ => [0; 5],
     }
 }
@@ -2467,20 +2804,13 @@ fn write_churn_png(path: &Path, churn: &ChurnResult) -> Result<()> {
     }
     let n = churn.cfgs.len() as i64;
     let slot = (right - left) / n;
-    let colors = [
-        [120, 120, 120],
-        [30, 110, 200],
-        [90, 160, 230],
-        [200, 70, 60],
-        [230, 150, 60],
-    ];
     for (i, &c) in churn.cfgs.iter().enumerate() {
         let Some(med) = churn.median_rate(c) else {
             continue;
         };
         let x0 = left + slot * i as i64 + slot / 5;
         let x1 = x0 + slot * 3 / 5;
-        let color = colors[CONFIGS.iter().position(|&k| k == c).unwrap_or(0)];
+        let color = style(c).0;
         cv.rect(x0, y_of(med), x1, plot_bot, color);
         for s in &churn.samples[i] {
             let y = y_of(s.rate);
@@ -2520,6 +2850,253 @@ fn write_churn_png(path: &Path, churn: &ChurnResult) -> Result<()> {
                 ink,
             );
         }
+    }
+    fs::write(path, encode_png(&cv)).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Colour and marker of each configuration, the same in both plots (index into CONFIGS).
+const COLORS: [[u8; 3]; 5] = [
+    [120, 120, 120],
+    [30, 110, 200],
+    [90, 160, 230],
+    [200, 70, 60],
+    [230, 150, 60],
+];
+const MARKERS: [Marker; 5] = [
+    Marker::Square,
+    Marker::Disc,
+    Marker::Diamond,
+    Marker::Up,
+    Marker::Down,
+];
+
+fn style(c: Cfg) -> ([u8; 3], Marker) {
+    let k = CONFIGS.iter().position(|&x| x == c).unwrap_or(0);
+    (COLORS[k], MARKERS[k])
+}
+
+/// A round grid step giving about 4-8 lines up to `top`.
+fn grid_step(top: f64) -> f64 {
+    let raw = top / 6.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 2.5, 5.0, 10.0]
+        .into_iter()
+        .map(|f| f * mag)
+        .find(|&st| st >= raw)
+        .unwrap_or(10.0 * mag)
+}
+
+fn thousands(v: f64) -> String {
+    if v == 0.0 {
+        "0".into()
+    } else if v % 1000.0 == 0.0 {
+        format!("{}K", (v / 1000.0) as u64)
+    } else {
+        format!("{:.1}K", v / 1000.0)
+    }
+}
+
+/// A plotted point: pixel position, and whether it was measured on a noisy machine.
+type Pt = (i64, i64, bool);
+
+/// churn.png: achieved connections/s against offered rate, one line per configuration, with
+/// the ideal achieved = offered line; the unpaced (max) points sit in a column of their own at
+/// the right. Below it, each tracer's CPU at the same rates.
+fn write_sweep_png(path: &Path, sw: &SweepResult) -> Result<()> {
+    let paced: Vec<(usize, f64)> = sw
+        .rates
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.map(|r| (i, r)))
+        .collect();
+    let max_i = sw.rates.iter().position(|r| r.is_none());
+    let x_hi = paced.iter().map(|p| p.1).fold(0.0, f64::max);
+    if x_hi <= 0.0 || sw.samples.is_empty() {
+        bail!("no paced rates");
+    }
+    let x_top = x_hi * 1.08;
+    let y_top = sw
+        .samples
+        .iter()
+        .flatten()
+        .map(|x| x.rate)
+        .fold(x_hi, f64::max)
+        * 1.1;
+    let cpu_top = sw
+        .samples
+        .iter()
+        .flatten()
+        .filter_map(|x| x.tracer_cpu)
+        .fold(10.0, f64::max)
+        * 1.15;
+
+    let (w, h) = (1020usize, 770usize);
+    let (left, right) = (80i64, 770i64);
+    let (top1, bot1) = (76i64, 450i64);
+    let (top2, bot2) = (548i64, 720i64);
+    // Paced rates map onto [left, num_right]; the unpaced column sits at max_x.
+    let num_right = right - 80;
+    let max_x = right - 32;
+    let ink = [40, 40, 40];
+    let grid = [225, 225, 225];
+    let mut cv = Canvas::new(w, h);
+    cv.text(
+        left,
+        16,
+        "LOOPBACK TCP CHURN: ACHIEVED AGAINST OFFERED RATE",
+        2,
+        ink,
+    );
+    let x_of = |v: f64| left + (v / x_top * (num_right - left) as f64).round() as i64;
+    let y1_of = |v: f64| bot1 - (v / y_top * (bot1 - top1) as f64).round() as i64;
+    let y2_of = |v: f64| bot2 - (v / cpu_top * (bot2 - top2) as f64).round() as i64;
+
+    // Grids, axes and labels of both panels.
+    let mut g = 0.0;
+    let st = grid_step(y_top);
+    while g <= y_top {
+        let y = y1_of(g);
+        cv.rect(left, y, right, y + 1, grid);
+        let lbl = thousands(g);
+        cv.text(left - 8 - Canvas::text_width(&lbl, 1), y - 3, &lbl, 1, ink);
+        g += st;
+    }
+    let mut g = 0.0;
+    let st = grid_step(cpu_top);
+    while g <= cpu_top {
+        let y = y2_of(g);
+        cv.rect(left, y, right, y + 1, grid);
+        let lbl = format!("{g:.0}%");
+        cv.text(left - 8 - Canvas::text_width(&lbl, 1), y - 3, &lbl, 1, ink);
+        g += st;
+    }
+    let mut g = 0.0;
+    let st = grid_step(x_top);
+    while g <= x_top {
+        let x = x_of(g);
+        for (t, b) in [(top1, bot1), (top2, bot2)] {
+            cv.rect(x, t, x + 1, b, grid);
+            let lbl = thousands(g);
+            cv.text(x - Canvas::text_width(&lbl, 1) / 2, b + 8, &lbl, 1, ink);
+        }
+        g += st;
+    }
+    for (t, b) in [(top1, bot1), (top2, bot2)] {
+        cv.rect(left, t, left + 1, b, ink);
+        cv.rect(left, b, right, b + 1, ink);
+        if max_i.is_some() {
+            // The break between the paced axis and the unpaced column.
+            cv.line(
+                (max_x - 26, t),
+                (max_x - 26, b),
+                1,
+                Some((3, 4)),
+                [150, 150, 150],
+            );
+            cv.text(
+                max_x - Canvas::text_width("MAX", 1) / 2,
+                b + 8,
+                "MAX",
+                1,
+                ink,
+            );
+        }
+    }
+    cv.text(left - 60, top1 - 22, "ACHIEVED CONN/S", 1, ink);
+    cv.text(
+        left - 60,
+        top2 - 22,
+        "TRACER CPU, % OF ONE CORE (TRACER PROCESS ONLY)",
+        1,
+        ink,
+    );
+    let xlabel = format!(
+        "OFFERED CONN/S ({} S PER POINT, PACED; MAX = UNPACED)",
+        sw.window.as_secs()
+    );
+    cv.text(
+        (left + right) / 2 - Canvas::text_width(&xlabel, 1) / 2,
+        bot2 + 26,
+        &xlabel,
+        1,
+        ink,
+    );
+
+    // The ideal: every offered connection achieved.
+    let ideal = [150, 150, 150];
+    cv.line(
+        (x_of(0.0), y1_of(0.0)),
+        (x_of(x_top), y1_of(x_top)),
+        2,
+        Some((8, 6)),
+        ideal,
+    );
+
+    // One line per configuration; the unpaced point joined by a dotted line.
+    let mut any_noisy = false;
+    for (ci, &c) in sw.cfgs.iter().enumerate() {
+        let (color, mk) = style(c);
+        // (x, y, noisy) per paced rate, then the unpaced point.
+        let at = |ri: usize, x: i64, v: Option<f64>, y_of: &dyn Fn(f64) -> i64| {
+            v.map(|v| (x, y_of(v), sw.samples[ri][ci].noisy))
+        };
+        let rate = |ri: usize| Some(sw.samples[ri][ci].rate);
+        let cpu = |ri: usize| sw.samples[ri][ci].tracer_cpu;
+        let mut series: Vec<(Vec<Pt>, Option<Pt>)> = Vec::new();
+        series.push((
+            paced
+                .iter()
+                .filter_map(|&(ri, r)| at(ri, x_of(r), rate(ri), &y1_of))
+                .collect(),
+            max_i.and_then(|ri| at(ri, max_x, rate(ri), &y1_of)),
+        ));
+        if c != Cfg::None {
+            series.push((
+                paced
+                    .iter()
+                    .filter_map(|&(ri, r)| at(ri, x_of(r), cpu(ri), &y2_of))
+                    .collect(),
+                max_i.and_then(|ri| at(ri, max_x, cpu(ri), &y2_of)),
+            ));
+        }
+        for (pts, mx) in series {
+            for p in pts.windows(2) {
+                cv.line((p[0].0, p[0].1), (p[1].0, p[1].1), 3, None, color);
+            }
+            if let (Some(last), Some(m)) = (pts.last(), mx) {
+                cv.line((last.0, last.1), (m.0, m.1), 1, Some((2, 3)), color);
+            }
+            for (x, y, noisy) in pts.into_iter().chain(mx) {
+                any_noisy |= noisy;
+                cv.marker(x, y, mk, color, noisy);
+            }
+        }
+    }
+
+    // Legend, right of the top panel.
+    let lx = right + 20;
+    let mut ly = top1 + 10;
+    for &c in &sw.cfgs {
+        let (color, mk) = style(c);
+        cv.line((lx, ly), (lx + 26, ly), 3, None, color);
+        cv.marker(lx + 13, ly, mk, color, false);
+        let name = match c {
+            Cfg::None => "NO TRACER",
+            Cfg::PwDefault => "PORTWATCH (DEFAULT)",
+            Cfg::PwAll => "PORTWATCH --ALL-EVENTS",
+            Cfg::Bpftrace => "BPFTRACE",
+            Cfg::Tcpstates => "TCPSTATES",
+        };
+        cv.text(lx + 34, ly - 3, name, 1, ink);
+        ly += 22;
+    }
+    cv.line((lx, ly), (lx + 26, ly), 2, Some((8, 6)), ideal);
+    cv.text(lx + 34, ly - 3, "ACHIEVED = OFFERED", 1, ink);
+    if any_noisy {
+        ly += 22;
+        cv.marker(lx + 13, ly, Marker::Square, ink, true);
+        cv.text(lx + 34, ly - 3, "NOISY POINT (SEE", 1, ink);
+        cv.text(lx + 34, ly + 9, "WARNINGS IN RESULTS.MD)", 1, ink);
     }
     fs::write(path, encode_png(&cv)).with_context(|| format!("writing {}", path.display()))
 }
@@ -2587,4 +3164,69 @@ fn encode_png(cv: &Canvas) -> Vec<u8> {
     chunk(b"IDAT", &z);
     chunk(b"IEND", &[]);
     png
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(rate: f64, cpu: Option<f64>) -> ChurnSample {
+        ChurnSample {
+            rate,
+            failures: 0,
+            tracer_cpu: cpu,
+            other_cpu: Some(0.0),
+            noisy: false,
+            cpu_us_per_conn: None,
+        }
+    }
+
+    /// The sweep plot renders from plausible numbers (set BENCH_PLOT_OUT to keep the file).
+    #[test]
+    fn sweep_png_renders() {
+        let rates = SWEEP_RATES.to_vec();
+        let caps = [23_500.0, 20_300.0, 14_700.0, 9_100.0, 12_400.0];
+        let cpu_per_k = [0.0, 0.08, 1.4, 6.2, 4.0];
+        let samples = rates
+            .iter()
+            .map(|r| {
+                CONFIGS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, _)| {
+                        let got = r.map_or(caps[i], |r: f64| r.min(caps[i]) * 0.995);
+                        let cpu = (i > 0).then(|| got / 1000.0 * cpu_per_k[i]);
+                        let mut x = sample(got, cpu);
+                        x.noisy = i == 3 && r.is_none();
+                        x
+                    })
+                    .collect()
+            })
+            .collect();
+        let sw = SweepResult {
+            cfgs: CONFIGS.to_vec(),
+            rates,
+            window: Duration::from_secs(5),
+            samples,
+            lost: vec![0; CONFIGS.len()],
+        };
+        let path = std::env::var_os("BENCH_PLOT_OUT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("sweep-{}.png", std::process::id()))
+            });
+        write_sweep_png(&path, &sw).unwrap();
+        let png = fs::read(&path).unwrap();
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+        if std::env::var_os("BENCH_PLOT_OUT").is_none() {
+            let _ = fs::remove_file(&path);
+        }
+    }
+
+    #[test]
+    fn grid_steps_are_round() {
+        assert_eq!(grid_step(25_000.0), 5_000.0);
+        assert_eq!(grid_step(12.0), 2.0);
+        assert_eq!(grid_step(70.0), 20.0);
+    }
 }
