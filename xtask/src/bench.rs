@@ -2851,7 +2851,7 @@ fn write_churn_png(path: &Path, churn: &ChurnResult) -> Result<()> {
             );
         }
     }
-    fs::write(path, encode_png(&cv)).with_context(|| format!("writing {}", path.display()))
+    fs::write(path, encode_png(&cv)?).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Colour and marker of each configuration, the same in both plots (index into CONFIGS).
@@ -3098,72 +3098,20 @@ fn write_sweep_png(path: &Path, sw: &SweepResult) -> Result<()> {
         cv.text(lx + 34, ly - 3, "NOISY POINT (SEE", 1, ink);
         cv.text(lx + 34, ly + 9, "WARNINGS IN RESULTS.MD)", 1, ink);
     }
-    fs::write(path, encode_png(&cv)).with_context(|| format!("writing {}", path.display()))
+    fs::write(path, encode_png(&cv)?).with_context(|| format!("writing {}", path.display()))
 }
 
-fn crc32(data: &[&[u8]]) -> u32 {
-    let mut table = [0u32; 256];
-    for (i, t) in table.iter_mut().enumerate() {
-        let mut c = i as u32;
-        for _ in 0..8 {
-            c = if c & 1 == 1 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-        *t = c;
-    }
-    let mut crc = !0u32;
-    for d in data {
-        for &b in *d {
-            crc = table[((crc ^ b as u32) & 0xff) as usize] ^ (crc >> 8);
-        }
-    }
-    !crc
-}
-
-fn encode_png(cv: &Canvas) -> Vec<u8> {
-    // Raw scanlines, filter type 0.
-    let mut raw = Vec::with_capacity(cv.h * (cv.w * 3 + 1));
-    for y in 0..cv.h {
-        raw.push(0);
-        for p in &cv.px[y * cv.w..(y + 1) * cv.w] {
-            raw.extend_from_slice(p);
-        }
-    }
-    // zlib stream of stored blocks.
-    let mut z = vec![0x78, 0x01];
-    let chunks: Vec<&[u8]> = raw.chunks(65_535).collect();
-    for (i, c) in chunks.iter().enumerate() {
-        z.push(u8::from(i + 1 == chunks.len()));
-        let len = c.len() as u16;
-        z.extend_from_slice(&len.to_le_bytes());
-        z.extend_from_slice(&(!len).to_le_bytes());
-        z.extend_from_slice(c);
-    }
-    let (mut a, mut b) = (1u32, 0u32);
-    for &x in &raw {
-        a = (a + x as u32) % 65_521;
-        b = (b + a) % 65_521;
-    }
-    z.extend_from_slice(&((b << 16) | a).to_be_bytes());
-
-    let mut png = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
-    let mut chunk = |ty: &[u8; 4], data: &[u8]| {
-        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        png.extend_from_slice(ty);
-        png.extend_from_slice(data);
-        png.extend_from_slice(&crc32(&[ty, data]).to_be_bytes());
-    };
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&(cv.w as u32).to_be_bytes());
-    ihdr.extend_from_slice(&(cv.h as u32).to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB, no interlace
-    chunk(b"IHDR", &ihdr);
-    chunk(b"IDAT", &z);
-    chunk(b"IEND", &[]);
-    png
+/// The canvas as an 8-bit RGB PNG, by the `png` crate.
+fn encode_png(cv: &Canvas) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, cv.w as u32, cv.h as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let data: Vec<u8> = cv.px.iter().flatten().copied().collect();
+    let mut w = enc.write_header().context("encoding the PNG header")?;
+    w.write_image_data(&data).context("encoding the PNG data")?;
+    w.finish().context("finishing the PNG")?;
+    Ok(out)
 }
 
 #[cfg(test)]
