@@ -767,8 +767,9 @@ impl Processor {
                 serde_json::to_writer(&mut self.buf, &r).is_ok()
             }
             Kind::TcpState => {
-                let r = record::tcp_state(Header::new("tcp_state", &host, wall), e);
-                serde_json::to_writer(&mut self.buf, &r).is_ok()
+                record::tcp_state(Header::new("tcp_state", &host, wall), e)
+                    .write_json(&mut self.buf);
+                true
             }
         };
         self.cfg.host = host;
