@@ -7,7 +7,8 @@
 //!    and tracer CPU against offered rate.
 //! 2. Bind storm: failing binds at controlled rates; every generated failure must come out
 //!    as a conflict record or be counted in a `lost` record.
-//! 3. Latency from a failing bind to its conflict line on the agent's stdout.
+//! 3. Latency from a failing bind to its conflict line on the agent's stdout: with nothing
+//!    attached, and with ten clients on the control socket, one of which never reads.
 //! 4. The agent's own cost: CPU, peak RSS, time to ready.
 //!
 //! Results go to target/bench/results.md (printed too), target/bench/churn.png (the sweep:
@@ -58,8 +59,8 @@ pub struct BenchArgs {
     #[arg(long)]
     keep_logs: bool,
     /// Run only these parts (repeatable; default: all): churn (1, max rate), sweep (1b,
-    /// achieved against offered churn rate, churn.png), storm (2), latency (3 and the
-    /// default-mode cost), cost (the --all-events cost).
+    /// achieved against offered churn rate, churn.png), storm (2), latency (3, without and
+    /// with attach clients, and the default-mode cost), cost (the --all-events cost).
     #[arg(long, value_enum, value_name = "PART")]
     only: Vec<Part>,
 }
@@ -155,7 +156,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         None
     };
     let lat = if want(Part::Latency) {
-        Some(latency_cost_phase(&cfg, &mut report)?)
+        Some(LatencyRuns {
+            plain: latency_cost_phase(&cfg, &mut report, false)?,
+            attach: latency_cost_phase(&cfg, &mut report, true)?,
+        })
     } else {
         None
     };
@@ -480,6 +484,8 @@ struct Tracer {
     spawned: Instant,
     out: PathBuf,
     err: PathBuf,
+    /// The agent's --runtime-dir (its control socket lives there), when the bench set one.
+    runtime_dir: Option<PathBuf>,
 }
 
 enum Sink {
@@ -498,6 +504,7 @@ impl Tracer {
     ) -> Result<(Tracer, Option<ChildStdout>)> {
         let out = s.dir.join(format!("{tag}.out"));
         let err = s.dir.join(format!("{tag}.err"));
+        let mut runtime_dir = None;
         let mut c = match cfg {
             Cfg::None => bail!("no tracer to spawn"),
             Cfg::PwDefault | Cfg::PwAll => {
@@ -512,7 +519,8 @@ impl Tracer {
                         let _ = args.next();
                         let run = s.dir.join(format!("run-{tag}"));
                         let _ = fs::create_dir_all(&run);
-                        c.arg(run);
+                        c.arg(&run);
+                        runtime_dir = Some(run);
                     }
                 }
                 if cfg == Cfg::PwAll {
@@ -579,6 +587,7 @@ impl Tracer {
                 spawned,
                 out,
                 err,
+                runtime_dir,
             },
             stdout,
         ))
@@ -1831,7 +1840,15 @@ fn bind_storm_phase(s: &Settings, rep: &mut Report) -> Result<Vec<StormRow>> {
 // ---------------------------------------------------------------------------------------------
 // 3 + 4. Latency under background churn, and the agent's cost
 
+/// Both latency runs: the agent alone, then with clients attached to its control socket.
+struct LatencyRuns {
+    plain: LatencyResult,
+    attach: LatencyResult,
+}
+
 struct LatencyResult {
+    /// Set for the run with clients on the control socket.
+    attach: Option<AttachResult>,
     sent: usize,
     lat_ms: Vec<f64>,
     churn_rate: f64,
@@ -1862,10 +1879,159 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[k.clamp(1, sorted.len()) - 1]
 }
 
-fn latency_cost_phase(s: &Settings, rep: &mut Report) -> Result<LatencyResult> {
+/// Readers among the attach clients of the second latency run; one more client never reads.
+const ATTACH_READERS: usize = 9;
+/// What the agent sends a client that could not take some records, once it can take one.
+const MISSED_PREFIX: &[u8] = b"{\"v\":1,\"type\":\"missed\"";
+
+struct AttachResult {
+    /// Lines read by each reading client over the agent's life (replay included).
+    reader_lines: Vec<u64>,
+    /// Records the reading clients were told they missed (0 if they kept up).
+    reader_missed: u64,
+    /// CPU the reading clients used, summed, in % of one core over their run. They run in
+    /// the bench process, so "other processes" does not include them.
+    reader_cpu_pct: f64,
+    /// Records the stalled client was told it missed when it read at last, after the window
+    /// (None: no `missed` note came in time).
+    stalled_missed: Option<u64>,
+}
+
+#[derive(Default)]
+struct ReaderCount {
+    lines: u64,
+    missed: u64,
+    /// The reading thread's own CPU time and how long it ran (connect to EOF).
+    cpu_s: f64,
+    ran_s: f64,
+}
+
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// Clients on the agent's control socket: ATTACH_READERS that read everything, and one that
+/// sends the attach request and then reads nothing. An attached client gets every event as a
+/// record (the live detail), not only conflicts: under the background churn that is tens of
+/// thousands of lines a second per client, so the stalled one falls behind within a second.
+struct AttachClients {
+    stalled: std::os::unix::net::UnixStream,
+    readers: Vec<JoinHandle<ReaderCount>>,
+}
+
+fn attach_client(sock: &Path) -> Result<std::os::unix::net::UnixStream> {
+    use std::io::Write as _;
+    let mut c = std::os::unix::net::UnixStream::connect(sock)
+        .with_context(|| format!("connecting to {}", sock.display()))?;
+    c.write_all(b"{\"cmd\":\"attach\"}\n")
+        .with_context(|| format!("attach request on {}", sock.display()))?;
+    Ok(c)
+}
+
+impl AttachClients {
+    fn connect(sock: &Path) -> Result<AttachClients> {
+        let stalled = attach_client(sock)?;
+        let mut readers = Vec::with_capacity(ATTACH_READERS);
+        for i in 0..ATTACH_READERS {
+            let c = attach_client(sock)?;
+            // Backstop only: the agent sends lines all the time under churn, and EOF when it
+            // exits.
+            c.set_read_timeout(Some(Duration::from_secs(30)))?;
+            readers.push(
+                thread::Builder::new()
+                    .name(format!("bench-attach-{i}"))
+                    .spawn(move || {
+                        let t0 = Instant::now();
+                        let mut r = BufReader::with_capacity(1 << 18, c);
+                        let mut buf = Vec::with_capacity(4096);
+                        let mut n = ReaderCount::default();
+                        loop {
+                            buf.clear();
+                            match r.read_until(b'\n', &mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(_) => {}
+                            }
+                            n.lines += 1;
+                            if buf.len() < 64 && buf.starts_with(MISSED_PREFIX) {
+                                let l = String::from_utf8_lossy(&buf);
+                                n.missed += json_u64(&l, "count").unwrap_or(0);
+                            }
+                        }
+                        n.cpu_s = thread_cpu_seconds();
+                        n.ran_s = t0.elapsed().as_secs_f64();
+                        n
+                    })?,
+            );
+        }
+        Ok(AttachClients { stalled, readers })
+    }
+
+    /// The stalled client reads at last. The agent tells it how many records it missed as
+    /// soon as there is room for the note, so this needs the churn still running (new
+    /// records to publish). None if no note came within `limit`.
+    fn stalled_missed(&self, limit: Duration) -> Option<u64> {
+        let deadline = Instant::now() + limit;
+        self.stalled
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .ok()?;
+        let mut r = BufReader::with_capacity(1 << 18, &self.stalled);
+        let mut buf = Vec::with_capacity(4096);
+        while Instant::now() < deadline {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
+                Err(_) => return None,
+            }
+            if buf.len() < 64 && buf.starts_with(MISSED_PREFIX) {
+                return json_u64(&String::from_utf8_lossy(&buf), "count");
+            }
+        }
+        None
+    }
+
+    /// After the agent exited: what each reader read.
+    fn finish(self) -> Vec<ReaderCount> {
+        drop(self.stalled);
+        self.readers
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    }
+}
+
+/// Conflict latency and the agent's cost under background churn. With `attach`, the same
+/// again with ten clients on the agent's control socket, one of which never reads: a stalled
+/// client must not slow logging down.
+fn latency_cost_phase(s: &Settings, rep: &mut Report, attach: bool) -> Result<LatencyResult> {
+    let (tag, what) = if attach {
+        (
+            "latency-attach",
+            format!(
+                "latency, {} attach clients, one stalled",
+                ATTACH_READERS + 1
+            ),
+        )
+    } else {
+        ("latency", "latency, no attach clients".to_string())
+    };
     note(&format!(
-        "latency + cost: portwatch default, {PROBES} probe binds every {} ms under {:.0} conn/s \
-         churn, {} s window",
+        "{what} (+ cost): portwatch default, {PROBES} probe binds every {} ms under {:.0} \
+         conn/s churn, {} s window",
         PROBE_SPACING.as_millis(),
         BACKGROUND_RATE,
         s.window.as_secs()
@@ -1880,7 +2046,7 @@ fn latency_cost_phase(s: &Settings, rep: &mut Report) -> Result<LatencyResult> {
     }
     let arrivals: Arc<Vec<AtomicI64>> = Arc::new((0..PROBES).map(|_| AtomicI64::new(0)).collect());
 
-    let (mut t, stdout) = Tracer::spawn(s, Cfg::PwDefault, "latency", Sink::Pipe)?;
+    let (mut t, stdout) = Tracer::spawn(s, Cfg::PwDefault, tag, Sink::Pipe)?;
     let stdout = stdout.context("agent stdout pipe")?;
     let (ready_tx, ready_rx) = mpsc::channel::<(Instant, String)>();
     let reader = {
@@ -1930,6 +2096,15 @@ fn latency_cost_phase(s: &Settings, rep: &mut Report) -> Result<LatencyResult> {
     };
     let ready_wall = ready_at - t.spawned;
     rep.agent_ready(ready_wall, &line);
+    // The control socket is bound before the ready line is printed.
+    let clients = if attach {
+        let dir = t.runtime_dir.as_ref().context(
+            "this agent build has no --runtime-dir, so the bench cannot find its control socket",
+        )?;
+        Some(AttachClients::connect(&dir.join("portwatch.sock"))?)
+    } else {
+        None
+    };
     thread::sleep(SETTLE);
 
     let mut churn = Churn::start(
@@ -1966,6 +2141,10 @@ fn latency_cost_phase(s: &Settings, rep: &mut Report) -> Result<LatencyResult> {
     let el = t0.elapsed().as_secs_f64();
     let (c1, cpu1) = (churn.completed(), cpu_seconds(t.pid()));
     let other_cpu = other.pct();
+    // After the window (the probes are all sent): the churn still makes records to publish.
+    let stalled_missed = clients
+        .as_ref()
+        .and_then(|c| c.stalled_missed(Duration::from_secs(5)));
     churn.finish();
     let hwm = vm_hwm_kib(t.pid()).unwrap_or(0);
     rep.hwm(Cfg::PwDefault, t.pid());
@@ -1980,8 +2159,21 @@ fn latency_cost_phase(s: &Settings, rep: &mut Report) -> Result<LatencyResult> {
         .join()
         .map_err(|_| anyhow::anyhow!("reader thread panicked"))?;
     if !log.stopped {
-        rep.warn("latency run: no 'stopped' record".into());
+        rep.warn(format!("{what}: no 'stopped' record"));
     }
+    let attach_res = clients.map(|c| {
+        let counts = c.finish();
+        AttachResult {
+            reader_lines: counts.iter().map(|n| n.lines).collect(),
+            reader_missed: counts.iter().map(|n| n.missed).sum(),
+            reader_cpu_pct: counts
+                .iter()
+                .filter(|n| n.ran_s > 0.0)
+                .map(|n| n.cpu_s / n.ran_s * 100.0)
+                .sum(),
+            stalled_missed,
+        }
+    });
     // Per-probe detail, in send order, to see when slow ones happened (e.g. periodic work).
     let mut csv = String::from("probe,port,sent_realtime_ns,latency_ms\n");
     for (i, (a, &s0)) in arrivals.iter().zip(&sent_at).enumerate() {
@@ -1993,7 +2185,7 @@ fn latency_cost_phase(s: &Settings, rep: &mut Report) -> Result<LatencyResult> {
         };
         let _ = writeln!(csv, "{i},{},{s0},{l}", holders[i].1);
     }
-    let _ = fs::write(s.dir.join("latency.csv"), csv);
+    let _ = fs::write(s.dir.join(format!("{tag}.csv")), csv);
     let mut lat_ms: Vec<f64> = arrivals
         .iter()
         .zip(&sent_at)
@@ -2004,6 +2196,7 @@ fn latency_cost_phase(s: &Settings, rep: &mut Report) -> Result<LatencyResult> {
         .collect();
     lat_ms.sort_by(|a, b| a.total_cmp(b));
     let r = LatencyResult {
+        attach: attach_res,
         sent,
         churn_rate: (c1 - c0) as f64 / el,
         cpu_pct: match (cpu0, cpu1) {
@@ -2018,8 +2211,8 @@ fn latency_cost_phase(s: &Settings, rep: &mut Report) -> Result<LatencyResult> {
         lat_ms,
     };
     note(&format!(
-        "latency: {}/{} probes seen, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; agent {:.1}% CPU \
-         at {:.0} conn/s, VmHWM {} KiB",
+        "{what}: {}/{} probes seen, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; agent {:.1}% CPU \
+         at {:.0} conn/s, VmHWM {} KiB, {} lost{}",
         r.lat_ms.len(),
         r.sent,
         pct(&r.lat_ms, 50.0),
@@ -2027,7 +2220,22 @@ fn latency_cost_phase(s: &Settings, rep: &mut Report) -> Result<LatencyResult> {
         r.lat_ms.last().copied().unwrap_or(f64::NAN),
         r.cpu_pct,
         r.churn_rate,
-        r.hwm_kib
+        r.hwm_kib,
+        r.lost,
+        match &r.attach {
+            Some(a) => format!(
+                "; reading clients got {}..{} lines ({} missed, {:.0}% CPU), the stalled one \
+                 missed {}",
+                a.reader_lines.iter().min().unwrap_or(&0),
+                a.reader_lines.iter().max().unwrap_or(&0),
+                a.reader_missed,
+                a.reader_cpu_pct,
+                a.stalled_missed
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "? (no note)".into())
+            ),
+            None => String::new(),
+        }
     ));
     Ok(r)
 }
@@ -2100,7 +2308,7 @@ fn render_markdown(
     churn: Option<&ChurnResult>,
     sweep: Option<&SweepResult>,
     storm: Option<&[StormRow]>,
-    lat: Option<&LatencyResult>,
+    lat_runs: Option<&LatencyRuns>,
     all: Option<&CostRow>,
     rep: &Report,
 ) -> String {
@@ -2467,49 +2675,129 @@ fn render_markdown(
             );
         }
     }
-    if let Some(lat) = lat {
+    if let Some(runs) = lat_runs {
         // 3
-        let p50 = pct(&lat.lat_ms, 50.0);
-        let p99 = pct(&lat.lat_ms, 99.0);
-        let max = lat.lat_ms.last().copied().unwrap_or(f64::NAN);
-        let all_seen = lat.lat_ms.len() == lat.sent;
+        let both = [&runs.plain, &runs.attach];
         let _ = writeln!(
             m,
             "\n## 3. Conflict latency (failing bind → its line read from the agent's stdout)\n"
         );
         let _ = writeln!(
             m,
-            "{} probes, one every {} ms, each on its own held port, under {:.0} conn/s background \
-             churn (target {:.0}); CLOCK_REALTIME just before bind() to the moment a reader thread \
-             got the line. Other processes used {}% of a core meanwhile.\n",
-            lat.sent,
+            "{} probes per run, one every {} ms, each on its own held port, under {:.0} conn/s \
+             background churn; CLOCK_REALTIME just before bind() to the moment a reader thread \
+             got the line. Two runs, each with a fresh agent: one with nothing attached, one with \
+             {} clients on the control socket (`{{\"cmd\":\"attach\"}}`), {} reading everything \
+             and one that never reads. Attached clients get every event as a record, not only \
+             conflicts, so the stalled one falls behind at once; the reading clients run in the \
+             bench process and take CPU from the same {} cores.\n",
+            PROBES,
             PROBE_SPACING.as_millis(),
-            lat.churn_rate,
             BACKGROUND_RATE,
-            fmt_opt(lat.other_cpu, 0)
+            ATTACH_READERS + 1,
+            ATTACH_READERS,
+            host.cores
         );
         let _ = writeln!(
             m,
-            "| metric | value | target | result |\n|---|---:|---|---|"
+            "| metric | latency, no attach clients | latency, {} attach clients, one stalled | \
+             target | result |\n|---|---:|---:|---|---|",
+            ATTACH_READERS + 1
         );
-        let _ = writeln!(
-            m,
-            "| probes received | {}/{} | all | {} |",
-            lat.lat_ms.len(),
-            lat.sent,
-            verdict(all_seen)
+        let row = |m: &mut String,
+                   name: &str,
+                   v: &dyn Fn(&LatencyResult) -> String,
+                   target: &str,
+                   ok: Option<&dyn Fn(&LatencyResult) -> bool>| {
+            let res = match ok {
+                Some(f) => both.map(|l| verdict(f(l))).join(" / "),
+                None => "info".into(),
+            };
+            let _ = writeln!(
+                m,
+                "| {name} | {} | {} | {target} | {res} |",
+                v(both[0]),
+                v(both[1])
+            );
+        };
+        let all_seen = |l: &LatencyResult| l.lat_ms.len() == l.sent;
+        let p50 = |l: &LatencyResult| pct(&l.lat_ms, 50.0);
+        let p99 = |l: &LatencyResult| pct(&l.lat_ms, 99.0);
+        row(
+            &mut m,
+            "probes received",
+            &|l| format!("{}/{}", l.lat_ms.len(), l.sent),
+            "all",
+            Some(&all_seen),
         );
-        let _ = writeln!(
-            m,
-            "| p50 | {p50:.2} ms | ≤ 2 ms | {} |",
-            verdict(p50 <= 2.0)
+        row(
+            &mut m,
+            "p50",
+            &|l| format!("{:.2} ms", p50(l)),
+            "≤ 2 ms",
+            Some(&|l| p50(l) <= 2.0),
         );
-        let _ = writeln!(
-            m,
-            "| p99 | {p99:.2} ms | ≤ 20 ms | {} |",
-            verdict(p99 <= 20.0 && all_seen)
+        row(
+            &mut m,
+            "p99",
+            &|l| format!("{:.2} ms", p99(l)),
+            "≤ 20 ms",
+            Some(&|l| p99(l) <= 20.0 && all_seen(l)),
         );
-        let _ = writeln!(m, "| max | {max:.2} ms | – | info |");
+        row(
+            &mut m,
+            "max",
+            &|l| format!("{:.2} ms", l.lat_ms.last().copied().unwrap_or(f64::NAN)),
+            "–",
+            None,
+        );
+        row(
+            &mut m,
+            "lost records (agent)",
+            &|l| l.lost.to_string(),
+            "0",
+            Some(&|l| l.lost == 0),
+        );
+        row(
+            &mut m,
+            "background churn achieved",
+            &|l| format!("{:.0} conn/s", l.churn_rate),
+            "–",
+            None,
+        );
+        row(
+            &mut m,
+            "agent CPU (of one core) / other processes",
+            &|l| format!("{:.1}% / {}%", l.cpu_pct, fmt_opt(l.other_cpu, 0)),
+            "–",
+            None,
+        );
+        if let Some(a) = &runs.attach.attach {
+            let _ = writeln!(
+                m,
+                "| stalled client: records it was told it missed, when it read at last after \
+                 the window | – | {} | – | info |",
+                a.stalled_missed
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "? (no note within 5 s)".into())
+            );
+            let _ = writeln!(
+                m,
+                "| {} reading clients: lines read, min / max (records missed, all of them) | – \
+                 | {} / {} ({}) | – | info |",
+                a.reader_lines.len(),
+                a.reader_lines.iter().min().unwrap_or(&0),
+                a.reader_lines.iter().max().unwrap_or(&0),
+                a.reader_missed
+            );
+            let _ = writeln!(
+                m,
+                "| {} reading clients: CPU, summed (in the bench process, not in \"other \
+                 processes\") | – | {:.0}% of one core | – | info |",
+                a.reader_lines.len(),
+                a.reader_cpu_pct
+            );
+        }
     }
     // 4
     let ready: Vec<f64> = rep.ready.iter().map(|r| r.0.as_secs_f64()).collect();
@@ -2522,6 +2810,7 @@ fn render_markdown(
         .collect();
     let su_med = median(su.clone()).unwrap_or(f64::NAN);
     let su_max = su.iter().copied().fold(0.0, f64::max);
+    let lat = lat_runs.map(|r| &r.plain);
     let _ = writeln!(m, "\n## 4. Agent cost\n");
     let _ = writeln!(
         m,
@@ -2535,6 +2824,16 @@ fn render_markdown(
             s.window.as_secs(),
             fmt_opt(lat.other_cpu, 0),
             lat.cpu_pct
+        );
+    }
+    if let Some(att) = lat_runs.map(|r| &r.attach) {
+        let _ = writeln!(
+            m,
+            "| CPU, default mode, {} attach clients (one stalled), at {:.0} conn/s (other processes {}%) | {:.1}% of one core | – | info |",
+            ATTACH_READERS + 1,
+            att.churn_rate,
+            fmt_opt(att.other_cpu, 0),
+            att.cpu_pct
         );
     }
     if let Some(all) = all {
@@ -2553,6 +2852,14 @@ fn render_markdown(
             m,
             "| peak RSS (VmHWM), default, latency run | {:.1} MiB | – | info |",
             lat.hwm_kib as f64 / 1024.0
+        );
+    }
+    if let Some(att) = lat_runs.map(|r| &r.attach) {
+        let _ = writeln!(
+            m,
+            "| peak RSS (VmHWM), default, latency run with {} attach clients (one stalled) | {:.1} MiB | – | info |",
+            ATTACH_READERS + 1,
+            att.hwm_kib as f64 / 1024.0
         );
     }
     let _ = writeln!(
