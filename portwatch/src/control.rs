@@ -240,6 +240,9 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Msg>, group: Option<
     }
 }
 
+/// Bytes an attach client is sent per write at most (a few hundred lines).
+const ATTACH_BATCH: usize = 64 * 1024;
+
 async fn handle(
     stream: UnixStream,
     tx: mpsc::Sender<Msg>,
@@ -289,16 +292,34 @@ async fn handle(
             let Ok(replay) = reply_rx.await else {
                 return Ok(());
             };
+            let mut batch = Vec::with_capacity(ATTACH_BATCH);
             for l in replay {
-                w.write_all(&l).await?;
+                batch.extend_from_slice(&l);
+                if batch.len() >= ATTACH_BATCH {
+                    w.write_all(&batch).await?;
+                    batch.clear();
+                }
             }
+            w.write_all(&batch).await?;
             // Watch the client's side too: when it hangs up, stop promptly.
             let mut sink = [0u8; 64];
             let mut r = r.into_inner();
             loop {
                 tokio::select! {
                     l = live_rx.recv() => match l {
-                        Some(l) => w.write_all(&l).await?,
+                        Some(l) => {
+                            // One write for whatever is queued, not one per line: a busy
+                            // host makes tens of thousands of lines a second per client.
+                            batch.clear();
+                            batch.extend_from_slice(&l);
+                            while batch.len() < ATTACH_BATCH {
+                                match live_rx.try_recv() {
+                                    Ok(l) => batch.extend_from_slice(&l),
+                                    Err(_) => break,
+                                }
+                            }
+                            w.write_all(&batch).await?
+                        }
                         None => break,
                     },
                     n = tokio::io::AsyncReadExt::read(&mut r, &mut sink) => {
