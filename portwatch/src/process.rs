@@ -1389,8 +1389,18 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
                 let _ = reply.send(p.status());
             }
             Msg::Reopen => {
+                // What came before the signal belongs to the old file.
+                p.flush();
                 if let Some(l) = &mut p.out.log {
                     l.reopen();
+                    // The new file's first line says why it starts here; it also tells a
+                    // log rotator the agent has let go of the old one.
+                    let r = AgentRecord {
+                        event: "log_reopened",
+                        log_file: Some(l.path().to_path_buf()),
+                        ..Default::default()
+                    };
+                    p.emit_line("agent", Clock::now_wall_ns(), r);
                 }
             }
             Msg::Docker(m) => p.docker_msg(m),

@@ -529,12 +529,18 @@ fn sighup_reopens_the_log_file() {
     std::fs::rename(&log, dir.join("events.jsonl.old")).unwrap();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
-    std::thread::sleep(Duration::from_millis(300));
+    agent.wait_for("log_reopened", |v| {
+        v["type"] == "agent" && v["event"] == "log_reopened"
+    });
     let _h = listener(&format!("127.0.0.1:{port}"));
     conflict(port);
     agent.wait_for("conflict", |v| v["type"] == "conflict" && v["port"] == port);
     drop(agent.stop());
     let fresh = json_lines(&std::fs::read(&log).unwrap());
+    assert_eq!(
+        fresh[0]["event"], "log_reopened",
+        "the new file says why it starts"
+    );
     assert!(
         fresh
             .iter()
