@@ -27,6 +27,7 @@ use crate::{
     decode::{self, Clock},
     diag, docker,
     error::{Error, Result},
+    heap,
     metrics::{self, Metrics},
     prereq, probes,
     process::{self, AgentRecord, Msg, Snapshot, KINDS},
@@ -339,6 +340,11 @@ fn diag_loop(
 ) {
     let mut first = Some(first);
     loop {
+        if first.is_none() {
+            // The last pass's snapshots were reconciled and freed seconds ago: give the pages
+            // back before this pass allocates again.
+            heap::trim();
+        }
         let wall_ns = Clock::now_wall_ns();
         let owners = Arc::new(diag::socket_owners());
         for ns in diag::namespaces() {
