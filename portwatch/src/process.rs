@@ -874,6 +874,10 @@ impl Processor {
                     .find_map(|l| l.strip_prefix("VmRSS:"))
                     .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             }),
+            // Against rss_kb: RSS growing while heap.in_use_kb stays flat is the allocator
+            // holding freed memory, not a collection growing.
+            "heap": crate::heap::usage(),
+            "window": { "items": self.window.len(), "bytes": self.window_bytes },
         })
     }
 

@@ -32,14 +32,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Setup, then run every test: unit tests and the privileged end-to-end tests.
+    /// Setup, then run every test: unit tests and the privileged end-to-end tests, the
+    /// ten-minute soak included.
     Test {
         /// Only run tests whose name contains this string.
         filter: Option<String>,
     },
     /// rustfmt check and clippy over the userspace crates and the eBPF crate.
     Lint,
-    /// The agent under ten minutes of mixed churn (PORTWATCH_SOAK_SECS): RSS growth in MB/h.
+    /// Only the soak: the agent under ten minutes of mixed churn (PORTWATCH_SOAK_SECS), RSS
+    /// growth in MB/h.
     Soak,
     /// Setup, then the side-by-side benchmarks; results in target/bench/.
     Bench(bench::BenchArgs),
@@ -137,6 +139,8 @@ fn main() -> Result<()> {
                 c.arg(f);
             }
             run(&mut c)?;
+            // This includes the soak (tests/tests/soak.rs): ten minutes of churn with the
+            // agent's RSS sampled, PORTWATCH_SOAK_SECS to change its length.
             step("end-to-end tests against the real kernel (one at a time: they share it)");
             let mut c = cargo();
             c.args(["test", "--package", "portwatch-tests", "--tests"])
@@ -155,7 +159,7 @@ fn main() -> Result<()> {
             run(cargo()
                 .args(["test", "--package", "portwatch-tests", "--test", "soak"])
                 .env("PORTWATCH_BIN", &bin)
-                .args(["--", "--ignored", "--nocapture"]))
+                .args(["--", "--nocapture"]))
         }
         Cmd::Lint => {
             setup::build()?;
