@@ -114,6 +114,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ringbuf_size: args.ringbuf_size,
     })?;
     let ring = probes.take_events()?;
+    // Parsing BTF (ours and aya's) peaked at tens of MB, all freed by now.
+    crate::heap::release_freed();
 
     let (tx, rx) = mpsc::channel::<Msg>(QUEUE);
     let agent_lost: Arc<[AtomicU64; KINDS]> = Arc::new(Default::default());

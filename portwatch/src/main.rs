@@ -16,6 +16,7 @@ mod diag;
 mod docker;
 mod enrich;
 mod error;
+mod heap;
 mod metrics;
 mod ops;
 mod prereq;

@@ -1374,7 +1374,15 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
                 p.emit_line("agent", Clock::now_wall_ns(), *r);
             }
             Msg::Lost { kernel, agent } => p.lost(kernel, agent),
-            Msg::Snapshot(s) => p.snapshot(&s),
+            Msg::Snapshot(s) => {
+                let big = s.entries.len() >= crate::heap::TRIM_AFTER_SOCKETS;
+                p.snapshot(&s);
+                // The replaced entries and the snapshot are freed now: give them back.
+                drop(s);
+                if big {
+                    crate::heap::release_freed();
+                }
+            }
             Msg::Attach {
                 filter,
                 since_s,
