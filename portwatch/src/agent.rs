@@ -342,7 +342,7 @@ fn diag_loop(
     let mut first = Some(first);
     loop {
         let wall_ns = Clock::now_wall_ns();
-        let owners = Arc::new(diag::socket_owners());
+        let owners = diag::socket_owners();
         for ns in diag::namespaces() {
             let entries = match diag::dump(&ns) {
                 Ok(e) => e,
@@ -354,14 +354,9 @@ fn diag_loop(
                 }
             };
             let port_range = diag::local_port_range(&ns).ok();
-            let snap = Snapshot {
-                ns,
-                entries,
-                owners: owners.clone(),
-                port_range,
-                report: first.is_none(),
-                wall_ns,
-            };
+            // Prepared here, off the processing thread; the raw dump goes before it is sent.
+            let snap = Snapshot::new(ns, &entries, &owners, port_range, first.is_none(), wall_ns);
+            drop(entries);
             if tx.blocking_send(Msg::Snapshot(Box::new(snap))).is_err() {
                 return;
             }

@@ -17,6 +17,7 @@ use std::{
     net::{IpAddr, SocketAddr, SocketAddrV6},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::PathBuf,
+    sync::Arc,
 };
 
 use netlink_packet_core::{
@@ -34,6 +35,8 @@ use netlink_packet_sock_diag::{
     SockDiagMessage,
 };
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
+
+use crate::table::Owner;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
@@ -78,15 +81,6 @@ pub struct Namespace {
     pub inode: u32,
     /// `/proc/<pid>/ns/net`, `/var/run/netns/<name>`, or `/proc/self/ns/net`.
     pub path: PathBuf,
-}
-
-/// The process that holds a socket's file descriptor.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Owner {
-    pub pid: u32,
-    pub comm: String,
-    /// Effective uid, the one the kernel checks permissions against.
-    pub uid: u32,
 }
 
 const OWN_NS: &str = "/proc/self/ns/net";
@@ -148,8 +142,11 @@ pub fn dump(ns: &Namespace) -> io::Result<Vec<SockEntry>> {
 /// /proc/<pid>/fd. A socket shared by several processes (inherited across fork, as a
 /// pre-forking server's listener is) maps to the lowest pid, usually the parent.
 /// Processes that exit mid-scan or whose fds cannot be read are skipped.
-pub fn socket_owners() -> HashMap<u64, Owner> {
-    let mut owners: HashMap<u64, Owner> = HashMap::new();
+///
+/// One `Owner` per process, shared by all its sockets; its uid is the effective one, the one
+/// the kernel checks permissions against, and its cmdline is left unknown.
+pub fn socket_owners() -> HashMap<u64, Arc<Owner>> {
+    let mut owners: HashMap<u64, Arc<Owner>> = HashMap::new();
     let mut inodes = Vec::new();
     let mut text = String::new();
     for pid in pids() {
@@ -161,21 +158,19 @@ pub fn socket_owners() -> HashMap<u64, Owner> {
         let Some((comm, uid)) = comm_and_uid(pid, &mut text) else {
             continue;
         };
+        let owner = Arc::new(Owner {
+            pid,
+            comm: comm.into(),
+            cmdline: None,
+            uid,
+        });
         for &inode in &inodes {
             match owners.entry(inode) {
                 Entry::Vacant(v) => {
-                    v.insert(Owner {
-                        pid,
-                        comm: comm.clone(),
-                        uid,
-                    });
+                    v.insert(owner.clone());
                 }
                 Entry::Occupied(mut o) if o.get().pid > pid => {
-                    *o.get_mut() = Owner {
-                        pid,
-                        comm: comm.clone(),
-                        uid,
-                    };
+                    *o.get_mut() = owner.clone();
                 }
                 Entry::Occupied(_) => {}
             }
@@ -676,7 +671,7 @@ mod tests {
         let o = owners.get(&inode).expect("listener has no owner");
         assert_eq!(o.pid, std::process::id());
         let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
-        assert_eq!(o.comm, comm.trim_end());
+        assert_eq!(&*o.comm, comm.trim_end());
         assert_eq!(o.uid, unsafe { libc::geteuid() });
     }
 
