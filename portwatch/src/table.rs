@@ -1062,6 +1062,89 @@ mod tests {
         );
     }
 
+    #[test]
+    fn owners_are_shared_per_process() {
+        let mut t = PortTable::default();
+        let a = t.owner(7, "nginx", None, 0);
+        let b = t.owner(7, "nginx", None, 0);
+        assert!(Arc::ptr_eq(&a, &b), "same process, same owner");
+        let cmd: Option<Arc<str>> = Some("nginx -g daemon off;".into());
+        let c = t.owner(7, "nginx", cmd.clone(), 0);
+        assert!(!Arc::ptr_eq(&a, &c), "what events tell changed: a new owner");
+        assert_eq!(c.cmdline, cmd);
+        assert!(Arc::ptr_eq(&c, &t.owner(7, "nginx", cmd.clone(), 0)));
+        let d = t.owner(7, "nginx", cmd.clone(), 1000);
+        assert_eq!((d.pid, d.uid), (7, 1000));
+        assert!(!Arc::ptr_eq(&t.owner(8, "nginx", cmd.clone(), 1000), &d));
+        // Once the process exits a reused pid gets an owner of its own.
+        t.on_exit(7);
+        assert!(!Arc::ptr_eq(&t.owner(7, "nginx", cmd, 1000), &d));
+    }
+
+    #[test]
+    fn addr_keeps_what_identifies_a_socket() {
+        for s in ["127.0.0.1:80", "[::1]:443", "[fe80::1%3]:53", "[::ffff:10.0.0.1]:8"] {
+            let a = sa(s);
+            assert_eq!(SocketAddr::from(Addr::from(a)), a, "{s}");
+            assert_eq!(Addr::from(a).ip(), a.ip());
+            assert_eq!(Addr::from(a).port(), a.port());
+        }
+        assert_ne!(Addr::from(sa("[fe80::1%3]:53")), Addr::from(sa("[fe80::1%4]:53")));
+    }
+
+    /// A listener's port with more sockets than a linear scan handles: they are matched
+    /// by inode, or by address when the table's entry came from events (no inode).
+    #[test]
+    fn reconcile_of_a_big_bucket() {
+        const N: u64 = 100;
+        let mut t = PortTable::default();
+        let conns = |n: u64| -> Vec<SockEntry> {
+            (0..n)
+                .map(|i| {
+                    let remote = format!("10.0.0.1:{}", 40000 + i);
+                    diag(Proto::Tcp, "10.0.0.2:8080", &remote, 1, 1000 + i)
+                })
+                .collect()
+        };
+        let server = |ino: u64| (ino >= 1000).then(|| owner(10, "server").unwrap());
+        let mut snap = conns(N);
+        assert_eq!(t.reconcile(NsSockets::build(1, &snap, &server, 0)), N);
+        // The listener, from events: no inode, its own sk, since and owner.
+        let mut l = entry(Proto::Tcp, "0.0.0.0:8080", TCP_LISTEN, 42);
+        (l.sk, l.since_ns) = (9, 5);
+        t.on_bind(1, l);
+        assert_eq!(t.len(), N as usize + 1);
+        // Next pass, in another order: the listener (with its inode now), two connections
+        // fewer, one new one.
+        snap.reverse();
+        snap.truncate(N as usize - 2);
+        snap.push(diag(Proto::Tcp, "0.0.0.0:8080", "0.0.0.0:0", TCP_LISTEN, 5000));
+        snap.push(diag(Proto::Tcp, "10.0.0.2:8080", "10.0.0.1:50000", 1, 6000));
+        let owners = |ino: u64| match ino {
+            5000 => owner(41, "scanned"),
+            6000 => owner(11, "worker"),
+            i => server(i),
+        };
+        let healed = t.reconcile(NsSockets::build(1, &snap, &owners, 0));
+        assert_eq!(healed, 3, "one new, two gone");
+        assert_eq!(t.drift_healed, N + 3);
+        assert_eq!(t.len(), N as usize);
+        let mut a = attempt("0.0.0.0", 8080, Proto::Tcp);
+        a.op_listen = true;
+        let h = &t.attribute(&a).holders;
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].pid, Some(42), "the owner events saw is kept");
+        assert!(h[0].since.is_some(), "since is kept");
+        let rows: Vec<_> = t.rows().map(|(_, e)| e).collect();
+        let listener = rows.iter().find(|e| e.state == TCP_LISTEN).unwrap();
+        assert_eq!((listener.sk, listener.inode), (9, 5000));
+        let new = rows.iter().find(|e| e.inode == 6000).unwrap();
+        assert_eq!(new.owner.as_ref().map(|o| o.pid), Some(11));
+        assert!(!rows.iter().any(|e| e.inode == 1000 || e.inode == 1001));
+        // Nothing changed: nothing healed.
+        assert_eq!(t.reconcile(NsSockets::build(1, &snap, &owners, 0)), 0);
+    }
+
     fn web1() -> Arc<ContainerRef> {
         Arc::new(ContainerRef {
             id: "99c0b70358a8".into(),
