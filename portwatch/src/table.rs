@@ -1070,7 +1070,10 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b), "same process, same owner");
         let cmd: Option<Arc<str>> = Some("nginx -g daemon off;".into());
         let c = t.owner(7, "nginx", cmd.clone(), 0);
-        assert!(!Arc::ptr_eq(&a, &c), "what events tell changed: a new owner");
+        assert!(
+            !Arc::ptr_eq(&a, &c),
+            "what events tell changed: a new owner"
+        );
         assert_eq!(c.cmdline, cmd);
         assert!(Arc::ptr_eq(&c, &t.owner(7, "nginx", cmd.clone(), 0)));
         let d = t.owner(7, "nginx", cmd.clone(), 1000);
@@ -1083,13 +1086,21 @@ mod tests {
 
     #[test]
     fn addr_keeps_what_identifies_a_socket() {
-        for s in ["127.0.0.1:80", "[::1]:443", "[fe80::1%3]:53", "[::ffff:10.0.0.1]:8"] {
+        for s in [
+            "127.0.0.1:80",
+            "[::1]:443",
+            "[fe80::1%3]:53",
+            "[::ffff:10.0.0.1]:8",
+        ] {
             let a = sa(s);
             assert_eq!(SocketAddr::from(Addr::from(a)), a, "{s}");
             assert_eq!(Addr::from(a).ip(), a.ip());
             assert_eq!(Addr::from(a).port(), a.port());
         }
-        assert_ne!(Addr::from(sa("[fe80::1%3]:53")), Addr::from(sa("[fe80::1%4]:53")));
+        assert_ne!(
+            Addr::from(sa("[fe80::1%3]:53")),
+            Addr::from(sa("[fe80::1%4]:53"))
+        );
     }
 
     /// A listener's port with more sockets than a linear scan handles: they are matched
@@ -1118,7 +1129,13 @@ mod tests {
         // fewer, one new one.
         snap.reverse();
         snap.truncate(N as usize - 2);
-        snap.push(diag(Proto::Tcp, "0.0.0.0:8080", "0.0.0.0:0", TCP_LISTEN, 5000));
+        snap.push(diag(
+            Proto::Tcp,
+            "0.0.0.0:8080",
+            "0.0.0.0:0",
+            TCP_LISTEN,
+            5000,
+        ));
         snap.push(diag(Proto::Tcp, "10.0.0.2:8080", "10.0.0.1:50000", 1, 6000));
         let owners = |ino: u64| match ino {
             5000 => owner(41, "scanned"),
