@@ -34,15 +34,19 @@ use clap::{CommandFactory, Parser};
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result: anyhow::Result<u8> = match cli.command {
-        cli::Command::Run(args) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| anyhow::anyhow!("starting the async runtime failed: {e}"))
-            .and_then(|rt| {
-                rt.block_on(agent::run(args))
-                    .map(|()| 0)
-                    .map_err(Into::into)
-            }),
+        cli::Command::Run(args) => {
+            // The agent lives long and holds a big table: see heap.rs.
+            heap::one_arena();
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| anyhow::anyhow!("starting the async runtime failed: {e}"))
+                .and_then(|rt| {
+                    rt.block_on(agent::run(args))
+                        .map(|()| 0)
+                        .map_err(Into::into)
+                })
+        }
         cli::Command::Tail(a) => tail::run(&a).map(|()| 0).map_err(Into::into),
         cli::Command::Attach(a) => ops::attach(&a).map(|()| 0).map_err(Into::into),
         cli::Command::Ports(a) => ops::ports(&a).map(|()| 0).map_err(Into::into),
