@@ -29,7 +29,7 @@ use crate::{
     error::{Error, Result},
     metrics::{self, Metrics},
     prereq, probes,
-    process::{self, AgentRecord, Msg, Snapshot, KINDS},
+    process::{self, AgentRecord, Msg, SnapshotBuilder, KINDS},
     sink::{self, Output},
 };
 
@@ -342,10 +342,12 @@ fn diag_loop(
     let mut first = Some(first);
     loop {
         let wall_ns = Clock::now_wall_ns();
-        let owners = diag::socket_owners();
+        let owners = Arc::new(diag::socket_owners());
         for ns in diag::namespaces() {
-            let entries = match diag::dump(&ns) {
-                Ok(e) => e,
+            // The snapshot is built here, off the processing thread, as the dump is read.
+            let builder = SnapshotBuilder::new(ns.inode, owners.clone(), first.is_none(), wall_ns);
+            let builder = match diag::dump_into(&ns, builder) {
+                Ok(b) => b,
                 // Its last process just exited: the namespace is gone, nothing to report.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => {
@@ -354,9 +356,7 @@ fn diag_loop(
                 }
             };
             let port_range = diag::local_port_range(&ns).ok();
-            // Prepared here, off the processing thread; the raw dump goes before it is sent.
-            let snap = Snapshot::new(ns, &entries, &owners, port_range, first.is_none(), wall_ns);
-            drop(entries);
+            let snap = builder.finish(ns, port_range);
             if tx.blocking_send(Msg::Snapshot(Box::new(snap))).is_err() {
                 return;
             }

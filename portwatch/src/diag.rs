@@ -134,8 +134,26 @@ pub fn namespaces() -> Vec<Namespace> {
 /// An error of kind `NotFound` means the namespace is gone (its process exited, or the pid
 /// now belongs to a process in another namespace): skip it.
 pub fn dump(ns: &Namespace) -> io::Result<Vec<SockEntry>> {
+    dump_into(ns, Vec::new())
+}
+
+/// Where a dump puts the sockets as it reads them.
+pub trait Sink: Send + 'static {
+    fn push(&mut self, e: SockEntry);
+}
+
+impl Sink for Vec<SockEntry> {
+    fn push(&mut self, e: SockEntry) {
+        Vec::push(self, e);
+    }
+}
+
+/// `dump`, handing each socket to `sink` as it is read rather than collecting them all
+/// first: what the sink keeps of 100k sockets can be much less than 100k `SockEntry`s.
+/// Returns the sink. On error, what it got so far is dropped.
+pub fn dump_into<S: Sink>(ns: &Namespace, sink: S) -> io::Result<S> {
     let inode = ns.inode;
-    in_namespace(ns, "sock_diag dump", move || dump_here(inode))
+    in_namespace(ns, "sock_diag dump", move || dump_here(inode, sink))
 }
 
 /// Socket inode -> the process holding it, like `ss -p`, from one pass over
@@ -273,13 +291,12 @@ const EXPIRES_AT: usize = 4 + size_of::<SocketIdBuffer>();
 const _: () = assert!(MSG_LEN == 72 && EXPIRES_AT == 52);
 
 /// Dumps the namespace the calling thread is in.
-fn dump_here(netns: u32) -> io::Result<Vec<SockEntry>> {
+fn dump_here<S: Sink>(netns: u32, mut out: S) -> io::Result<S> {
     let sock = Socket::new(NETLINK_SOCK_DIAG)
         .map_err(|e| io::Error::new(e.kind(), format!("opening a sock_diag socket: {e}")))?;
     sock.connect(&netlink_sys::SocketAddr::new(0, 0))
         .map_err(|e| io::Error::new(e.kind(), format!("connecting to the kernel: {e}")))?;
     let mut buf = vec![0u8; RECV_BUF];
-    let mut out = Vec::new();
     let mut seq = 0;
     for (protocol, proto) in [(IPPROTO_TCP, Proto::Tcp), (IPPROTO_UDP, Proto::Udp)] {
         for family in [AF_INET, AF_INET6] {
@@ -340,7 +357,7 @@ fn receive(
     seq: u32,
     netns: u32,
     proto: Proto,
-    out: &mut Vec<SockEntry>,
+    out: &mut dyn Sink,
 ) -> io::Result<()> {
     loop {
         let n = loop {

@@ -86,33 +86,98 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// `owners` maps socket inodes to their process (`diag::socket_owners`).
+    /// A snapshot of a dump already read; `owners` maps socket inodes to their process
+    /// (`diag::socket_owners`).
     pub fn new(
         ns: diag::Namespace,
         entries: &[diag::SockEntry],
-        owners: &HashMap<u64, Arc<Owner>>,
+        owners: Arc<HashMap<u64, Arc<Owner>>>,
         port_range: Option<(u16, u16)>,
         report: bool,
         wall_ns: i128,
     ) -> Snapshot {
-        let lookup = |ino: u64| owners.get(&ino).cloned();
-        Snapshot {
-            sockets: NsSockets::build(ns.inode, entries, &lookup, wall_ns),
-            len: entries.len(),
-            counts: if report {
-                TwCounts::of(entries, port_range.unwrap_or(DEFAULT_PORT_RANGE))
-            } else {
-                TwCounts::default()
-            },
-            ns,
-            port_range,
+        let mut b = SnapshotBuilder::new(ns.inode, owners, report, wall_ns);
+        for d in entries {
+            diag::Sink::push(&mut b, *d);
+        }
+        b.finish(ns, port_range)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// Builds a `Snapshot` while sock_diag is read (`diag::dump_into`), so that the raw dump
+/// never is in memory as a whole.
+pub struct SnapshotBuilder {
+    sockets: NsSockets,
+    owners: Arc<HashMap<u64, Arc<Owner>>>,
+    len: usize,
+    /// (local port, remote) of each TIME_WAIT socket, which the table keeps no remote of,
+    /// for the `time_wait` record; only when it is reported.
+    tw: Option<Vec<(u16, IpAddr, u16)>>,
+    report: bool,
+    wall_ns: i128,
+}
+
+impl diag::Sink for SnapshotBuilder {
+    fn push(&mut self, d: diag::SockEntry) {
+        self.len += 1;
+        if let Some(tw) = &mut self.tw {
+            if d.proto == Proto::Tcp && d.state == table::TCP_TIME_WAIT {
+                tw.push((d.local.port(), d.remote.ip(), d.remote.port()));
+            }
+        }
+        let owners = &self.owners;
+        self.sockets.push(&d, &|ino| owners.get(&ino).cloned());
+    }
+}
+
+impl SnapshotBuilder {
+    /// `report`: the snapshot is to emit `time_wait`/`pressure` records (not at start-up).
+    pub fn new(
+        netns: u32,
+        owners: Arc<HashMap<u64, Arc<Owner>>>,
+        report: bool,
+        wall_ns: i128,
+    ) -> SnapshotBuilder {
+        SnapshotBuilder {
+            sockets: NsSockets::new(netns, wall_ns),
+            owners,
+            len: 0,
+            tw: report.then(Vec::new),
             report,
             wall_ns,
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.len
+    pub fn finish(mut self, ns: diag::Namespace, port_range: Option<(u16, u16)>) -> Snapshot {
+        self.sockets.finish();
+        let counts = match self.tw.take() {
+            Some(tw) => {
+                let tcp = self
+                    .sockets
+                    .entries()
+                    .filter(|e| e.proto == Proto::Tcp)
+                    .map(|e| (e.state, e.local.port(), e.remote.ip(), e.remote.port()))
+                    .chain(
+                        tw.iter()
+                            .map(|&(lp, ip, rp)| (table::TCP_TIME_WAIT, lp, ip, rp)),
+                    );
+                TwCounts::of(tcp, port_range.unwrap_or(DEFAULT_PORT_RANGE))
+            }
+            None => TwCounts::default(),
+        };
+        Snapshot {
+            ns,
+            sockets: self.sockets,
+            len: self.len,
+            counts,
+            port_range,
+            report: self.report,
+            wall_ns: self.wall_ns,
+        }
     }
 }
 
@@ -133,35 +198,30 @@ struct TwCounts {
 }
 
 impl TwCounts {
-    fn of(entries: &[diag::SockEntry], range: (u16, u16)) -> TwCounts {
+    /// `tcp`: (state, local port, remote address, remote port) of each TCP socket.
+    fn of(
+        tcp: impl Iterator<Item = (u8, u16, IpAddr, u16)> + Clone,
+        range: (u16, u16),
+    ) -> TwCounts {
         let eph = |p: u16| p >= range.0 && p <= range.1;
-        let mut listening: std::collections::HashSet<u16> = Default::default();
-        for d in entries {
-            if d.proto == diag::Proto::Tcp && d.state == table::TCP_LISTEN {
-                listening.insert(d.local.port());
-            }
-        }
+        let listening: std::collections::HashSet<u16> = tcp
+            .clone()
+            .filter(|s| s.0 == table::TCP_LISTEN)
+            .map(|s| s.1)
+            .collect();
         let mut c = TwCounts::default();
-        for d in entries {
-            if d.proto != diag::Proto::Tcp {
-                continue;
-            }
-            let lp = d.local.port();
+        for (state, lp, rip, rport) in tcp {
             let server_side = listening.contains(&lp) || !eph(lp);
-            if d.state == table::TCP_TIME_WAIT {
+            if state == table::TCP_TIME_WAIT {
                 c.total += 1;
                 if server_side {
                     *c.by_local.entry(lp).or_default() += 1;
                 } else {
-                    *c.by_remote
-                        .entry((d.remote.ip(), d.remote.port()))
-                        .or_default() += 1;
+                    *c.by_remote.entry((rip, rport)).or_default() += 1;
                 }
             }
-            if !server_side && d.remote.port() != 0 && d.state != table::TCP_LISTEN {
-                *c.to_dst
-                    .entry((d.remote.ip(), d.remote.port()))
-                    .or_default() += 1;
+            if !server_side && rport != 0 && state != table::TCP_LISTEN {
+                *c.to_dst.entry((rip, rport)).or_default() += 1;
             }
         }
         c
@@ -577,7 +637,7 @@ impl Processor {
         // Owners of sockets the table did not know: one /proc scan, only on this miss path.
         let owners = diag::socket_owners();
         let wall = Clock::now_wall_ns();
-        let mut snap = Snapshot::new(ns, &entries, &owners, None, false, wall);
+        let mut snap = Snapshot::new(ns, &entries, Arc::new(owners), None, false, wall);
         drop(entries);
         self.reconcile(&mut snap);
         true
@@ -1458,5 +1518,60 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
             }
         }
         p.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sock(local: &str, remote: &str, state: u8, inode: u64) -> diag::SockEntry {
+        diag::SockEntry {
+            netns: 1,
+            proto: Proto::Tcp,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            state,
+            inode,
+            uid: 0,
+            expires_ms: 30_000,
+            v6only: None,
+        }
+    }
+
+    /// The counts come from the table's buckets plus the TIME_WAIT remotes kept aside,
+    /// as they used to come from the raw dump.
+    #[test]
+    fn time_wait_counts_from_a_streamed_snapshot() {
+        let tw = table::TCP_TIME_WAIT;
+        let dst = "10.0.0.9:443";
+        let entries = [
+            // A server on 8080 (not ephemeral) and one on 40000 (ephemeral, but listened on).
+            sock("0.0.0.0:8080", "0.0.0.0:0", table::TCP_LISTEN, 1),
+            sock("0.0.0.0:40000", "0.0.0.0:0", table::TCP_LISTEN, 2),
+            sock("10.0.0.1:8080", "10.0.0.5:50001", tw, 0),
+            sock("10.0.0.1:8080", "10.0.0.5:50002", tw, 0),
+            sock("10.0.0.1:40000", "10.0.0.5:50003", tw, 0),
+            // Client side toward dst: two in use, one in TIME_WAIT.
+            sock("10.0.0.1:41000", dst, 1, 3),
+            sock("10.0.0.1:41001", dst, 1, 4),
+            sock("10.0.0.1:41002", dst, tw, 0),
+        ];
+        let ns = diag::Namespace {
+            inode: 1,
+            path: "/proc/self/ns/net".into(),
+        };
+        let s = Snapshot::new(ns, &entries, Arc::default(), None, true, 0);
+        assert_eq!(s.len(), entries.len());
+        let c = &s.counts;
+        assert_eq!(c.total, 4);
+        assert_eq!(c.by_local, HashMap::from([(8080, 2), (40000, 1)]));
+        let d: (IpAddr, u16) = ("10.0.0.9".parse().unwrap(), 443);
+        assert_eq!(c.by_remote, HashMap::from([(d, 1)]));
+        assert_eq!(c.to_dst, HashMap::from([(d, 3)]));
+        // Not reported (start-up): nothing counted, nothing kept aside.
+        let ns = s.ns.clone();
+        let quiet = Snapshot::new(ns, &entries, Arc::default(), None, false, 0);
+        assert_eq!(quiet.counts.total, 0);
     }
 }

@@ -174,47 +174,69 @@ pub struct PortTable {
 #[derive(Default)]
 pub struct NsSockets {
     netns: u32,
+    /// When the dump was taken: TIME_WAIT expiries count from there.
+    wall_ns: i128,
     ports: HashMap<Key, Bucket>,
     tw: HashMap<(u32, u16), TwBucket>,
 }
 
 impl NsSockets {
-    /// `owners` maps a socket inode to the process holding it.
+    pub fn new(netns: u32, wall_ns: i128) -> NsSockets {
+        NsSockets {
+            netns,
+            wall_ns,
+            ..Default::default()
+        }
+    }
+
+    /// All of a dump at once; `owners` maps a socket inode to the process holding it.
     pub fn build(
         netns: u32,
         entries: &[crate::diag::SockEntry],
         owners: &dyn Fn(u64) -> Option<Arc<Owner>>,
         wall_ns: i128,
     ) -> NsSockets {
-        let mut s = NsSockets {
-            netns,
-            ..Default::default()
-        };
+        let mut s = NsSockets::new(netns, wall_ns);
         for d in entries {
-            if d.proto == Proto::Tcp && d.state == TCP_TIME_WAIT {
-                let exp = wall_ns + i128::from(d.expires_ms) * 1_000_000;
-                let b = s.tw.entry((netns, d.local.port())).or_default();
-                match b.iter_mut().find(|(a, _)| *a == d.local.ip()) {
-                    Some((_, q)) => q.push_back(exp),
-                    None => b.push((d.local.ip(), VecDeque::from([exp]))),
-                }
-                continue;
-            }
-            let owner = if d.inode != 0 { owners(d.inode) } else { None };
-            s.ports
-                .entry((netns, d.proto, d.local.port()))
-                .or_default()
-                .push(Entry::from_diag(d, owner));
+            s.push(d, owners);
         }
-        for q in s.tw.values_mut().flatten().map(|(_, q)| q) {
+        s.finish();
+        s
+    }
+
+    /// One socket of the dump, as it is read.
+    pub fn push(&mut self, d: &crate::diag::SockEntry, owners: &dyn Fn(u64) -> Option<Arc<Owner>>) {
+        if d.proto == Proto::Tcp && d.state == TCP_TIME_WAIT {
+            let exp = self.wall_ns + i128::from(d.expires_ms) * 1_000_000;
+            let b = self.tw.entry((self.netns, d.local.port())).or_default();
+            match b.iter_mut().find(|(a, _)| *a == d.local.ip()) {
+                Some((_, q)) => q.push_back(exp),
+                None => b.push((d.local.ip(), VecDeque::from([exp]))),
+            }
+            return;
+        }
+        let owner = if d.inode != 0 { owners(d.inode) } else { None };
+        self.ports
+            .entry((self.netns, d.proto, d.local.port()))
+            .or_default()
+            .push(Entry::from_diag(d, owner));
+    }
+
+    /// After the last `push`.
+    pub fn finish(&mut self) {
+        for q in self.tw.values_mut().flatten().map(|(_, q)| q) {
             q.make_contiguous().sort_unstable();
         }
         // A Vec's first push reserves room for 4 entries; most buckets hold one socket
         // (a connection's own ephemeral port), so this halves the table's size.
-        for b in s.ports.values_mut() {
+        for b in self.ports.values_mut() {
             b.shrink_to_fit();
         }
-        s
+    }
+
+    /// The sockets other than TIME_WAIT.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> + Clone {
+        self.ports.values().flatten()
     }
 }
 
