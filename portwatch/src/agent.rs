@@ -30,7 +30,7 @@ use crate::{
     heap,
     metrics::{self, Metrics},
     prereq, probes,
-    process::{self, AgentRecord, Msg, Snapshot, KINDS},
+    process::{self, AgentRecord, Msg, SnapshotBuilder, KINDS},
     sink::{self, Output},
 };
 
@@ -115,6 +115,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ringbuf_size: args.ringbuf_size,
     })?;
     let ring = probes.take_events()?;
+    // Parsing BTF (ours and aya's) peaked at tens of MB, all freed by now.
+    crate::heap::trim();
 
     let (tx, rx) = mpsc::channel::<Msg>(QUEUE);
     let agent_lost: Arc<[AtomicU64; KINDS]> = Arc::new(Default::default());
@@ -360,8 +362,10 @@ fn diag_loop(
         let wall_ns = Clock::now_wall_ns();
         let owners = Arc::new(diag::socket_owners());
         for ns in diag::namespaces() {
-            let entries = match diag::dump(&ns) {
-                Ok(e) => e,
+            // The snapshot is built here, off the processing thread, as the dump is read.
+            let builder = SnapshotBuilder::new(ns.inode, owners.clone(), first.is_none(), wall_ns);
+            let builder = match diag::dump_into(&ns, builder) {
+                Ok(b) => b,
                 // Its last process just exited: the namespace is gone, nothing to report.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => {
@@ -370,14 +374,7 @@ fn diag_loop(
                 }
             };
             let port_range = diag::local_port_range(&ns).ok();
-            let snap = Snapshot {
-                ns,
-                entries,
-                owners: owners.clone(),
-                port_range,
-                report: first.is_none(),
-                wall_ns,
-            };
+            let snap = builder.finish(ns, port_range);
             if tx.blocking_send(Msg::Snapshot(Box::new(snap))).is_err() {
                 return;
             }

@@ -17,6 +17,7 @@ use std::{
     net::{IpAddr, SocketAddr, SocketAddrV6},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::PathBuf,
+    sync::Arc,
 };
 
 use netlink_packet_core::{
@@ -34,6 +35,8 @@ use netlink_packet_sock_diag::{
     SockDiagMessage,
 };
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
+
+use crate::table::Owner;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
@@ -78,15 +81,6 @@ pub struct Namespace {
     pub inode: u32,
     /// `/proc/<pid>/ns/net`, `/var/run/netns/<name>`, or `/proc/self/ns/net`.
     pub path: PathBuf,
-}
-
-/// The process that holds a socket's file descriptor.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Owner {
-    pub pid: u32,
-    pub comm: String,
-    /// Effective uid, the one the kernel checks permissions against.
-    pub uid: u32,
 }
 
 const OWN_NS: &str = "/proc/self/ns/net";
@@ -140,16 +134,37 @@ pub fn namespaces() -> Vec<Namespace> {
 /// An error of kind `NotFound` means the namespace is gone (its process exited, or the pid
 /// now belongs to a process in another namespace): skip it.
 pub fn dump(ns: &Namespace) -> io::Result<Vec<SockEntry>> {
+    dump_into(ns, Vec::new())
+}
+
+/// Where a dump puts the sockets as it reads them.
+pub trait Sink: Send + 'static {
+    fn push(&mut self, e: SockEntry);
+}
+
+impl Sink for Vec<SockEntry> {
+    fn push(&mut self, e: SockEntry) {
+        Vec::push(self, e);
+    }
+}
+
+/// `dump`, handing each socket to `sink` as it is read rather than collecting them all
+/// first: what the sink keeps of 100k sockets can be much less than 100k `SockEntry`s.
+/// Returns the sink. On error, what it got so far is dropped.
+pub fn dump_into<S: Sink>(ns: &Namespace, sink: S) -> io::Result<S> {
     let inode = ns.inode;
-    in_namespace(ns, "sock_diag dump", move || dump_here(inode))
+    in_namespace(ns, "sock_diag dump", move || dump_here(inode, sink))
 }
 
 /// Socket inode -> the process holding it, like `ss -p`, from one pass over
 /// /proc/<pid>/fd. A socket shared by several processes (inherited across fork, as a
 /// pre-forking server's listener is) maps to the lowest pid, usually the parent.
 /// Processes that exit mid-scan or whose fds cannot be read are skipped.
-pub fn socket_owners() -> HashMap<u64, Owner> {
-    let mut owners: HashMap<u64, Owner> = HashMap::new();
+///
+/// One `Owner` per process, shared by all its sockets; its uid is the effective one, the one
+/// the kernel checks permissions against, and its cmdline is left unknown.
+pub fn socket_owners() -> HashMap<u64, Arc<Owner>> {
+    let mut owners: HashMap<u64, Arc<Owner>> = HashMap::new();
     let mut inodes = Vec::new();
     let mut text = String::new();
     for pid in pids() {
@@ -161,21 +176,19 @@ pub fn socket_owners() -> HashMap<u64, Owner> {
         let Some((comm, uid)) = comm_and_uid(pid, &mut text) else {
             continue;
         };
+        let owner = Arc::new(Owner {
+            pid,
+            comm: comm.into(),
+            cmdline: None,
+            uid,
+        });
         for &inode in &inodes {
             match owners.entry(inode) {
                 Entry::Vacant(v) => {
-                    v.insert(Owner {
-                        pid,
-                        comm: comm.clone(),
-                        uid,
-                    });
+                    v.insert(owner.clone());
                 }
                 Entry::Occupied(mut o) if o.get().pid > pid => {
-                    *o.get_mut() = Owner {
-                        pid,
-                        comm: comm.clone(),
-                        uid,
-                    };
+                    *o.get_mut() = owner.clone();
                 }
                 Entry::Occupied(_) => {}
             }
@@ -278,13 +291,12 @@ const EXPIRES_AT: usize = 4 + size_of::<SocketIdBuffer>();
 const _: () = assert!(MSG_LEN == 72 && EXPIRES_AT == 52);
 
 /// Dumps the namespace the calling thread is in.
-fn dump_here(netns: u32) -> io::Result<Vec<SockEntry>> {
+fn dump_here<S: Sink>(netns: u32, mut out: S) -> io::Result<S> {
     let sock = Socket::new(NETLINK_SOCK_DIAG)
         .map_err(|e| io::Error::new(e.kind(), format!("opening a sock_diag socket: {e}")))?;
     sock.connect(&netlink_sys::SocketAddr::new(0, 0))
         .map_err(|e| io::Error::new(e.kind(), format!("connecting to the kernel: {e}")))?;
     let mut buf = vec![0u8; RECV_BUF];
-    let mut out = Vec::new();
     let mut seq = 0;
     for (protocol, proto) in [(IPPROTO_TCP, Proto::Tcp), (IPPROTO_UDP, Proto::Udp)] {
         for family in [AF_INET, AF_INET6] {
@@ -345,7 +357,7 @@ fn receive(
     seq: u32,
     netns: u32,
     proto: Proto,
-    out: &mut Vec<SockEntry>,
+    out: &mut dyn Sink,
 ) -> io::Result<()> {
     loop {
         let n = loop {
@@ -678,7 +690,7 @@ mod tests {
         let o = owners.get(&inode).expect("listener has no owner");
         assert_eq!(o.pid, std::process::id());
         let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
-        assert_eq!(o.comm, comm.trim_end());
+        assert_eq!(&*o.comm, comm.trim_end());
         assert_eq!(o.uid, unsafe { libc::geteuid() });
     }
 

@@ -7,7 +7,6 @@ use std::{
     io::{BufRead, IsTerminal, Write},
     net::{IpAddr, SocketAddr},
     path::Path,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -19,7 +18,7 @@ use crate::{
     decode::Clock,
     diag,
     error::{Error, Result},
-    table::{self, Attempt, Entry, Owner, PortTable, Proto},
+    table::{self, Attempt, NsSockets, PortTable, Proto},
 };
 
 // ---- rendering ----
@@ -251,16 +250,8 @@ fn snapshot_table() -> (PortTable, usize) {
         let Ok(entries) = diag::dump(ns) else {
             continue;
         };
-        let entries = entries.iter().map(|d| Entry::from_diag(d, wall)).collect();
-        let lookup = |ino: u64| {
-            owners.get(&ino).map(|o| Owner {
-                pid: o.pid,
-                comm: Arc::from(o.comm.as_str()),
-                cmdline: None,
-                uid: o.uid,
-            })
-        };
-        t.reconcile(ns.inode, entries, &lookup, wall);
+        let lookup = |ino: u64| owners.get(&ino).cloned();
+        t.reconcile(NsSockets::build(ns.inode, &entries, &lookup, wall));
     }
     (t, nss.len())
 }

@@ -26,7 +26,7 @@ use crate::{
     metrics::Metrics,
     record::{self, Header},
     sink::{LogEvent, Output},
-    table::{self, Attempt, Entry, Owner, Placement, PortTable, Proto},
+    table::{self, Attempt, Entry, NsSockets, Owner, Placement, PortTable, Proto},
 };
 
 /// How long a failed docker-proxy/dockerd bind waits for the daemon to say which container
@@ -68,14 +68,164 @@ pub enum Msg {
     Stop,
 }
 
+/// One namespace's sock_diag dump, prepared by `Snapshot::new` on the thread that took it
+/// (everything but matching it against the table), so the processing thread spends little
+/// time on it and the raw dump is freed before it is sent.
 pub struct Snapshot {
     pub ns: diag::Namespace,
-    pub entries: Vec<diag::SockEntry>,
-    pub owners: Arc<HashMap<u64, diag::Owner>>,
-    pub port_range: Option<(u16, u16)>,
+    /// The sockets in the table's layout; the reconciliation takes them.
+    sockets: NsSockets,
+    /// Sockets in the dump, TIME_WAIT included.
+    len: usize,
+    /// What `time_wait`/`pressure` records need from the dump.
+    counts: TwCounts,
+    port_range: Option<(u16, u16)>,
     /// Emit `time_wait`/`pressure` records for it (false for the start-up snapshot).
-    pub report: bool,
-    pub wall_ns: i128,
+    report: bool,
+    wall_ns: i128,
+}
+
+impl Snapshot {
+    /// A snapshot of a dump already read; `owners` maps socket inodes to their process
+    /// (`diag::socket_owners`).
+    pub fn new(
+        ns: diag::Namespace,
+        entries: &[diag::SockEntry],
+        owners: Arc<HashMap<u64, Arc<Owner>>>,
+        port_range: Option<(u16, u16)>,
+        report: bool,
+        wall_ns: i128,
+    ) -> Snapshot {
+        let mut b = SnapshotBuilder::new(ns.inode, owners, report, wall_ns);
+        for d in entries {
+            diag::Sink::push(&mut b, *d);
+        }
+        b.finish(ns, port_range)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// Builds a `Snapshot` while sock_diag is read (`diag::dump_into`), so that the raw dump
+/// never is in memory as a whole.
+pub struct SnapshotBuilder {
+    sockets: NsSockets,
+    owners: Arc<HashMap<u64, Arc<Owner>>>,
+    len: usize,
+    /// (local port, remote) of each TIME_WAIT socket, which the table keeps no remote of,
+    /// for the `time_wait` record; only when it is reported.
+    tw: Option<Vec<(u16, IpAddr, u16)>>,
+    report: bool,
+    wall_ns: i128,
+}
+
+impl diag::Sink for SnapshotBuilder {
+    fn push(&mut self, d: diag::SockEntry) {
+        self.len += 1;
+        if let Some(tw) = &mut self.tw {
+            if d.proto == Proto::Tcp && d.state == table::TCP_TIME_WAIT {
+                tw.push((d.local.port(), d.remote.ip(), d.remote.port()));
+            }
+        }
+        let owners = &self.owners;
+        self.sockets.push(&d, &|ino| owners.get(&ino).cloned());
+    }
+}
+
+impl SnapshotBuilder {
+    /// `report`: the snapshot is to emit `time_wait`/`pressure` records (not at start-up).
+    pub fn new(
+        netns: u32,
+        owners: Arc<HashMap<u64, Arc<Owner>>>,
+        report: bool,
+        wall_ns: i128,
+    ) -> SnapshotBuilder {
+        SnapshotBuilder {
+            sockets: NsSockets::new(netns, wall_ns),
+            owners,
+            len: 0,
+            tw: report.then(Vec::new),
+            report,
+            wall_ns,
+        }
+    }
+
+    pub fn finish(mut self, ns: diag::Namespace, port_range: Option<(u16, u16)>) -> Snapshot {
+        self.sockets.finish();
+        let counts = match self.tw.take() {
+            Some(tw) => {
+                let tcp = self
+                    .sockets
+                    .entries()
+                    .filter(|e| e.proto == Proto::Tcp)
+                    .map(|e| (e.state, e.local.port(), e.remote.ip(), e.remote.port()))
+                    .chain(
+                        tw.iter()
+                            .map(|&(lp, ip, rp)| (table::TCP_TIME_WAIT, lp, ip, rp)),
+                    );
+                TwCounts::of(tcp, port_range.unwrap_or(DEFAULT_PORT_RANGE))
+            }
+            None => TwCounts::default(),
+        };
+        Snapshot {
+            ns,
+            sockets: self.sockets,
+            len: self.len,
+            counts,
+            port_range,
+            report: self.report,
+            wall_ns: self.wall_ns,
+        }
+    }
+}
+
+/// Linux's default net.ipv4.ip_local_port_range.
+const DEFAULT_PORT_RANGE: (u16, u16) = (32768, 60999);
+
+/// TCP sockets of one namespace counted for the `time_wait` and `pressure` records.
+#[derive(Default)]
+struct TwCounts {
+    /// TIME_WAIT sockets.
+    total: u64,
+    /// Server-side TIME_WAIT (local port listened on, or not ephemeral) by local port.
+    by_local: HashMap<u16, u64>,
+    /// Client-side TIME_WAIT by destination.
+    by_remote: HashMap<(IpAddr, u16), u64>,
+    /// Local ephemeral ports in use toward each destination, in any TCP state.
+    to_dst: HashMap<(IpAddr, u16), u64>,
+}
+
+impl TwCounts {
+    /// `tcp`: (state, local port, remote address, remote port) of each TCP socket.
+    fn of(
+        tcp: impl Iterator<Item = (u8, u16, IpAddr, u16)> + Clone,
+        range: (u16, u16),
+    ) -> TwCounts {
+        let eph = |p: u16| p >= range.0 && p <= range.1;
+        let listening: std::collections::HashSet<u16> = tcp
+            .clone()
+            .filter(|s| s.0 == table::TCP_LISTEN)
+            .map(|s| s.1)
+            .collect();
+        let mut c = TwCounts::default();
+        for (state, lp, rip, rport) in tcp {
+            let server_side = listening.contains(&lp) || !eph(lp);
+            if state == table::TCP_TIME_WAIT {
+                c.total += 1;
+                if server_side {
+                    *c.by_local.entry(lp).or_default() += 1;
+                } else {
+                    *c.by_remote.entry((rip, rport)).or_default() += 1;
+                }
+            }
+            if !server_side && rport != 0 && state != table::TCP_LISTEN {
+                *c.to_dst.entry((rip, rport)).or_default() += 1;
+            }
+        }
+        c
+    }
 }
 
 /// `type: "agent"`: lifecycle of the agent itself.
@@ -393,31 +543,26 @@ impl Processor {
         self.cfg.host = host;
     }
 
-    fn owner_of(&mut self, e: &Event) -> Owner {
+    fn owner_of(&mut self, e: &Event) -> Arc<Owner> {
         let comm = decode::comm(&e.comm);
-        Owner {
-            pid: e.pid,
-            cmdline: self.procs.cmdline(e.pid, e.tid, &comm),
-            comm: Arc::from(comm.as_ref()),
-            uid: e.uid,
-        }
+        let cmdline = self.procs.cmdline(e.pid, e.tid, &comm);
+        self.table.owner(e.pid, &comm, cmdline, e.uid)
     }
 
     /// Keep the port table current from one kernel event.
     fn update_table(&mut self, e: &Event, k: Kind, netns: u32, wall: i128) {
         let local = SocketAddr::new(decode::ip(e.family, &e.addr), e.port);
         let remote = SocketAddr::new(decode::ip(e.family, &e.raddr), e.rport);
-        let entry = |state: u8, owner: Option<Owner>, proto: Proto| Entry {
+        let entry = |state: u8, owner: Option<Arc<Owner>>, proto: Proto| Entry {
             proto,
-            local,
-            remote,
+            local: local.into(),
+            remote: remote.into(),
             state,
             inode: 0,
             sk: e.sk,
             owner,
-            since_ns: Some(wall),
+            since_ns: wall as i64,
             v6only: None,
-            expires_ns: None,
         };
         match k {
             Kind::Bind if e.ret == 0 => {
@@ -444,8 +589,7 @@ impl Processor {
             }
             Kind::TcpState => {
                 let (old, new) = (e.old_state as u8, e.new_state as u8);
-                let mut en = entry(table::TCP_TIME_WAIT, None, Proto::Tcp);
-                en.since_ns = Some(wall);
+                let en = entry(table::TCP_TIME_WAIT, None, Proto::Tcp);
                 self.table.on_tcp_state(netns, &en, old, new);
                 if new == table::TCP_CLOSE && (old == 5 || old == 11) {
                     self.tw.entry(netns).or_default().entered += 1;
@@ -493,15 +637,9 @@ impl Processor {
         // Owners of sockets the table did not know: one /proc scan, only on this miss path.
         let owners = diag::socket_owners();
         let wall = Clock::now_wall_ns();
-        let snap = Snapshot {
-            ns,
-            entries,
-            owners: Arc::new(owners),
-            port_range: None,
-            report: false,
-            wall_ns: wall,
-        };
-        self.reconcile(&snap);
+        let mut snap = Snapshot::new(ns, &entries, Arc::new(owners), None, false, wall);
+        drop(entries);
+        self.reconcile(&mut snap);
         true
     }
 
@@ -881,33 +1019,19 @@ impl Processor {
         })
     }
 
-    fn reconcile(&mut self, s: &Snapshot) -> u64 {
+    fn reconcile(&mut self, s: &mut Snapshot) -> u64 {
         self.ns_paths.insert(s.ns.inode, s.ns.path.clone());
-        let entries: Vec<Entry> = s
-            .entries
-            .iter()
-            .map(|d| Entry::from_diag(d, s.wall_ns))
-            .collect();
-        let owners = s.owners.clone();
-        let lookup = move |ino: u64| {
-            owners.get(&ino).map(|o| Owner {
-                pid: o.pid,
-                comm: Arc::from(o.comm.as_str()),
-                cmdline: None,
-                uid: o.uid,
-            })
-        };
-        self.table
-            .reconcile(s.ns.inode, entries, &lookup, s.wall_ns)
+        let sockets = std::mem::take(&mut s.sockets);
+        self.table.reconcile(sockets)
     }
 
-    fn snapshot(&mut self, s: &Snapshot) {
+    fn snapshot(&mut self, s: &mut Snapshot) {
         let t = Instant::now();
         self.reconcile(s);
         // The cost of one pass on the processing thread, for `status` and the metrics.
-        self.last_reconcile = (s.entries.len(), t.elapsed());
+        self.last_reconcile = (s.len, t.elapsed());
         if let Some(m) = &self.cfg.metrics {
-            m.set_reconcile(s.entries.len(), self.last_reconcile.1);
+            m.set_reconcile(s.len, self.last_reconcile.1);
             m.set_table_size(self.table.len());
             m.set_log_errors(self.out.log_errors());
         }
@@ -918,41 +1042,15 @@ impl Processor {
 
     /// One `time_wait` record per namespace with any TIME_WAIT, and `pressure` records when
     /// a destination takes more than the threshold of the ephemeral range.
-    fn time_wait(&mut self, s: &Snapshot) {
+    fn time_wait(&mut self, s: &mut Snapshot) {
         let netns = s.ns.inode;
-        let range = s.port_range.unwrap_or((32768, 60999));
-        let eph = |p: u16| p >= range.0 && p <= range.1;
-        let mut listening: std::collections::HashSet<u16> = Default::default();
-        for d in &s.entries {
-            if d.proto == diag::Proto::Tcp && d.state == table::TCP_LISTEN {
-                listening.insert(d.local.port());
-            }
-        }
-        let mut total = 0u64;
-        let mut by_local: HashMap<u16, u64> = HashMap::new();
-        let mut by_remote: HashMap<(IpAddr, u16), u64> = HashMap::new();
-        // Local ephemeral ports in use toward each destination, in any TCP state.
-        let mut to_dst: HashMap<(IpAddr, u16), u64> = HashMap::new();
-        for d in &s.entries {
-            if d.proto != diag::Proto::Tcp {
-                continue;
-            }
-            let lp = d.local.port();
-            let server_side = listening.contains(&lp) || !eph(lp);
-            if d.state == table::TCP_TIME_WAIT {
-                total += 1;
-                if server_side {
-                    *by_local.entry(lp).or_default() += 1;
-                } else {
-                    *by_remote
-                        .entry((d.remote.ip(), d.remote.port()))
-                        .or_default() += 1;
-                }
-            }
-            if !server_side && d.remote.port() != 0 && d.state != table::TCP_LISTEN {
-                *to_dst.entry((d.remote.ip(), d.remote.port())).or_default() += 1;
-            }
-        }
+        let range = s.port_range.unwrap_or(DEFAULT_PORT_RANGE);
+        let TwCounts {
+            total,
+            by_local,
+            by_remote,
+            to_dst,
+        } = std::mem::take(&mut s.counts);
         let size = f64::from(range.1.saturating_sub(range.0)) + 1.0;
         let busiest = to_dst
             .iter()
@@ -1379,7 +1477,15 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
                 p.emit_line("agent", Clock::now_wall_ns(), *r);
             }
             Msg::Lost { kernel, agent } => p.lost(kernel, agent),
-            Msg::Snapshot(s) => p.snapshot(&s),
+            Msg::Snapshot(mut s) => {
+                let big = s.len() >= crate::heap::TRIM_AFTER_SOCKETS;
+                p.snapshot(&mut s);
+                // The replaced entries and the snapshot are freed now: give them back.
+                drop(s);
+                if big {
+                    crate::heap::trim();
+                }
+            }
             Msg::Attach {
                 filter,
                 since_s,
@@ -1427,5 +1533,60 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
             }
         }
         p.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sock(local: &str, remote: &str, state: u8, inode: u64) -> diag::SockEntry {
+        diag::SockEntry {
+            netns: 1,
+            proto: Proto::Tcp,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            state,
+            inode,
+            uid: 0,
+            expires_ms: 30_000,
+            v6only: None,
+        }
+    }
+
+    /// The counts come from the table's buckets plus the TIME_WAIT remotes kept aside,
+    /// as they used to come from the raw dump.
+    #[test]
+    fn time_wait_counts_from_a_streamed_snapshot() {
+        let tw = table::TCP_TIME_WAIT;
+        let dst = "10.0.0.9:443";
+        let entries = [
+            // A server on 8080 (not ephemeral) and one on 40000 (ephemeral, but listened on).
+            sock("0.0.0.0:8080", "0.0.0.0:0", table::TCP_LISTEN, 1),
+            sock("0.0.0.0:40000", "0.0.0.0:0", table::TCP_LISTEN, 2),
+            sock("10.0.0.1:8080", "10.0.0.5:50001", tw, 0),
+            sock("10.0.0.1:8080", "10.0.0.5:50002", tw, 0),
+            sock("10.0.0.1:40000", "10.0.0.5:50003", tw, 0),
+            // Client side toward dst: two in use, one in TIME_WAIT.
+            sock("10.0.0.1:41000", dst, 1, 3),
+            sock("10.0.0.1:41001", dst, 1, 4),
+            sock("10.0.0.1:41002", dst, tw, 0),
+        ];
+        let ns = diag::Namespace {
+            inode: 1,
+            path: "/proc/self/ns/net".into(),
+        };
+        let s = Snapshot::new(ns, &entries, Arc::default(), None, true, 0);
+        assert_eq!(s.len(), entries.len());
+        let c = &s.counts;
+        assert_eq!(c.total, 4);
+        assert_eq!(c.by_local, HashMap::from([(8080, 2), (40000, 1)]));
+        let d: (IpAddr, u16) = ("10.0.0.9".parse().unwrap(), 443);
+        assert_eq!(c.by_remote, HashMap::from([(d, 1)]));
+        assert_eq!(c.to_dst, HashMap::from([(d, 3)]));
+        // Not reported (start-up): nothing counted, nothing kept aside.
+        let ns = s.ns.clone();
+        let quiet = Snapshot::new(ns, &entries, Arc::default(), None, false, 0);
+        assert_eq!(quiet.counts.total, 0);
     }
 }

@@ -10,7 +10,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, SocketAddr, SocketAddrV6},
     sync::Arc,
 };
 
@@ -23,7 +23,8 @@ pub const TCP_TIME_WAIT: u8 = 6;
 pub const TCP_CLOSE: u8 = 7;
 pub const TCP_LISTEN: u8 = 10;
 
-/// Who owns a socket.
+/// Who owns a socket. Shared: every socket of a process points at one `Owner` (a server
+/// with 50k connections holds one, not 50k copies), see `PortTable::owner`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     pub pid: u32,
@@ -32,39 +33,84 @@ pub struct Owner {
     pub uid: u32,
 }
 
-#[derive(Debug, Clone)]
-pub struct Entry {
-    pub proto: Proto,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    /// Kernel state number (TCP); UDP sockets keep what sock_diag reports.
-    pub state: u8,
-    pub inode: u64,
-    /// Kernel `struct sock` address from events (0 when only sock_diag saw it).
-    pub sk: u64,
-    pub owner: Option<Owner>,
-    /// Wall-clock ns when portwatch saw it bound, if it did.
-    pub since_ns: Option<i128>,
-    pub v6only: Option<bool>,
-    /// Wall-clock ns at which a TIME_WAIT socket expires.
-    pub expires_ns: Option<i128>,
+/// A socket address in 24 bytes instead of `SocketAddr`'s 32: IPv6 flow info is never
+/// kept, and the scope id is kept as a plain number (it is only set for link-local IPv6,
+/// where it tells interfaces apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Addr {
+    ip: IpAddr,
+    port: u16,
+    scope: u32,
 }
 
+impl Addr {
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl From<SocketAddr> for Addr {
+    fn from(a: SocketAddr) -> Addr {
+        let scope = match a {
+            SocketAddr::V6(v6) => v6.scope_id(),
+            SocketAddr::V4(_) => 0,
+        };
+        Addr {
+            ip: a.ip(),
+            port: a.port(),
+            scope,
+        }
+    }
+}
+
+impl From<Addr> for SocketAddr {
+    fn from(a: Addr) -> SocketAddr {
+        match a.ip {
+            IpAddr::V6(v6) => SocketAddr::V6(SocketAddrV6::new(v6, a.port, 0, a.scope)),
+            v4 => SocketAddr::new(v4, a.port),
+        }
+    }
+}
+
+/// One socket of the table: 80 bytes. A table of 100k sockets is mostly these.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Kernel `struct sock` address from events (0 when only sock_diag saw it).
+    pub sk: u64,
+    pub owner: Option<Arc<Owner>>,
+    /// Wall-clock ns when portwatch saw it bound; 0 if it did not.
+    pub since_ns: i64,
+    pub local: Addr,
+    pub remote: Addr,
+    /// Socket inode (sock_diag reports 32 bits); 0 if unknown or none (TIME_WAIT).
+    pub inode: u32,
+    pub proto: Proto,
+    /// Kernel state number (TCP); UDP sockets keep what sock_diag reports.
+    pub state: u8,
+    pub v6only: Option<bool>,
+}
+
+const _: () = assert!(std::mem::size_of::<Entry>() == 80);
+
 impl Entry {
-    /// A socket as sock_diag reported it at `wall_ns`; owner and since are unknown yet.
-    pub fn from_diag(d: &crate::diag::SockEntry, wall_ns: i128) -> Entry {
+    /// A socket as sock_diag reported it, with the owner the /proc scan found for it;
+    /// since is unknown.
+    pub fn from_diag(d: &crate::diag::SockEntry, owner: Option<Arc<Owner>>) -> Entry {
         Entry {
             proto: d.proto,
-            local: d.local,
-            remote: d.remote,
+            local: d.local.into(),
+            remote: d.remote.into(),
             state: d.state,
-            inode: d.inode,
+            // sock_diag's idiag_inode is 32 bits wide.
+            inode: d.inode as u32,
             sk: 0,
-            owner: None,
-            since_ns: None,
+            owner,
+            since_ns: 0,
             v6only: d.v6only,
-            expires_ns: (d.state == TCP_TIME_WAIT)
-                .then(|| wall_ns + i128::from(d.expires_ms) * 1_000_000),
         }
     }
 
@@ -78,14 +124,29 @@ impl Entry {
         }
     }
 
-    fn same_socket(&self, o: &Entry) -> bool {
-        (self.inode != 0 && self.inode == o.inode)
-            || (self.proto == o.proto
-                && self.local == o.local
-                && self.remote == o.remote
-                && (self.state == TCP_TIME_WAIT) == (o.state == TCP_TIME_WAIT))
+    /// What identifies a socket without its inode (one the events added has none).
+    fn addr_key(&self) -> AddrKey {
+        (
+            self.proto,
+            self.local,
+            self.remote,
+            self.state == TCP_TIME_WAIT,
+        )
+    }
+
+    /// What reconciliation carries over from the entry the table had for the same socket:
+    /// what only events know (when it was bound, its `struct sock`) and the owner they saw
+    /// bind it, which is exact where the /proc scan only finds some holder of the fd.
+    fn carry_from(&mut self, old: Entry) {
+        if old.owner.is_some() {
+            self.owner = old.owner;
+        }
+        self.since_ns = old.since_ns;
+        self.sk = old.sk;
     }
 }
+
+type AddrKey = (Proto, Addr, Addr, bool);
 
 type Bucket = Vec<Entry>;
 
@@ -101,8 +162,159 @@ type TwBucket = Vec<(IpAddr, VecDeque<i128>)>;
 pub struct PortTable {
     ports: HashMap<Key, Bucket>,
     tw: HashMap<(u32, u16), TwBucket>,
+    /// The owner of each process that bound something, shared by all its entries.
+    owners: HashMap<u32, Arc<Owner>>,
     /// Entries healed by reconciliation (added or removed), since start.
     pub drift_healed: u64,
+}
+
+/// One namespace's sockets from sock_diag, already in the table's layout (buckets by port,
+/// owners looked up, TIME_WAIT expiries sorted). Built off the processing thread, so that
+/// `PortTable::reconcile` only has to match it against the table and swap it in.
+#[derive(Default)]
+pub struct NsSockets {
+    netns: u32,
+    /// When the dump was taken: TIME_WAIT expiries count from there.
+    wall_ns: i128,
+    ports: HashMap<Key, Bucket>,
+    tw: HashMap<(u32, u16), TwBucket>,
+}
+
+impl NsSockets {
+    pub fn new(netns: u32, wall_ns: i128) -> NsSockets {
+        NsSockets {
+            netns,
+            wall_ns,
+            ..Default::default()
+        }
+    }
+
+    /// All of a dump at once; `owners` maps a socket inode to the process holding it.
+    pub fn build(
+        netns: u32,
+        entries: &[crate::diag::SockEntry],
+        owners: &dyn Fn(u64) -> Option<Arc<Owner>>,
+        wall_ns: i128,
+    ) -> NsSockets {
+        let mut s = NsSockets::new(netns, wall_ns);
+        for d in entries {
+            s.push(d, owners);
+        }
+        s.finish();
+        s
+    }
+
+    /// One socket of the dump, as it is read.
+    pub fn push(&mut self, d: &crate::diag::SockEntry, owners: &dyn Fn(u64) -> Option<Arc<Owner>>) {
+        if d.proto == Proto::Tcp && d.state == TCP_TIME_WAIT {
+            let exp = self.wall_ns + i128::from(d.expires_ms) * 1_000_000;
+            let b = self.tw.entry((self.netns, d.local.port())).or_default();
+            match b.iter_mut().find(|(a, _)| *a == d.local.ip()) {
+                Some((_, q)) => q.push_back(exp),
+                None => b.push((d.local.ip(), VecDeque::from([exp]))),
+            }
+            return;
+        }
+        let owner = if d.inode != 0 { owners(d.inode) } else { None };
+        self.ports
+            .entry((self.netns, d.proto, d.local.port()))
+            .or_default()
+            .push(Entry::from_diag(d, owner));
+    }
+
+    /// After the last `push`.
+    pub fn finish(&mut self) {
+        for q in self.tw.values_mut().flatten().map(|(_, q)| q) {
+            q.make_contiguous().sort_unstable();
+        }
+        // A Vec's first push reserves room for 4 entries; most buckets hold one socket
+        // (a connection's own ephemeral port), so this halves the table's size.
+        for b in self.ports.values_mut() {
+            b.shrink_to_fit();
+        }
+    }
+
+    /// The sockets other than TIME_WAIT.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> + Clone {
+        self.ports.values().flatten()
+    }
+}
+
+/// Buckets up to this size are matched by a linear scan; bigger ones (a listener's port
+/// with thousands of accepted connections) through an index, or a reconciliation would be
+/// quadratic in them.
+const SCAN_MAX: usize = 16;
+
+/// Matches a snapshot's bucket against the table's old one for the same key: each snapshot
+/// entry that is a socket the table had takes over what the table knew (`carry_from`).
+/// A socket matches by inode, else by address (an entry from events has no inode).
+/// Returns (snapshot entries the table lacked, old entries that no longer exist).
+fn merge_bucket(old: Bucket, new: &mut [Entry]) -> (u64, u64) {
+    let mut old: Vec<Option<Entry>> = old.into_iter().map(Some).collect();
+    let mut added = 0u64;
+    if old.len() <= SCAN_MAX {
+        for e in new.iter_mut() {
+            let by_inode = || {
+                old.iter().position(|x| {
+                    x.as_ref()
+                        .is_some_and(|x| x.inode != 0 && x.inode == e.inode)
+                })
+            };
+            let key = e.addr_key();
+            let by_addr = || {
+                old.iter()
+                    .position(|x| x.as_ref().is_some_and(|x| x.addr_key() == key))
+            };
+            match by_inode().or_else(by_addr).and_then(|i| old[i].take()) {
+                Some(p) => e.carry_from(p),
+                None => added += 1,
+            }
+        }
+    } else {
+        let mut by_inode: HashMap<u32, usize> = HashMap::with_capacity(old.len());
+        for (i, x) in old.iter().enumerate() {
+            if let Some(x) = x.as_ref().filter(|x| x.inode != 0) {
+                by_inode.entry(x.inode).or_insert(i);
+            }
+        }
+        // Sorted by address, built only if some entry is not found by its inode.
+        let mut by_addr: Option<Vec<(AddrKey, usize)>> = None;
+        for e in new.iter_mut() {
+            let mut hit = (e.inode != 0)
+                .then(|| by_inode.get(&e.inode).copied())
+                .flatten()
+                .filter(|&i| old[i].is_some());
+            if hit.is_none() {
+                let idx = by_addr.get_or_insert_with(|| {
+                    let mut v: Vec<(AddrKey, usize)> = old
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, x)| Some((x.as_ref()?.addr_key(), i)))
+                        .collect();
+                    v.sort_unstable();
+                    v
+                });
+                let key = e.addr_key();
+                let from = idx.partition_point(|(k, _)| *k < key);
+                hit = idx[from..]
+                    .iter()
+                    .take_while(|(k, _)| *k == key)
+                    .map(|(_, i)| *i)
+                    .find(|&i| old[i].is_some());
+            }
+            match hit.and_then(|i| old[i].take()) {
+                Some(p) => e.carry_from(p),
+                None => added += 1,
+            }
+        }
+    }
+    (added, vanished(old.iter().flatten()))
+}
+
+/// Old entries that reconciliation did not find again, as drift. A TIME_WAIT entry that
+/// is gone simply expired.
+fn vanished<'a>(old: impl Iterator<Item = &'a Entry>) -> u64 {
+    old.filter(|x| x.state != TCP_TIME_WAIT).count() as u64
 }
 
 /// How a holder's address overlaps the attempted one.
@@ -262,7 +474,35 @@ impl PortTable {
     }
 
     fn bucket(&mut self, netns: u32, proto: Proto, port: u16) -> &mut Bucket {
-        self.ports.entry((netns, proto, port)).or_default()
+        // Most ports are held by one socket; a Vec's default first growth is 4.
+        self.ports
+            .entry((netns, proto, port))
+            .or_insert_with(|| Vec::with_capacity(1))
+    }
+
+    /// The shared owner for a process, as its events describe it: the one the table
+    /// already holds when nothing changed (the usual case: no allocation per socket), else
+    /// a new one that replaces it (after exec, or a reused pid).
+    pub fn owner(
+        &mut self,
+        pid: u32,
+        comm: &str,
+        cmdline: Option<Arc<str>>,
+        uid: u32,
+    ) -> Arc<Owner> {
+        if let Some(o) = self.owners.get(&pid) {
+            if &*o.comm == comm && o.uid == uid && o.cmdline == cmdline {
+                return o.clone();
+            }
+        }
+        let o = Arc::new(Owner {
+            pid,
+            comm: Arc::from(comm),
+            cmdline,
+            uid,
+        });
+        self.owners.insert(pid, o.clone());
+        o
     }
 
     /// A successful bind seen by the kernel programs.
@@ -345,14 +585,15 @@ impl PortTable {
                     b.retain(|x| !(x.state != TCP_TIME_WAIT && x.sk == e.sk));
                 }
             }
-            let at = e.since_ns.unwrap_or(0);
-            self.add_time_wait(netns, e.local, at + 60_000_000_000);
+            let at = i128::from(e.since_ns);
+            self.add_time_wait(netns, e.local.into(), at + 60_000_000_000);
         }
     }
 
     /// The process exited: its sockets are gone unless another process shares them, which
     /// the next reconciliation will show.
     pub fn on_exit(&mut self, pid: u32) {
+        self.owners.remove(&pid);
         self.ports.retain(|_, b| {
             b.retain(|x| {
                 !(x.state != TCP_TIME_WAIT && x.owner.as_ref().is_some_and(|o| o.pid == pid))
@@ -362,16 +603,11 @@ impl PortTable {
     }
 
     /// Replace one namespace's entries with a sock_diag snapshot. What events told us about a
-    /// socket (owner, since, sk) is kept when the snapshot has the same socket; owners of new
-    /// sockets come from `owners` (inode -> owner). Returns the number of entries healed:
+    /// socket (owner, since, sk) is kept when the snapshot has the same socket; new sockets
+    /// keep the owner the snapshot found for them. Returns the number of entries healed:
     /// sockets the table lacked plus sockets it had that no longer exist.
-    pub fn reconcile(
-        &mut self,
-        netns: u32,
-        snapshot: Vec<Entry>,
-        owners: &dyn Fn(u64) -> Option<Owner>,
-        now_ns: i128,
-    ) -> u64 {
+    pub fn reconcile(&mut self, snap: NsSockets) -> u64 {
+        let netns = snap.netns;
         let mut old: HashMap<Key, Bucket> = HashMap::new();
         self.ports.retain(|k, b| {
             if k.0 == netns {
@@ -382,60 +618,23 @@ impl PortTable {
             }
         });
         // TIME_WAIT: the snapshot is the truth, events since then are re-added by the kernel's
-        // next entries. Rebuilt for this namespace, sorted by expiry.
+        // next entries.
         self.tw.retain(|k, _| k.0 != netns);
-        let mut tws: Vec<(SocketAddr, i128)> = Vec::new();
+        self.tw.extend(snap.tw);
         let mut healed = 0u64;
-        for mut e in snapshot {
-            if e.proto == Proto::Tcp && e.state == TCP_TIME_WAIT {
-                tws.push((e.local, e.expires_ns.unwrap_or(now_ns + 60_000_000_000)));
-                continue;
-            }
-            let key = (netns, e.proto, e.local.port());
-            let prev = old.get_mut(&key).and_then(|b| {
-                let i = b.iter().position(|x| x.same_socket(&e))?;
-                Some(b.swap_remove(i))
-            });
-            match prev {
-                Some(p) => {
-                    e.owner = e.owner.or(p.owner);
-                    e.since_ns = p.since_ns;
-                    e.sk = p.sk;
-                    if e.state == TCP_TIME_WAIT && e.expires_ns.is_none() {
-                        e.expires_ns = p.expires_ns;
-                    }
+        self.ports.reserve(snap.ports.len());
+        for (key, mut b) in snap.ports {
+            healed += match old.remove(&key) {
+                Some(o) => {
+                    let (added, gone) = merge_bucket(o, &mut b);
+                    added + gone
                 }
-                None => {
-                    healed += 1;
-                    if e.owner.is_none() && e.inode != 0 {
-                        e.owner = owners(e.inode);
-                    }
-                }
-            }
-            if e.state == TCP_TIME_WAIT && e.expires_ns.is_none() {
-                e.expires_ns = Some(now_ns + 60_000_000_000);
-            }
-            self.ports.entry(key).or_default().push(e);
+                None => b.len() as u64,
+            };
+            self.ports.insert(key, b);
         }
-        tws.sort_unstable_by_key(|t| t.1);
-        for (local, exp) in tws {
-            let b = self.tw.entry((netns, local.port())).or_default();
-            match b.iter_mut().find(|(a, _)| *a == local.ip()) {
-                Some((_, q)) => q.push_back(exp),
-                None => b.push((local.ip(), VecDeque::from([exp]))),
-            }
-        }
-        // What the table had but the kernel no longer does. TIME_WAIT entries that expired
-        // are normal, not drift.
-        for b in old.values() {
-            healed += b
-                .iter()
-                .filter(|x| {
-                    x.state != TCP_TIME_WAIT
-                        || x.expires_ns.is_some_and(|t| t > now_ns + 1_000_000_000)
-                })
-                .count() as u64;
-        }
+        // What the table had but the kernel no longer does.
+        healed += vanished(old.values().flatten());
         self.drift_healed += healed;
         healed
     }
@@ -494,8 +693,9 @@ impl PortTable {
                 None => ov,
             });
             if x.proto == Proto::Tcp && x.state == TCP_TIME_WAIT {
+                // TIME_WAIT sockets are kept apart (`tw`); one here has no known expiry.
                 kinds.2 = true;
-                let exp = x.expires_ns.unwrap_or(a.now_ns + 60_000_000_000);
+                let exp = a.now_ns + 60_000_000_000;
                 tw = Some(match tw {
                     Some((n, e, ad, o)) => (n + 1, e.min(exp), ad, o),
                     None => (1, exp, x.local.ip(), ov),
@@ -518,7 +718,7 @@ impl PortTable {
                 addr: x.local.ip(),
                 port: x.local.port(),
                 overlap: ov,
-                since: x.since_ns.map(crate::decode::rfc3339),
+                since: (x.since_ns != 0).then(|| crate::decode::rfc3339(x.since_ns.into())),
                 count: None,
                 expires_in_s: None,
                 via: p.as_ref().and_then(|p| p.via),
@@ -671,33 +871,52 @@ impl PortTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::diag::SockEntry;
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
 
-    fn owner(pid: u32, comm: &str) -> Option<Owner> {
-        Some(Owner {
+    fn owner(pid: u32, comm: &str) -> Option<Arc<Owner>> {
+        Some(Arc::new(Owner {
             pid,
             comm: comm.into(),
             cmdline: None,
             uid: 0,
-        })
+        }))
     }
 
     fn entry(proto: Proto, local: &str, state: u8, pid: u32) -> Entry {
         Entry {
             proto,
-            local: sa(local),
-            remote: sa("0.0.0.0:0"),
+            local: sa(local).into(),
+            remote: sa("0.0.0.0:0").into(),
             state,
             inode: 0,
             sk: 0,
             owner: (pid != 0).then(|| owner(pid, "nginx")).flatten(),
-            since_ns: None,
+            since_ns: 0,
             v6only: None,
-            expires_ns: None,
         }
+    }
+
+    /// A socket as sock_diag reports it.
+    fn diag(proto: Proto, local: &str, remote: &str, state: u8, inode: u64) -> SockEntry {
+        SockEntry {
+            netns: 1,
+            proto,
+            local: sa(local),
+            remote: sa(remote),
+            state,
+            inode,
+            uid: 0,
+            expires_ms: 0,
+            v6only: None,
+        }
+    }
+
+    fn no_owners(_: u64) -> Option<Arc<Owner>> {
+        None
     }
 
     fn attempt(addr: &str, port: u16, proto: Proto) -> Attempt<'static> {
@@ -792,12 +1011,21 @@ mod tests {
     #[test]
     fn time_wait_only_aggregates() {
         let mut t = PortTable::default();
-        for i in 0..3 {
-            let mut e = entry(Proto::Tcp, "127.0.0.1:8080", TCP_TIME_WAIT, 0);
-            e.remote = sa(&format!("127.0.0.1:{}", 40000 + i));
-            e.expires_ns = Some((41 + i as i128) * 1_000_000_000);
-            t.ports.entry((1, Proto::Tcp, 8080)).or_default().push(e);
-        }
+        let tws: Vec<SockEntry> = (0..3)
+            .map(|i| {
+                let mut d = diag(
+                    Proto::Tcp,
+                    "127.0.0.1:8080",
+                    &format!("127.0.0.1:{}", 40000 + i),
+                    TCP_TIME_WAIT,
+                    0,
+                );
+                d.expires_ms = (43 - i) * 1000;
+                d
+            })
+            .collect();
+        t.reconcile(NsSockets::build(1, &tws, &no_owners, 0));
+        assert_eq!(t.drift_healed, 0, "TIME_WAIT is not drift");
         let a = t.attribute(&attempt("127.0.0.1", 8080, Proto::Tcp));
         assert_eq!(a.cause, "time_wait");
         assert_eq!(a.holders.len(), 1);
@@ -834,16 +1062,15 @@ mod tests {
     fn reconcile_keeps_event_facts_and_counts_drift() {
         let mut t = PortTable::default();
         let mut e = entry(Proto::Tcp, "0.0.0.0:8080", TCP_LISTEN, 4242);
-        e.since_ns = Some(5);
+        e.since_ns = 5;
         e.inode = 77;
         t.on_bind(1, e);
         t.on_bind(1, entry(Proto::Tcp, "0.0.0.0:9999", TCP_CLOSE, 1)); // gone in the kernel
-        let mut snap_same = entry(Proto::Tcp, "0.0.0.0:8080", TCP_LISTEN, 0);
-        snap_same.inode = 77;
-        let mut snap_new = entry(Proto::Tcp, "0.0.0.0:7000", TCP_LISTEN, 0);
-        snap_new.inode = 88;
+        let snap_same = diag(Proto::Tcp, "0.0.0.0:8080", "0.0.0.0:0", TCP_LISTEN, 77);
+        let snap_new = diag(Proto::Tcp, "0.0.0.0:7000", "0.0.0.0:0", TCP_LISTEN, 88);
         let owners = |ino: u64| (ino == 88).then(|| owner(555, "passed").unwrap());
-        let healed = t.reconcile(1, vec![snap_same, snap_new], &owners, 0);
+        let snap = NsSockets::build(1, &[snap_same, snap_new], &owners, 0);
+        let healed = t.reconcile(snap);
         assert_eq!(healed, 2, "one new, one vanished");
         assert_eq!(t.drift_healed, 2);
         let a = t.attribute(&attempt("0.0.0.0", 8080, Proto::Tcp));
@@ -855,6 +1082,106 @@ mod tests {
             t.attribute(&attempt("0.0.0.0", 9999, Proto::Tcp)).cause,
             "unknown"
         );
+    }
+
+    #[test]
+    fn owners_are_shared_per_process() {
+        let mut t = PortTable::default();
+        let a = t.owner(7, "nginx", None, 0);
+        let b = t.owner(7, "nginx", None, 0);
+        assert!(Arc::ptr_eq(&a, &b), "same process, same owner");
+        let cmd: Option<Arc<str>> = Some("nginx -g daemon off;".into());
+        let c = t.owner(7, "nginx", cmd.clone(), 0);
+        assert!(
+            !Arc::ptr_eq(&a, &c),
+            "what events tell changed: a new owner"
+        );
+        assert_eq!(c.cmdline, cmd);
+        assert!(Arc::ptr_eq(&c, &t.owner(7, "nginx", cmd.clone(), 0)));
+        let d = t.owner(7, "nginx", cmd.clone(), 1000);
+        assert_eq!((d.pid, d.uid), (7, 1000));
+        assert!(!Arc::ptr_eq(&t.owner(8, "nginx", cmd.clone(), 1000), &d));
+        // Once the process exits a reused pid gets an owner of its own.
+        t.on_exit(7);
+        assert!(!Arc::ptr_eq(&t.owner(7, "nginx", cmd, 1000), &d));
+    }
+
+    #[test]
+    fn addr_keeps_what_identifies_a_socket() {
+        for s in [
+            "127.0.0.1:80",
+            "[::1]:443",
+            "[fe80::1%3]:53",
+            "[::ffff:10.0.0.1]:8",
+        ] {
+            let a = sa(s);
+            assert_eq!(SocketAddr::from(Addr::from(a)), a, "{s}");
+            assert_eq!(Addr::from(a).ip(), a.ip());
+            assert_eq!(Addr::from(a).port(), a.port());
+        }
+        assert_ne!(
+            Addr::from(sa("[fe80::1%3]:53")),
+            Addr::from(sa("[fe80::1%4]:53"))
+        );
+    }
+
+    /// A listener's port with more sockets than a linear scan handles: they are matched
+    /// by inode, or by address when the table's entry came from events (no inode).
+    #[test]
+    fn reconcile_of_a_big_bucket() {
+        const N: u64 = 100;
+        let mut t = PortTable::default();
+        let conns = |n: u64| -> Vec<SockEntry> {
+            (0..n)
+                .map(|i| {
+                    let remote = format!("10.0.0.1:{}", 40000 + i);
+                    diag(Proto::Tcp, "10.0.0.2:8080", &remote, 1, 1000 + i)
+                })
+                .collect()
+        };
+        let server = |ino: u64| (ino >= 1000).then(|| owner(10, "server").unwrap());
+        let mut snap = conns(N);
+        assert_eq!(t.reconcile(NsSockets::build(1, &snap, &server, 0)), N);
+        // The listener, from events: no inode, its own sk, since and owner.
+        let mut l = entry(Proto::Tcp, "0.0.0.0:8080", TCP_LISTEN, 42);
+        (l.sk, l.since_ns) = (9, 5);
+        t.on_bind(1, l);
+        assert_eq!(t.len(), N as usize + 1);
+        // Next pass, in another order: the listener (with its inode now), two connections
+        // fewer, one new one.
+        snap.reverse();
+        snap.truncate(N as usize - 2);
+        snap.push(diag(
+            Proto::Tcp,
+            "0.0.0.0:8080",
+            "0.0.0.0:0",
+            TCP_LISTEN,
+            5000,
+        ));
+        snap.push(diag(Proto::Tcp, "10.0.0.2:8080", "10.0.0.1:50000", 1, 6000));
+        let owners = |ino: u64| match ino {
+            5000 => owner(41, "scanned"),
+            6000 => owner(11, "worker"),
+            i => server(i),
+        };
+        let healed = t.reconcile(NsSockets::build(1, &snap, &owners, 0));
+        assert_eq!(healed, 3, "one new, two gone");
+        assert_eq!(t.drift_healed, N + 3);
+        assert_eq!(t.len(), N as usize);
+        let mut a = attempt("0.0.0.0", 8080, Proto::Tcp);
+        a.op_listen = true;
+        let h = &t.attribute(&a).holders;
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].pid, Some(42), "the owner events saw is kept");
+        assert!(h[0].since.is_some(), "since is kept");
+        let rows: Vec<_> = t.rows().map(|(_, e)| e).collect();
+        let listener = rows.iter().find(|e| e.state == TCP_LISTEN).unwrap();
+        assert_eq!((listener.sk, listener.inode), (9, 5000));
+        let new = rows.iter().find(|e| e.inode == 6000).unwrap();
+        assert_eq!(new.owner.as_ref().map(|o| o.pid), Some(11));
+        assert!(!rows.iter().any(|e| e.inode == 1000 || e.inode == 1001));
+        // Nothing changed: nothing healed.
+        assert_eq!(t.reconcile(NsSockets::build(1, &snap, &owners, 0)), 0);
     }
 
     fn web1() -> Arc<ContainerRef> {
@@ -936,8 +1263,8 @@ mod tests {
         l.sk = 9;
         t.on_bind(1, l.clone());
         let mut tw = entry(Proto::Tcp, "127.0.0.1:8080", 0, 0);
-        tw.remote = sa("127.0.0.1:50000");
-        tw.since_ns = Some(0);
+        tw.remote = sa("127.0.0.1:50000").into();
+        tw.since_ns = 0;
         t.on_tcp_state(1, &tw, 5, TCP_CLOSE);
         t.on_tcp_state(1, &l, TCP_LISTEN, TCP_CLOSE);
         let a = t.attribute(&attempt("127.0.0.1", 8080, Proto::Tcp));
