@@ -1027,7 +1027,12 @@ impl Processor {
 
     fn snapshot(&mut self, s: &mut Snapshot) {
         let t = Instant::now();
+        let drift_before = self.table.drift_healed;
         self.reconcile(s);
+        if !s.report {
+            // The start-up snapshot fills an empty table: that is not drift the events missed.
+            self.table.drift_healed = drift_before;
+        }
         // The cost of one pass on the processing thread, for `status` and the metrics.
         self.last_reconcile = (s.len, t.elapsed());
         if let Some(m) = &self.cfg.metrics {
