@@ -25,16 +25,32 @@ pub fn require_root() {
     );
 }
 
-/// The agent binary: $PORTWATCH_BIN (set by `cargo xtask test`) or target/debug/portwatch.
+/// The agent binary: $PORTWATCH_BIN (set by `cargo xtask test`), else the agent built in
+/// the same profile as these tests (`cargo test --release` tests target/release/portwatch),
+/// so a hand-run suite never silently tests a stale binary of the other profile.
 pub fn agent_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("PORTWATCH_BIN") {
         return PathBuf::from(p);
     }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/portwatch");
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target")
+        .join(profile)
+        .join("portwatch");
     assert!(
         p.exists(),
-        "{} not found: build it first (`cargo xtask test` does) or set PORTWATCH_BIN",
-        p.display()
+        "{} not found: build it first (`cargo build{} -p portwatch`; `cargo xtask test` does \
+         it all) or set PORTWATCH_BIN",
+        p.display(),
+        if profile == "release" {
+            " --release"
+        } else {
+            ""
+        }
     );
     p
 }
