@@ -268,10 +268,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut scratch: Vec<Event> = Vec::new();
     loop {
         tokio::select! {
-            _ = drain_tick.tick() => drain(ring.get_mut(), &tx, &agent_lost, &mut scratch),
+            _ = drain_tick.tick() => { drain(ring.get_mut(), &tx, &mut scratch); }
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(|source| Error::Io { what: "waiting on the ring buffer", source })?;
-                drain(guard.get_inner_mut(), &tx, &agent_lost, &mut scratch);
+                drain(guard.get_inner_mut(), &tx, &mut scratch);
                 guard.clear_ready();
             }
             _ = lost_tick.tick() => {
@@ -283,8 +283,24 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     }
 
-    // Shutdown: take what is still in the ring buffer, account for losses, then stop.
-    drain(ring.get_mut(), &tx, &agent_lost, &mut scratch);
+    // Shutdown: take what is still in the ring buffer (waiting for the queue, for at most
+    // a few seconds), account for losses, then stop.
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(3);
+    while drain(ring.get_mut(), &tx, &mut scratch) {
+        if tokio::time::Instant::now() >= give_up {
+            // Counted, never silent: what is left could not be handed over in time.
+            for ev in scratch.drain(..) {
+                agent_lost[(ev.kind as usize).min(KINDS - 1)].fetch_add(1, Ordering::Relaxed);
+            }
+            while let Some(item) = ring.get_mut().next() {
+                if let Some(ev) = decode::event_from_bytes(&item) {
+                    agent_lost[(ev.kind as usize).min(KINDS - 1)].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     if let Some(m) = check_lost(&probes) {
         send(m).await;
     }
@@ -303,33 +319,33 @@ pub async fn run(args: RunArgs) -> Result<()> {
 }
 
 /// Decode only; never block. Events go to the processing thread in batches (one wakeup of
-/// that thread per batch, not per event); a full queue is counted as lost, not waited on.
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    tx: &mpsc::Sender<Msg>,
-    agent_lost: &[AtomicU64; KINDS],
-    scratch: &mut Vec<Event>,
-) {
+/// that thread per batch, not per event). When its queue is full, draining stops and the
+/// rest waits in the kernel's ring buffer (several MB) until the next drain: a burst of
+/// conflicts, each woken on its own and so each a tiny batch, would otherwise overflow the
+/// queue long before the ring. Only a full ring loses events, and the kernel counts those
+/// exactly. Returns true when events were left behind for that reason.
+fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Msg>, scratch: &mut Vec<Event>) -> bool {
     // Events are gathered in `scratch` (kept across calls) and each batch is sent as an
     // exact-size copy: most wakeups find a few events, and a full-size buffer per wakeup
     // made every queued batch cost 32 KiB whatever it held. While the processing thread is
     // busy with a large reconciliation the queue fills up with them (8 MB of mostly empty
     // batches at the heap's peak in a soak), all freed again moments later.
-    let flush = |batch: &mut Vec<Event>| {
+    // A batch the queue refused stays in `scratch` and goes first next time.
+    let flush = |batch: &mut Vec<Event>| -> bool {
         if batch.is_empty() {
-            return;
+            return true;
         }
-        let events = batch.as_slice().to_vec();
-        batch.clear();
-        if let Err(e) = tx.try_send(Msg::Events(events)) {
-            let (mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m)) = e;
-            if let Msg::Events(lost) = m {
-                for ev in lost {
-                    agent_lost[(ev.kind as usize).min(KINDS - 1)].fetch_add(1, Ordering::Relaxed);
-                }
+        match tx.try_send(Msg::Events(batch.as_slice().to_vec())) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {
+                batch.clear();
+                true
             }
+            Err(mpsc::error::TrySendError::Full(_)) => false,
         }
     };
+    if scratch.len() >= BATCH && !flush(scratch) {
+        return true;
+    }
     while let Some(item) = ring.next() {
         let Some(e) = decode::event_from_bytes(&item) else {
             continue;
@@ -339,11 +355,11 @@ fn drain(
             scratch.reserve_exact(BATCH);
         }
         scratch.push(e);
-        if scratch.len() == BATCH {
-            flush(scratch);
+        if scratch.len() >= BATCH && !flush(scratch) {
+            return true;
         }
     }
-    flush(scratch);
+    !flush(scratch)
 }
 
 fn diag_loop(
