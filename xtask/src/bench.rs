@@ -1488,25 +1488,29 @@ fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnRes
             res.lines[i] += lines;
             res.lost[i] += lost;
             note(&format!(
-                "churn: {} round {}/{}: {:.0} conn/s{}{}",
+                "churn: {} round {}/{}: {:.0} conn/s{}",
                 cfg.name(),
                 round + 1,
                 s.rounds,
                 sample.rate,
-                sample
-                    .tracer_cpu
-                    .map(|c| format!(", tracer {c:.1}% CPU"))
-                    .unwrap_or_default(),
-                if sample.failures > 0 {
-                    format!(", {} failed connections", sample.failures)
-                } else {
-                    String::new()
-                }
+                sample_detail(&sample)
             ));
             res.samples[i].push(sample);
         }
     }
     Ok(res)
+}
+
+/// ", tracer X% CPU, N failed connections" for a progress line, each part only when known.
+fn sample_detail(sample: &ChurnSample) -> String {
+    let mut d = String::new();
+    if let Some(c) = sample.tracer_cpu {
+        d.push_str(&format!(", tracer {c:.1}% CPU"));
+    }
+    if sample.failures > 0 {
+        d.push_str(&format!(", {} failed connections", sample.failures));
+    }
+    d
 }
 
 /// One churn window under `cfg` at `rate` (None: as fast as possible): start the tracer, wait
@@ -1622,19 +1626,11 @@ fn sweep_phase(
             let (sample, _, lost) = churn_point(s, cfg, rate, window, &tag, rep)?;
             res.lost[i] += lost;
             note(&format!(
-                "sweep: {} at {} conn/s offered: {:.0} achieved{}{}",
+                "sweep: {} at {} conn/s offered: {:.0} achieved{}",
                 cfg.name(),
                 rate_label(rate),
                 sample.rate,
-                sample
-                    .tracer_cpu
-                    .map(|c| format!(", tracer {c:.1}% CPU"))
-                    .unwrap_or_default(),
-                if sample.failures > 0 {
-                    format!(", {} failed connections", sample.failures)
-                } else {
-                    String::new()
-                }
+                sample_detail(&sample)
             ));
             row[i] = Some(sample);
         }
