@@ -34,75 +34,68 @@ pub fn resolve(path: &Path) -> (Offsets, Vec<Unresolved>) {
     };
     let r = Resolver { btf: &btf };
 
-    let netns = (|| -> Result<(u32, u32, u32), Unresolved> {
-        Ok((
-            r.offset("task_struct", &["nsproxy"])?,
-            r.offset("nsproxy", &["net_ns"])?,
-            r.offset("net", &["ns", "inum"])?,
-        ))
-    })();
-    match netns {
-        Ok((a, b, c)) => {
-            o.task_nsproxy = a;
-            o.nsproxy_net = b;
-            o.net_inum = c;
-            o.netns_ok = 1;
-        }
-        Err(e) => problems.push(e),
+    // Each group is all or nothing: one unresolved member leaves the group disabled.
+    let mut group = |paths: &[(&str, &[&str])]| -> Option<Vec<u32>> {
+        let found = paths
+            .iter()
+            .map(|(name, path)| r.offset(name, path))
+            .collect::<Result<Vec<u32>, Unresolved>>();
+        found.map_err(|e| problems.push(e)).ok()
+    };
+
+    if let Some(v) = group(&[
+        ("task_struct", &["nsproxy"]),
+        ("nsproxy", &["net_ns"]),
+        ("net", &["ns", "inum"]),
+    ]) {
+        o.task_nsproxy = v[0];
+        o.nsproxy_net = v[1];
+        o.net_inum = v[2];
+        o.netns_ok = 1;
     }
 
-    let sock = (|| -> Result<[u32; 12], Unresolved> {
-        Ok([
-            r.offset("task_struct", &["files"])?,
-            r.offset("files_struct", &["fdt"])?,
-            r.offset("fdtable", &["max_fds"])?,
-            r.offset("fdtable", &["fd"])?,
-            r.offset("file", &["private_data"])?,
-            r.offset("socket", &["sk"])?,
-            r.offset("sock", &["sk_protocol"])?,
-            r.offset("sock", &["__sk_common", "skc_net"])?,
-            r.offset("sock", &["__sk_common", "skc_family"])?,
-            r.offset("sock", &["__sk_common", "skc_num"])?,
-            r.offset("sock", &["__sk_common", "skc_rcv_saddr"])?,
-            r.offset("sock", &["__sk_common", "skc_v6_rcv_saddr"])?,
-        ])
-    })();
-    match sock {
-        Ok(v) => {
-            o.task_files = v[0];
-            o.files_fdt = v[1];
-            o.fdt_max_fds = v[2];
-            o.fdt_fd = v[3];
-            o.file_private = v[4];
-            o.socket_sk = v[5];
-            o.sk_protocol = v[6];
-            o.skc_net = v[7];
-            o.skc_family = v[8];
-            o.skc_num = v[9];
-            o.skc_rcv_saddr = v[10];
-            o.skc_v6_rcv_saddr = v[11];
-            o.sock_ok = 1;
-        }
-        Err(e) => problems.push(e),
+    if let Some(v) = group(&[
+        ("task_struct", &["files"]),
+        ("files_struct", &["fdt"]),
+        ("fdtable", &["max_fds"]),
+        ("fdtable", &["fd"]),
+        ("file", &["private_data"]),
+        ("socket", &["sk"]),
+        ("sock", &["sk_protocol"]),
+        ("sock", &["__sk_common", "skc_net"]),
+        ("sock", &["__sk_common", "skc_family"]),
+        ("sock", &["__sk_common", "skc_num"]),
+        ("sock", &["__sk_common", "skc_rcv_saddr"]),
+        ("sock", &["__sk_common", "skc_v6_rcv_saddr"]),
+    ]) {
+        o.task_files = v[0];
+        o.files_fdt = v[1];
+        o.fdt_max_fds = v[2];
+        o.fdt_fd = v[3];
+        o.file_private = v[4];
+        o.socket_sk = v[5];
+        o.sk_protocol = v[6];
+        o.skc_net = v[7];
+        o.skc_family = v[8];
+        o.skc_num = v[9];
+        o.skc_rcv_saddr = v[10];
+        o.skc_v6_rcv_saddr = v[11];
+        o.sock_ok = 1;
     }
+
+    // The raw state-change tracepoint reads the remote end and the source port itself.
     if o.sock_ok == 1 {
-        let remote = (|| -> Result<[u32; 4], Unresolved> {
-            Ok([
-                r.offset("sock", &["__sk_common", "skc_daddr"])?,
-                r.offset("sock", &["__sk_common", "skc_dport"])?,
-                r.offset("sock", &["__sk_common", "skc_v6_daddr"])?,
-                r.offset("inet_sock", &["inet_sport"])?,
-            ])
-        })();
-        match remote {
-            Ok(v) => {
-                o.skc_daddr = v[0];
-                o.skc_dport = v[1];
-                o.skc_v6_daddr = v[2];
-                o.inet_sport = v[3];
-                o.remote_ok = 1;
-            }
-            Err(e) => problems.push(e),
+        if let Some(v) = group(&[
+            ("sock", &["__sk_common", "skc_daddr"]),
+            ("sock", &["__sk_common", "skc_dport"]),
+            ("sock", &["__sk_common", "skc_v6_daddr"]),
+            ("inet_sock", &["inet_sport"]),
+        ]) {
+            o.skc_daddr = v[0];
+            o.skc_dport = v[1];
+            o.skc_v6_daddr = v[2];
+            o.inet_sport = v[3];
+            o.remote_ok = 1;
         }
     }
     (o, problems)
