@@ -985,6 +985,85 @@ impl Pacer {
 #[derive(Default)]
 struct Padded(AtomicU64);
 
+/// A network namespace of the bench's own, alive while this fd is open: each churn runs in a
+/// fresh one. Two things would otherwise carry over from one configuration to the next and
+/// decide the result more than the tracer does:
+/// - connection tracking. Docker's iptables rules turn nf_conntrack on in the host namespace,
+///   where every loopback connection then holds an entry for 120 s after it closes. At
+///   16k conn/s the table (262,144 entries here) is full within 20 s, after which the kernel
+///   drops SYNs ("nf_conntrack: table full, dropping packet") and the churn collapses to a
+///   few connections a second. A new namespace has no iptables rules, so no conntrack hook.
+/// - the TIME_WAIT sockets of earlier rounds, which are per namespace and go with it.
+///
+/// Every tracer compared here watches all namespaces, so what they see is unchanged.
+struct OwnNetns {
+    fd: Fd,
+}
+
+impl OwnNetns {
+    /// A new namespace with loopback up, and a listener on 127.0.0.1 in it. Made by a
+    /// short-lived thread, because unshare(CLONE_NEWNET) moves only the calling thread.
+    fn with_listener(backlog: i32) -> Result<(OwnNetns, Fd, u16)> {
+        thread::Builder::new()
+            .name("bench-netns".into())
+            .spawn(move || -> Result<(OwnNetns, Fd, u16)> {
+                // SAFETY: plain syscalls; this thread exits right after.
+                unsafe {
+                    if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                        bail!(
+                            "unshare(CLONE_NEWNET): {} (the bench runs as root)",
+                            std::io::Error::last_os_error()
+                        );
+                    }
+                    let path = c"/proc/thread-self/ns/net";
+                    let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        bail!(
+                            "open /proc/thread-self/ns/net: {}",
+                            std::io::Error::last_os_error()
+                        );
+                    }
+                    let ns = OwnNetns { fd: Fd(fd) };
+                    loopback_up()?;
+                    let (lfd, port) = listener(0, backlog)?;
+                    Ok((ns, lfd, port))
+                }
+            })?
+            .join()
+            .map_err(|_| anyhow::anyhow!("the netns thread panicked"))?
+    }
+
+    /// Move the calling thread into this namespace (new sockets are then made in it).
+    fn enter(&self) -> Result<()> {
+        // SAFETY: a namespace fd we own.
+        if unsafe { libc::setns(self.fd.0, libc::CLONE_NEWNET) } != 0 {
+            bail!("setns: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Bring `lo` up in the calling thread's network namespace (a new one starts with it down).
+fn loopback_up() -> Result<()> {
+    let s = tcp_socket()?;
+    // SAFETY: `ifr` is a zeroed ifreq with a NUL-terminated name; SIOC[GS]IFFLAGS read and
+    // write only its flags.
+    unsafe {
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (d, b) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+            *d = *b as libc::c_char;
+        }
+        if libc::ioctl(s.0, libc::SIOCGIFFLAGS, &mut ifr) != 0 {
+            bail!("SIOCGIFFLAGS lo: {}", std::io::Error::last_os_error());
+        }
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(s.0, libc::SIOCSIFFLAGS, &ifr) != 0 {
+            bail!("SIOCSIFFLAGS lo up: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Loopback connect/accept/close churn. The server closes first (it accepts and closes at
 /// once; the client reads until EOF, then closes), so every connection ends deterministically
 /// with the server side going FIN_WAIT2 -> TIME_WAIT: the transition portwatch reports by
@@ -996,13 +1075,16 @@ struct Churn {
     clients: Vec<JoinHandle<()>>,
     server: Option<JoinHandle<()>>,
     lfd: Option<Fd>,
+    /// Kept open until the threads are done; the namespace goes with the last reference.
+    _netns: Arc<OwnNetns>,
 }
 
 impl Churn {
     /// `rate`: total connections/s over all clients, or None for as fast as possible.
     /// `max_run`: hard bound on the threads' lifetime even if nobody stops them.
     fn start(clients: usize, rate: Option<f64>, max_run: Duration) -> Result<Churn> {
-        let (lfd, port) = listener(0, 4096)?;
+        let (netns, lfd, port) = OwnNetns::with_listener(4096)?;
+        let netns = Arc::new(netns);
         let stop = Arc::new(AtomicBool::new(false));
         let done: Arc<Vec<Padded>> = Arc::new((0..clients).map(|_| Padded::default()).collect());
         let failed: Arc<Vec<Padded>> = Arc::new((0..clients).map(|_| Padded::default()).collect());
@@ -1020,6 +1102,7 @@ impl Churn {
             clients: Vec::new(),
             server: Some(server),
             lfd: Some(lfd),
+            _netns: netns.clone(),
         };
         // Each client paces its share of the rate on its own schedule, offset by a fraction of
         // the interval so that together they are evenly spread (not all connecting at once).
@@ -1029,6 +1112,7 @@ impl Churn {
         let t0 = Instant::now();
         for i in 0..clients {
             let (stop, done, failed) = (c.stop.clone(), c.done.clone(), c.failed.clone());
+            let netns = netns.clone();
             let pacer = rate.map(|r| {
                 let per_thread = r / clients as f64;
                 let offset = Duration::from_secs_f64(i as f64 / r);
@@ -1038,6 +1122,11 @@ impl Churn {
                 thread::Builder::new()
                     .name(format!("bench-client{i}"))
                     .spawn(move || {
+                        if let Err(e) = netns.enter() {
+                            eprintln!("bench: client {i}: {e:#}");
+                            failed[i].0.fetch_add(1, Relaxed);
+                            return;
+                        }
                         client_loop(port, pacer, &stop, &done[i].0, &failed[i].0, deadline)
                     })?,
             );
