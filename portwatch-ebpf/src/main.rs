@@ -6,6 +6,10 @@
 //! silently.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no compare-and-swap, so core's atomic types offer no
+// fetch_add there, while the instruction itself (BPF_ATOMIC | BPF_ADD) exists.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 use aya_ebpf::{
     helpers::{
@@ -13,9 +17,9 @@ use aya_ebpf::{
         bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
     },
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
     EbpfContext,
 };
 use portwatch_common::{
@@ -106,6 +110,38 @@ struct Bound {
 
 #[map]
 static BOUND: LruHashMap<u64, Bound> = LruHashMap::with_max_entries(65536, 0);
+
+/// Slots of `BOUND_HINT`, a power of two.
+const HINT_SLOTS: u32 = 65536;
+
+/// A counting filter in front of `BOUND`: each slot counts the `BOUND` entries whose
+/// (tgid, fd) hashes to it. Every close() on the host checks its slot first, and an array
+/// load is a few instructions where a hash lookup is a helper call: on a host churning
+/// connections, almost every close is of an fd portwatch never saw bound. A count left
+/// behind by an entry the LRU evicted, or by a process that died without close(), only sends
+/// that slot's closes on to the hash lookup, which then misses as before.
+#[map]
+static BOUND_HINT: Array<u64> = Array::with_max_entries(HINT_SLOTS, 0);
+
+#[inline(always)]
+fn hint_slot(key: u64) -> u32 {
+    // Fibonacci hashing of (tgid << 32 | fd): the top bits of the product mix both halves.
+    ((key.wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 48) as u32 & (HINT_SLOTS - 1)
+}
+
+/// Add `delta` (1, or u64::MAX for -1) to the slot of `key`, atomically: binds and closes
+/// of the same slot may run on two CPUs at once.
+#[inline(always)]
+fn hint_add(key: u64, delta: u64) {
+    if let Some(p) = BOUND_HINT.get_ptr_mut(hint_slot(key)) {
+        // SAFETY: an in-bounds, 8-byte aligned slot of an array map, valid for the run.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                p, delta,
+            )
+        };
+    }
+}
 
 /// Processes that hold a socket portwatch saw bound: their exit is reported.
 #[map]
@@ -406,7 +442,10 @@ fn try_exit_bind(ctx: &TracePointContext) -> Result<u32, u32> {
             addr: p.addr,
             sk: e.sk,
         };
-        let _ = BOUND.insert(&fd_key(e.pid, p.fd), &b, 0);
+        let key = fd_key(e.pid, p.fd);
+        if BOUND.insert(&key, &b, 0).is_ok() {
+            hint_add(key, 1);
+        }
         let _ = TRACKED.insert(&e.pid, &1, 0);
     }
     emit(&e);
@@ -584,12 +623,19 @@ fn try_enter_close(ctx: &TracePointContext) -> Result<u32, u32> {
     let fd: u64 = sys_slot(ctx, SYSCALL_ARG0);
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let key = fd_key(tgid, fd as i32);
-    // The in-kernel filter: only fds portwatch saw bound go further.
+    // The in-kernel filter: only fds portwatch saw bound go further. The hint is checked
+    // first; it is never zero for an fd that has an entry.
+    match BOUND_HINT.get(hint_slot(key)) {
+        Some(n) if *n != 0 => {}
+        _ => return Ok(0),
+    }
     // SAFETY: copied out before removal.
     let Some(b) = (unsafe { BOUND.get(&key) }).copied() else {
         return Ok(0);
     };
-    let _ = BOUND.remove(&key);
+    if BOUND.remove(&key).is_ok() {
+        hint_add(key, u64::MAX);
+    }
     if event_mask() & mask::CLOSE == 0 {
         return Ok(0);
     }
@@ -780,6 +826,78 @@ fn try_set_state_raw(ctx: &RawTracePointContext) -> Result<(), i64> {
         emit(&e);
     }
     Ok(())
+}
+
+/// The state-change program as a BTF-typed tracepoint (tp_btf): the kernel's verifier knows
+/// `sk` is a `struct sock *`, so its fields are read with plain loads (each guarded by the
+/// kernel's exception table) instead of a `bpf_probe_read_kernel` call per field. The
+/// offsets are constants to the verifier because they sit in frozen read-only data.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    let m = event_mask();
+    if m & (mask::TCP_STATE | mask::TCP_STATE_ALL) == 0 || sk.is_null() {
+        return 0;
+    }
+    if !state_interesting(m, old, new) {
+        return 0;
+    }
+    let o = offsets();
+    // SAFETY: loads from a BTF-typed kernel pointer; the verifier rewrites them into
+    // fault-tolerant loads and checks each offset against struct sock.
+    unsafe {
+        let rd16 = |off: u32| core::ptr::read_volatile(sk.add(off as usize) as *const u16);
+        let rd32 = |off: u32| core::ptr::read_volatile(sk.add(off as usize) as *const u32);
+        let rd64 = |off: u32| core::ptr::read_volatile(sk.add(off as usize) as *const u64);
+        // NULL unless a full TCP socket; the result is typed `struct tcp_sock *`, which
+        // holds inet_sport (beyond `struct sock`, so not readable through `sk`).
+        let tp = aya_ebpf::helpers::generated::bpf_skc_to_tcp_sock(sk as *mut _) as *const u8;
+        if tp.is_null() {
+            return 0;
+        }
+        let sport = u16::from_be(core::ptr::read_volatile(
+            tp.add(o.inet_sport as usize) as *const u16
+        ));
+        if !port_wanted(sport) {
+            return 0;
+        }
+        let mut e = Event::zeroed();
+        let pid_tgid = bpf_get_current_pid_tgid();
+        e.kind = kind::TCP_STATE;
+        e.ts_ns = bpf_ktime_get_ns();
+        e.pid = (pid_tgid >> 32) as u32;
+        e.tid = pid_tgid as u32;
+        e.sk = sk as u64;
+        e.family = rd16(o.skc_family);
+        e.rport = u16::from_be(rd16(o.skc_dport));
+        if e.family == AF_INET6 {
+            let a = [rd64(o.skc_v6_rcv_saddr), rd64(o.skc_v6_rcv_saddr + 8)];
+            let b = [rd64(o.skc_v6_daddr), rd64(o.skc_v6_daddr + 8)];
+            e.addr = core::mem::transmute::<[u64; 2], [u8; 16]>(a);
+            e.raddr = core::mem::transmute::<[u64; 2], [u8; 16]>(b);
+        } else {
+            e.addr[..4].copy_from_slice(&rd32(o.skc_rcv_saddr).to_ne_bytes());
+            e.raddr[..4].copy_from_slice(&rd32(o.skc_daddr).to_ne_bytes());
+        }
+        e.port = sport;
+        e.proto = IPPROTO_TCP;
+        e.old_state = old as u16;
+        e.new_state = new as u16;
+        if o.netns_ok != 0 {
+            let net = rd64(o.skc_net) as *const u8;
+            if !net.is_null() {
+                let ns = core::ptr::read_volatile(net.add(o.net_inum as usize) as *const u32);
+                if ns != 0 {
+                    e.netns = ns;
+                    e.flags |= flags::NETNS_FROM_SOCK;
+                }
+            }
+        }
+        emit(&e);
+    }
+    0
 }
 
 #[cfg(not(test))]

@@ -201,6 +201,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         })))
         .await;
     }
+    for note in probes.notes() {
+        send(Msg::Agent(Box::new(AgentRecord {
+            event: "degraded",
+            reason: Some(note.clone()),
+            ..Default::default()
+        })))
+        .await;
+    }
 
     // Docker: its own thread and runtime, started after `ready` so that stays the first
     // line. Without a daemon it says so once and retries; a slow daemon can delay container

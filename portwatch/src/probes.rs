@@ -4,8 +4,8 @@ use std::path::Path;
 
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{RawTracePoint, TracePoint},
-    Ebpf, EbpfLoader,
+    programs::{BtfTracePoint, RawTracePoint, TracePoint},
+    Btf, Ebpf, EbpfLoader,
 };
 use portwatch_common::{kind, mask, Offsets, SetStateOffsets, MAX_FILTER_PORTS};
 
@@ -14,9 +14,10 @@ use crate::error::{Error, Result};
 /// The kernel object, built by build.rs and embedded so the binary ships alone.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch"));
 
-/// (program, category, tracepoint). The state-change hook is attached as a raw tracepoint
-/// (`inet_sock_set_state_raw`) when BTF gives the socket offsets it needs; the classic
-/// tracepoint program listed here is the fallback.
+/// (program, category, tracepoint). The state-change hook is attached, in order of
+/// preference, as a BTF-typed tracepoint (`inet_sock_set_state_btf`), as a raw tracepoint
+/// (`inet_sock_set_state_raw`), both when BTF gives the socket offsets they need, or as the
+/// classic tracepoint program listed here.
 pub const PROGRAMS: [(&str, &str, &str); 9] = [
     ("sys_enter_bind", "syscalls", "sys_enter_bind"),
     ("sys_exit_bind", "syscalls", "sys_exit_bind"),
@@ -43,9 +44,12 @@ pub struct Probes {
     ebpf: Ebpf,
     lost: PerCpuArray<MapData, u64>,
     attached: Vec<&'static str>,
+    notes: Vec<String>,
 }
 
-/// The raw-tracepoint variant of the state-change program.
+/// The BTF-typed (tp_btf) variant of the state-change program: plain loads from the socket.
+pub const BTF_STATE_PROGRAM: &str = "inet_sock_set_state_btf";
+/// The raw-tracepoint variant of the state-change program: a helper call per socket field.
 pub const RAW_STATE_PROGRAM: &str = "inet_sock_set_state_raw";
 
 pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
@@ -55,7 +59,8 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
             max: MAX_FILTER_PORTS,
         });
     }
-    // The raw tracepoint reads the socket itself; only the fallback needs the record layout.
+    // The typed and raw tracepoints read the socket themselves; only the classic fallback
+    // needs the record layout.
     let raw_state = cfg.offsets.sock_ok == 1 && cfg.offsets.remote_ok == 1;
     let ss = if raw_state {
         SetStateOffsets::default()
@@ -81,8 +86,22 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
         .load(EBPF_OBJECT)?;
 
     let mut attached = Vec::with_capacity(PROGRAMS.len());
+    let mut notes = Vec::new();
     for (program, category, tracepoint) in PROGRAMS {
         if raw_state && program == "inet_sock_set_state" {
+            // A tp_btf program is of the "tracing" type, which some kernels reject (or lack
+            // BTF for): then the raw tracepoint, which needs neither, does the same work.
+            match attach_btf_state(&mut ebpf, tracepoint) {
+                Ok(()) => {
+                    attached.push(BTF_STATE_PROGRAM);
+                    continue;
+                }
+                Err(e) => notes.push(format!(
+                    "the typed tracepoint {BTF_STATE_PROGRAM} could not be attached ({e}); \
+                     using {RAW_STATE_PROGRAM}, which reads each socket field with a helper \
+                     call and costs more per TCP state change"
+                )),
+            }
             let program = RAW_STATE_PROGRAM;
             let attach = |ebpf: &mut Ebpf| -> Result<(), aya::programs::ProgramError> {
                 let p: &mut RawTracePoint = ebpf
@@ -138,7 +157,27 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
         ebpf,
         lost,
         attached,
+        notes,
     })
+}
+
+/// Load and attach the tp_btf state-change program. The kernel's own BTF names the
+/// tracepoint's argument types, which is what lets the verifier accept plain loads.
+fn attach_btf_state(ebpf: &mut Ebpf, tracepoint: &str) -> std::result::Result<(), String> {
+    let btf = Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?;
+    let p: &mut BtfTracePoint = ebpf
+        .program_mut(BTF_STATE_PROGRAM)
+        .ok_or_else(|| format!("{BTF_STATE_PROGRAM} missing from the object"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    p.load(tracepoint, &btf).map_err(|e| match &e {
+        aya::programs::ProgramError::LoadError { io_error, .. } => {
+            format!("the kernel refused it: {io_error}")
+        }
+        _ => e.to_string(),
+    })?;
+    p.attach().map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 impl Probes {
@@ -151,8 +190,10 @@ impl Probes {
                 s.spawn(move || {
                     if let Ok(tp) = <&mut TracePoint>::try_from(&mut *p) {
                         let _ = tp.unload();
-                    } else if let Ok(raw) = <&mut RawTracePoint>::try_from(p) {
+                    } else if let Ok(raw) = <&mut RawTracePoint>::try_from(&mut *p) {
                         let _ = raw.unload();
+                    } else if let Ok(typed) = <&mut BtfTracePoint>::try_from(p) {
+                        let _ = typed.unload();
                     }
                 });
             }
@@ -162,6 +203,11 @@ impl Probes {
     /// The programs attached, by name, in attach order.
     pub fn attached(&self) -> &[&'static str] {
         &self.attached
+    }
+
+    /// Why a preferred program was replaced by a fallback, one sentence each.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
