@@ -117,6 +117,9 @@ pub struct SnapshotBuilder {
     /// (local port, remote) of each TIME_WAIT socket, which the table keeps no remote of,
     /// for the `time_wait` record; only when it is reported.
     tw: Option<Vec<(u16, IpAddr, u16)>>,
+    /// How long each TIME_WAIT socket has been in TIME_WAIT, from its timer; only when
+    /// reported.
+    tw_ages: TwAges,
     report: bool,
     wall_ns: i128,
 }
@@ -127,6 +130,7 @@ impl diag::Sink for SnapshotBuilder {
         if let Some(tw) = &mut self.tw {
             if d.proto == Proto::Tcp && d.state == table::TCP_TIME_WAIT {
                 tw.push((d.local.port(), d.remote.ip(), d.remote.port()));
+                self.tw_ages.add(d.expires_ms);
             }
         }
         let owners = &self.owners;
@@ -147,6 +151,7 @@ impl SnapshotBuilder {
             owners,
             len: 0,
             tw: report.then(Vec::new),
+            tw_ages: TwAges::default(),
             report,
             wall_ns,
         }
@@ -165,7 +170,9 @@ impl SnapshotBuilder {
                         tw.iter()
                             .map(|&(lp, ip, rp)| (table::TCP_TIME_WAIT, lp, ip, rp)),
                     );
-                TwCounts::of(tcp, port_range.unwrap_or(DEFAULT_PORT_RANGE))
+                let mut c = TwCounts::of(tcp, port_range.unwrap_or(DEFAULT_PORT_RANGE));
+                c.ages = std::mem::take(&mut self.tw_ages);
+                c
             }
             None => TwCounts::default(),
         };
@@ -184,9 +191,44 @@ impl SnapshotBuilder {
 /// Linux's default net.ipv4.ip_local_port_range.
 const DEFAULT_PORT_RANGE: (u16, u16) = (32768, 60999);
 
+/// Linux keeps a socket in TIME_WAIT for a fixed 60 s (TCP_TIMEWAIT_LEN).
+const TIME_WAIT_MS: u32 = 60_000;
+/// Resolution of `TwAges`.
+const AGE_STEP_MS: u32 = 100;
+
+/// TIME_WAIT sockets by time spent in TIME_WAIT, in 100 ms steps. The kernel reports each
+/// one's remaining time (idiag_expires) and the total is fixed, so this tells how many
+/// entered TIME_WAIT within any recent span: the `entered` of a `time_wait` record, with no
+/// event per connection.
+#[derive(Clone)]
+struct TwAges([u32; (TIME_WAIT_MS / AGE_STEP_MS) as usize + 1]);
+
+impl Default for TwAges {
+    fn default() -> TwAges {
+        TwAges([0; (TIME_WAIT_MS / AGE_STEP_MS) as usize + 1])
+    }
+}
+
+impl TwAges {
+    fn add(&mut self, expires_ms: u32) {
+        let age = TIME_WAIT_MS.saturating_sub(expires_ms);
+        self.0[(age / AGE_STEP_MS) as usize] += 1;
+    }
+
+    /// Sockets that entered TIME_WAIT less than `span_ms` before the dump.
+    fn younger_than(&self, span_ms: u64) -> u64 {
+        let steps = span_ms
+            .div_ceil(u64::from(AGE_STEP_MS))
+            .min(self.0.len() as u64);
+        self.0[..steps as usize].iter().map(|&n| u64::from(n)).sum()
+    }
+}
+
 /// TCP sockets of one namespace counted for the `time_wait` and `pressure` records.
 #[derive(Default)]
 struct TwCounts {
+    /// TIME_WAIT sockets by age.
+    ages: TwAges,
     /// TIME_WAIT sockets.
     total: u64,
     /// Server-side TIME_WAIT (local port listened on, or not ephemeral) by local port.
@@ -333,7 +375,8 @@ struct Sub {
 #[derive(Default)]
 struct TwState {
     last_total: u64,
-    entered: u64,
+    /// When the dump behind `last_total` was taken (wall ns); None before the first record.
+    last_wall_ns: Option<i128>,
     pressured: std::collections::HashSet<(IpAddr, u16)>,
 }
 
@@ -591,9 +634,6 @@ impl Processor {
                 let (old, new) = (e.old_state as u8, e.new_state as u8);
                 let en = entry(table::TCP_TIME_WAIT, None, Proto::Tcp);
                 self.table.on_tcp_state(netns, &en, old, new);
-                if new == table::TCP_CLOSE && (old == 5 || old == 11) {
-                    self.tw.entry(netns).or_default().entered += 1;
-                }
             }
             _ => {}
         }
@@ -1051,6 +1091,7 @@ impl Processor {
         let netns = s.ns.inode;
         let range = s.port_range.unwrap_or(DEFAULT_PORT_RANGE);
         let TwCounts {
+            ages,
             total,
             by_local,
             by_remote,
@@ -1067,10 +1108,18 @@ impl Processor {
                 pct: (*n as f64 * 1000.0 / size).round() / 10.0,
             });
         let st = self.tw.entry(netns).or_default();
-        let entered = std::mem::take(&mut st.entered);
+        // Entered since the previous record's dump (since start-up for the first one), from
+        // the sockets' own timers. A socket that entered and left TIME_WAIT between two
+        // dumps (taken over early by a new connection) is in neither count.
+        let span_ms = match st.last_wall_ns {
+            Some(w) => (s.wall_ns - w).max(0) / 1_000_000,
+            None => self.started.elapsed().as_millis() as i128,
+        };
+        let entered = ages.younger_than(span_ms as u64);
         let expired = (st.last_total + entered).saturating_sub(total);
         let had = st.last_total > 0;
         st.last_total = total;
+        st.last_wall_ns = Some(s.wall_ns);
         // Pressure: once per crossing of the threshold, re-armed when it falls below.
         let threshold = self.cfg.pressure_pct;
         let mut pressure = Vec::new();
@@ -1593,5 +1642,39 @@ mod tests {
         let ns = s.ns.clone();
         let quiet = Snapshot::new(ns, &entries, Arc::default(), None, false, 0);
         assert_eq!(quiet.counts.total, 0);
+    }
+
+    /// `entered` comes from the TIME_WAIT sockets' remaining time: 60 s minus it is how long
+    /// each has been in TIME_WAIT.
+    #[test]
+    fn time_wait_entries_from_the_timers() {
+        let tw = table::TCP_TIME_WAIT;
+        let mut entries = Vec::new();
+        // Remaining 59.95 s, 59.0 s, 55.0 s, 50.05 s and 10 s: in TIME_WAIT for 0.05 s, 1 s,
+        // 5 s, 9.95 s and 50 s. The 0 ms one (timer just firing) is 60 s old.
+        for (i, left) in [59_950u32, 59_000, 55_000, 50_050, 10_000, 0]
+            .iter()
+            .enumerate()
+        {
+            let mut d = sock("10.0.0.1:8080", &format!("10.0.0.5:{}", 50000 + i), tw, 0);
+            d.expires_ms = *left;
+            entries.push(d);
+        }
+        let ns = diag::Namespace {
+            inode: 1,
+            path: "/proc/self/ns/net".into(),
+        };
+        let s = Snapshot::new(ns, &entries, Arc::default(), None, true, 0);
+        let a = &s.counts.ages;
+        assert_eq!(a.younger_than(0), 0);
+        assert_eq!(a.younger_than(100), 1);
+        assert_eq!(a.younger_than(1_100), 2);
+        assert_eq!(
+            a.younger_than(10_000),
+            4,
+            "the usual 10 s between two records"
+        );
+        assert_eq!(a.younger_than(60_000), 5);
+        assert_eq!(a.younger_than(u64::MAX), 6, "never past the end");
     }
 }
