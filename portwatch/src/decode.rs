@@ -127,17 +127,45 @@ impl Clock {
 
 /// RFC 3339 UTC with nanoseconds, e.g. `2026-11-25T08:31:31.123456789Z`.
 pub fn rfc3339(wall_ns: i128) -> String {
-    let secs = wall_ns.div_euclid(1_000_000_000) as i64;
-    let nanos = wall_ns.rem_euclid(1_000_000_000) as u32;
+    let mut b = [0u8; RFC3339_LEN];
+    rfc3339_into(wall_ns, &mut b);
+    // Only ASCII digits and separators were written, so this never falls back.
+    std::str::from_utf8(&b).unwrap_or_default().to_owned()
+}
+
+/// Length of an `rfc3339` string (years 0000-9999).
+pub const RFC3339_LEN: usize = 30;
+
+/// `rfc3339`, written digit by digit into a fixed buffer: every record carries one, and
+/// `format!` with padded fields cost more than the rest of a small record.
+pub fn rfc3339_into(wall_ns: i128, b: &mut [u8; RFC3339_LEN]) {
+    // i64 nanoseconds last until 2262; 128-bit division is a library call.
+    let w = wall_ns.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+    let secs = w.div_euclid(1_000_000_000);
+    let nanos = w.rem_euclid(1_000_000_000) as u32;
     let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
+    let sod = secs.rem_euclid(86_400) as u32;
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-        sod / 3600,
-        (sod / 60) % 60,
-        sod % 60
-    )
+    let digits = |b: &mut [u8], mut v: u32| {
+        for c in b.iter_mut().rev() {
+            *c = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    digits(&mut b[0..4], y.clamp(0, 9999) as u32);
+    b[4] = b'-';
+    digits(&mut b[5..7], m);
+    b[7] = b'-';
+    digits(&mut b[8..10], d);
+    b[10] = b'T';
+    digits(&mut b[11..13], sod / 3600);
+    b[13] = b':';
+    digits(&mut b[14..16], (sod / 60) % 60);
+    b[16] = b':';
+    digits(&mut b[17..19], sod % 60);
+    b[19] = b'.';
+    digits(&mut b[20..29], nanos);
+    b[29] = b'Z';
 }
 
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar

@@ -163,30 +163,57 @@ impl TcpState<'_> {
     /// header (a map serializer escaping every key) was the agent's largest cost. Only
     /// `host` can hold characters that need escaping; it still goes through serde_json.
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        use std::io::Write;
         let h = &self.h;
-        let _ = write!(
-            out,
-            "{{\"v\":{},\"ts\":\"{}\",\"type\":\"{}\",\"host\":",
-            h.v, h.ts, h.ty
-        );
+        let mut n = itoa::Buffer::new();
+        out.extend_from_slice(b"{\"v\":");
+        out.extend_from_slice(n.format(h.v).as_bytes());
+        out.extend_from_slice(b",\"ts\":\"");
+        out.extend_from_slice(h.ts.as_bytes());
+        out.extend_from_slice(b"\",\"type\":\"");
+        out.extend_from_slice(h.ty.as_bytes());
+        out.extend_from_slice(b"\",\"host\":");
         let _ = serde_json::to_writer(&mut *out, h.host);
-        let _ = write!(
-            out,
-            ",\"family\":\"{}\",\"addr\":\"{}\",\"port\":{},\"raddr\":\"{}\",\"rport\":{},\
-             \"old_state\":\"{}\",\"new_state\":\"{}\",\"time_wait\":{},\"netns\":{},\
-             \"context_pid\":{}}}",
-            self.family,
-            self.addr,
-            self.port,
-            self.raddr,
-            self.rport,
-            self.old_state,
-            self.new_state,
-            self.time_wait,
-            self.netns,
-            self.context_pid
-        );
+        out.extend_from_slice(b",\"family\":\"");
+        out.extend_from_slice(self.family.as_bytes());
+        out.extend_from_slice(b"\",\"addr\":\"");
+        write_ip(out, &self.addr);
+        out.extend_from_slice(b"\",\"port\":");
+        out.extend_from_slice(n.format(self.port).as_bytes());
+        out.extend_from_slice(b",\"raddr\":\"");
+        write_ip(out, &self.raddr);
+        out.extend_from_slice(b"\",\"rport\":");
+        out.extend_from_slice(n.format(self.rport).as_bytes());
+        out.extend_from_slice(b",\"old_state\":\"");
+        out.extend_from_slice(self.old_state.as_bytes());
+        out.extend_from_slice(b"\",\"new_state\":\"");
+        out.extend_from_slice(self.new_state.as_bytes());
+        out.extend_from_slice(b"\",\"time_wait\":");
+        out.extend_from_slice(if self.time_wait { b"true" } else { b"false" });
+        out.extend_from_slice(b",\"netns\":");
+        out.extend_from_slice(n.format(self.netns).as_bytes());
+        out.extend_from_slice(b",\"context_pid\":");
+        out.extend_from_slice(n.format(self.context_pid).as_bytes());
+        out.push(b'}');
+    }
+}
+
+/// An address as `Display` writes it (what serde emits for `IpAddr`); IPv4, the common case,
+/// without going through core::fmt.
+fn write_ip(out: &mut Vec<u8>, ip: &IpAddr) {
+    match ip {
+        IpAddr::V4(a) => {
+            let mut n = itoa::Buffer::new();
+            for (i, o) in a.octets().iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(n.format(*o).as_bytes());
+            }
+        }
+        IpAddr::V6(a) => {
+            use std::io::Write;
+            let _ = write!(out, "{a}");
+        }
     }
 }
 
@@ -453,7 +480,13 @@ mod tests {
         v6.addr[15] = 1;
         v6.raddr = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
         v6.old_state = 10;
-        for (e, host) in [(e, "lab1"), (v6, "we\"ird\\host\u{1}é")] {
+        let mut wide = e;
+        wide.addr[..4].copy_from_slice(&[192, 168, 255, 0]);
+        wide.raddr[..4].copy_from_slice(&[9, 99, 100, 255]);
+        wide.port = 0;
+        wide.rport = 65535;
+        wide.pid = u32::MAX;
+        for (e, host) in [(e, "lab1"), (wide, "lab1"), (v6, "we\"ird\\host\u{1}é")] {
             let r = tcp_state(
                 Header::new("tcp_state", host, 1_764_000_000_123_456_789),
                 &e,
