@@ -121,6 +121,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (tx, rx) = mpsc::channel::<Msg>(QUEUE);
     let agent_lost: Arc<[AtomicU64; KINDS]> = Arc::new(Default::default());
 
+    let attach_clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writer = {
         let cfg = process::Config {
             host: host.clone(),
@@ -130,6 +131,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             top: 10,
             window_s: args.window.as_secs(),
             metrics,
+            attach_clients: attach_clients.clone(),
         };
         std::thread::Builder::new()
             .name("portwatch-writer".into())
@@ -274,9 +276,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut drain_tick = tokio::time::interval(Duration::from_millis(DRAIN_MS));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut scratch: Vec<Event> = Vec::new();
+    let mut state_hook_failed = false;
     loop {
         tokio::select! {
-            _ = drain_tick.tick() => { drain(ring.get_mut(), &tx, &mut scratch); }
+            _ = drain_tick.tick() => {
+                drain(ring.get_mut(), &tx, &mut scratch);
+                // Default mode: TCP state changes only while someone attached wants the
+                // live detail (see probes::load).
+                if !args.all_events && !state_hook_failed {
+                    let want = attach_clients.load(Ordering::Relaxed) > 0;
+                    if let Err(e) = probes.set_state_hook(want) {
+                        eprintln!(
+                            "portwatch: warning: attaching clients get no tcp_state records: {e}"
+                        );
+                        state_hook_failed = true;
+                    }
+                }
+            }
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(|source| Error::Io { what: "waiting on the ring buffer", source })?;
                 drain(guard.get_inner_mut(), &tx, &mut scratch);

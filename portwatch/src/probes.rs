@@ -45,6 +45,7 @@ pub struct Probes {
     lost: PerCpuArray<MapData, u64>,
     attached: Vec<&'static str>,
     notes: Vec<String>,
+    state: StateHook,
 }
 
 /// The BTF-typed (tp_btf) variant of the state-change program: plain loads from the socket.
@@ -60,9 +61,9 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
         });
     }
     // The typed and raw tracepoints read the socket themselves; only the classic fallback
-    // needs the record layout, and only --all-events attaches any of them.
+    // needs the record layout.
     let raw_state = cfg.offsets.sock_ok == 1 && cfg.offsets.remote_ok == 1;
-    let ss = if raw_state || !cfg.all_events {
+    let ss = if raw_state {
         SetStateOffsets::default()
     } else {
         set_state_offsets(cfg.tracefs)?
@@ -88,48 +89,8 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
     let mut attached = Vec::with_capacity(PROGRAMS.len());
     let mut notes = Vec::new();
     for (program, category, tracepoint) in PROGRAMS {
-        // The state-change hook fires about ten times per TCP connection, on every
-        // connection of the host: measured, it cost 3-4 % of loopback churn throughput by
-        // itself. Default mode needs none of those transitions: listeners are seen at
-        // listen() and close(), TIME_WAIT sockets come from sock_diag, which is their ground
-        // truth anyway (the tracepoint never shows TIME_WAIT nor its expiry), and a conflict
-        // the table cannot explain re-reads its namespace at once. Only --all-events, which
-        // logs every transition, attaches it.
-        if program == "inet_sock_set_state" && !cfg.all_events {
-            continue;
-        }
-        if raw_state && program == "inet_sock_set_state" {
-            // A tp_btf program is of the "tracing" type, which some kernels reject (or lack
-            // BTF for): then the raw tracepoint, which needs neither, does the same work.
-            match attach_btf_state(&mut ebpf, tracepoint) {
-                Ok(()) => {
-                    attached.push(BTF_STATE_PROGRAM);
-                    continue;
-                }
-                Err(e) => notes.push(format!(
-                    "the typed tracepoint {BTF_STATE_PROGRAM} could not be attached ({e}); \
-                     using {RAW_STATE_PROGRAM}, which reads each socket field with a helper \
-                     call and costs more per TCP state change"
-                )),
-            }
-            let program = RAW_STATE_PROGRAM;
-            let attach = |ebpf: &mut Ebpf| -> Result<(), aya::programs::ProgramError> {
-                let p: &mut RawTracePoint = ebpf
-                    .program_mut(program)
-                    .ok_or(aya::programs::ProgramError::UnexpectedProgramType)?
-                    .try_into()?;
-                p.load()?;
-                p.attach(tracepoint)?;
-                Ok(())
-            };
-            attach(&mut ebpf).map_err(|source| Error::Attach {
-                program,
-                category: "raw_tracepoint",
-                tracepoint,
-                source: Box::new(source),
-            })?;
-            attached.push(program);
-            continue;
+        if program == "inet_sock_set_state" {
+            continue; // below
         }
         let attach = |ebpf: &mut Ebpf| -> Result<(), aya::programs::ProgramError> {
             let p: &mut TracePoint = ebpf
@@ -147,6 +108,32 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
             source: Box::new(source),
         })?;
         attached.push(program);
+    }
+
+    // The state-change hook fires about ten times per TCP connection, on every connection
+    // of the host: measured, attached it cost 3-4 % of loopback churn throughput by itself.
+    // Default mode logs none of those transitions: listeners are seen at listen() and
+    // close(), TIME_WAIT sockets come from sock_diag, which is their ground truth anyway
+    // (the tracepoint never shows TIME_WAIT nor its expiry), and a conflict the table cannot
+    // explain re-reads its namespace at once. So it is loaded now and attached only while
+    // it is wanted: always with --all-events, otherwise while a client is attached to the
+    // control socket (`set_state_hook`), which streams every transition.
+    let (state_program, state_kind) = load_state(&mut ebpf, raw_state, &mut notes)?;
+    let mut probes_state = StateHook {
+        program: state_program,
+        kind: state_kind,
+        link: None,
+    };
+    if cfg.all_events {
+        probes_state
+            .attach(&mut ebpf)
+            .map_err(|source| Error::Attach {
+                program: state_program,
+                category: state_kind.category(),
+                tracepoint: "inet_sock_set_state",
+                source: Box::new(source),
+            })?;
+        attached.push(state_program);
     }
 
     let lost = ebpf
@@ -168,26 +155,135 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
         lost,
         attached,
         notes,
+        state: probes_state,
     })
 }
 
-/// Load and attach the tp_btf state-change program. The kernel's own BTF names the
-/// tracepoint's argument types, which is what lets the verifier accept plain loads.
-fn attach_btf_state(ebpf: &mut Ebpf, tracepoint: &str) -> std::result::Result<(), String> {
+/// Which program type carries the state-change hook.
+#[derive(Clone, Copy)]
+enum StateKind {
+    Btf,
+    Raw,
+    Classic,
+}
+
+impl StateKind {
+    fn category(self) -> &'static str {
+        match self {
+            StateKind::Btf => "tp_btf",
+            StateKind::Raw => "raw_tracepoint",
+            StateKind::Classic => "sock",
+        }
+    }
+}
+
+enum StateLink {
+    Btf(aya::programs::tp_btf::BtfTracePointLinkId),
+    Raw(aya::programs::raw_trace_point::RawTracePointLinkId),
+    Classic(aya::programs::trace_point::TracePointLinkId),
+}
+
+/// The loaded state-change program and, while attached, its link.
+struct StateHook {
+    program: &'static str,
+    kind: StateKind,
+    link: Option<StateLink>,
+}
+
+impl StateHook {
+    fn attach(&mut self, ebpf: &mut Ebpf) -> std::result::Result<(), aya::programs::ProgramError> {
+        if self.link.is_some() {
+            return Ok(());
+        }
+        let p = ebpf
+            .program_mut(self.program)
+            .ok_or(aya::programs::ProgramError::UnexpectedProgramType)?;
+        self.link = Some(match self.kind {
+            StateKind::Btf => StateLink::Btf(<&mut BtfTracePoint>::try_from(p)?.attach()?),
+            StateKind::Raw => {
+                StateLink::Raw(<&mut RawTracePoint>::try_from(p)?.attach("inet_sock_set_state")?)
+            }
+            StateKind::Classic => StateLink::Classic(
+                <&mut TracePoint>::try_from(p)?.attach("sock", "inet_sock_set_state")?,
+            ),
+        });
+        Ok(())
+    }
+
+    fn detach(&mut self, ebpf: &mut Ebpf) -> std::result::Result<(), aya::programs::ProgramError> {
+        let Some(link) = self.link.take() else {
+            return Ok(());
+        };
+        let p = ebpf
+            .program_mut(self.program)
+            .ok_or(aya::programs::ProgramError::UnexpectedProgramType)?;
+        match link {
+            StateLink::Btf(id) => <&mut BtfTracePoint>::try_from(p)?.detach(id),
+            StateLink::Raw(id) => <&mut RawTracePoint>::try_from(p)?.detach(id),
+            StateLink::Classic(id) => <&mut TracePoint>::try_from(p)?.detach(id),
+        }
+    }
+}
+
+/// Load (not attach) the state-change program: the typed tracepoint if the kernel takes it,
+/// else the raw one, both when BTF gave the socket offsets; else the classic tracepoint.
+fn load_state(
+    ebpf: &mut Ebpf,
+    raw_state: bool,
+    notes: &mut Vec<String>,
+) -> Result<(&'static str, StateKind)> {
+    let load_err = |program: &'static str, category: &'static str| {
+        move |source: aya::programs::ProgramError| Error::Attach {
+            program,
+            category,
+            tracepoint: "inet_sock_set_state",
+            source: Box::new(source),
+        }
+    };
+    if raw_state {
+        // A tp_btf program is of the "tracing" type, which some kernels reject (or lack BTF
+        // for): then the raw tracepoint, which needs neither, does the same work.
+        match load_btf_state(ebpf) {
+            Ok(()) => return Ok((BTF_STATE_PROGRAM, StateKind::Btf)),
+            Err(e) => notes.push(format!(
+                "the typed tracepoint {BTF_STATE_PROGRAM} could not be loaded ({e}); using \
+                 {RAW_STATE_PROGRAM}, which reads each socket field with a helper call and \
+                 costs more per TCP state change"
+            )),
+        }
+        let p: &mut RawTracePoint = ebpf
+            .program_mut(RAW_STATE_PROGRAM)
+            .ok_or(aya::programs::ProgramError::UnexpectedProgramType)
+            .and_then(|p| p.try_into())
+            .map_err(load_err(RAW_STATE_PROGRAM, "raw_tracepoint"))?;
+        p.load()
+            .map_err(load_err(RAW_STATE_PROGRAM, "raw_tracepoint"))?;
+        return Ok((RAW_STATE_PROGRAM, StateKind::Raw));
+    }
+    let p: &mut TracePoint = ebpf
+        .program_mut("inet_sock_set_state")
+        .ok_or(aya::programs::ProgramError::UnexpectedProgramType)
+        .and_then(|p| p.try_into())
+        .map_err(load_err("inet_sock_set_state", "sock"))?;
+    p.load().map_err(load_err("inet_sock_set_state", "sock"))?;
+    Ok(("inet_sock_set_state", StateKind::Classic))
+}
+
+/// Load the tp_btf state-change program. The kernel's own BTF names the tracepoint's
+/// argument types, which is what lets the verifier accept plain loads.
+fn load_btf_state(ebpf: &mut Ebpf) -> std::result::Result<(), String> {
     let btf = Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?;
     let p: &mut BtfTracePoint = ebpf
         .program_mut(BTF_STATE_PROGRAM)
         .ok_or_else(|| format!("{BTF_STATE_PROGRAM} missing from the object"))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-    p.load(tracepoint, &btf).map_err(|e| match &e {
+    p.load("inet_sock_set_state", &btf).map_err(|e| match &e {
         aya::programs::ProgramError::LoadError { io_error, .. } => {
             format!("the kernel refused it: {io_error}")
         }
         _ => e.to_string(),
-    })?;
-    p.attach().map_err(|e| e.to_string())?;
-    Ok(())
+    })
 }
 
 impl Probes {
@@ -213,6 +309,20 @@ impl Probes {
     /// The programs attached, by name, in attach order.
     pub fn attached(&self) -> &[&'static str] {
         &self.attached
+    }
+
+    /// Attach or detach the state-change hook (see `load`). Returns whether it changed.
+    pub fn set_state_hook(&mut self, on: bool) -> std::result::Result<bool, String> {
+        if on == self.state.link.is_some() {
+            return Ok(false);
+        }
+        let r = if on {
+            self.state.attach(&mut self.ebpf)
+        } else {
+            self.state.detach(&mut self.ebpf)
+        };
+        r.map(|()| true)
+            .map_err(|e| format!("{}: {e}", self.state.program))
     }
 
     /// Why a preferred program was replaced by a fallback, one sentence each.

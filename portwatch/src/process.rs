@@ -331,6 +331,9 @@ pub struct Config {
     /// How far back `attach` can replay.
     pub window_s: u64,
     pub metrics: Option<Arc<Metrics>>,
+    /// Clients attached to the control socket, kept current here: the event loop attaches
+    /// the TCP state hook while there are any (default mode).
+    pub attach_clients: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Most items the recent-past window holds, whatever its age, and most bytes: memory stays
@@ -574,6 +577,9 @@ impl Processor {
             }
         }
         self.subs.retain(|s| !s.closed);
+        self.cfg
+            .attach_clients
+            .store(self.subs.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
     fn emit_line<T: Serialize>(&mut self, ty: &'static str, wall: i128, body: T) {
@@ -999,6 +1005,9 @@ impl Processor {
             missed: 0,
             closed: false,
         });
+        self.cfg
+            .attach_clients
+            .store(self.subs.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
     fn ports(&mut self, filter: &Filter) -> Vec<PortRow> {

@@ -70,6 +70,15 @@ fn attach_replays_the_past_then_streams_live_detail() {
     let other: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
     let s = socket(&other, SOCK_STREAM, false);
     bind(&s, &other).unwrap();
+    // TCP state changes too: default mode attaches that hook only while a client is
+    // attached. A connection the server closes first leaves the server side in TIME_WAIT.
+    let tw_addr: SocketAddr = format!("127.0.0.3:{port}").parse().unwrap();
+    {
+        let srv = std::net::TcpListener::bind(tw_addr).unwrap();
+        let mut c = std::net::TcpStream::connect(tw_addr).unwrap();
+        drop(srv.accept().unwrap());
+        let _ = std::io::Read::read(&mut c, &mut [0u8; 1]);
+    }
     let out = client.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -89,6 +98,12 @@ fn attach_replays_the_past_then_streams_live_detail() {
         "live verbose bind record: {lines:?}"
     );
     assert!(
+        lines.iter().any(|v| v["type"] == "tcp_state"
+            && v["addr"] == "127.0.0.3"
+            && v["time_wait"] == true),
+        "live TIME_WAIT entry from the state hook: {lines:?}"
+    );
+    assert!(
         lines
             .iter()
             .all(|v| v["type"] != "conflict" || v["port"] == port),
@@ -97,6 +112,7 @@ fn attach_replays_the_past_then_streams_live_detail() {
     // The agent's own log stayed at the default level.
     let done = agent.stop();
     assert!(of_type(&done.lines, "bind", port).is_empty());
+    assert!(of_type(&done.lines, "tcp_state", port).is_empty());
 }
 
 #[test]
