@@ -117,7 +117,8 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
     // (the tracepoint never shows TIME_WAIT nor its expiry), and a conflict the table cannot
     // explain re-reads its namespace at once. So it is loaded now and attached only while
     // it is wanted: always with --all-events, otherwise while a client is attached to the
-    // control socket (`set_state_hook`), which streams every transition.
+    // control socket (`set_state_hook`), which then gets LISTEN changes and TIME_WAIT
+    // entries live (the kernel's default-mode filter).
     let (state_program, state_kind) = load_state(&mut ebpf, raw_state, &mut notes)?;
     let mut probes_state = StateHook {
         program: state_program,
