@@ -735,15 +735,41 @@ fn try_set_state(ctx: &TracePointContext) -> Result<u32, u32> {
     e.proto = IPPROTO_TCP;
     e.old_state = old as u16;
     e.new_state = new as u16;
-    // State changes often run in softirq context, where the current task is unrelated: take
-    // the namespace from the socket itself.
     let ns = sock_netns(&o, e.sk);
+    set_sock_netns(&mut e, ns);
+    emit(&e);
+    Ok(0)
+}
+
+/// The part of a `tcp_state` event the raw and typed programs fill alike, before reading
+/// the socket's addresses. Most state changes run in softirq context, where the current
+/// task is whoever was interrupted: only its pid is kept (as `context_pid`); no comm, uid or
+/// cgroup.
+#[inline(always)]
+fn state_event(sk: u64, sport: u16, old: i32, new: i32) -> Event {
+    let mut e = Event::zeroed();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    e.kind = kind::TCP_STATE;
+    // SAFETY: a helper without preconditions.
+    e.ts_ns = unsafe { bpf_ktime_get_ns() };
+    e.pid = (pid_tgid >> 32) as u32;
+    e.tid = pid_tgid as u32;
+    e.sk = sk;
+    e.port = sport;
+    e.proto = IPPROTO_TCP;
+    e.old_state = old as u16;
+    e.new_state = new as u16;
+    e
+}
+
+/// State changes often run in softirq context, where the current task's namespace is
+/// unrelated: the one read from the socket wins when there is one.
+#[inline(always)]
+fn set_sock_netns(e: &mut Event, ns: u32) {
     if ns != 0 {
         e.netns = ns;
         e.flags |= flags::NETNS_FROM_SOCK;
     }
-    emit(&e);
-    Ok(0)
 }
 
 /// The same facts as `inet_sock_set_state` above, from the raw tracepoint: the kernel passes
@@ -790,15 +816,7 @@ fn try_set_state_raw(ctx: &RawTracePointContext) -> Result<(), i64> {
         if !port_wanted(sport) {
             return Ok(());
         }
-        let mut e = Event::zeroed();
-        // Most state changes run in softirq context, where the current task is whoever was
-        // interrupted: only its pid is kept (as `context_pid`); no comm, uid or cgroup.
-        let pid_tgid = bpf_get_current_pid_tgid();
-        e.kind = kind::TCP_STATE;
-        e.ts_ns = bpf_ktime_get_ns();
-        e.pid = (pid_tgid >> 32) as u32;
-        e.tid = pid_tgid as u32;
-        e.sk = sk;
+        let mut e = state_event(sk, sport, old, new);
         e.family = rd16(o.skc_family)?;
         e.rport = u16::from_be(rd16(o.skc_dport)?);
         if e.family == AF_INET6 {
@@ -814,15 +832,7 @@ fn try_set_state_raw(ctx: &RawTracePointContext) -> Result<(), i64> {
             e.addr[..4].copy_from_slice(&s);
             e.raddr[..4].copy_from_slice(&d);
         }
-        e.port = sport;
-        e.proto = IPPROTO_TCP;
-        e.old_state = old as u16;
-        e.new_state = new as u16;
-        let ns = sock_netns(&o, sk);
-        if ns != 0 {
-            e.netns = ns;
-            e.flags |= flags::NETNS_FROM_SOCK;
-        }
+        set_sock_netns(&mut e, sock_netns(&o, sk));
         emit(&e);
     }
     Ok(())
@@ -863,13 +873,7 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
         if !port_wanted(sport) {
             return 0;
         }
-        let mut e = Event::zeroed();
-        let pid_tgid = bpf_get_current_pid_tgid();
-        e.kind = kind::TCP_STATE;
-        e.ts_ns = bpf_ktime_get_ns();
-        e.pid = (pid_tgid >> 32) as u32;
-        e.tid = pid_tgid as u32;
-        e.sk = sk as u64;
+        let mut e = state_event(sk as u64, sport, old, new);
         e.family = rd16(o.skc_family);
         e.rport = u16::from_be(rd16(o.skc_dport));
         if e.family == AF_INET6 {
@@ -881,18 +885,11 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
             e.addr[..4].copy_from_slice(&rd32(o.skc_rcv_saddr).to_ne_bytes());
             e.raddr[..4].copy_from_slice(&rd32(o.skc_daddr).to_ne_bytes());
         }
-        e.port = sport;
-        e.proto = IPPROTO_TCP;
-        e.old_state = old as u16;
-        e.new_state = new as u16;
         if o.netns_ok != 0 {
             let net = rd64(o.skc_net) as *const u8;
             if !net.is_null() {
                 let ns = core::ptr::read_volatile(net.add(o.net_inum as usize) as *const u32);
-                if ns != 0 {
-                    e.netns = ns;
-                    e.flags |= flags::NETNS_FROM_SOCK;
-                }
+                set_sock_netns(&mut e, ns);
             }
         }
         emit(&e);
