@@ -121,6 +121,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let peers = ensure_peers();
     let script = cfg.dir.join("peer.bt");
     fs::write(&script, BPFTRACE_SCRIPT).with_context(|| format!("writing {}", script.display()))?;
+    let floor = cfg.dir.join("floor.bt");
+    fs::write(&floor, FLOOR_SCRIPT).with_context(|| format!("writing {}", floor.display()))?;
 
     let host = Host::probe();
     let started = Instant::now();
@@ -431,12 +433,23 @@ tracepoint:sock:inet_sock_set_state /args->protocol == 6/ {
 END { clear(@b); clear(@l); clear(@c); clear(@bound); clear(@tracked); }
 "#;
 
+/// The floor under any tool built on syscall tracepoints: one such tracepoint whose filter
+/// never passes. Enabling any syscall tracepoint makes every syscall of every task take the
+/// kernel's traced entry and exit path; this configuration measures that cost alone, side by
+/// side with the tracers that pay it.
+const FLOOR_SCRIPT: &str = r#"
+BEGIN { printf("ready\n"); }
+tracepoint:syscalls:sys_enter_bind /pid == 0/ { @never = count(); }
+"#;
+
 // ---------------------------------------------------------------------------------------------
 // Tracer processes
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Cfg {
     None,
+    /// bpftrace with FLOOR_SCRIPT (churn only).
+    Floor,
     PwDefault,
     PwAll,
     Bpftrace,
@@ -455,6 +468,7 @@ impl Cfg {
     fn name(self) -> &'static str {
         match self {
             Cfg::None => "no-tracer",
+            Cfg::Floor => "syscall-tp-floor",
             Cfg::PwDefault => "portwatch-default",
             Cfg::PwAll => "portwatch-all-events",
             Cfg::Bpftrace => "bpftrace",
@@ -464,6 +478,7 @@ impl Cfg {
     fn label(self) -> &'static str {
         match self {
             Cfg::None => "no tracer",
+            Cfg::Floor => "floor: one syscall tracepoint, never firing (bpftrace)",
             Cfg::PwDefault => "portwatch (default)",
             Cfg::PwAll => "portwatch --all-events",
             Cfg::Bpftrace => "bpftrace (same tracepoints, same facts)",
@@ -533,6 +548,11 @@ impl Tracer {
                 c.arg(s.dir.join("peer.bt"));
                 c
             }
+            Cfg::Floor => {
+                let mut c = Command::new("bpftrace");
+                c.arg(s.dir.join("floor.bt"));
+                c
+            }
             Cfg::Tcpstates => {
                 // Block-buffered otherwise: lines would reach the file in 4 KiB bursts.
                 let mut c = Command::new("stdbuf");
@@ -540,7 +560,7 @@ impl Tracer {
                 c
             }
         };
-        if matches!(cfg, Cfg::Bpftrace | Cfg::Tcpstates) {
+        if matches!(cfg, Cfg::Bpftrace | Cfg::Floor | Cfg::Tcpstates) {
             ensure_tracefs();
         }
         c.stdin(Stdio::null());
@@ -624,7 +644,7 @@ impl Tracer {
             if let Ok(text) = fs::read_to_string(&self.out) {
                 let found = text.lines().find(|l| match self.cfg {
                     Cfg::PwDefault | Cfg::PwAll => l.contains("\"event\":\"ready\""),
-                    Cfg::Bpftrace => *l == "ready",
+                    Cfg::Bpftrace | Cfg::Floor => *l == "ready",
                     Cfg::Tcpstates => l.starts_with("SKADDR"),
                     Cfg::None => true,
                 });
@@ -1496,8 +1516,12 @@ impl Report {
 
 struct ChurnResult {
     cfgs: Vec<Cfg>,
-    /// Per configuration (same order as cfgs): per-round samples.
+    /// Per configuration (same order as cfgs): per-window samples (a tracer has one per
+    /// round; no tracer has one more than there are tracers per round).
     samples: Vec<Vec<ChurnSample>>,
+    /// Per configuration: per-round throughput relative to the mean of the two no-tracer
+    /// windows right before and after it (empty for no tracer).
+    bracketed: Vec<Vec<f64>>,
     /// Per configuration: records lost by the tracer (agent lost records / "Lost N events").
     lost: Vec<u64>,
     /// Per configuration: output lines written.
@@ -1509,8 +1533,11 @@ impl ChurnResult {
         let i = self.cfgs.iter().position(|&x| x == c)?;
         median(self.samples[i].iter().map(|s| s.rate).collect())
     }
-    fn ratio(&self, c: Cfg) -> Option<f64> {
-        Some(self.median_rate(c)? / self.median_rate(Cfg::None)?)
+    /// Median over rounds of the bracketed ratio (see `churn_phase`): the figure the targets
+    /// are judged on.
+    fn paired(&self, c: Cfg) -> Option<f64> {
+        let i = self.cfgs.iter().position(|&x| x == c)?;
+        median(self.bracketed[i].clone())
     }
 }
 
@@ -1540,13 +1567,22 @@ fn available_cfgs(peers: &Peers) -> Vec<Cfg> {
 }
 
 fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnResult> {
-    let cfgs = available_cfgs(peers);
+    let mut cfgs = available_cfgs(peers);
+    if peers.bpftrace {
+        cfgs.insert(1, Cfg::Floor);
+    }
     let mut res = ChurnResult {
         samples: cfgs.iter().map(|_| Vec::new()).collect(),
+        bracketed: cfgs.iter().map(|_| Vec::new()).collect(),
         lost: vec![0; cfgs.len()],
         lines: vec![0; cfgs.len()],
         cfgs: cfgs.clone(),
     };
+    let none_i = cfgs
+        .iter()
+        .position(|&c| c == Cfg::None)
+        .context("no-tracer configuration missing")?;
+    let tracers: Vec<usize> = (0..cfgs.len()).filter(|&i| i != none_i).collect();
     // Fill the TIME_WAIT table towards its steady state (capped by tcp_max_tw_buckets; each
     // agent's start-up snapshot and the kernel's lookups depend on it) and warm caches, so the
     // first configuration measured is not favoured.
@@ -1557,18 +1593,31 @@ fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnRes
     ));
     measure_churn(s.clients, None, warm, None)?;
 
+    // Each round brackets every tracer between two no-tracer windows:
+    //   none, T1, none, T2, none, T3, none, T4, none
+    // with the tracers' order rotated from round to round. On a shared machine throughput
+    // drifts by 10-20 % over tens of seconds; a tracer compared with the mean of the two
+    // no-tracer windows right around it is compared with the same machine, which a median over
+    // windows minutes apart is not.
+    let steps = 2 * tracers.len() + 1;
     for round in 0..s.rounds {
-        // Rotate the order each round so no configuration always follows the same one.
-        let n = cfgs.len();
-        for k in 0..n {
-            let i = (k + round as usize) % n;
+        let mut before: Option<f64> = None;
+        let mut pending: Option<(usize, f64)> = None;
+        for step in 0..steps {
+            let i = if step % 2 == 0 {
+                none_i
+            } else {
+                tracers[(step / 2 + round as usize) % tracers.len()]
+            };
             let cfg = cfgs[i];
             wait_for_quiet(rep);
             note(&format!(
-                "churn: {} round {}/{} ({} s, {} clients)",
-                cfg.name(),
+                "churn: round {}/{}, step {}/{}: {} ({} s, {} clients)",
                 round + 1,
                 s.rounds,
+                step + 1,
+                steps,
+                cfg.name(),
                 s.window.as_secs(),
                 s.clients
             ));
@@ -1576,13 +1625,30 @@ fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnRes
             let (sample, lines, lost) = churn_point(s, cfg, None, s.window, &tag, rep)?;
             res.lines[i] += lines;
             res.lost[i] += lost;
+            let mut detail = sample_detail(&sample);
+            if i == none_i {
+                if let (Some((t, rate)), Some(b)) = (pending.take(), before) {
+                    let ratio = rate / ((b + sample.rate) / 2.0);
+                    res.bracketed[t].push(ratio);
+                    detail.push_str(&format!(
+                        "; {} at {:.1}% of the no-tracer windows around it",
+                        cfgs[t].name(),
+                        ratio * 100.0
+                    ));
+                }
+                before = Some(sample.rate);
+            } else {
+                pending = Some((i, sample.rate));
+            }
             note(&format!(
-                "churn: {} round {}/{}: {:.0} conn/s{}",
-                cfg.name(),
+                "churn: round {}/{}, step {}/{}: {}: {:.0} conn/s{}",
                 round + 1,
                 s.rounds,
+                step + 1,
+                steps,
+                cfg.name(),
                 sample.rate,
-                sample_detail(&sample)
+                detail
             ));
             res.samples[i].push(sample);
         }
@@ -2450,11 +2516,15 @@ fn render_markdown(
         );
         let _ = writeln!(
             m,
-            "Completed connections/s over each {} s window, median over rounds; configurations \
-             interleaved (order rotated each round). The server accepts and closes first, so each \
+            "Completed connections/s over each {} s window, median over rounds. Each round runs \
+             every tracer between two no-tracer windows (none, T1, none, T2, ..., none; tracer \
+             order rotated each round), each window in a fresh network namespace. The server \
+             accepts and closes first, so each \
              connection leaves a server-side TIME_WAIT on the listening port, as a busy HTTP server \
-             does. *vs no tracer* = ratio of medians (the target); *paired* = median of per-round \
-             ratios. *CPU µs/conn* = (bench threads + tracer + softirq CPU) / connections, median: \
+             does. *paired* = the tracer's throughput over the mean of the two no-tracer windows \
+             around it, median over rounds (min–max in brackets): it cancels the drift of a \
+             shared machine, so the targets are judged on it. *vs no tracer* = ratio of the \
+             medians over all windows. *CPU µs/conn* = (bench threads + tracer + softirq CPU) / connections, median: \
              it moves far less with contention than throughput does, so it is the steadier \
              comparison on a shared machine. Tracer CPU = % of one core; other CPU = everything else on the machine (builds, \
              daemons, kernel threads) during the window, % of one core, median (max). Lost = \
@@ -2475,14 +2545,11 @@ fn render_markdown(
             let hi = rates.iter().copied().fold(0.0, f64::max);
             let med = churn.median_rate(c).unwrap_or(f64::NAN);
             let ratio = base.map(|b| med / b).unwrap_or(f64::NAN);
-            let paired = none_i.and_then(|n| {
-                median(
-                    churn.samples[i]
-                        .iter()
-                        .zip(&churn.samples[n])
-                        .map(|(x, b)| x.rate / b.rate * 100.0)
-                        .collect(),
-                )
+            let br = &churn.bracketed[i];
+            let paired = churn.paired(c).map(|p| {
+                let lo = br.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = br.iter().copied().fold(0.0, f64::max);
+                format!("{:.1}% ({:.1}–{:.1})", p * 100.0, lo * 100.0, hi * 100.0)
             });
             let cpu = median(
                 churn.samples[i]
@@ -2512,8 +2579,14 @@ fn render_markdown(
                 ));
             }
             let (target, res) = match c {
-                Cfg::PwDefault => ("≥ 97%", verdict(ratio >= 0.97)),
-                Cfg::PwAll => ("≥ 93%", verdict(ratio >= 0.93)),
+                Cfg::PwDefault => (
+                    "≥ 97% paired",
+                    verdict(churn.paired(c).is_some_and(|p| p >= 0.97)),
+                ),
+                Cfg::PwAll => (
+                    "≥ 93% paired",
+                    verdict(churn.paired(c).is_some_and(|p| p >= 0.93)),
+                ),
                 _ => ("–", "–"),
             };
             let res = if res != "–" && churn_noisy {
@@ -2530,13 +2603,13 @@ fn render_markdown(
             };
             let _ = writeln!(
                 m,
-                "| {} | {:.0} | {:.0}–{:.0} | {:.1}% | {}% | {} | {} | {} ({:.0}) | {}/{} | {} | {} | {} | {} |",
+                "| {} | {:.0} | {:.0}–{:.0} | {:.1}% | {} | {} | {} | {} ({:.0}) | {}/{} | {} | {} | {} | {} |",
                 c.label(),
                 med,
                 lo,
                 hi,
                 ratio * 100.0,
-                fmt_opt(paired, 1),
+                paired.unwrap_or_else(|| "–".into()),
                 match (cost, base_cost) {
                     (Some(x), Some(b)) if c != Cfg::None => {
                         format!("{x:.1} ({:+.0}%)", (x / b - 1.0) * 100.0)
@@ -2555,22 +2628,22 @@ fn render_markdown(
             );
         }
         for pw in [Cfg::PwDefault, Cfg::PwAll] {
-            let mine = churn.median_rate(pw);
+            let mine = churn.paired(pw);
             let peers: Vec<(Cfg, f64)> = [Cfg::Bpftrace, Cfg::Tcpstates]
                 .into_iter()
-                .filter_map(|p| churn.median_rate(p).map(|r| (p, r)))
+                .filter_map(|p| churn.paired(p).map(|r| (p, r)))
                 .collect();
             let ok = peers.len() == 2 && mine.is_some_and(|x| peers.iter().all(|(_, r)| x > *r));
             let detail = peers
                 .iter()
-                .map(|(p, r)| format!("{} {:.1}%", p.name(), r / base.unwrap_or(f64::NAN) * 100.0))
+                .map(|(p, r)| format!("{} {:.1}%", p.name(), r * 100.0))
                 .collect::<Vec<_>>()
                 .join(", ");
             let _ = writeln!(
                 m,
-                "| {} cheaper than bpftrace and tcpstates | {:.1}% vs {} | | | | | | | | | higher throughput than both | {}{} |",
+                "| {} cheaper than bpftrace and tcpstates | paired {:.1}% vs {} | | | | | | | | | higher throughput than both | {}{} |",
                 pw.label(),
-                churn.ratio(pw).unwrap_or(f64::NAN) * 100.0,
+                mine.unwrap_or(f64::NAN) * 100.0,
                 if detail.is_empty() {
                     "peers missing".into()
                 } else {
@@ -3223,6 +3296,7 @@ fn write_churn_png(path: &Path, churn: &ChurnResult) -> Result<()> {
             Cfg::PwDefault => "PORTWATCH",
             Cfg::PwAll => "PORTWATCH ALL",
             Cfg::Bpftrace => "BPFTRACE",
+            Cfg::Floor => "FLOOR",
             Cfg::Tcpstates => "TCPSTATES",
         };
         cv.text(
@@ -3263,6 +3337,9 @@ const MARKERS: [Marker; 5] = [
 ];
 
 fn style(c: Cfg) -> ([u8; 3], Marker) {
+    if c == Cfg::Floor {
+        return ([150, 150, 150], MARKERS[0]);
+    }
     let k = CONFIGS.iter().position(|&x| x == c).unwrap_or(0);
     (COLORS[k], MARKERS[k])
 }
@@ -3477,6 +3554,7 @@ fn write_sweep_png(path: &Path, sw: &SweepResult) -> Result<()> {
             Cfg::PwDefault => "PORTWATCH (DEFAULT)",
             Cfg::PwAll => "PORTWATCH --ALL-EVENTS",
             Cfg::Bpftrace => "BPFTRACE",
+            Cfg::Floor => "FLOOR",
             Cfg::Tcpstates => "TCPSTATES",
         };
         cv.text(lx + 34, ly - 3, name, 1, ink);
