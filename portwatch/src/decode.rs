@@ -168,6 +168,33 @@ pub fn rfc3339_into(wall_ns: i128, b: &mut [u8; RFC3339_LEN]) {
     b[29] = b'Z';
 }
 
+/// `rfc3339_into` for a stream of instants close together, as records are: the date and time
+/// of day are kept while the second stays the same, so most records only rewrite the nine
+/// fraction digits.
+#[derive(Default)]
+pub struct TsCache {
+    sec: Option<i64>,
+    b: [u8; RFC3339_LEN],
+}
+
+impl TsCache {
+    pub fn format(&mut self, wall_ns: i128) -> &[u8; RFC3339_LEN] {
+        let w = wall_ns.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+        let sec = w.div_euclid(1_000_000_000);
+        if self.sec == Some(sec) {
+            let mut v = w.rem_euclid(1_000_000_000) as u32;
+            for c in self.b[20..29].iter_mut().rev() {
+                *c = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        } else {
+            rfc3339_into(wall_ns, &mut self.b);
+            self.sec = Some(sec);
+        }
+        &self.b
+    }
+}
+
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
 /// (H. Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -198,6 +225,25 @@ mod tests {
             rfc3339(951_782_400i128 * 1_000_000_000),
             "2000-02-29T00:00:00.000000000Z"
         );
+    }
+
+    #[test]
+    fn ts_cache_matches_rfc3339() {
+        let mut c = TsCache::default();
+        let base = 1_795_595_491i128 * 1_000_000_000;
+        // Same second, the next second, back in time, and a day boundary.
+        for t in [
+            base + 123_456_789,
+            base + 999_999_999,
+            base + 7,
+            base + 1_000_000_000,
+            base - 1,
+            86_400 * 1_000_000_000 - 1,
+            86_400 * 1_000_000_000,
+            0,
+        ] {
+            assert_eq!(std::str::from_utf8(c.format(t)).unwrap(), rfc3339(t));
+        }
     }
 
     #[test]

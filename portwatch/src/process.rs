@@ -393,6 +393,9 @@ struct Processor {
     last_fresh: HashMap<u32, Instant>,
     tw: HashMap<u32, TwState>,
     buf: Vec<u8>,
+    /// Timestamps and the host as JSON, kept for the tcp_state fast path (`--all-events`).
+    ts_cache: decode::TsCache,
+    host_json: (String, Vec<u8>),
     lost_total: u64,
     unknown_kinds: u64,
     window: std::collections::VecDeque<WinItem>,
@@ -951,8 +954,11 @@ impl Processor {
                 serde_json::to_writer(&mut self.buf, &r).is_ok()
             }
             Kind::TcpState => {
-                record::tcp_state(Header::new("tcp_state", &host, wall), e)
-                    .write_json(&mut self.buf);
+                if self.host_json.0 != host {
+                    self.host_json = (host.clone(), serde_json::to_vec(&host).unwrap_or_default());
+                }
+                let ts = self.ts_cache.format(wall);
+                record::write_tcp_state(&mut self.buf, ts, &self.host_json.1, e);
                 true
             }
         };
@@ -1501,6 +1507,8 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
         last_fresh: HashMap::new(),
         tw: HashMap::new(),
         buf: Vec::with_capacity(1024),
+        ts_cache: decode::TsCache::default(),
+        host_json: (String::new(), b"\"\"".to_vec()),
         lost_total: 0,
         unknown_kinds: 0,
         window: std::collections::VecDeque::new(),

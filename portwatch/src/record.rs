@@ -138,7 +138,9 @@ pub struct Exit<'a> {
 }
 
 /// `type: "tcp_state"`: a TCP state change. `time_wait` marks FIN_WAIT2->CLOSE and
-/// CLOSING->CLOSE, which is how entry into TIME_WAIT shows on this tracepoint.
+/// CLOSING->CLOSE, which is how entry into TIME_WAIT shows on this tracepoint. Records are
+/// written by `write_tcp_state`; this serde form is the reference its test checks it against.
+#[cfg(test)]
 #[derive(Debug, Serialize)]
 pub struct TcpState<'a> {
     #[serde(flatten)]
@@ -157,62 +159,64 @@ pub struct TcpState<'a> {
     pub context_pid: u32,
 }
 
-impl TcpState<'_> {
-    /// The same bytes as `serde_json::to_writer(out, self)`, written directly. Under
-    /// `--all-events` a TCP connection makes about nine of these, and serde's flattened
-    /// header (a map serializer escaping every key) was the agent's largest cost. Only
-    /// `host` can hold characters that need escaping; it still goes through serde_json.
-    pub fn write_json(&self, out: &mut Vec<u8>) {
-        let h = &self.h;
-        let mut n = itoa::Buffer::new();
-        out.extend_from_slice(b"{\"v\":");
-        out.extend_from_slice(n.format(h.v).as_bytes());
-        out.extend_from_slice(b",\"ts\":\"");
-        out.extend_from_slice(h.ts.as_bytes());
-        out.extend_from_slice(b"\",\"type\":\"");
-        out.extend_from_slice(h.ty.as_bytes());
-        out.extend_from_slice(b"\",\"host\":");
-        let _ = serde_json::to_writer(&mut *out, h.host);
-        out.extend_from_slice(b",\"family\":\"");
-        out.extend_from_slice(self.family.as_bytes());
-        out.extend_from_slice(b"\",\"addr\":\"");
-        write_ip(out, &self.addr);
-        out.extend_from_slice(b"\",\"port\":");
-        out.extend_from_slice(n.format(self.port).as_bytes());
-        out.extend_from_slice(b",\"raddr\":\"");
-        write_ip(out, &self.raddr);
-        out.extend_from_slice(b"\",\"rport\":");
-        out.extend_from_slice(n.format(self.rport).as_bytes());
-        out.extend_from_slice(b",\"old_state\":\"");
-        out.extend_from_slice(self.old_state.as_bytes());
-        out.extend_from_slice(b"\",\"new_state\":\"");
-        out.extend_from_slice(self.new_state.as_bytes());
-        out.extend_from_slice(b"\",\"time_wait\":");
-        out.extend_from_slice(if self.time_wait { b"true" } else { b"false" });
-        out.extend_from_slice(b",\"netns\":");
-        out.extend_from_slice(n.format(self.netns).as_bytes());
-        out.extend_from_slice(b",\"context_pid\":");
-        out.extend_from_slice(n.format(self.context_pid).as_bytes());
-        out.push(b'}');
-    }
+/// A `tcp_state` record for `e`, written directly: the same bytes as
+/// `serde_json::to_writer(out, &tcp_state(Header::new("tcp_state", host, wall), e))`, where
+/// `ts` is `decode::rfc3339(wall)` and `host_json` is `host` as a JSON string. Under
+/// `--all-events` a TCP connection makes about ten of these, and serde's flattened header (a
+/// map serializer escaping every key, a String per timestamp) was the agent's largest cost.
+pub fn write_tcp_state(out: &mut Vec<u8>, ts: &[u8], host_json: &[u8], e: &Event) {
+    let mut n = itoa::Buffer::new();
+    out.reserve(256 + host_json.len());
+    out.extend_from_slice(b"{\"v\":");
+    out.extend_from_slice(n.format(SCHEMA_VERSION).as_bytes());
+    out.extend_from_slice(b",\"ts\":\"");
+    out.extend_from_slice(ts);
+    out.extend_from_slice(b"\",\"type\":\"tcp_state\",\"host\":");
+    out.extend_from_slice(host_json);
+    out.extend_from_slice(b",\"family\":\"");
+    out.extend_from_slice(family_name(e.family).as_bytes());
+    out.extend_from_slice(b"\",\"addr\":\"");
+    write_addr(out, e.family, &e.addr);
+    out.extend_from_slice(b"\",\"port\":");
+    out.extend_from_slice(n.format(e.port).as_bytes());
+    out.extend_from_slice(b",\"raddr\":\"");
+    write_addr(out, e.family, &e.raddr);
+    out.extend_from_slice(b"\",\"rport\":");
+    out.extend_from_slice(n.format(e.rport).as_bytes());
+    out.extend_from_slice(b",\"old_state\":\"");
+    out.extend_from_slice(tcp_state_name(e.old_state).as_bytes());
+    out.extend_from_slice(b"\",\"new_state\":\"");
+    out.extend_from_slice(tcp_state_name(e.new_state).as_bytes());
+    out.extend_from_slice(b"\",\"time_wait\":");
+    out.extend_from_slice(if is_time_wait_entry(e) {
+        b"true"
+    } else {
+        b"false"
+    });
+    out.extend_from_slice(b",\"netns\":");
+    out.extend_from_slice(n.format(e.netns).as_bytes());
+    out.extend_from_slice(b",\"context_pid\":");
+    out.extend_from_slice(n.format(e.pid).as_bytes());
+    out.push(b'}');
+}
+
+/// FIN_WAIT2 -> CLOSE or CLOSING -> CLOSE: how the tracepoint shows a socket entering TIME_WAIT.
+fn is_time_wait_entry(e: &Event) -> bool {
+    e.new_state == 7 && (e.old_state == 5 || e.old_state == 11)
 }
 
 /// An address as `Display` writes it (what serde emits for `IpAddr`); IPv4, the common case,
 /// without going through core::fmt.
-fn write_ip(out: &mut Vec<u8>, ip: &IpAddr) {
-    match ip {
-        IpAddr::V4(a) => {
-            let mut n = itoa::Buffer::new();
-            for (i, o) in a.octets().iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                out.extend_from_slice(n.format(*o).as_bytes());
-            }
-        }
-        IpAddr::V6(a) => {
-            use std::io::Write;
-            let _ = write!(out, "{a}");
+fn write_addr(out: &mut Vec<u8>, family: u16, a: &[u8; 16]) {
+    if family == portwatch_common::AF_INET6 {
+        use std::io::Write;
+        let _ = write!(out, "{}", ip(family, a));
+    } else {
+        let mut n = itoa::Buffer::new();
+        out.extend_from_slice(n.format(a[0]).as_bytes());
+        for o in &a[1..4] {
+            out.push(b'.');
+            out.extend_from_slice(n.format(*o).as_bytes());
         }
     }
 }
@@ -440,6 +444,7 @@ pub fn sock_op<'a>(
     }
 }
 
+#[cfg(test)]
 pub fn tcp_state<'a>(h: Header<'a>, e: &'a Event) -> TcpState<'a> {
     TcpState {
         h,
@@ -450,7 +455,7 @@ pub fn tcp_state<'a>(h: Header<'a>, e: &'a Event) -> TcpState<'a> {
         rport: e.rport,
         old_state: tcp_state_name(e.old_state),
         new_state: tcp_state_name(e.new_state),
-        time_wait: e.new_state == 7 && (e.old_state == 5 || e.old_state == 11),
+        time_wait: is_time_wait_entry(e),
         netns: e.netns,
         context_pid: e.pid,
     }
@@ -487,12 +492,16 @@ mod tests {
         wide.rport = 65535;
         wide.pid = u32::MAX;
         for (e, host) in [(e, "lab1"), (wide, "lab1"), (v6, "we\"ird\\host\u{1}é")] {
-            let r = tcp_state(
-                Header::new("tcp_state", host, 1_764_000_000_123_456_789),
+            let wall = 1_764_000_000_123_456_789;
+            let r = tcp_state(Header::new("tcp_state", host, wall), &e);
+            let mut fast = b"left alone".to_vec();
+            write_tcp_state(
+                &mut fast,
+                crate::decode::rfc3339(wall).as_bytes(),
+                serde_json::to_string(host).unwrap().as_bytes(),
                 &e,
             );
-            let mut fast = Vec::new();
-            r.write_json(&mut fast);
+            let fast = fast.split_off(10);
             assert_eq!(
                 String::from_utf8(fast).unwrap(),
                 serde_json::to_string(&r).unwrap()
