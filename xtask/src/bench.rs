@@ -433,13 +433,13 @@ tracepoint:sock:inet_sock_set_state /args->protocol == 6/ {
 END { clear(@b); clear(@l); clear(@c); clear(@bound); clear(@tracked); }
 "#;
 
-/// The floor under any tool built on syscall tracepoints: one such tracepoint whose filter
-/// never passes. Enabling any syscall tracepoint makes every syscall of every task take the
-/// kernel's traced entry and exit path; this configuration measures that cost alone, side by
-/// side with the tracers that pay it.
+/// The floor under any tool built on syscall tracepoints: one entry and one exit tracepoint
+/// whose filter never passes. Enabling any syscall tracepoint makes every syscall of every
+/// task take the kernel's traced entry and exit path; this configuration measures that cost
+/// alone, side by side with the tracers that pay it.
 const FLOOR_SCRIPT: &str = r#"
 BEGIN { printf("ready\n"); }
-tracepoint:syscalls:sys_enter_bind /pid == 0/ { @never = count(); }
+tracepoint:syscalls:sys_enter_bind, tracepoint:syscalls:sys_exit_bind /pid == 0/ { @never = count(); }
 "#;
 
 // ---------------------------------------------------------------------------------------------
@@ -478,7 +478,7 @@ impl Cfg {
     fn label(self) -> &'static str {
         match self {
             Cfg::None => "no tracer",
-            Cfg::Floor => "floor: one syscall tracepoint, never firing (bpftrace)",
+            Cfg::Floor => "floor: syscall entry and exit tracepoints, never firing (bpftrace)",
             Cfg::PwDefault => "portwatch (default)",
             Cfg::PwAll => "portwatch --all-events",
             Cfg::Bpftrace => "bpftrace (same tracepoints, same facts)",
