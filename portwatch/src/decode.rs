@@ -67,6 +67,12 @@ pub fn errno_name(e: i32) -> &'static str {
     }
 }
 
+/// FIN_WAIT2 -> CLOSE or CLOSING -> CLOSE: how `inet_sock_set_state` shows a socket entering
+/// TIME_WAIT (it never reports TCP_TIME_WAIT itself).
+pub fn enters_time_wait(old: u16, new: u16) -> bool {
+    new == 7 && (old == 5 || old == 11)
+}
+
 pub fn tcp_state_name(s: u16) -> &'static str {
     match s {
         1 => "ESTABLISHED",

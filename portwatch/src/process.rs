@@ -393,9 +393,10 @@ struct Processor {
     last_fresh: HashMap<u32, Instant>,
     tw: HashMap<u32, TwState>,
     buf: Vec<u8>,
-    /// Timestamps and the host as JSON, kept for the tcp_state fast path (`--all-events`).
+    /// Timestamps and `cfg.host` as a JSON string (it never changes), kept for the tcp_state
+    /// fast path (`--all-events`).
     ts_cache: decode::TsCache,
-    host_json: (String, Vec<u8>),
+    host_json: Vec<u8>,
     lost_total: u64,
     unknown_kinds: u64,
     window: std::collections::VecDeque<WinItem>,
@@ -954,11 +955,8 @@ impl Processor {
                 serde_json::to_writer(&mut self.buf, &r).is_ok()
             }
             Kind::TcpState => {
-                if self.host_json.0 != host {
-                    self.host_json = (host.clone(), serde_json::to_vec(&host).unwrap_or_default());
-                }
                 let ts = self.ts_cache.format(wall);
-                record::write_tcp_state(&mut self.buf, ts, &self.host_json.1, e);
+                record::write_tcp_state(&mut self.buf, ts, &self.host_json, e);
                 true
             }
         };
@@ -1497,6 +1495,7 @@ struct Pressure {
 }
 
 pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Instant) {
+    let host_json = serde_json::to_vec(&cfg.host).unwrap_or_else(|_| b"\"\"".to_vec());
     let mut p = Processor {
         out,
         cfg,
@@ -1508,7 +1507,7 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
         tw: HashMap::new(),
         buf: Vec::with_capacity(1024),
         ts_cache: decode::TsCache::default(),
-        host_json: (String::new(), b"\"\"".to_vec()),
+        host_json,
         lost_total: 0,
         unknown_kinds: 0,
         window: std::collections::VecDeque::new(),

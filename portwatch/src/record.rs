@@ -188,7 +188,7 @@ pub fn write_tcp_state(out: &mut Vec<u8>, ts: &[u8], host_json: &[u8], e: &Event
     out.extend_from_slice(b"\",\"new_state\":\"");
     out.extend_from_slice(tcp_state_name(e.new_state).as_bytes());
     out.extend_from_slice(b"\",\"time_wait\":");
-    out.extend_from_slice(if is_time_wait_entry(e) {
+    out.extend_from_slice(if decode::enters_time_wait(e.old_state, e.new_state) {
         b"true"
     } else {
         b"false"
@@ -198,11 +198,6 @@ pub fn write_tcp_state(out: &mut Vec<u8>, ts: &[u8], host_json: &[u8], e: &Event
     out.extend_from_slice(b",\"context_pid\":");
     out.extend_from_slice(n.format(e.pid).as_bytes());
     out.push(b'}');
-}
-
-/// FIN_WAIT2 -> CLOSE or CLOSING -> CLOSE: how the tracepoint shows a socket entering TIME_WAIT.
-fn is_time_wait_entry(e: &Event) -> bool {
-    e.new_state == 7 && (e.old_state == 5 || e.old_state == 11)
 }
 
 /// An address as `Display` writes it (what serde emits for `IpAddr`); IPv4, the common case,
@@ -455,7 +450,7 @@ pub fn tcp_state<'a>(h: Header<'a>, e: &'a Event) -> TcpState<'a> {
         rport: e.rport,
         old_state: tcp_state_name(e.old_state),
         new_state: tcp_state_name(e.new_state),
-        time_wait: is_time_wait_entry(e),
+        time_wait: decode::enters_time_wait(e.old_state, e.new_state),
         netns: e.netns,
         context_pid: e.pid,
     }

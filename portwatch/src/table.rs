@@ -579,7 +579,7 @@ impl PortTable {
             if let Some(b) = self.ports.get_mut(&(netns, Proto::Tcp, port)) {
                 b.retain(|x| !(x.state == TCP_LISTEN && (x.sk == e.sk || x.local == e.local)));
             }
-        } else if new == TCP_CLOSE && (old == 5 || old == 11) {
+        } else if crate::decode::enters_time_wait(old.into(), new.into()) {
             if e.sk != 0 {
                 if let Some(b) = self.ports.get_mut(&(netns, Proto::Tcp, port)) {
                     b.retain(|x| !(x.state != TCP_TIME_WAIT && x.sk == e.sk));

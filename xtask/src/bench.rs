@@ -543,14 +543,13 @@ impl Tracer {
                 }
                 c
             }
-            Cfg::Bpftrace => {
+            Cfg::Bpftrace | Cfg::Floor => {
                 let mut c = Command::new("bpftrace");
-                c.arg(s.dir.join("peer.bt"));
-                c
-            }
-            Cfg::Floor => {
-                let mut c = Command::new("bpftrace");
-                c.arg(s.dir.join("floor.bt"));
+                c.arg(s.dir.join(if cfg == Cfg::Floor {
+                    "floor.bt"
+                } else {
+                    "peer.bt"
+                }));
                 c
             }
             Cfg::Tcpstates => {
