@@ -400,7 +400,14 @@ fn diag_loop(
             heap::trim();
         }
         let wall_ns = Clock::now_wall_ns();
-        let owners = Arc::new(diag::socket_owners());
+        // Start-up waits for this pass, so it may use every core; later passes run beside
+        // the host's own work and take one.
+        let threads = if first.is_some() {
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+        } else {
+            1
+        };
+        let owners = Arc::new(diag::socket_owners_on(threads));
         for ns in diag::namespaces() {
             // The snapshot is built here, off the processing thread, as the dump is read.
             let builder = SnapshotBuilder::new(ns.inode, owners.clone(), first.is_none(), wall_ns);
