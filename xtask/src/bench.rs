@@ -187,6 +187,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
     println!("{md}");
     note(&format!("wrote {}", out.display()));
+    if let Some(c) = &churn {
+        let path = cfg.dir.join("churn-rounds.csv");
+        fs::write(&path, c.csv()).with_context(|| format!("writing {}", path.display()))?;
+        note(&format!("wrote {}", path.display()));
+    }
     // churn.png: the sweep (throughput against churn rate); churn-max.png: the max-rate rounds.
     let pngs: [(&str, Option<Result<()>>); 2] = [
         (
@@ -1525,6 +1530,17 @@ struct ChurnResult {
     lost: Vec<u64>,
     /// Per configuration: output lines written.
     lines: Vec<u64>,
+    /// Every window in the order run, for churn-rounds.csv.
+    windows: Vec<ChurnWindow>,
+}
+
+struct ChurnWindow {
+    round: u32,
+    step: usize,
+    cfg: Cfg,
+    rate: f64,
+    /// A tracer's bracketed ratio, once the no-tracer window after it has run.
+    paired: Option<f64>,
 }
 
 impl ChurnResult {
@@ -1538,6 +1554,48 @@ impl ChurnResult {
         let i = self.cfgs.iter().position(|&x| x == c)?;
         median(self.bracketed[i].clone())
     }
+    /// churn-rounds.csv: one line per window, so the medians and intervals can be redone.
+    fn csv(&self) -> String {
+        let mut c = String::from("round,step,configuration,conn_per_s,paired\n");
+        for w in &self.windows {
+            let _ = writeln!(
+                c,
+                "{},{},{},{:.0},{}",
+                w.round,
+                w.step,
+                w.cfg.name(),
+                w.rate,
+                w.paired.map_or(String::new(), |p| format!("{p:.4}"))
+            );
+        }
+        c
+    }
+}
+
+/// A distribution-free confidence interval for the median: the k-th smallest and k-th
+/// largest of `v`, with k the largest for which both tails of Binomial(n, 1/2) below k hold at
+/// most 2.5 % each. Returns (low, high, coverage), or None below 6 values, where even min–max
+/// covers the median with less than 95 % (97 % at 6, 75 % at 3).
+fn median_ci(v: &[f64]) -> Option<(f64, f64, f64)> {
+    let n = v.len();
+    if n < 6 {
+        return None;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    // cdf[j] = P(B <= j)
+    let mut cdf = Vec::with_capacity(n + 1);
+    let (mut c, mut acc) = (1.0f64, 0.0f64);
+    let total = 2f64.powi(n as i32);
+    for j in 0..=n {
+        if j > 0 {
+            c = c * (n + 1 - j) as f64 / j as f64;
+        }
+        acc += c / total;
+        cdf.push(acc);
+    }
+    let k = (1..=n / 2).rev().find(|&k| 2.0 * cdf[k - 1] <= 0.05)?;
+    Some((v[k - 1], v[n - k], 1.0 - 2.0 * cdf[k - 1]))
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -1576,6 +1634,7 @@ fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnRes
         lost: vec![0; cfgs.len()],
         lines: vec![0; cfgs.len()],
         cfgs: cfgs.clone(),
+        windows: Vec::new(),
     };
     let none_i = cfgs
         .iter()
@@ -1601,7 +1660,8 @@ fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnRes
     let steps = 2 * tracers.len() + 1;
     for round in 0..s.rounds {
         let mut before: Option<f64> = None;
-        let mut pending: Option<(usize, f64)> = None;
+        // (configuration index, throughput, its row in res.windows)
+        let mut pending: Option<(usize, f64, usize)> = None;
         for step in 0..steps {
             let i = if step % 2 == 0 {
                 none_i
@@ -1626,9 +1686,10 @@ fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnRes
             res.lost[i] += lost;
             let mut detail = sample_detail(&sample);
             if i == none_i {
-                if let (Some((t, rate)), Some(b)) = (pending.take(), before) {
+                if let (Some((t, rate, row)), Some(b)) = (pending.take(), before) {
                     let ratio = rate / ((b + sample.rate) / 2.0);
                     res.bracketed[t].push(ratio);
+                    res.windows[row].paired = Some(ratio);
                     detail.push_str(&format!(
                         "; {} at {:.1}% of the no-tracer windows around it",
                         cfgs[t].name(),
@@ -1637,8 +1698,15 @@ fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnRes
                 }
                 before = Some(sample.rate);
             } else {
-                pending = Some((i, sample.rate));
+                pending = Some((i, sample.rate, res.windows.len()));
             }
+            res.windows.push(ChurnWindow {
+                round: round + 1,
+                step: step + 1,
+                cfg,
+                rate: sample.rate,
+                paired: None,
+            });
             note(&format!(
                 "churn: round {}/{}, step {}/{}: {}: {:.0} conn/s{}",
                 round + 1,
@@ -2521,8 +2589,10 @@ fn render_markdown(
              accepts and closes first, so each \
              connection leaves a server-side TIME_WAIT on the listening port, as a busy HTTP server \
              does. *paired* = the tracer's throughput over the mean of the two no-tracer windows \
-             around it, median over rounds (min–max in brackets): it cancels the drift of a \
-             shared machine, so the targets are judged on it. *vs no tracer* = ratio of the \
+             around it, median over rounds (min–max in brackets, then from 6 rounds on a \
+             distribution-free confidence interval of that median, at the coverage shown, at \
+             least 95 %): it cancels the drift of a shared machine, so the targets are judged on \
+             it. Every window is in churn-rounds.csv. *vs no tracer* = ratio of the \
              medians over all windows. *CPU µs/conn* = (bench threads + tracer + softirq CPU) / connections, median: \
              it moves far less with contention than throughput does, so it is the steadier \
              comparison on a shared machine. Tracer CPU = % of one core; other CPU = everything else on the machine (builds, \
@@ -2548,7 +2618,18 @@ fn render_markdown(
             let paired = churn.paired(c).map(|p| {
                 let lo = br.iter().copied().fold(f64::INFINITY, f64::min);
                 let hi = br.iter().copied().fold(0.0, f64::max);
-                format!("{:.1}% ({:.1}–{:.1})", p * 100.0, lo * 100.0, hi * 100.0)
+                match median_ci(br) {
+                    Some((a, b, cov)) => format!(
+                        "{:.1}% ({:.1}–{:.1}; {:.0}% CI {:.1}–{:.1})",
+                        p * 100.0,
+                        lo * 100.0,
+                        hi * 100.0,
+                        cov * 100.0,
+                        a * 100.0,
+                        b * 100.0
+                    ),
+                    None => format!("{:.1}% ({:.1}–{:.1})", p * 100.0, lo * 100.0, hi * 100.0),
+                }
             });
             let cpu = median(
                 churn.samples[i]
@@ -3596,6 +3677,23 @@ mod tests {
             noisy: false,
             cpu_us_per_conn: None,
         }
+    }
+
+    /// The median's interval from order statistics, against binomial tables: k = 1 at n = 6
+    /// (coverage 1 - 2/64), k = 3 at n = 12 (1 - 2*79/4096), k = 6 at n = 20; none below 6.
+    #[test]
+    fn median_ci_uses_binomial_order_statistics() {
+        let v = |n: usize| (1..=n).rev().map(|x| x as f64).collect::<Vec<_>>();
+        assert_eq!(median_ci(&v(5)), None);
+        let (a, b, c) = median_ci(&v(6)).unwrap();
+        assert_eq!((a, b), (1.0, 6.0));
+        assert!((c - (1.0 - 2.0 / 64.0)).abs() < 1e-12);
+        let (a, b, c) = median_ci(&v(12)).unwrap();
+        assert_eq!((a, b), (3.0, 10.0));
+        assert!((c - (1.0 - 2.0 * 79.0 / 4096.0)).abs() < 1e-12);
+        let (a, b, c) = median_ci(&v(20)).unwrap();
+        assert_eq!((a, b), (6.0, 15.0));
+        assert!((0.95..0.96).contains(&c), "{c}");
     }
 
     /// The sweep plot renders from plausible numbers (set BENCH_PLOT_OUT to keep the file).
