@@ -1523,14 +1523,11 @@ struct ChurnResult {
     /// Per configuration (same order as cfgs): per-window samples (a tracer has one per
     /// round; no tracer has one more than there are tracers per round).
     samples: Vec<Vec<ChurnSample>>,
-    /// Per configuration: per-round throughput relative to the mean of the two no-tracer
-    /// windows right before and after it (empty for no tracer).
-    bracketed: Vec<Vec<f64>>,
     /// Per configuration: records lost by the tracer (agent lost records / "Lost N events").
     lost: Vec<u64>,
     /// Per configuration: output lines written.
     lines: Vec<u64>,
-    /// Every window in the order run, for churn-rounds.csv.
+    /// Every window in the order run: the bracketed ratios and churn-rounds.csv.
     windows: Vec<ChurnWindow>,
 }
 
@@ -1551,8 +1548,16 @@ impl ChurnResult {
     /// Median over rounds of the bracketed ratio (see `churn_phase`): the figure the targets
     /// are judged on.
     fn paired(&self, c: Cfg) -> Option<f64> {
-        let i = self.cfgs.iter().position(|&x| x == c)?;
-        median(self.bracketed[i].clone())
+        median(self.bracketed(c))
+    }
+    /// Per round, the tracer's throughput relative to the mean of the two no-tracer windows
+    /// right before and after it (empty for no tracer).
+    fn bracketed(&self, c: Cfg) -> Vec<f64> {
+        self.windows
+            .iter()
+            .filter(|w| w.cfg == c)
+            .filter_map(|w| w.paired)
+            .collect()
     }
     /// churn-rounds.csv: one line per window, so the medians and intervals can be redone.
     fn csv(&self) -> String {
@@ -1630,7 +1635,6 @@ fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnRes
     }
     let mut res = ChurnResult {
         samples: cfgs.iter().map(|_| Vec::new()).collect(),
-        bracketed: cfgs.iter().map(|_| Vec::new()).collect(),
         lost: vec![0; cfgs.len()],
         lines: vec![0; cfgs.len()],
         cfgs: cfgs.clone(),
@@ -1660,8 +1664,8 @@ fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnRes
     let steps = 2 * tracers.len() + 1;
     for round in 0..s.rounds {
         let mut before: Option<f64> = None;
-        // (configuration index, throughput, its row in res.windows)
-        let mut pending: Option<(usize, f64, usize)> = None;
+        // The last tracer window's row in res.windows, until the no-tracer window after it.
+        let mut pending: Option<usize> = None;
         for step in 0..steps {
             let i = if step % 2 == 0 {
                 none_i
@@ -1686,19 +1690,19 @@ fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnRes
             res.lost[i] += lost;
             let mut detail = sample_detail(&sample);
             if i == none_i {
-                if let (Some((t, rate, row)), Some(b)) = (pending.take(), before) {
-                    let ratio = rate / ((b + sample.rate) / 2.0);
-                    res.bracketed[t].push(ratio);
-                    res.windows[row].paired = Some(ratio);
+                if let (Some(row), Some(b)) = (pending.take(), before) {
+                    let w = &mut res.windows[row];
+                    let ratio = w.rate / ((b + sample.rate) / 2.0);
+                    w.paired = Some(ratio);
                     detail.push_str(&format!(
                         "; {} at {:.1}% of the no-tracer windows around it",
-                        cfgs[t].name(),
+                        w.cfg.name(),
                         ratio * 100.0
                     ));
                 }
                 before = Some(sample.rate);
             } else {
-                pending = Some((i, sample.rate, res.windows.len()));
+                pending = Some(res.windows.len());
             }
             res.windows.push(ChurnWindow {
                 round: round + 1,
@@ -2614,22 +2618,19 @@ fn render_markdown(
             let hi = rates.iter().copied().fold(0.0, f64::max);
             let med = churn.median_rate(c).unwrap_or(f64::NAN);
             let ratio = base.map(|b| med / b).unwrap_or(f64::NAN);
-            let br = &churn.bracketed[i];
+            let br = churn.bracketed(c);
             let paired = churn.paired(c).map(|p| {
                 let lo = br.iter().copied().fold(f64::INFINITY, f64::min);
                 let hi = br.iter().copied().fold(0.0, f64::max);
-                match median_ci(br) {
-                    Some((a, b, cov)) => format!(
-                        "{:.1}% ({:.1}–{:.1}; {:.0}% CI {:.1}–{:.1})",
-                        p * 100.0,
-                        lo * 100.0,
-                        hi * 100.0,
-                        cov * 100.0,
-                        a * 100.0,
-                        b * 100.0
-                    ),
-                    None => format!("{:.1}% ({:.1}–{:.1})", p * 100.0, lo * 100.0, hi * 100.0),
-                }
+                let ci = median_ci(&br).map_or(String::new(), |(a, b, cov)| {
+                    format!("; {:.0}% CI {:.1}–{:.1}", cov * 100.0, a * 100.0, b * 100.0)
+                });
+                format!(
+                    "{:.1}% ({:.1}–{:.1}{ci})",
+                    p * 100.0,
+                    lo * 100.0,
+                    hi * 100.0
+                )
             });
             let cpu = median(
                 churn.samples[i]
