@@ -255,33 +255,45 @@ fn sock_netns(o: &Offsets, sk: u64) -> u32 {
 
 /// `struct sock *` behind the current task's fd: task->files->fdt->fd[fd]->private_data->sk.
 /// Only called on fds a bind/listen syscall accepted, so private_data is a `struct socket`.
+///
+/// Returns 0 when any step fails, not `Option<u64>`: LLVM keeps an `Option`'s payload in a
+/// stack slot that the `None` paths never write, then loads it before testing the
+/// discriminant. Verifiers before 6.3 (Debian 11 and 12) reject that load ("invalid read
+/// from stack") even though its value is never used; a plain integer has no such slot.
 #[inline(always)]
-fn sock_of_fd(o: &Offsets, fd: i32) -> Option<u64> {
+fn sock_of_fd(o: &Offsets, fd: i32) -> u64 {
     if o.sock_ok == 0 || fd < 0 {
-        return None;
+        return 0;
     }
     // SAFETY: every read goes through bpf_probe_read_kernel.
     unsafe {
         let task = bpf_get_current_task();
-        let files = read_ptr(task, o.task_files)?;
-        let fdt = read_ptr(files, o.files_fdt)?;
+        let files = read_ptr0(task, o.task_files);
+        let fdt = read_ptr0(files, o.files_fdt);
         if fdt == 0 {
-            return None;
+            return 0;
         }
-        let max: u32 = bpf_probe_read_kernel((fdt + o.fdt_max_fds as u64) as *const u32).ok()?;
+        let max: u32 =
+            bpf_probe_read_kernel((fdt + o.fdt_max_fds as u64) as *const u32).unwrap_or(0);
         if fd as u32 >= max {
-            return None;
+            return 0;
         }
-        let arr = read_ptr(fdt, o.fdt_fd)?;
-        let file = read_ptr(arr, (fd as u32) * 8)?;
-        let socket = read_ptr(file, o.file_private)?;
-        let sk = read_ptr(socket, o.socket_sk)?;
-        if sk == 0 {
-            None
-        } else {
-            Some(sk)
-        }
+        let arr = read_ptr0(fdt, o.fdt_fd);
+        let file = read_ptr0(arr, (fd as u32) * 8);
+        let socket = read_ptr0(file, o.file_private);
+        read_ptr0(socket, o.socket_sk)
     }
+}
+
+/// `*(base + off)` as a u64, 0 when `base` is 0 or the read fails (see `sock_of_fd` for why
+/// not an `Option`).
+#[inline(always)]
+unsafe fn read_ptr0(base: u64, off: u32) -> u64 {
+    if base == 0 {
+        return 0;
+    }
+    // SAFETY: bpf_probe_read_kernel tolerates bad addresses (it returns an error).
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const u64).unwrap_or(0) }
 }
 
 #[inline(always)]
@@ -429,7 +441,8 @@ fn try_exit_bind(ctx: &TracePointContext) -> Result<u32, u32> {
     e.port = p.port;
     e.addr = p.addr;
     e.flags = flags::FROM_SOCKADDR;
-    if let Some(sk) = sock_of_fd(&o, p.fd) {
+    let sk = sock_of_fd(&o, p.fd);
+    if sk != 0 {
         e.sk = sk;
         e.proto = sock_proto(&o, sk);
     }
@@ -498,7 +511,7 @@ fn try_exit_listen(ctx: &TracePointContext) -> Result<u32, u32> {
         e.addr = b.addr;
         e.proto = b.proto;
         e.flags = flags::FROM_SOCKADDR;
-    } else if let Some(sk) = sk {
+    } else if sk != 0 {
         // Bound before portwatch started, or implicitly by listen(): ask the socket.
         // SAFETY: bpf_probe_read_kernel.
         unsafe {
@@ -528,9 +541,7 @@ fn try_exit_listen(ctx: &TracePointContext) -> Result<u32, u32> {
     if !port_wanted(e.port) {
         return Ok(0);
     }
-    if let Some(sk) = sk {
-        e.sk = sk;
-    }
+    e.sk = sk;
     emit(&e);
     Ok(0)
 }
@@ -602,7 +613,8 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<u32, u32> {
     e.rport = port;
     e.raddr = addr;
     e.flags = flags::FROM_SOCKADDR;
-    if let Some(sk) = sock_of_fd(&o, p.fd) {
+    let sk = sock_of_fd(&o, p.fd);
+    if sk != 0 {
         e.sk = sk;
         e.proto = sock_proto(&o, sk);
     }
