@@ -66,6 +66,7 @@ fn hostname() -> String {
 
 pub async fn run(args: RunArgs) -> Result<()> {
     let started = Instant::now();
+    prereq::check_kernel()?;
     prereq::check_privileges()?;
     let btf_path = prereq::check_btf()?;
     let tracefs = prereq::ensure_tracefs()?;

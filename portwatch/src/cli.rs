@@ -291,6 +291,9 @@ pub struct DoctorArgs {
     pub log_file: PathBuf,
     #[arg(long, value_name = "PATH", default_value = "/var/run/docker.sock")]
     pub docker_socket: PathBuf,
+    /// Print the kernel verifier's whole log for each program it rejects (for a bug report).
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 fn parse_ringbuf_size(s: &str) -> Result<u32, String> {

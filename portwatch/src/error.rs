@@ -57,6 +57,25 @@ pub enum Error {
         source: Box<aya::programs::ProgramError>,
     },
 
+    #[error(
+        "this kernel (Linux {release}) rejected eBPF program {program}: {reason}. portwatch \
+         cannot run on it as built; `portwatch doctor` checks every program, and a report \
+         with its output helps"
+    )]
+    Rejected {
+        program: &'static str,
+        release: String,
+        reason: String,
+        /// The verifier's whole log; `doctor --verbose` prints it.
+        log: String,
+    },
+
+    #[error(
+        "Linux {release} is too old: portwatch needs 5.8 or newer (its ring buffer map came \
+         in 5.8); run it on a newer kernel"
+    )]
+    KernelTooOld { release: String },
+
     #[error("eBPF map {name} is missing or of the wrong type: {source}")]
     Map {
         name: &'static str,
@@ -147,6 +166,32 @@ pub enum DockerError {
 
     #[error("the agent is stopping")]
     Stopped,
+}
+
+impl Error {
+    /// A failure to load or attach a program. A verifier rejection becomes one line with
+    /// the verifier's reason instead of its whole instruction trace.
+    pub fn attach(
+        program: &'static str,
+        category: &'static str,
+        tracepoint: &'static str,
+        source: aya::programs::ProgramError,
+    ) -> Self {
+        if matches!(source, aya::programs::ProgramError::LoadError { .. }) {
+            return Error::Rejected {
+                program,
+                release: crate::prereq::kernel_release(),
+                reason: crate::probes::one_line(&source),
+                log: crate::probes::full_log(&source).unwrap_or_default(),
+            };
+        }
+        Error::Attach {
+            program,
+            category,
+            tracepoint,
+            source: Box::new(source),
+        }
+    }
 }
 
 impl From<aya::EbpfError> for Error {

@@ -50,7 +50,12 @@ fn main() -> ExitCode {
         cli::Command::Attach(a) => ops::attach(&a).map(|()| 0).map_err(Into::into),
         cli::Command::Ports(a) => ops::ports(&a).map(|()| 0).map_err(Into::into),
         cli::Command::Check(a) => ops::check(&a).map_err(Into::into),
-        cli::Command::Doctor(a) => Ok(ops::doctor(&a.runtime_dir, &a.log_file, &a.docker_socket)),
+        cli::Command::Doctor(a) => Ok(ops::doctor(
+            &a.runtime_dir,
+            &a.log_file,
+            &a.docker_socket,
+            a.verbose,
+        )),
         cli::Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -605,7 +605,7 @@ struct Check {
     fix: String,
 }
 
-pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path) -> u8 {
+pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path, verbose: bool) -> u8 {
     let mut checks = Vec::new();
     let mut add = |name: &str, ok: bool, detail: String, fix: &str| {
         checks.push(Check {
@@ -615,14 +615,9 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path) -> u8 {
             fix: fix.into(),
         })
     };
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let release = release.trim().to_string();
-    let ver: Vec<u32> = release
-        .split(|c: char| !c.is_ascii_digit())
-        .take(2)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let kernel_ok = ver.len() == 2 && (ver[0], ver[1]) >= (5, 8);
+    let release = crate::prereq::kernel_release();
+    let kernel_ok =
+        crate::prereq::parse_release(&release).is_some_and(|v| v >= crate::prereq::MIN_KERNEL);
     add(
         "kernel",
         kernel_ok,
@@ -672,6 +667,52 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path) -> u8 {
             "mount tracefs; a kernel without this tracepoint is not supported",
         );
     }
+    // A tracepoint that exists proves nothing if the verifier rejects the program for it:
+    // load every program `run` would load, with the same globals, then unload it.
+    let mut degraded = Vec::new();
+    let mut logs = Vec::new();
+    if priv_ok && btf && kernel_ok {
+        let (offsets, _) = crate::btf::resolve(Path::new(crate::prereq::BTF_PATH));
+        let cfg = crate::probes::LoadConfig {
+            tracefs: tracefs.unwrap_or(Path::new("/sys/kernel/tracing")),
+            offsets,
+            all_events: false,
+            ports: &[],
+            ringbuf_size: 4 << 20,
+        };
+        match crate::probes::verify(&cfg) {
+            Ok((verdicts, notes)) => {
+                for v in verdicts {
+                    let ok = v.result.is_ok();
+                    if let Some(log) = v.log {
+                        logs.push((v.program, log));
+                    }
+                    add(
+                        &format!("program {}", v.program),
+                        ok,
+                        v.result
+                            .err()
+                            .unwrap_or_else(|| "accepted by the verifier".into()),
+                        "portwatch run cannot start on this kernel; report it with this output",
+                    );
+                }
+                degraded = notes;
+            }
+            Err(e) => add(
+                "programs",
+                false,
+                e.to_string(),
+                "portwatch run cannot start on this kernel; report it with this output",
+            ),
+        }
+    } else {
+        add(
+            "programs",
+            false,
+            "not loaded: needs root, kernel BTF and Linux 5.8+".into(),
+            "fix the checks above, then run doctor again",
+        );
+    }
     let docker = std::os::unix::net::UnixStream::connect(docker_sock).is_ok();
     let docker_detail = if docker {
         docker_sock.display().to_string()
@@ -719,6 +760,16 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path) -> u8 {
             failed += 1;
             println!("{mark} {:<36} {} -- fix: {}", c.name, c.detail, c.fix);
         }
+    }
+    if verbose {
+        for (program, log) in &logs {
+            println!("--- verifier log of {program} ---\n{}", log.trim_end());
+        }
+    } else if !logs.is_empty() {
+        println!("(run `portwatch doctor --verbose` for the verifier's whole log)");
+    }
+    for note in &degraded {
+        println!("{} {:<36} {note}", st.paint("33", "WARN"), "degraded");
     }
     if let Some((detail, fix)) = warn {
         println!(

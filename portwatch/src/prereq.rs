@@ -58,6 +58,34 @@ pub fn check_privileges() -> Result<()> {
     })
 }
 
+/// The running kernel's release, e.g. `6.1.0-50-cloud-amd64`.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Major and minor of a kernel release string (`5.10.0-32-cloud-amd64` -> (5, 10)).
+pub fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+/// The oldest kernel portwatch runs on: the ring buffer map came in 5.8.
+pub const MIN_KERNEL: (u32, u32) = (5, 8);
+
+/// Refuse a kernel older than [`MIN_KERNEL`] with one line, before the verifier would
+/// refuse it with a dump. An unparsable release is let through: the load then decides.
+pub fn check_kernel() -> Result<()> {
+    let release = kernel_release();
+    match parse_release(&release) {
+        Some(v) if v < MIN_KERNEL => Err(Error::KernelTooOld { release }),
+        _ => Ok(()),
+    }
+}
+
 pub fn check_btf() -> Result<PathBuf> {
     let p = PathBuf::from(BTF_PATH);
     if p.exists() {
@@ -110,6 +138,16 @@ pub fn ensure_tracefs() -> Result<Tracefs> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_releases_parse() {
+        assert_eq!(parse_release("5.10.0-32-cloud-amd64"), Some((5, 10)));
+        assert_eq!(parse_release("6.12.117+deb13-cloud-amd64"), Some((6, 12)));
+        assert_eq!(parse_release("5.4.0"), Some((5, 4)));
+        assert!(parse_release("5.4.0").unwrap() < MIN_KERNEL);
+        assert!(parse_release("5.8.0").unwrap() >= MIN_KERNEL);
+        assert_eq!(parse_release("garbage"), None);
+    }
 
     #[test]
     fn cap_eff_parses() {

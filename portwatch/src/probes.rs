@@ -54,59 +54,21 @@ pub const BTF_STATE_PROGRAM: &str = "inet_sock_set_state_btf";
 pub const RAW_STATE_PROGRAM: &str = "inet_sock_set_state_raw";
 
 pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
-    if cfg.ports.len() > MAX_FILTER_PORTS {
-        return Err(Error::TooManyPorts {
-            given: cfg.ports.len(),
-            max: MAX_FILTER_PORTS,
-        });
-    }
-    // The typed and raw tracepoints read the socket themselves; only the classic fallback
-    // needs the record layout.
-    let raw_state = cfg.offsets.sock_ok == 1 && cfg.offsets.remote_ok == 1;
-    let ss = if raw_state {
-        SetStateOffsets::default()
-    } else {
-        set_state_offsets(cfg.tracefs)?
-    };
-    let mut filter = [0u16; MAX_FILTER_PORTS];
-    filter[..cfg.ports.len()].copy_from_slice(cfg.ports);
-    let filter_n = cfg.ports.len() as u32;
-    let event_mask = if cfg.all_events {
-        mask::DEFAULT | mask::TCP_STATE_ALL
-    } else {
-        mask::DEFAULT
-    };
-
-    let mut ebpf = EbpfLoader::new()
-        .override_global("EVENT_MASK", &event_mask, true)
-        .override_global("OFFSETS", &cfg.offsets, true)
-        .override_global("SS_OFF", &ss, true)
-        .override_global("FILTER_PORTS", &filter, true)
-        .override_global("FILTER_N", &filter_n, true)
-        .map_max_entries("EVENTS", cfg.ringbuf_size)
-        .load(EBPF_OBJECT)?;
+    let raw_state = raw_state_possible(&cfg.offsets);
+    let mut ebpf = open(cfg)?;
 
     let mut attached = Vec::with_capacity(PROGRAMS.len());
     let mut notes = Vec::new();
     for (program, category, tracepoint) in PROGRAMS {
-        if program == "inet_sock_set_state" {
+        if program == STATE_TRACEPOINT_PROGRAM {
             continue; // below
         }
-        let attach = |ebpf: &mut Ebpf| -> Result<(), aya::programs::ProgramError> {
-            let p: &mut TracePoint = ebpf
-                .program_mut(program)
-                .ok_or(aya::programs::ProgramError::UnexpectedProgramType)?
-                .try_into()?;
-            p.load()?;
-            p.attach(category, tracepoint)?;
-            Ok(())
-        };
-        attach(&mut ebpf).map_err(|source| Error::Attach {
-            program,
-            category,
-            tracepoint,
-            source: Box::new(source),
-        })?;
+        let p = tracepoint_program(&mut ebpf, program)
+            .map_err(|e| Error::attach(program, category, tracepoint, e))?;
+        p.load()
+            .map_err(|e| Error::attach(program, category, tracepoint, e))?;
+        p.attach(category, tracepoint)
+            .map_err(|e| Error::attach(program, category, tracepoint, e))?;
         attached.push(program);
     }
 
@@ -126,14 +88,14 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
         link: None,
     };
     if cfg.all_events {
-        probes_state
-            .attach(&mut ebpf)
-            .map_err(|source| Error::Attach {
-                program: state_program,
-                category: state_kind.category(),
-                tracepoint: "inet_sock_set_state",
-                source: Box::new(source),
-            })?;
+        probes_state.attach(&mut ebpf).map_err(|source| {
+            Error::attach(
+                state_program,
+                state_kind.category(),
+                "inet_sock_set_state",
+                source,
+            )
+        })?;
         attached.push(state_program);
     }
 
@@ -158,6 +120,160 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
         notes,
         state: probes_state,
     })
+}
+
+/// The classic tracepoint program for TCP state changes, the last fallback of the hook.
+const STATE_TRACEPOINT_PROGRAM: &str = "inet_sock_set_state";
+
+/// Parse the embedded object and create its maps, with the loader's globals set. Nothing is
+/// loaded into the verifier yet.
+fn open(cfg: &LoadConfig<'_>) -> Result<Ebpf> {
+    if cfg.ports.len() > MAX_FILTER_PORTS {
+        return Err(Error::TooManyPorts {
+            given: cfg.ports.len(),
+            max: MAX_FILTER_PORTS,
+        });
+    }
+    // The typed and raw tracepoints read the socket themselves; only the classic fallback
+    // needs the record layout.
+    let ss = if raw_state_possible(&cfg.offsets) {
+        SetStateOffsets::default()
+    } else {
+        set_state_offsets(cfg.tracefs)?
+    };
+    let mut filter = [0u16; MAX_FILTER_PORTS];
+    filter[..cfg.ports.len()].copy_from_slice(cfg.ports);
+    let filter_n = cfg.ports.len() as u32;
+    let event_mask = if cfg.all_events {
+        mask::DEFAULT | mask::TCP_STATE_ALL
+    } else {
+        mask::DEFAULT
+    };
+    Ok(EbpfLoader::new()
+        .override_global("EVENT_MASK", &event_mask, true)
+        .override_global("OFFSETS", &cfg.offsets, true)
+        .override_global("SS_OFF", &ss, true)
+        .override_global("FILTER_PORTS", &filter, true)
+        .override_global("FILTER_N", &filter_n, true)
+        .map_max_entries("EVENTS", cfg.ringbuf_size)
+        .load(EBPF_OBJECT)?)
+}
+
+fn raw_state_possible(o: &Offsets) -> bool {
+    o.sock_ok == 1 && o.remote_ok == 1
+}
+
+fn tracepoint_program<'e>(
+    ebpf: &'e mut Ebpf,
+    program: &str,
+) -> std::result::Result<&'e mut TracePoint, aya::programs::ProgramError> {
+    ebpf.program_mut(program)
+        .ok_or(aya::programs::ProgramError::UnexpectedProgramType)?
+        .try_into()
+}
+
+/// What the kernel's verifier said about one program.
+pub struct Verdict {
+    pub program: &'static str,
+    /// `Err` holds one line: the syscall's error and the verifier's own reason.
+    pub result: std::result::Result<(), String>,
+    /// The verifier's whole log when it rejected the program, for a bug report.
+    pub log: Option<String>,
+}
+
+/// Load every program `run` would load, with the same globals, into this kernel's verifier,
+/// then unload them all; nothing is attached. This is what lets `doctor` promise that `run`
+/// starts: a tracepoint that exists proves nothing if the verifier rejects its program.
+///
+/// The state-change hook is reported for the variant `run` would pick, with the reasons it
+/// skipped the better ones in `notes`.
+pub fn verify(cfg: &LoadConfig<'_>) -> Result<(Vec<Verdict>, Vec<String>)> {
+    let mut ebpf = open(cfg)?;
+    let mut verdicts = Vec::with_capacity(PROGRAMS.len());
+    for (program, _, _) in PROGRAMS {
+        if program == STATE_TRACEPOINT_PROGRAM {
+            continue;
+        }
+        let (result, log) = match tracepoint_program(&mut ebpf, program).and_then(|p| p.load()) {
+            Ok(()) => (Ok(()), None),
+            Err(e) => (Err(one_line(&e)), full_log(&e)),
+        };
+        verdicts.push(Verdict {
+            program,
+            result,
+            log,
+        });
+    }
+    let mut notes = Vec::new();
+    match load_state(&mut ebpf, raw_state_possible(&cfg.offsets), &mut notes) {
+        Ok((program, _)) => verdicts.push(Verdict {
+            program,
+            result: Ok(()),
+            log: None,
+        }),
+        Err(Error::Rejected {
+            program,
+            reason,
+            log,
+            ..
+        }) => verdicts.push(Verdict {
+            program,
+            result: Err(reason),
+            log: Some(log),
+        }),
+        Err(Error::Attach {
+            program, source, ..
+        }) => verdicts.push(Verdict {
+            program,
+            result: Err(one_line(&source)),
+            log: full_log(&source),
+        }),
+        Err(e) => return Err(e),
+    }
+    // Dropping `ebpf` unloads every program and map.
+    Ok((verdicts, notes))
+}
+
+/// A program error as one line. A verifier rejection carries the whole instruction trace
+/// (hundreds of lines); what the verifier objected to is its last line before the
+/// statistics, e.g. `invalid read from stack R10 off=-304 size=8`.
+pub fn one_line(e: &aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => match verifier_reason(&verifier_log.to_string()) {
+            Some(reason) => format!("the verifier rejected it ({io_error}): {reason}"),
+            None => format!("the kernel refused to load it: {io_error}"),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// The verifier's whole log, when the error carries one.
+pub fn full_log(e: &aya::programs::ProgramError) -> Option<String> {
+    match e {
+        aya::programs::ProgramError::LoadError { verifier_log, .. } => {
+            Some(verifier_log.to_string())
+        }
+        _ => None,
+    }
+}
+
+/// The verifier's reason: the last log line that is not a statistic or a blank.
+pub fn verifier_reason(log: &str) -> Option<String> {
+    const STATS: [&str; 6] = [
+        "processed ",
+        "verification time",
+        "stack depth",
+        "max_states_per_insn",
+        "peak_states",
+        "mark_read",
+    ];
+    log.lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !STATS.iter().any(|s| l.starts_with(s)))
+        .map(str::to_string)
 }
 
 /// Which program type carries the state-change hook.
@@ -234,11 +350,8 @@ fn load_state(
     notes: &mut Vec<String>,
 ) -> Result<(&'static str, StateKind)> {
     let load_err = |program: &'static str, category: &'static str| {
-        move |source: aya::programs::ProgramError| Error::Attach {
-            program,
-            category,
-            tracepoint: "inet_sock_set_state",
-            source: Box::new(source),
+        move |source: aya::programs::ProgramError| {
+            Error::attach(program, category, "inet_sock_set_state", source)
         }
     };
     if raw_state {
@@ -423,6 +536,20 @@ mod tests {
 \tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;\n\
 \tfield:__u8 saddr[4];\toffset:32;\tsize:4;\tsigned:0;\n\
 \tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;\n";
+
+    #[test]
+    fn verifier_reason_is_the_last_line_before_the_statistics() {
+        let log =
+            "func#0 @0\n0: R1=ctx() R10=fp0\n; let fd = 2\n123: (79) r1 = *(u64 *)(r10 -304)\n\
+                   invalid read from stack R10 off=-304 size=8\n\
+                   processed 412 insns (limit 1000000) max_states_per_insn 1 total_states 30 \
+                   peak_states 30 mark_read 12\n\n";
+        assert_eq!(
+            verifier_reason(log).as_deref(),
+            Some("invalid read from stack R10 off=-304 size=8")
+        );
+        assert_eq!(verifier_reason("\n\n"), None);
+    }
 
     #[test]
     fn parses_format_offsets() {
