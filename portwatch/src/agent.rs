@@ -123,6 +123,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let agent_lost: Arc<[AtomicU64; KINDS]> = Arc::new(Default::default());
 
     let attach_clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (fresh_tx, fresh_rx) = std::sync::mpsc::channel::<process::FreshRequest>();
     let writer = {
         let cfg = process::Config {
             host: host.clone(),
@@ -133,6 +135,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             window_s: args.window.as_secs(),
             metrics,
             attach_clients: attach_clients.clone(),
+            fresh: fresh_tx,
+            stopping: stopping.clone(),
         };
         std::thread::Builder::new()
             .name("portwatch-writer".into())
@@ -154,7 +158,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let interval = Duration::from_secs(args.tw_interval);
         std::thread::Builder::new()
             .name("portwatch-diag".into())
-            .spawn(move || diag_loop(tx, interval, stop, first_tx))
+            .spawn(move || diag_loop(tx, fresh_rx, interval, stop, first_tx))
             .map_err(|source| Error::Io {
                 what: "starting the sock_diag thread",
                 source,
@@ -282,6 +286,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::select! {
             _ = drain_tick.tick() => {
                 drain(ring.get_mut(), &tx, &mut scratch);
+                // Coalescing windows and held conflicts are timed on the processing thread;
+                // a full queue means it is busy, and the next tick will do.
+                let _ = tx.try_send(Msg::Tick);
                 // Default mode: TCP state changes only while someone attached wants the
                 // live detail (see probes::load).
                 if !args.all_events && !state_hook_failed {
@@ -308,9 +315,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     }
 
-    // Shutdown: take what is still in the ring buffer (waiting for the queue, for at most
-    // a few seconds), account for losses, then stop.
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(3);
+    // Shutdown, bounded to well under a second whatever the backlog: the processing thread
+    // is told at once, works on for STOP_GRACE and counts what is left (`unwritten` in
+    // `stopped`); the ring buffer is drained for at most DRAIN_AT_STOP and what stays in it
+    // is counted as lost; the sock_diag and Docker threads get JOIN_AT_STOP each (a dump
+    // in progress is abandoned with the process).
+    const DRAIN_AT_STOP: Duration = Duration::from_millis(200);
+    const JOIN_AT_STOP: Duration = Duration::from_millis(150);
+    stopping.store(true, Ordering::Relaxed);
+    stop_diag.store(true, Ordering::Relaxed);
+    let _ = stop_docker.send(true);
+    let give_up = tokio::time::Instant::now() + DRAIN_AT_STOP;
     while drain(ring.get_mut(), &tx, &mut scratch) {
         if tokio::time::Instant::now() >= give_up {
             // Counted, never silent: what is left could not be handed over in time.
@@ -329,11 +344,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(m) = check_lost(&probes) {
         send(m).await;
     }
-    stop_diag.store(true, Ordering::Relaxed);
-    let _ = tokio::task::spawn_blocking(move || diag_thread.join()).await;
-    let _ = stop_docker.send(true);
+    let _ = tokio::time::timeout(
+        JOIN_AT_STOP,
+        tokio::task::spawn_blocking(move || diag_thread.join()),
+    )
+    .await;
     if let Some(t) = docker_thread {
-        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        let _ =
+            tokio::time::timeout(JOIN_AT_STOP, tokio::task::spawn_blocking(move || t.join())).await;
     }
     send(Msg::Stop).await;
     drop(tx);
@@ -389,10 +407,12 @@ fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Msg>, scratch: &mut Vec<
 
 fn diag_loop(
     tx: mpsc::Sender<Msg>,
+    requests: std::sync::mpsc::Receiver<process::FreshRequest>,
     interval: Duration,
     stop: Arc<AtomicBool>,
     first: tokio::sync::oneshot::Sender<()>,
 ) {
+    let mut last_dump: std::collections::HashMap<u32, Instant> = Default::default();
     let mut first = Some(first);
     loop {
         if first.is_none() {
@@ -435,7 +455,117 @@ fn diag_loop(
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            match requests.recv_timeout(Duration::from_millis(50)) {
+                Ok(r) => {
+                    if !serve_fresh(r, &requests, &tx, &mut last_dump, &stop) {
+                        return;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+            }
         }
+    }
+}
+
+/// Dumps of one namespace for conflicts are at least this far apart: a storm of conflicts in
+/// a namespace costs at most this many dumps a second, however many ask.
+const FRESH_MIN_GAP: Duration = Duration::from_millis(250);
+
+/// Serve re-read requests: everything queued is merged per namespace first, then each
+/// namespace is dumped once (waiting out FRESH_MIN_GAP since its last dump). Returns false
+/// when the processing thread is gone.
+fn serve_fresh(
+    first: process::FreshRequest,
+    requests: &std::sync::mpsc::Receiver<process::FreshRequest>,
+    tx: &mpsc::Sender<Msg>,
+    last_dump: &mut std::collections::HashMap<u32, Instant>,
+    stop: &AtomicBool,
+) -> bool {
+    let mut queue: Vec<process::FreshRequest> = vec![first];
+    let merge = |queue: &mut Vec<process::FreshRequest>, r: process::FreshRequest| match queue
+        .iter_mut()
+        .find(|q| q.ns.inode == r.ns.inode)
+    {
+        Some(q) => q.merge(r),
+        None => queue.push(r),
+    };
+    while let Ok(r) = requests.try_recv() {
+        merge(&mut queue, r);
+    }
+    while !queue.is_empty() {
+        if stop.load(Ordering::Relaxed) {
+            return true;
+        }
+        // The namespace whose gap is over first.
+        let ready_at = |r: &process::FreshRequest| {
+            last_dump
+                .get(&r.ns.inode)
+                .map_or_else(Instant::now, |t| *t + FRESH_MIN_GAP)
+        };
+        let (i, at) = queue
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (i, ready_at(r)))
+            .min_by_key(|(_, at)| *at)
+            .expect("queue is not empty");
+        let wait = at.saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait.min(Duration::from_millis(50)));
+            while let Ok(r) = requests.try_recv() {
+                merge(&mut queue, r);
+            }
+            continue;
+        }
+        let r = queue.swap_remove(i);
+        last_dump.insert(r.ns.inode, Instant::now());
+        let fresh = fresh_read(r);
+        if tx.blocking_send(Msg::Fresh(Box::new(fresh))).is_err() {
+            return false;
+        }
+        while let Ok(r) = requests.try_recv() {
+            merge(&mut queue, r);
+        }
+    }
+    true
+}
+
+/// One re-read: the namespace's sockets (with owners when asked) and the port counts.
+fn fresh_read(r: process::FreshRequest) -> process::Fresh {
+    let as_of = Clock::now_wall_ns();
+    let netns = r.ns.inode;
+    let entries = match diag::dump(&r.ns) {
+        Ok(e) => e,
+        Err(e) => {
+            return process::Fresh {
+                netns,
+                as_of,
+                result: Err(format!("sock_diag dump failed: {e}")),
+            }
+        }
+    };
+    let counts = process::count_toward(&entries, &r.dsts);
+    let range = if r.dsts.is_empty() {
+        None
+    } else {
+        diag::local_port_range(&r.ns).ok()
+    };
+    let snapshot = r.sockets.then(|| {
+        // Owners of sockets the table did not know: one /proc walk, only on this miss path.
+        let owners = Arc::new(diag::socket_owners());
+        Box::new(process::Snapshot::new(
+            r.ns, &entries, owners, None, false, as_of,
+        ))
+    });
+    process::Fresh {
+        netns,
+        as_of,
+        result: Ok(process::FreshData {
+            snapshot,
+            counts,
+            range,
+        }),
     }
 }

@@ -8,6 +8,7 @@
 
 mod agent;
 mod btf;
+mod burst;
 mod cli;
 mod containers;
 mod control;

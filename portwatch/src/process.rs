@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
+    burst::{Bursts, Span, Verdict},
     containers::{self, Container, DockerMsg, Index, StartError},
     control::{Filter, PortRow},
     decode::{self, Clock},
@@ -65,7 +66,72 @@ pub enum Msg {
     Reopen,
     /// From the Docker thread: the container index and lifecycle.
     Docker(DockerMsg),
+    /// From the sock_diag thread: a namespace re-read that conflicts asked for.
+    Fresh(Box<Fresh>),
+    /// A tenth of a second passed: close coalescing windows, release held records.
+    Tick,
     Stop,
+}
+
+/// A namespace re-read asked for by the processing thread (`Processor::request`). The
+/// sock_diag thread serves these, so no dump or /proc walk runs on the processing thread;
+/// requests for one namespace that arrive while one is queued are merged into it.
+#[derive(Debug)]
+pub struct FreshRequest {
+    pub ns: diag::Namespace,
+    /// Destinations to count local ports toward (connect `EADDRNOTAVAIL`).
+    pub dsts: Vec<SocketAddr>,
+    /// Also rebuild the namespace's sockets with their owners (a conflict whose holder the
+    /// table does not know); needs a walk of /proc.
+    pub sockets: bool,
+}
+
+impl FreshRequest {
+    pub fn merge(&mut self, other: FreshRequest) {
+        for d in other.dsts {
+            if !self.dsts.contains(&d) {
+                self.dsts.push(d);
+            }
+        }
+        self.sockets |= other.sockets;
+    }
+}
+
+/// The answer to a `FreshRequest`.
+pub struct Fresh {
+    pub netns: u32,
+    /// Wall-clock ns when the dump was taken: what the counts describe.
+    pub as_of: i128,
+    /// `Err`: why the namespace could not be read (it may be gone).
+    pub result: std::result::Result<FreshData, String>,
+}
+
+pub struct FreshData {
+    pub snapshot: Option<Box<Snapshot>>,
+    /// (destination, in use, TIME_WAIT) for each requested destination.
+    pub counts: Vec<(SocketAddr, u32, u32)>,
+    pub range: Option<(u16, u16)>,
+}
+
+/// Count the local TCP ports toward each destination, from a dump.
+pub fn count_toward(
+    entries: &[diag::SockEntry],
+    dsts: &[SocketAddr],
+) -> Vec<(SocketAddr, u32, u32)> {
+    let mut out: Vec<(SocketAddr, u32, u32)> = dsts.iter().map(|d| (*d, 0, 0)).collect();
+    for s in entries {
+        if s.proto != diag::Proto::Tcp {
+            continue;
+        }
+        if let Some(c) = out.iter_mut().find(|c| c.0 == s.remote) {
+            if s.state == table::TCP_TIME_WAIT {
+                c.2 += 1;
+            } else {
+                c.1 += 1;
+            }
+        }
+    }
+    out
 }
 
 /// One namespace's sock_diag dump, prepared by `Snapshot::new` on the thread that took it
@@ -308,6 +374,9 @@ pub struct AgentRecord {
     pub log_write_errors: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drift_healed: Option<u64>,
+    /// `stopped`: records not written because the agent was stopping with a backlog.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unwritten: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failed_records: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -334,7 +403,20 @@ pub struct Config {
     /// Clients attached to the control socket, kept current here: the event loop attaches
     /// the TCP state hook while there are any (default mode).
     pub attach_clients: Arc<std::sync::atomic::AtomicUsize>,
+    /// Namespace re-reads go to the sock_diag thread through this.
+    pub fresh: std::sync::mpsc::Sender<FreshRequest>,
+    /// Set on SIGTERM: past `STOP_GRACE`, queued events are counted, not processed.
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// How long after SIGTERM queued events are still processed. Whatever is left after it is
+/// counted in the `stopped` record (`unwritten`) instead, so shutdown stays within a second
+/// however large the backlog.
+const STOP_GRACE: Duration = Duration::from_millis(400);
+
+/// How long a conflict waits for the re-read of its namespace before it is written with
+/// what the table knows.
+const FRESH_WAIT: Duration = Duration::from_secs(2);
 
 /// Most items the recent-past window holds, whatever its age, and most bytes: memory stays
 /// bounded on a busy host (a soak run showed 65,536 conflict lines alone take ~50 MB).
@@ -390,7 +472,6 @@ struct Processor {
     procs: ProcCache,
     table: PortTable,
     ns_paths: HashMap<u32, PathBuf>,
-    last_fresh: HashMap<u32, Instant>,
     tw: HashMap<u32, TwState>,
     buf: Vec<u8>,
     /// Timestamps and `cfg.host` as a JSON string (it never changes), kept for the tcp_state
@@ -411,6 +492,47 @@ struct Processor {
     /// Start failures with EADDRINUSE the daemon reported, in case its report arrives
     /// before the kernel's.
     recent_in_use: Vec<(Arc<Container>, IpAddr, u16, Instant)>,
+    /// Identical failures coalesced into one record per second (see `burst`).
+    bursts: Bursts,
+    /// Conflicts waiting for their namespace's re-read (`Msg::Fresh`).
+    held: Vec<Held>,
+    /// Namespaces with a re-read requested and not answered yet.
+    in_flight: HashMap<u32, Instant>,
+    /// When SIGTERM was first seen here.
+    stop_seen: Option<Instant>,
+    /// Records not written because the agent was stopping (counted in `stopped`).
+    unwritten: u64,
+}
+
+/// A conflict waiting for a re-read of its namespace.
+struct Held {
+    c: Pending,
+    publishing: Option<(Arc<Container>, &'static str)>,
+    deadline: Instant,
+}
+
+/// A conflict's facts, as the processing thread first saw them.
+#[derive(Clone)]
+struct Pending {
+    e: Event,
+    k: Kind,
+    netns: u32,
+    wall: i128,
+    cmdline: Option<Arc<str>>,
+    span: Span,
+}
+
+/// Local ports toward a destination: in use, TIME_WAIT, the namespace's ephemeral range,
+/// and when (wall ns) they were counted.
+type PortCounts = (u32, u32, Option<(u16, u16)>, i128);
+
+/// What a re-read of the namespace added to a conflict.
+#[derive(Default)]
+struct Freshness {
+    /// connect `EADDRNOTAVAIL`: the counts toward its destination and when they were taken.
+    counts: Option<PortCounts>,
+    /// Why no re-read could be had.
+    failed: Option<String>,
 }
 
 struct PendingBind {
@@ -421,6 +543,7 @@ struct PendingBind {
     cmdline: Option<Arc<str>>,
     via: &'static str,
     deadline: Instant,
+    span: Span,
 }
 
 /// Where a socket's owner stands in Docker: a published port held by docker-proxy/dockerd
@@ -444,6 +567,39 @@ fn place(docker: &mut Index, netns: u32, x: &Entry) -> Option<Placement> {
         via: None,
         container_port: None,
     })
+}
+
+/// connect `EADDRNOTAVAIL`: how many local ports toward the destination were taken (in use
+/// or TIME_WAIT) when its namespace was re-read, against the namespace's
+/// ip_local_port_range. `destination.as_of` says when: the counts describe the dump, taken
+/// after the failure, not the failure's own moment.
+fn apply_counts(r: &mut record::Conflict<'_>, e: &Event, f: &Freshness) {
+    let dst = SocketAddr::new(decode::ip(e.family, &e.raddr), e.rport);
+    let Some((in_use, tw, range, as_of)) = f.counts else {
+        if let Some(why) = &f.failed {
+            r.reason = Some(format!(
+                "local ports toward {dst} could not be counted: {why}"
+            ));
+        }
+        return;
+    };
+    r.destination = Some(record::Destination {
+        addr: dst.ip(),
+        port: dst.port(),
+        in_use,
+        time_wait: tw,
+        range: range.map(|(a, b)| [a, b]),
+        as_of: Some(decode::rfc3339(as_of)),
+    });
+    if let Some((lo, hi)) = range {
+        let n = u32::from(hi.saturating_sub(lo)) + 1;
+        r.hint = format!(
+            "{} of {n} local ports ({lo}-{hi}) toward {dst} are taken ({in_use} in use, {tw} in \
+             TIME_WAIT); widen net.ipv4.ip_local_port_range, reuse connections, or spread \
+             load over more destination addresses",
+            in_use + tw
+        );
+    }
 }
 
 fn proto_of(p: u16) -> Option<Proto> {
@@ -665,35 +821,59 @@ impl Processor {
         })
     }
 
-    /// Re-read one namespace from the kernel when the table cannot explain a conflict:
-    /// events cannot see everything (passed fds, io_uring). Rate-limited per namespace, so
-    /// a bind storm does not become a sock_diag storm.
-    fn refresh_ns(&mut self, netns: u32, e: &Event) -> bool {
-        let now = Instant::now();
-        if self
-            .last_fresh
-            .get(&netns)
-            .is_some_and(|t| now.duration_since(*t).as_millis() < 250)
-        {
-            return false;
-        }
-        self.last_fresh.insert(netns, now);
+    /// Ask the sock_diag thread to re-read a namespace: with `dst`, to count local ports
+    /// toward it; with `sockets`, to rebuild the table's view of it with owners. At most one
+    /// request per namespace is outstanding; the thread merges what arrives meanwhile and
+    /// rate-limits dumps per namespace, so a storm of conflicts is not a storm of dumps.
+    /// Returns false when no request can be made (no way into the namespace).
+    fn request(&mut self, netns: u32, e: &Event, dst: Option<SocketAddr>, sockets: bool) -> bool {
         let Some(ns) = self.ns_path(netns, e) else {
             return false;
         };
-        let Ok(entries) = diag::dump(&ns) else {
-            return false;
+        let req = FreshRequest {
+            ns,
+            dsts: dst.into_iter().collect(),
+            sockets,
         };
-        // Owners of sockets the table did not know: one /proc scan, only on this miss path.
-        let owners = diag::socket_owners();
-        let wall = Clock::now_wall_ns();
-        let mut snap = Snapshot::new(ns, &entries, Arc::new(owners), None, false, wall);
-        drop(entries);
-        self.reconcile(&mut snap);
+        if self.cfg.fresh.send(req).is_err() {
+            return false;
+        }
+        self.in_flight.entry(netns).or_insert_with(Instant::now);
         true
     }
 
+    /// One failure from the kernel: coalesced with identical ones (see `burst`), written at
+    /// once when it starts a burst.
     fn conflict(&mut self, e: &Event, k: Kind, netns: u32, wall: i128) {
+        let (verdict, closed) = self.bursts.offer(e, k, netns, wall);
+        if let Some(s) = closed {
+            self.write_conflict(&s.event, s.kind, s.netns, s.span.last_ns, s.span);
+        }
+        match verdict {
+            Verdict::Write => self.write_conflict(e, k, netns, wall, Span::single(wall)),
+            Verdict::Absorbed => {
+                // Attached clients asked for live detail: they still see each attempt.
+                if !self.subs.is_empty() && self.format_verbose(e, k, netns, wall) {
+                    let line: Arc<[u8]> = Arc::from(&self.buf[..]);
+                    self.publish(&line);
+                }
+            }
+        }
+    }
+
+    /// Close coalescing windows that are over, and write what they absorbed.
+    fn flush_bursts(&mut self, all: bool) {
+        let due = if all {
+            self.bursts.drain()
+        } else {
+            self.bursts.due(Clock::now_wall_ns())
+        };
+        for s in due {
+            self.write_conflict(&s.event, s.kind, s.netns, s.span.last_ns, s.span);
+        }
+    }
+
+    fn write_conflict(&mut self, e: &Event, k: Kind, netns: u32, wall: i128, span: Span) {
         let comm = decode::comm(&e.comm);
         let cmdline = self.procs.cmdline(e.pid, e.tid, &comm);
         // docker-proxy or dockerd failing to bind a published port: the actor that matters
@@ -701,27 +881,36 @@ impl Processor {
         // later, so wait for that rather than guess among containers asking for the port.
         let binder = containers::docker_binder(&comm)
             .filter(|_| k != Kind::Connect && netns == self.docker.host_netns());
+        let c = Pending {
+            e: *e,
+            k,
+            netns,
+            wall,
+            cmdline,
+            span,
+        };
         if let Some(via) = binder {
             let ip = decode::ip(e.family, &e.addr);
-            if let Some(c) = self.recent_failure(ip, e.port) {
-                self.emit_conflict(e, k, netns, wall, cmdline, Some((c, via)));
+            if let Some(container) = self.recent_failure(ip, e.port) {
+                self.emit_conflict(c, Some((container, via)), None);
             } else if self.docker.connected {
                 self.pending.push(PendingBind {
-                    e: *e,
+                    e: c.e,
                     k,
                     netns,
                     wall,
-                    cmdline,
+                    cmdline: c.cmdline,
                     via,
                     deadline: Instant::now() + PUBLISH_WAIT,
+                    span,
                 });
             } else {
-                let c = self.guess_publishing(e, cmdline.as_deref());
-                self.emit_conflict(e, k, netns, wall, cmdline, c.map(|c| (c, via)));
+                let container = self.guess_publishing(e, c.cmdline.as_deref());
+                self.emit_conflict(c, container.map(|x| (x, via)), None);
             }
             return;
         }
-        self.emit_conflict(e, k, netns, wall, cmdline, None);
+        self.emit_conflict(c, None, None);
     }
 
     /// A start failure the daemon already reported for this host address.
@@ -767,30 +956,143 @@ impl Processor {
             let c = container
                 .cloned()
                 .or_else(|| self.guess_publishing(&p.e, p.cmdline.as_deref()));
-            self.emit_conflict(&p.e, p.k, p.netns, p.wall, p.cmdline, c.map(|c| (c, p.via)));
+            let pending = Pending {
+                e: p.e,
+                k: p.k,
+                netns: p.netns,
+                wall: p.wall,
+                cmdline: p.cmdline,
+                span: p.span,
+            };
+            self.emit_conflict(pending, c.map(|c| (c, p.via)), None);
         }
     }
 
-    /// Write held-back proxy binds whose wait is over (all of them with `all`).
+    /// Write held-back proxy binds whose wait is over (all of them with `all`), and
+    /// conflicts whose namespace re-read did not come in time.
     fn flush_pending(&mut self, all: bool) {
         let now = Instant::now();
         self.release_pending(|p| all || p.deadline <= now, None);
         self.recent_in_use
             .retain(|(.., t)| now.duration_since(*t) < Duration::from_secs(5));
+        let (late, wait): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| all || h.deadline <= now);
+        self.held = wait;
+        for h in late {
+            let why = if all {
+                "the agent stopped before its namespace could be re-read"
+            } else {
+                "its namespace could not be re-read in time"
+            };
+            let f = Freshness {
+                counts: None,
+                failed: Some(why.into()),
+            };
+            self.emit_conflict(h.c, h.publishing, Some(f));
+        }
+        self.in_flight
+            .retain(|_, t| all || now.duration_since(*t) < FRESH_WAIT * 2);
     }
 
-    /// `publishing`: the container a failed docker-proxy/dockerd bind was for, and which of
-    /// the two made it.
+    /// The sock_diag thread re-read a namespace: take its sockets into the table, then
+    /// write the conflicts that waited for it.
+    fn fresh(&mut self, f: Fresh) {
+        self.in_flight.remove(&f.netns);
+        let (counts, range, failed) = match f.result {
+            Ok(mut d) => {
+                if let Some(s) = &mut d.snapshot {
+                    self.reconcile(s);
+                }
+                (d.counts, d.range, None)
+            }
+            Err(why) => (Vec::new(), None, Some(why)),
+        };
+        let (mine, rest): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| h.c.netns == f.netns);
+        self.held = rest;
+        let mut again = Vec::new();
+        for h in mine {
+            let freshness = if h.c.k == Kind::Connect {
+                let dst = SocketAddr::new(decode::ip(h.c.e.family, &h.c.e.raddr), h.c.e.rport);
+                match counts.iter().find(|c| c.0 == dst) {
+                    Some(&(_, in_use, tw)) => Freshness {
+                        counts: Some((in_use, tw, range, f.as_of)),
+                        failed: None,
+                    },
+                    // Asked for after this dump began: it needs the next one.
+                    None if failed.is_none() => {
+                        again.push(h);
+                        continue;
+                    }
+                    None => Freshness {
+                        counts: None,
+                        failed: failed.clone(),
+                    },
+                }
+            } else {
+                Freshness {
+                    counts: None,
+                    failed: failed.clone(),
+                }
+            };
+            self.emit_conflict(h.c, h.publishing, Some(freshness));
+        }
+        for h in &again {
+            let dst = SocketAddr::new(decode::ip(h.c.e.family, &h.c.e.raddr), h.c.e.rport);
+            let e = h.c.e;
+            self.request(f.netns, &e, Some(dst), false);
+        }
+        self.held.extend(again);
+    }
+
+    /// Hold a conflict until its namespace is re-read; false if no re-read can be asked.
+    fn hold(
+        &mut self,
+        c: &Pending,
+        publishing: &Option<(Arc<Container>, &'static str)>,
+        dst: Option<SocketAddr>,
+    ) -> bool {
+        if self.stop_seen.is_some() || !self.request(c.netns, &c.e, dst, dst.is_none()) {
+            return false;
+        }
+        self.held.push(Held {
+            c: c.clone(),
+            publishing: publishing.clone(),
+            deadline: Instant::now() + FRESH_WAIT,
+        });
+        true
+    }
+
+    /// Attribute and write one conflict. `fresh` is None the first time: a conflict the
+    /// table cannot explain, or a connect that needs the port counts toward its destination,
+    /// is then held for a re-read of its namespace (on the sock_diag thread) and comes back
+    /// here with it.
     fn emit_conflict(
         &mut self,
-        e: &Event,
-        k: Kind,
-        netns: u32,
-        wall: i128,
-        cmdline: Option<Arc<str>>,
+        c: Pending,
         publishing: Option<(Arc<Container>, &'static str)>,
+        fresh: Option<Freshness>,
     ) {
-        let mut r = record::conflict(Header::new("conflict", "", wall), e, k, netns, cmdline);
+        let e = &c.e;
+        let (k, netns, wall) = (c.k, c.netns, c.wall);
+        if k == Kind::Connect && fresh.is_none() {
+            let dst = SocketAddr::new(decode::ip(e.family, &e.raddr), e.rport);
+            if self.hold(&c, &publishing, Some(dst)) {
+                return;
+            }
+        }
+        let mut r = record::conflict(
+            Header::new("conflict", "", wall),
+            e,
+            k,
+            netns,
+            c.cmdline.clone(),
+        );
+        r.count = c.span.count;
+        r.first_ts = decode::rfc3339(c.span.first_ns);
+        r.last_ts = decode::rfc3339(c.span.last_ns);
         match &publishing {
             Some((c, via)) => {
                 r.actor.container = Some(c.r.clone());
@@ -818,15 +1120,15 @@ impl Processor {
                     publishing: publishing.as_ref().map(|(c, _)| &*c.r.name),
                 };
                 let docker = &mut self.docker;
-                let mut a = self
+                let a = self
                     .table
                     .attribute_with(&attempt, &mut |x| place(docker, netns, x));
-                if a.cause == "unknown" && self.refresh_ns(netns, e) {
-                    let docker = &mut self.docker;
-                    a = self
-                        .table
-                        .attribute_with(&attempt, &mut |x| place(docker, netns, x));
+                // Events cannot see everything (passed fds, io_uring): a conflict the table
+                // cannot explain waits for a re-read of its namespace, rate-limited there.
+                if a.cause == "unknown" && fresh.is_none() && self.hold(&c, &publishing, None) {
+                    return;
                 }
+                let mut a = a;
                 for h in &mut a.holders {
                     if let (Some(pid), Some(comm), None) = (h.pid, &h.comm, &h.cmdline) {
                         h.cmdline = self.procs.cmdline(pid, pid, comm);
@@ -842,10 +1144,16 @@ impl Processor {
                     r.reason = None;
                 } else if r.reason.is_none() || e.ret == -98 {
                     r.reason = a.reason;
+                    if let Some(why) = fresh.as_ref().and_then(|f| f.failed.as_ref()) {
+                        r.reason = Some(format!(
+                            "{}; {why}",
+                            r.reason.as_deref().unwrap_or("no holder is known")
+                        ));
+                    }
                 }
             }
-        } else {
-            self.connect_exhaustion(&mut r, e, netns);
+        } else if let Some(f) = &fresh {
+            apply_counts(&mut r, e, f);
         }
         let host = std::mem::take(&mut self.cfg.host);
         r.h.host = &host;
@@ -853,44 +1161,12 @@ impl Processor {
         self.cfg.host = host;
     }
 
-    /// EADDRNOTAVAIL on connect: how many local ports toward this destination are taken
-    /// (in use or TIME_WAIT), against the namespace's ip_local_port_range.
-    fn connect_exhaustion(&mut self, r: &mut record::Conflict<'_>, e: &Event, netns: u32) {
-        let dst = SocketAddr::new(decode::ip(e.family, &e.raddr), e.rport);
-        let Some(ns) = self.ns_path(netns, e) else {
-            return;
-        };
-        let range = diag::local_port_range(&ns).ok();
-        let Ok(entries) = diag::dump(&ns) else {
-            return;
-        };
-        let (mut in_use, mut tw) = (0u32, 0u32);
-        for s in &entries {
-            if s.proto == diag::Proto::Tcp && s.remote == dst {
-                if s.state == table::TCP_TIME_WAIT {
-                    tw += 1;
-                } else {
-                    in_use += 1;
-                }
-            }
+    /// Whether an event would have produced a log record (for the shutdown count).
+    fn would_write(&self, e: &Event) -> bool {
+        match Kind::try_from(e.kind) {
+            Ok(k) => self.cfg.all_events || record::is_conflict(e, k),
+            Err(_) => false,
         }
-        let size = range.map(|(lo, hi)| u32::from(hi.saturating_sub(lo)) + 1);
-        r.destination = Some(record::Destination {
-            addr: dst.ip(),
-            port: dst.port(),
-            in_use,
-            time_wait: tw,
-            range: range.map(|(a, b)| [a, b]),
-        });
-        r.hint = match (range, size) {
-            (Some((lo, hi)), Some(n)) => format!(
-                "{} of {n} local ports ({lo}-{hi}) toward {dst} are taken ({in_use} in use, {tw} in \
-                 TIME_WAIT); widen net.ipv4.ip_local_port_range, reuse connections, or spread \
-                 load over more destination addresses",
-                in_use + tw
-            ),
-            _ => r.hint.clone(),
-        };
     }
 
     fn event(&mut self, e: &Event) {
@@ -1069,6 +1345,10 @@ impl Processor {
             // holding freed memory, not a collection growing.
             "heap": crate::heap::usage(),
             "window": { "items": self.window.len(), "bytes": self.window_bytes },
+            // Failures being coalesced, and conflicts waiting for a namespace re-read.
+            "bursts": { "active": self.bursts.len(), "absorbed": self.bursts.held() },
+            "held_conflicts": self.held.len(),
+            "unknown_kinds": self.unknown_kinds,
         })
     }
 
@@ -1371,8 +1651,12 @@ impl Processor {
         };
         let overlap = holders.first().map(|h| h.overlap);
         let host = std::mem::take(&mut self.cfg.host);
+        let h = Header::new("conflict", &host, ts_ns);
         let r = record::PublishConflict {
-            h: Header::new("conflict", &host, ts_ns),
+            count: 1,
+            first_ts: h.ts.clone(),
+            last_ts: h.ts.clone(),
+            h,
             op: "docker_publish",
             error: "port_already_allocated",
             proto: proto_name,
@@ -1503,7 +1787,6 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
         procs: ProcCache::new("/proc", 4096),
         table: PortTable::default(),
         ns_paths: HashMap::new(),
-        last_fresh: HashMap::new(),
         tw: HashMap::new(),
         buf: Vec::with_capacity(1024),
         ts_cache: decode::TsCache::default(),
@@ -1524,6 +1807,11 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
         ),
         pending: Vec::new(),
         recent_in_use: Vec::new(),
+        bursts: Bursts::default(),
+        held: Vec::new(),
+        in_flight: HashMap::new(),
+        stop_seen: None,
+        unwritten: 0,
     };
     let mut since_clock = 0u32;
     while let Some(m) = rx.blocking_recv() {
@@ -1535,9 +1823,22 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
                     p.clock = Clock::now();
                     since_clock = 0;
                 }
+                if p.cfg.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                    let seen = *p.stop_seen.get_or_insert_with(Instant::now);
+                    if seen.elapsed() >= STOP_GRACE {
+                        // Shutdown is bounded: the rest is counted, not processed.
+                        p.unwritten += batch.iter().filter(|e| p.would_write(e)).count() as u64;
+                        continue;
+                    }
+                }
                 for e in &batch {
                     p.event(e);
                 }
+            }
+            Msg::Fresh(f) => p.fresh(*f),
+            Msg::Tick => {
+                p.flush_bursts(false);
+                p.flush_pending(false);
             }
             Msg::Agent(mut r) => {
                 if r.event == "ready" {
@@ -1585,6 +1886,8 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
             }
             Msg::Docker(m) => p.docker_msg(m),
             Msg::Stop => {
+                // What coalescing and re-reads still hold is written now, as it stands.
+                p.flush_bursts(true);
                 p.flush_pending(true);
                 // Everything before the stop is written first, so the counts below are final.
                 p.flush();
@@ -1594,6 +1897,7 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
                     lost_total: Some(p.lost_total),
                     log_write_errors: Some(p.out.log_errors()),
                     drift_healed: Some(p.table.drift_healed),
+                    unwritten: Some(p.unwritten),
                     uptime_s: Some((started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0),
                     ..Default::default()
                 };

@@ -77,6 +77,10 @@ pub struct Destination {
     pub time_wait: u32,
     /// The namespace's net.ipv4.ip_local_port_range.
     pub range: Option<[u16; 2]>,
+    /// When the counts were taken: a dump of the namespace made after the failure, never
+    /// before it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub as_of: Option<String>,
 }
 
 /// `type: "conflict"`: a bind/listen that failed, or a connect that found no free port.
@@ -105,6 +109,11 @@ pub struct Conflict<'a> {
     pub hint: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The identical failures this record stands for (see `burst`): 1 for a single one.
+    pub count: u64,
+    /// Kernel time of the first and last of them.
+    pub first_ts: String,
+    pub last_ts: String,
 }
 
 /// `type: "bind" | "listen" | "connect" | "close"`: one socket syscall (`--all-events`).
@@ -255,6 +264,10 @@ pub struct PublishConflict<'a> {
     pub docker_error: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Always 1: dockerd refuses each start once (see `Conflict::count`).
+    pub count: u64,
+    pub first_ts: String,
+    pub last_ts: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -394,7 +407,11 @@ pub fn conflict<'a>(
         (ip(e.family, &e.addr), e.port)
     };
     let (cause, hint, reason) = unattributed(k, errno, port);
+    let ts = h.ts.clone();
     Conflict {
+        count: 1,
+        first_ts: ts.clone(),
+        last_ts: ts,
         h,
         op: k.name(),
         error: errno_name(errno),
