@@ -18,7 +18,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
     sync::{mpsc, oneshot},
 };
@@ -227,15 +227,42 @@ fn allowed(cred: &tokio::net::unix::UCred, group: Option<u32>) -> bool {
         .unwrap_or(false)
 }
 
+/// Clients served at once. Only root or the `--group` may connect, but a member of that
+/// group must not be able to exhaust the agent's fds or memory: beyond this, a client is
+/// told why and closed.
+pub const MAX_CLIENTS: usize = 32;
+/// A request is one JSON line of a few fields; anything longer is refused unread.
+pub const MAX_REQUEST_BYTES: u64 = 8 * 1024;
+/// A client that connects and sends no request within this is closed.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Msg>, group: Option<u32>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            // Refused without a task of its own: the write is small and bounded in time.
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let msg = serde_json::json!({"error": format!(
+                    "the agent already serves {MAX_CLIENTS} control clients; close one \
+                     (e.g. an idle `portwatch attach`) and try again"
+                )});
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    stream.write_all(format!("{msg}\n").as_bytes()),
+                )
+                .await;
+            });
+            continue;
+        };
         let tx = tx.clone();
         tokio::spawn(async move {
             let _ = handle(stream, tx, group).await;
+            drop(permit);
         });
     }
 }
@@ -260,10 +287,27 @@ async fn handle(
         return Ok(());
     }
     let mut line = String::new();
-    let mut r = BufReader::new(r);
-    let n = tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line)).await;
-    if !matches!(n, Ok(Ok(n)) if n > 0) {
-        return Ok(());
+    let mut r = BufReader::new(r.take(MAX_REQUEST_BYTES));
+    let n = tokio::time::timeout(REQUEST_TIMEOUT, r.read_line(&mut line)).await;
+    let refuse = |why: String| serde_json::json!({ "error": why }).to_string() + "\n";
+    match n {
+        Err(_) => {
+            let msg = refuse(format!(
+                "no request within {} s; send one JSON line right after connecting",
+                REQUEST_TIMEOUT.as_secs()
+            ));
+            w.write_all(msg.as_bytes()).await?;
+            return Ok(());
+        }
+        Ok(Ok(0)) | Ok(Err(_)) => return Ok(()),
+        Ok(Ok(n)) if n as u64 >= MAX_REQUEST_BYTES && !line.ends_with('\n') => {
+            let msg = refuse(format!(
+                "request too long: at most {MAX_REQUEST_BYTES} bytes in one line ending in \\n"
+            ));
+            w.write_all(msg.as_bytes()).await?;
+            return Ok(());
+        }
+        Ok(Ok(_)) => {}
     }
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
