@@ -36,6 +36,13 @@ pub enum Command {
         portwatch tail /var/log/portwatch/events.jsonl --container web1 --json | jq .hint")]
     Tail(TailArgs),
 
+    /// Who held PORT, from when to when, the conflicts in between, and the gaps (from the log).
+    #[command(after_help = "Examples:\n  \
+        portwatch history 8080\n  \
+        portwatch history 8080 --since 1d --proto tcp\n  \
+        portwatch history 8080 /var/log/portwatch/events.jsonl --since 2026-11-30T03:00:00Z --until 2026-11-30T04:00:00Z --json")]
+    History(HistoryArgs),
+
     /// Attach to the running agent: replay the recent past, then stream live detail.
     #[command(after_help = "Examples:\n  \
         sudo portwatch attach --port 8080 --since 60s\n  \
@@ -223,6 +230,28 @@ pub struct TailArgs {
     #[arg(long, value_name = "NAME")]
     pub container: Option<String>,
     /// Print the raw JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// The port.
+    pub port: u16,
+    /// Log file (default: /var/log/portwatch/events.jsonl). Rotated and compressed files next
+    /// to it are read too, oldest first.
+    pub path: Option<PathBuf>,
+    /// Only what overlaps the time from this (a duration ago like 1d or 90m, or an RFC 3339
+    /// time).
+    #[arg(long, value_name = "WHEN", value_parser = crate::history::parse_when)]
+    pub since: Option<i128>,
+    /// Only what overlaps the time up to this (same forms as --since).
+    #[arg(long, value_name = "WHEN", value_parser = crate::history::parse_when)]
+    pub until: Option<i128>,
+    /// Only this protocol.
+    #[arg(long, value_parser = ["tcp", "udp"])]
+    pub proto: Option<String>,
+    /// One JSON object per line: {"kind":"held"|"free"|"conflict",...}.
     #[arg(long)]
     pub json: bool,
 }

@@ -18,12 +18,14 @@ mod docker;
 mod enrich;
 mod error;
 mod heap;
+mod history;
 mod metrics;
 mod ops;
 mod prereq;
 mod probes;
 mod process;
 mod record;
+mod service;
 mod sink;
 mod table;
 mod tail;
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
                 })
         }
         cli::Command::Tail(a) => tail::run(&a).map(|()| 0).map_err(Into::into),
+        cli::Command::History(a) => history::run(&a).map_err(Into::into),
         cli::Command::Attach(a) => ops::attach(&a).map(|()| 0).map_err(Into::into),
         cli::Command::Ports(a) => ops::ports(&a).map(|()| 0).map_err(Into::into),
         cli::Command::Check(a) => ops::check(&a).map_err(Into::into),

@@ -34,7 +34,7 @@ impl Style {
         }
     }
 
-    fn paint(&self, code: &str, s: &str) -> String {
+    pub fn paint(&self, code: &str, s: &str) -> String {
         if self.color {
             format!("\x1b[{code}m{s}\x1b[0m")
         } else {
@@ -94,8 +94,12 @@ pub fn human(v: &Value, st: &Style) -> String {
                 })
                 .unwrap_or_default();
             format!(
-                "{} {} {} {} by {} netns {} cause={}{}{}",
+                "{}{} {} {} {} by {} netns {} cause={}{}{}",
                 st.paint("1;31", "CONFLICT"),
+                match v["count"].as_u64() {
+                    Some(n) if n > 1 => format!(" x{n}"),
+                    _ => String::new(),
+                },
                 v["op"].as_str().unwrap_or(""),
                 v["proto"].as_str().unwrap_or(""),
                 st.paint("1", &addr_port(v)),
@@ -121,6 +125,19 @@ pub fn human(v: &Value, st: &Style) -> String {
             addr_port(v),
             who(&v["actor"]),
             v["netns"]
+        ),
+        "port" => format!(
+            "{} {} {} {} by {} netns {}{}",
+            st.paint("35", "port"),
+            v["event"].as_str().unwrap_or(""),
+            v["proto"].as_str().unwrap_or(""),
+            addr_port(v),
+            who(&v["actor"]),
+            v["netns"],
+            match v["held_s"].as_f64() {
+                Some(h) => format!(" held {h}s ({})", v["reason"].as_str().unwrap_or("")),
+                None => String::new(),
+            }
         ),
         "exit" => format!(
             "{} {} netns {}",

@@ -26,6 +26,7 @@ use crate::{
     enrich::ProcCache,
     metrics::Metrics,
     record::{self, Header},
+    service::{self, Services},
     sink::{LogEvent, Output},
     table::{self, Attempt, Entry, NsSockets, Owner, Placement, PortTable, Proto},
 };
@@ -502,6 +503,8 @@ struct Processor {
     stop_seen: Option<Instant>,
     /// Records not written because the agent was stopping (counted in `stopped`).
     unwritten: u64,
+    /// Service ports held now, for `port` records.
+    services: Services,
 }
 
 /// A conflict waiting for a re-read of its namespace.
@@ -778,20 +781,34 @@ impl Processor {
                 if let Some(p) = proto_of(e.proto) {
                     let o = self.owner_of(e);
                     self.table
-                        .on_bind(netns, entry(table::TCP_CLOSE, Some(o), p));
+                        .on_bind(netns, entry(table::TCP_CLOSE, Some(o.clone()), p));
+                    // A UDP socket bound to an explicit port serves on it; port 0 asks the
+                    // kernel for an ephemeral one, which is a client's.
+                    if p == Proto::Udp && e.port != 0 {
+                        self.service_open(netns, p, local, e, o, wall);
+                    }
                 }
             }
             Kind::Listen if e.ret == 0 => {
                 let o = self.owner_of(e);
                 self.table
-                    .on_listen(netns, entry(table::TCP_LISTEN, Some(o), Proto::Tcp));
+                    .on_listen(netns, entry(table::TCP_LISTEN, Some(o.clone()), Proto::Tcp));
+                if e.port != 0 {
+                    self.service_open(netns, Proto::Tcp, local, e, o, wall);
+                }
             }
             Kind::Close => {
                 if let Some(p) = proto_of(e.proto) {
                     self.table.on_close(netns, p, e.port, e.sk, e.pid);
+                    self.services.close(netns, p, e.port, e.sk, e.pid, wall);
                 }
             }
             Kind::Exit => {
+                // Its sockets close after this event, and a child may share them: a re-read
+                // of each namespace where it served (on the sock_diag thread) decides.
+                for ns in self.services.namespaces_of(e.pid) {
+                    self.request(ns, e, None, true);
+                }
                 self.table.on_exit(e.pid);
                 self.procs.forget(e.pid);
                 self.docker.forget_pid(e.pid);
@@ -803,6 +820,133 @@ impl Processor {
             }
             _ => {}
         }
+    }
+
+    fn service_open(
+        &mut self,
+        netns: u32,
+        proto: Proto,
+        local: SocketAddr,
+        e: &Event,
+        owner: Arc<Owner>,
+        wall: i128,
+    ) {
+        let key = service::Key {
+            netns,
+            proto,
+            addr: local.ip(),
+            port: local.port(),
+        };
+        let s = service::Service {
+            sk: e.sk,
+            owner: Some(owner),
+            cgroup_id: e.cgroup_id,
+            opened_ns: wall,
+            restarts: 0,
+            existing: false,
+        };
+        if let Some(c) = self.services.open(key, s) {
+            self.write_port(c, wall);
+        }
+    }
+
+    /// After a namespace's sockets were replaced by a dump taken at `as_of`: services whose
+    /// socket is gone are closed, and listeners no event showed (held before the agent
+    /// started, or opened in ways events miss) are opened.
+    fn check_services(&mut self, netns: u32, as_of: i128) {
+        let table = &self.table;
+        let alive = |k: &service::Key, sk: u64| {
+            table.rows_at(netns, k.proto, k.port).any(|x| {
+                x.local.ip() == k.addr
+                    && x.remote.port() == 0
+                    && (k.proto == Proto::Udp || x.state == table::TCP_LISTEN)
+                    && (sk == 0 || x.sk == 0 || x.sk == sk)
+            })
+        };
+        self.services.check(netns, as_of, &alive);
+        let found: Vec<(service::Key, service::Service)> = self
+            .table
+            .rows_at_ns(netns)
+            .filter(|x| {
+                x.proto == Proto::Tcp && x.state == table::TCP_LISTEN && x.local.port() != 0
+            })
+            .map(|x| {
+                let key = service::Key {
+                    netns,
+                    proto: Proto::Tcp,
+                    addr: x.local.ip(),
+                    port: x.local.port(),
+                };
+                let s = service::Service {
+                    sk: x.sk,
+                    owner: x.owner.clone(),
+                    cgroup_id: 0,
+                    opened_ns: if x.since_ns == 0 {
+                        as_of
+                    } else {
+                        i128::from(x.since_ns)
+                    },
+                    restarts: 0,
+                    existing: true,
+                };
+                (key, s)
+            })
+            .filter(|(k, _)| !self.services.is_open(k))
+            .collect();
+        for (key, s) in found {
+            if let Some(c) = self.services.open(key, s) {
+                self.write_port(c, as_of);
+            }
+        }
+    }
+
+    /// Write closes whose flap window is over (all of them with `all`).
+    fn flush_services(&mut self, all: bool) {
+        let now = Clock::now_wall_ns();
+        for c in self.services.due(now, all) {
+            self.write_port(c, now);
+        }
+    }
+
+    fn write_port(&mut self, c: service::Change, wall: i128) {
+        let (key, s, event, at, why) = match c {
+            service::Change::Open(key, s) => (key, s, "open", wall, None),
+            service::Change::Close {
+                key,
+                service,
+                at_ns,
+                why,
+            } => (key, service, "close", at_ns, Some(why)),
+        };
+        let actor = s.owner.as_ref().map(|o| record::PortActor {
+            pid: o.pid,
+            comm: o.comm.clone(),
+            cmdline: o.cmdline.clone(),
+            uid: o.uid,
+            container: self
+                .docker
+                .container_of(o.pid, key.netns, s.cgroup_id)
+                .map(|c| c.r.clone()),
+        });
+        let closing = why.is_some();
+        let host = std::mem::take(&mut self.cfg.host);
+        let r = record::Port {
+            h: Header::new("port", &host, at),
+            event,
+            proto: key.proto.name(),
+            family: if key.addr.is_ipv4() { "ipv4" } else { "ipv6" },
+            addr: key.addr,
+            port: key.port,
+            netns: key.netns,
+            actor,
+            existing: (!closing && s.existing).then_some(true),
+            since: closing.then(|| decode::rfc3339(s.opened_ns)),
+            held_s: closing.then(|| ((at - s.opened_ns).max(0) as f64 / 1e6).round() / 1e3),
+            restarts: closing.then_some(s.restarts),
+            reason: why.map(service::Why::name),
+        };
+        self.emit(&r);
+        self.cfg.host = host;
     }
 
     /// Where to enter a namespace for a fresh sock_diag dump.
@@ -1348,6 +1492,7 @@ impl Processor {
             // Failures being coalesced, and conflicts waiting for a namespace re-read.
             "bursts": { "active": self.bursts.len(), "absorbed": self.bursts.held() },
             "held_conflicts": self.held.len(),
+            "services": { "open": self.services.len(), "restarts_coalesced": self.services.coalesced },
             "unknown_kinds": self.unknown_kinds,
         })
     }
@@ -1355,7 +1500,9 @@ impl Processor {
     fn reconcile(&mut self, s: &mut Snapshot) -> u64 {
         self.ns_paths.insert(s.ns.inode, s.ns.path.clone());
         let sockets = std::mem::take(&mut s.sockets);
-        self.table.reconcile(sockets)
+        let healed = self.table.reconcile(sockets);
+        self.check_services(s.ns.inode, s.wall_ns);
+        healed
     }
 
     fn snapshot(&mut self, s: &mut Snapshot) {
@@ -1812,6 +1959,7 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
         in_flight: HashMap::new(),
         stop_seen: None,
         unwritten: 0,
+        services: Services::default(),
     };
     let mut since_clock = 0u32;
     while let Some(m) = rx.blocking_recv() {
@@ -1837,6 +1985,7 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
             }
             Msg::Fresh(f) => p.fresh(*f),
             Msg::Tick => {
+                p.flush_services(false);
                 p.flush_bursts(false);
                 p.flush_pending(false);
             }
@@ -1889,6 +2038,7 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
                 // What coalescing and re-reads still hold is written now, as it stands.
                 p.flush_bursts(true);
                 p.flush_pending(true);
+                p.flush_services(true);
                 // Everything before the stop is written first, so the counts below are final.
                 p.flush();
                 let r = AgentRecord {

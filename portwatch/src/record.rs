@@ -116,6 +116,47 @@ pub struct Conflict<'a> {
     pub last_ts: String,
 }
 
+/// `type: "port"`: a service port started (`open`) or stopped (`close`) being held. See
+/// `service` for what counts and how flapping is coalesced.
+#[derive(Debug, Serialize)]
+pub struct Port<'a> {
+    #[serde(flatten)]
+    pub h: Header<'a>,
+    pub event: &'static str,
+    pub proto: &'static str,
+    pub family: &'static str,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub netns: u32,
+    /// null when no process could be named (sock_diag found the socket without an owner).
+    pub actor: Option<PortActor>,
+    /// `open`: held already when the agent started, or found by sock_diag, not by an event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub existing: Option<bool>,
+    /// `close`: when it was opened, and for how long it was held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_s: Option<f64>,
+    /// `close`: open/close cycles of less than a second coalesced into this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restarts: Option<u64>,
+    /// `close`: `close` (the socket was closed) or `gone` (its process exited or was
+    /// killed, or its container stopped: a re-read of the namespace showed it gone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PortActor {
+    pub pid: u32,
+    pub comm: Arc<str>,
+    pub cmdline: Option<Arc<str>>,
+    pub uid: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<Arc<ContainerRef>>,
+}
+
 /// `type: "bind" | "listen" | "connect" | "close"`: one socket syscall (`--all-events`).
 #[derive(Debug, Serialize)]
 pub struct SockOp<'a> {

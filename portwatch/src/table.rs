@@ -639,6 +639,19 @@ impl PortTable {
         healed
     }
 
+    /// The entries of one (namespace, protocol, port).
+    pub fn rows_at(&self, netns: u32, proto: Proto, port: u16) -> impl Iterator<Item = &Entry> {
+        self.ports.get(&(netns, proto, port)).into_iter().flatten()
+    }
+
+    /// Every entry of one namespace.
+    pub fn rows_at_ns(&self, netns: u32) -> impl Iterator<Item = &Entry> {
+        self.ports
+            .iter()
+            .filter(move |(k, _)| k.0 == netns)
+            .flat_map(|(_, b)| b.iter())
+    }
+
     /// Every entry with its namespace.
     pub fn rows(&self) -> impl Iterator<Item = (u32, &Entry)> {
         self.ports

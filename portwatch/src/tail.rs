@@ -32,7 +32,7 @@ struct Printer {
 }
 
 /// RFC 3339 `ts` (as portwatch writes it) to ns; None when unparsable.
-fn ts_ns(ts: &str) -> Option<i128> {
+pub(crate) fn ts_ns(ts: &str) -> Option<i128> {
     // 2026-11-25T08:31:31.123456789Z
     let b = ts.as_bytes();
     if b.len() < 20 || b[4] != b'-' || b[10] != b'T' {
@@ -105,7 +105,7 @@ impl Printer {
 }
 
 /// Oldest first: events.jsonl.N[.gz] ... events.jsonl.1[.gz], then events.jsonl.
-fn files(path: &Path) -> Vec<PathBuf> {
+pub(crate) fn files(path: &Path) -> Vec<PathBuf> {
     let mut v = Vec::new();
     for n in (1..=100).rev() {
         let p = rotated(path, n);
@@ -122,7 +122,7 @@ fn files(path: &Path) -> Vec<PathBuf> {
     v
 }
 
-fn open_any(p: &Path) -> std::io::Result<Box<dyn BufRead>> {
+pub(crate) fn open_any(p: &Path) -> std::io::Result<Box<dyn BufRead>> {
     let f = File::open(p)?;
     if p.extension().is_some_and(|e| e == "gz") {
         Ok(Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(

@@ -113,7 +113,7 @@ fn memory_stays_flat_under_mixed_churn() {
                 let u = socket(&b, SOCK_DGRAM, false);
                 let _ = bind(&u, &b);
                 drop((s, u));
-                if i % 20 == 0 {
+                if i.is_multiple_of(20) {
                     let h = Holder::start(
                         env!("CARGO_BIN_EXE_pw-hold"),
                         "tcp-bind",
