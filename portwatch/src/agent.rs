@@ -552,6 +552,12 @@ fn fresh_read(r: process::FreshRequest) -> process::Fresh {
     } else {
         diag::local_port_range(&r.ns).ok()
     };
+    let no_source = r
+        .dsts
+        .iter()
+        .filter(|d| diag::source_available(&r.ns, **d).ok() == Some(false))
+        .copied()
+        .collect();
     let snapshot = r.sockets.then(|| {
         // Owners of sockets the table did not know: one /proc walk, only on this miss path.
         let owners = Arc::new(diag::socket_owners());
@@ -566,6 +572,7 @@ fn fresh_read(r: process::FreshRequest) -> process::Fresh {
             snapshot,
             counts,
             range,
+            no_source,
         }),
     }
 }

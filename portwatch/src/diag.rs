@@ -253,6 +253,26 @@ pub fn local_port_range(ns: &Namespace) -> io::Result<(u16, u16)> {
 /// Runs `f` in namespace `ns`: on the calling thread when it already is there, else on a
 /// dedicated thread that enters it first and exits afterwards. Errors name the action and
 /// the namespace.
+/// Whether the namespace has a source address for `dst`: a UDP connect() picks the route
+/// and source address the way TCP's does, without sending anything, and fails with
+/// EADDRNOTAVAIL exactly when there is none (e.g. ::1 not configured). That tells a connect's
+/// EADDRNOTAVAIL apart: no source address, or no free port.
+pub fn source_available(ns: &Namespace, dst: std::net::SocketAddr) -> io::Result<bool> {
+    in_namespace(ns, "probing a source address", move || {
+        let any: std::net::SocketAddr = if dst.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let s = std::net::UdpSocket::bind(any)?;
+        match s.connect(dst) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(false),
+            Err(e) => Err(e),
+        }
+    })
+}
+
 fn in_namespace<T, F>(ns: &Namespace, what: &str, f: F) -> io::Result<T>
 where
     T: Send + 'static,

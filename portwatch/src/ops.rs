@@ -508,6 +508,17 @@ fn own_netns() -> u32 {
         .unwrap_or(0)
 }
 
+/// This namespace's net.ipv4.ip_local_port_range (Linux's default when unreadable).
+fn local_port_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|x| x.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
+}
+
 /// Exit code: 0 free, 1 taken.
 pub fn check(a: &CheckArgs) -> Result<u8> {
     let proto = if a.proto == "udp" {
@@ -519,6 +530,8 @@ pub fn check(a: &CheckArgs) -> Result<u8> {
     let (t, _) = snapshot_table();
     let netns = own_netns();
     let now = Clock::now_wall_ns();
+    let ephemeral = local_port_range();
+    let in_ephemeral = |p: u16| ephemeral.0 <= p && p <= ephemeral.1;
     let verdict = |port: u16| -> (bool, Option<table::Attribution>) {
         let free = trial_bind(proto, SocketAddr::new(addr, port)).is_ok();
         let attempt = Attempt {
@@ -532,6 +545,7 @@ pub fn check(a: &CheckArgs) -> Result<u8> {
             now_ns: now,
             proto_name: if proto == Proto::Tcp { "tcp" } else { "udp" },
             publishing: None,
+            ephemeral,
         };
         let at = t.attribute(&attempt);
         // TIME_WAIT counts as taken for suggestions even when SO_REUSEADDR would get past it.
@@ -547,6 +561,8 @@ pub fn check(a: &CheckArgs) -> Result<u8> {
             if a.json {
                 let v = serde_json::json!({
                     "port": port, "proto": proto_s, "addr": addr, "free": free,
+                    "in_ephemeral_range": in_ephemeral(port),
+                    "ephemeral_range": [ephemeral.0, ephemeral.1],
                     "holders": at.as_ref().map(|a| &a.holders),
                     "cause": at.as_ref().map(|a| a.cause),
                     "overlap": at.as_ref().and_then(|a| a.overlap),
@@ -583,6 +599,15 @@ pub fn check(a: &CheckArgs) -> Result<u8> {
                     let _ = writeln!(out, "  {r}");
                 }
             }
+            if !a.json && in_ephemeral(port) {
+                let _ = writeln!(
+                    out,
+                    "  warning: {port} lies in this host's ip_local_port_range ({}-{}): an \
+                     outbound connection may take it as its source port before the service \
+                     binds it. Reserve it: sysctl -w net.ipv4.ip_local_reserved_ports={port}",
+                    ephemeral.0, ephemeral.1
+                );
+            }
             u8::from(!free)
         }
         None => 0,
@@ -590,7 +615,12 @@ pub fn check(a: &CheckArgs) -> Result<u8> {
     if let Some(n) = a.suggest {
         let (lo, hi) = a.range.unwrap_or((1024, 65535));
         let mut found = Vec::new();
-        for p in lo..=hi {
+        // Ports outside the ephemeral range first: an outbound connection cannot take those
+        // as its source port.
+        let order = (lo..=hi)
+            .filter(|p| !in_ephemeral(*p))
+            .chain((lo..=hi).filter(|p| in_ephemeral(*p)));
+        for p in order {
             if found.len() >= n {
                 break;
             }

@@ -112,6 +112,8 @@ pub struct FreshData {
     /// (destination, in use, TIME_WAIT) for each requested destination.
     pub counts: Vec<(SocketAddr, u32, u32)>,
     pub range: Option<(u16, u16)>,
+    /// Destinations the namespace has no source address for (`diag::source_available`).
+    pub no_source: Vec<SocketAddr>,
 }
 
 /// Count the local TCP ports toward each destination, from a dump.
@@ -505,6 +507,12 @@ struct Processor {
     unwritten: u64,
     /// Service ports held now, for `port` records.
     services: Services,
+    /// Each namespace's ip_local_port_range, as its last dump read it.
+    port_ranges: HashMap<u32, (u16, u16)>,
+    /// `docker_publish` conflicts written lately, to write each refused start once.
+    recent_published: Vec<(String, IpAddr, u16, Instant)>,
+    /// The `ready` record is out.
+    ready_sent: bool,
 }
 
 /// A conflict waiting for a re-read of its namespace.
@@ -534,6 +542,8 @@ type PortCounts = (u32, u32, Option<(u16, u16)>, i128);
 struct Freshness {
     /// connect `EADDRNOTAVAIL`: the counts toward its destination and when they were taken.
     counts: Option<PortCounts>,
+    /// connect `EADDRNOTAVAIL`: the namespace has no source address for the destination.
+    no_source: bool,
     /// Why no re-read could be had.
     failed: Option<String>,
 }
@@ -596,6 +606,20 @@ fn apply_counts(r: &mut record::Conflict<'_>, e: &Event, f: &Freshness) {
     });
     if let Some((lo, hi)) = range {
         let n = u32::from(hi.saturating_sub(lo)) + 1;
+        // EADDRNOTAVAIL also means "no such local address". The counts cannot tell (they are
+        // taken after the failure, when the connections may be gone); whether the namespace
+        // has a source address for the destination can.
+        if f.no_source {
+            r.cause = "address_unavailable";
+            r.hint = format!(
+                "connect to {dst} failed with EADDRNOTAVAIL, but only {} of {n} local ports \
+                 ({lo}-{hi}) toward it are taken: this is not port exhaustion. The namespace \
+                 has no usable source address for it (an address not configured, e.g. ::1 or \
+                 a removed IP); check `ip addr` in that namespace",
+                in_use + tw
+            );
+            return;
+        }
         r.hint = format!(
             "{} of {n} local ports ({lo}-{hi}) toward {dst} are taken ({in_use} in use, {tw} in \
              TIME_WAIT); widen net.ipv4.ip_local_port_range, reuse connections, or spread \
@@ -864,15 +888,26 @@ impl Processor {
             })
         };
         self.services.check(netns, as_of, &alive);
+        // `ready` is the first line: listeners of the start-up snapshot are written after it.
+        if self.ready_sent {
+            self.open_existing(Some(netns), as_of);
+        }
+    }
+
+    /// Open records for listeners in the table that no event showed (in `netns`, or all).
+    fn open_existing(&mut self, netns: Option<u32>, as_of: i128) {
         let found: Vec<(service::Key, service::Service)> = self
             .table
-            .rows_at_ns(netns)
-            .filter(|x| {
-                x.proto == Proto::Tcp && x.state == table::TCP_LISTEN && x.local.port() != 0
+            .rows()
+            .filter(|(ns, x)| {
+                netns.is_none_or(|n| n == *ns)
+                    && x.proto == Proto::Tcp
+                    && x.state == table::TCP_LISTEN
+                    && x.local.port() != 0
             })
-            .map(|x| {
+            .map(|(ns, x)| {
                 let key = service::Key {
-                    netns,
+                    netns: ns,
                     proto: Proto::Tcp,
                     addr: x.local.ip(),
                     port: x.local.port(),
@@ -947,6 +982,13 @@ impl Processor {
         };
         self.emit(&r);
         self.cfg.host = host;
+    }
+
+    fn port_range(&self, netns: u32) -> (u16, u16) {
+        self.port_ranges
+            .get(&netns)
+            .copied()
+            .unwrap_or(DEFAULT_PORT_RANGE)
     }
 
     /// Where to enter a namespace for a fresh sock_diag dump.
@@ -1132,6 +1174,7 @@ impl Processor {
             let f = Freshness {
                 counts: None,
                 failed: Some(why.into()),
+                no_source: false,
             };
             self.emit_conflict(h.c, h.publishing, Some(f));
         }
@@ -1143,14 +1186,17 @@ impl Processor {
     /// write the conflicts that waited for it.
     fn fresh(&mut self, f: Fresh) {
         self.in_flight.remove(&f.netns);
-        let (counts, range, failed) = match f.result {
+        let (counts, range, failed, no_source) = match f.result {
             Ok(mut d) => {
+                if let Some(r) = d.range {
+                    self.port_ranges.insert(f.netns, r);
+                }
                 if let Some(s) = &mut d.snapshot {
                     self.reconcile(s);
                 }
-                (d.counts, d.range, None)
+                (d.counts, d.range, None, d.no_source)
             }
-            Err(why) => (Vec::new(), None, Some(why)),
+            Err(why) => (Vec::new(), None, Some(why), Vec::new()),
         };
         let (mine, rest): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
             .into_iter()
@@ -1164,6 +1210,7 @@ impl Processor {
                     Some(&(_, in_use, tw)) => Freshness {
                         counts: Some((in_use, tw, range, f.as_of)),
                         failed: None,
+                        no_source: no_source.contains(&dst),
                     },
                     // Asked for after this dump began: it needs the next one.
                     None if failed.is_none() => {
@@ -1173,12 +1220,14 @@ impl Processor {
                     None => Freshness {
                         counts: None,
                         failed: failed.clone(),
+                        no_source: false,
                     },
                 }
             } else {
                 Freshness {
                     counts: None,
                     failed: failed.clone(),
+                    no_source: false,
                 }
             };
             self.emit_conflict(h.c, h.publishing, Some(freshness));
@@ -1262,6 +1311,7 @@ impl Processor {
                     now_ns: wall,
                     proto_name: r.proto,
                     publishing: publishing.as_ref().map(|(c, _)| &*c.r.name),
+                    ephemeral: self.port_range(netns),
                 };
                 let docker = &mut self.docker;
                 let a = self
@@ -1499,6 +1549,9 @@ impl Processor {
 
     fn reconcile(&mut self, s: &mut Snapshot) -> u64 {
         self.ns_paths.insert(s.ns.inode, s.ns.path.clone());
+        if let Some(r) = s.port_range {
+            self.port_ranges.insert(s.ns.inode, r);
+        }
         let sockets = std::mem::take(&mut s.sockets);
         let healed = self.table.reconcile(sockets);
         self.check_services(s.ns.inode, s.wall_ns);
@@ -1706,6 +1759,20 @@ impl Processor {
     /// allocator refused: a conflict no syscall shows. The holder is the publisher, with
     /// the socket its proxy holds when there is one.
     fn publish_conflict(&mut self, b: &Container, ip: IpAddr, port: u16, error: &str, ts_ns: i128) {
+        // The daemon can report one refused start more than once (the start error and the
+        // container's state both carry it): one failure, one record.
+        let now = Instant::now();
+        self.recent_published
+            .retain(|(.., t)| now.duration_since(*t) < Duration::from_secs(10));
+        let key = (b.full_id.to_string(), ip, port);
+        if self
+            .recent_published
+            .iter()
+            .any(|(id, i, p, _)| (id, i, p) == (&key.0, &key.1, &key.2))
+        {
+            return;
+        }
+        self.recent_published.push((key.0, ip, port, now));
         let proto = b
             .bindings
             .iter()
@@ -1724,6 +1791,7 @@ impl Processor {
             now_ns: ts_ns,
             proto_name,
             publishing: Some(&b.r.name),
+            ephemeral: self.port_range(netns),
         };
         let publisher = self
             .docker
@@ -1960,6 +2028,9 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
         stop_seen: None,
         unwritten: 0,
         services: Services::default(),
+        port_ranges: HashMap::new(),
+        recent_published: Vec::new(),
+        ready_sent: false,
     };
     let mut since_clock = 0u32;
     while let Some(m) = rx.blocking_recv() {
@@ -1994,7 +2065,12 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
                     r.table_size = Some(p.table.len());
                     r.namespaces = Some(p.ns_paths.len());
                 }
+                let ready = r.event == "ready";
                 p.emit_line("agent", Clock::now_wall_ns(), *r);
+                if ready && !p.ready_sent {
+                    p.ready_sent = true;
+                    p.open_existing(None, Clock::now_wall_ns());
+                }
             }
             Msg::Lost { kernel, agent } => p.lost(kernel, agent),
             Msg::Snapshot(mut s) => {

@@ -389,7 +389,10 @@ impl<'a> Docker<'a> {
 pub fn is_conflict(e: &Event, k: Kind) -> bool {
     match k {
         Kind::Bind | Kind::Listen => e.ret < 0,
-        Kind::Connect => e.ret == -99,
+        // EADDRNOTAVAIL from a UDP connect means no usable local address (dockerd's iptables
+        // probing [::1]:53 in a new container, say), never a shortage of ports: UDP's
+        // autobind fails with EAGAIN instead. Not a port problem, so not a conflict.
+        Kind::Connect => e.ret == -99 && e.proto != portwatch_common::IPPROTO_UDP,
         _ => false,
     }
 }

@@ -429,6 +429,9 @@ pub struct Attempt<'a> {
     /// The container a failing docker-proxy/dockerd bind was publishing for: hints then
     /// suggest another host port for it rather than "bind another port".
     pub publishing: Option<&'a str>,
+    /// The namespace's net.ipv4.ip_local_port_range: a connected socket holding the port as
+    /// its local port from this range took it as an outbound connection's source port.
+    pub ephemeral: (u16, u16),
 }
 
 pub fn fmt_addr(a: IpAddr, port: u16) -> String {
@@ -644,14 +647,6 @@ impl PortTable {
         self.ports.get(&(netns, proto, port)).into_iter().flatten()
     }
 
-    /// Every entry of one namespace.
-    pub fn rows_at_ns(&self, netns: u32) -> impl Iterator<Item = &Entry> {
-        self.ports
-            .iter()
-            .filter(move |(k, _)| k.0 == netns)
-            .flat_map(|(_, b)| b.iter())
-    }
-
     /// Every entry with its namespace.
     pub fn rows(&self) -> impl Iterator<Item = (u32, &Entry)> {
         self.ports
@@ -676,6 +671,9 @@ impl PortTable {
         let mut tw: Option<(u32, i128, IpAddr, Overlap)> = None;
         let mut kinds = (false, false, false); // listener, bound, time_wait
         let mut best_overlap: Option<Overlap> = None;
+        // A client connection that got this port as its source port: (index in holders,
+        // its peer).
+        let mut collision: Option<(usize, SocketAddr)> = None;
         let empty = Vec::new();
         let bucket = self
             .ports
@@ -719,6 +717,11 @@ impl PortTable {
                 kinds.0 = true;
             } else {
                 kinds.1 = true;
+                let (lo, hi) = a.ephemeral;
+                let port = x.local.port();
+                if collision.is_none() && x.remote.port() != 0 && lo <= port && port <= hi {
+                    collision = Some((holders.len(), x.remote.into()));
+                }
             }
             let p = place(x);
             holders.push(Holder {
@@ -762,6 +765,8 @@ impl PortTable {
                 });
             }
         }
+        // The collision's holder, before listeners are moved first.
+        let collision = collision.map(|(i, peer)| (holders[i].clone(), peer));
         // Listeners first: they are the usual answer.
         holders.sort_by_key(|h| (h.state != "LISTEN", h.pid));
         let tw_holder = tw.map(|(n, exp, addr, ov)| Holder {
@@ -830,6 +835,22 @@ impl PortTable {
                         "{} listens on {}; stop it or {instead}",
                         who(h),
                         fmt_addr(h.addr, h.port)
+                    ),
+                    None,
+                )
+            } else if let Some((h, peer)) = &collision {
+                let (lo, hi) = a.ephemeral;
+                (
+                    "ephemeral_collision",
+                    format!(
+                        "{} uses {} as the source port of an outbound connection to {peer}: \
+                         {lo}-{hi} is this namespace's ip_local_port_range, from which the kernel \
+                         picks source ports. Reserve the service port with `sysctl -w \
+                         net.ipv4.ip_local_reserved_ports={}` (and the same line in \
+                         /etc/sysctl.d/ to keep it), or move the service outside {lo}-{hi}",
+                        who(h),
+                        fmt_addr(h.addr, h.port),
+                        h.port
                     ),
                     None,
                 )
@@ -944,7 +965,35 @@ mod tests {
             now_ns: 0,
             proto_name: if proto == Proto::Tcp { "tcp" } else { "udp" },
             publishing: None,
+            ephemeral: (32768, 60999),
         }
+    }
+
+    #[test]
+    fn a_client_connection_on_an_ephemeral_source_port_is_a_collision() {
+        let mut t = PortTable::default();
+        let mut client = entry(Proto::Tcp, "10.0.0.5:40001", 1 /* ESTABLISHED */, 7);
+        client.remote = sa("10.0.0.9:5432").into();
+        t.on_bind(1, client);
+        let a = t.attribute(&attempt("0.0.0.0", 40001, Proto::Tcp));
+        assert_eq!(a.cause, "ephemeral_collision");
+        assert!(
+            a.hint
+                .contains("sysctl -w net.ipv4.ip_local_reserved_ports=40001"),
+            "{}",
+            a.hint
+        );
+        assert!(a.hint.contains("10.0.0.9:5432"), "{}", a.hint);
+        // Outside the range, the same socket is only `bound`.
+        let mut b = attempt("0.0.0.0", 40001, Proto::Tcp);
+        b.ephemeral = (50000, 60000);
+        assert_eq!(t.attribute(&b).cause, "bound");
+        // A listener on the port still decides first.
+        t.on_bind(1, entry(Proto::Tcp, "0.0.0.0:40001", TCP_LISTEN, 8));
+        assert_eq!(
+            t.attribute(&attempt("0.0.0.0", 40001, Proto::Tcp)).cause,
+            "listener"
+        );
     }
 
     #[test]

@@ -1,0 +1,111 @@
+//! Troubleshooting workflows with real sockets in namespaces the tests make: a service port
+//! taken as an outbound connection's source port, and EADDRNOTAVAIL that is not port
+//! exhaustion.
+
+use std::{net::SocketAddr, os::fd::OwnedFd, process::Command, time::Duration};
+
+use portwatch_tests::*;
+
+#[test]
+fn a_service_port_taken_as_a_source_port_is_an_ephemeral_collision() {
+    let ns = NetNs::new("coll");
+    // One ephemeral port: the client's connection is sure to get it.
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40000");
+    let server = test_port(70);
+    let agent = Agent::start(&[]);
+    let (err, holder_pid) = ns.run(move || {
+        let dst: SocketAddr = format!("127.0.0.1:{server}").parse().unwrap();
+        let l = listener(&format!("127.0.0.1:{server}"));
+        let c = socket(&dst, SOCK_STREAM, false);
+        connect(&c, &dst).expect("connect");
+        // The service that wants 40000 starts now.
+        let svc: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let s = socket(&svc, SOCK_STREAM, false);
+        let err = bind(&s, &svc).err().and_then(|e| e.raw_os_error());
+        // Keep the client open until the agent has read the namespace.
+        std::thread::sleep(Duration::from_millis(1500));
+        drop((l, c));
+        (err, std::process::id())
+    });
+    assert_eq!(err, Some(libc::EADDRINUSE));
+    let c = agent.wait_for("the collision", |v| {
+        v["type"] == "conflict" && v["port"] == 40000 && v["netns"] == ns.inode()
+    });
+    assert_eq!(c["cause"], "ephemeral_collision", "{c}");
+    let hint = c["hint"].as_str().unwrap();
+    assert!(
+        hint.contains("sysctl -w net.ipv4.ip_local_reserved_ports=40000"),
+        "{hint}"
+    );
+    assert!(hint.contains(&format!("127.0.0.1:{server}")), "{hint}");
+    let h = &c["holders"][0];
+    assert_eq!(h["pid"], holder_pid, "{c}");
+    assert_eq!(h["state"], "ESTABLISHED", "{c}");
+
+    // check warns about a port inside the range, and suggests ports outside it first.
+    let out = ns.run(|| {
+        Command::new(agent_bin())
+            .args(["check", "40000", "--json"])
+            .output()
+            .unwrap()
+    });
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("check --json");
+    assert_eq!(v["in_ephemeral_range"], true, "{v}");
+    assert_eq!(v["ephemeral_range"], serde_json::json!([40000, 40000]));
+    let out = ns.run(|| {
+        Command::new(agent_bin())
+            .args(["check", "--suggest", "2", "--range", "39999-40001"])
+            .output()
+            .unwrap()
+    });
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        s.lines().collect::<Vec<_>>(),
+        ["39999", "40001"],
+        "40000 is last: {s}"
+    );
+}
+
+fn v6_connect(ty: i32) -> (Option<i32>, OwnedFd) {
+    let dst: SocketAddr = "[::1]:53".parse().unwrap();
+    let s = socket(&dst, ty, false);
+    let e = connect(&s, &dst).err().and_then(|e| e.raw_os_error());
+    (e, s)
+}
+
+#[test]
+fn eaddrnotavail_without_exhaustion_is_not_called_exhaustion() {
+    // dockerd's case on every container start: ::1 is not configured in the new namespace.
+    let ns = NetNs::new("noaddr");
+    ns.sysctl("net.ipv6.conf.lo.disable_ipv6", "1");
+    let agent = Agent::start(&[]);
+    let (udp, tcp) = ns.run(|| {
+        let (udp, _u) = v6_connect(SOCK_DGRAM);
+        let (tcp, _t) = v6_connect(SOCK_STREAM);
+        (udp, tcp)
+    });
+    assert_eq!(udp, Some(libc::EADDRNOTAVAIL));
+    assert_eq!(tcp, Some(libc::EADDRNOTAVAIL));
+    let c = agent.wait_for("the TCP connect", |v| {
+        v["type"] == "conflict" && v["op"] == "connect" && v["netns"] == ns.inode()
+    });
+    assert_eq!(c["cause"], "address_unavailable", "{c}");
+    assert!(
+        c["hint"].as_str().unwrap().contains("not port exhaustion"),
+        "{c}"
+    );
+    assert_eq!(c["destination"]["in_use"], 0, "{c}");
+    assert!(c["destination"]["as_of"].is_string(), "{c}");
+    let done = agent.stop();
+    let connects: Vec<_> = done
+        .lines
+        .iter()
+        .filter(|v| v["type"] == "conflict" && v["op"] == "connect" && v["netns"] == ns.inode())
+        .collect();
+    assert_eq!(
+        connects.len(),
+        1,
+        "the UDP one is no conflict: {connects:?}"
+    );
+    assert_eq!(connects[0]["proto"], "tcp");
+}
