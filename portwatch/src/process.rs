@@ -308,6 +308,9 @@ struct TwCounts {
     to_dst: HashMap<(IpAddr, u16), u64>,
 }
 
+/// TIME_WAIT sockets on one local port from which it counts as a server's port.
+const TW_CONCENTRATION: u32 = 4;
+
 impl TwCounts {
     /// `tcp`: (state, local port, remote address, remote port) of each TCP socket.
     fn of(
@@ -320,9 +323,21 @@ impl TwCounts {
             .filter(|s| s.0 == table::TCP_LISTEN)
             .map(|s| s.1)
             .collect();
+        // Where TIME_WAIT sockets concentrate on one local port, that port served them, even
+        // inside the ephemeral range and with its listener gone: that is the port a restart
+        // will fail on. A client's source port shows up in TIME_WAIT toward one or two peers,
+        // not dozens. Blind spot: a client that reuses one source port toward many peers
+        // (possible once the range runs short) is counted under that port too.
+        let mut per_local: HashMap<u16, u32> = HashMap::new();
+        for (state, lp, ..) in tcp.clone() {
+            if state == table::TCP_TIME_WAIT {
+                *per_local.entry(lp).or_default() += 1;
+            }
+        }
+        let concentrated = |p: u16| per_local.get(&p).is_some_and(|n| *n >= TW_CONCENTRATION);
         let mut c = TwCounts::default();
         for (state, lp, rip, rport) in tcp {
-            let server_side = listening.contains(&lp) || !eph(lp);
+            let server_side = listening.contains(&lp) || !eph(lp) || concentrated(lp);
             if state == table::TCP_TIME_WAIT {
                 c.total += 1;
                 if server_side {
@@ -2188,6 +2203,29 @@ mod tests {
         let ns = s.ns.clone();
         let quiet = Snapshot::new(ns, &entries, Arc::default(), None, false, 0);
         assert_eq!(quiet.counts.total, 0);
+    }
+
+    /// A server on an ephemeral-range port closed its accepted connections first, then its
+    /// listener stopped: the TIME_WAIT sockets are its port's, not 3,000 client ports'.
+    #[test]
+    fn time_wait_on_a_stopped_server_port_counts_under_that_port() {
+        let tw = table::TCP_TIME_WAIT;
+        let mut entries: Vec<diag::SockEntry> = (0..3000u32)
+            .map(|i| {
+                let client = format!("127.0.0.1:{}", 33000 + i);
+                sock("127.0.0.1:45000", &client, tw, 0)
+            })
+            .collect();
+        // A real client in TIME_WAIT toward one peer stays a client.
+        entries.push(sock("10.0.0.1:41002", "10.0.0.9:443", tw, 0));
+        let ns = diag::Namespace {
+            inode: 1,
+            path: "/proc/self/ns/net".into(),
+        };
+        let s = Snapshot::new(ns, &entries, Arc::default(), None, true, 0);
+        assert_eq!(s.counts.by_local, HashMap::from([(45000, 3000)]));
+        let d: (IpAddr, u16) = ("10.0.0.9".parse().unwrap(), 443);
+        assert_eq!(s.counts.by_remote, HashMap::from([(d, 1)]));
     }
 
     /// `entered` comes from the TIME_WAIT sockets' remaining time: 60 s minus it is how long

@@ -109,3 +109,70 @@ fn eaddrnotavail_without_exhaustion_is_not_called_exhaustion() {
     );
     assert_eq!(connects[0]["proto"], "tcp");
 }
+
+#[test]
+fn time_wait_of_a_stopped_server_in_the_ephemeral_range_counts_under_its_port() {
+    let ns = NetNs::new("twsrv");
+    let agent = Agent::start(&["--tw-interval", "1"]);
+    // Inside the default ip_local_port_range (32768-60999).
+    const P: u16 = 45123;
+    const N: usize = 3000;
+    ns.run(|| {
+        let addr: SocketAddr = format!("127.0.0.1:{P}").parse().unwrap();
+        let l = std::net::TcpListener::bind(addr).unwrap();
+        let mut clients = Vec::with_capacity(N);
+        for _ in 0..N {
+            let c = std::net::TcpStream::connect(addr).unwrap();
+            let (srv, _) = l.accept().unwrap();
+            // The server closes first: the TIME_WAIT socket is on its side, local port P.
+            drop(srv);
+            clients.push(c);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        drop(clients);
+        drop(l);
+    });
+    let ss = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns_name(&ns),
+            "ss",
+            "-Htan",
+            "state",
+            "time-wait",
+        ])
+        .arg(format!("( sport = :{P} )"))
+        .output()
+        .unwrap();
+    let in_tw = String::from_utf8_lossy(&ss.stdout).lines().count();
+    assert!(in_tw >= N - 10, "ss shows {in_tw} TIME_WAIT sockets on {P}");
+    let r = agent.wait_for("a time_wait record with the port", |v| {
+        v["type"] == "time_wait"
+            && v["netns"] == ns.inode()
+            && v["by_local_port"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x["port"] == P))
+    });
+    let count = r["by_local_port"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["port"] == P)
+        .unwrap()["count"]
+        .as_u64()
+        .unwrap();
+    assert!(count as usize >= N - 10, "{r}");
+    let remotes: u64 = r["by_remote"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(remotes, 0, "no client ports among by_remote: {r}");
+}
+
+/// The `ip netns` name of a test namespace (its path's last component).
+fn ns_name(ns: &NetNs) -> String {
+    ns.path().rsplit('/').next().unwrap().to_string()
+}
