@@ -243,7 +243,6 @@ impl Index {
         self.host_netns
     }
 
-    #[cfg(test)]
     pub fn get(&self, full_id: &str) -> Option<&Arc<Container>> {
         self.by_id.get(full_id)
     }

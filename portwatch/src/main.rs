@@ -24,6 +24,7 @@ mod ops;
 mod prereq;
 mod probes;
 mod process;
+mod reach;
 mod record;
 mod service;
 mod sink;

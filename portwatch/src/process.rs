@@ -25,6 +25,7 @@ use crate::{
     diag,
     enrich::ProcCache,
     metrics::Metrics,
+    reach,
     record::{self, Header},
     service::{self, Services},
     sink::{LogEvent, Output},
@@ -528,7 +529,18 @@ struct Processor {
     recent_published: Vec<(String, IpAddr, u16, Instant)>,
     /// The `ready` record is out.
     ready_sent: bool,
+    /// Containers whose published ports are to be checked for a listener: (full id, when).
+    reach_due: Vec<(Box<str>, Instant)>,
+    /// Containers waiting for a re-read of their namespace before that check.
+    reach_wait: Vec<(Box<str>, u32)>,
+    /// Published ports found unreachable: (full id, proto, host port), written once until
+    /// they heal.
+    unreachable: std::collections::HashSet<(Box<str>, Proto, u16)>,
 }
+
+/// How long after a container starts its published ports are checked: its service needs a
+/// moment to listen.
+const REACH_DELAY: Duration = Duration::from_secs(3);
 
 /// A conflict waiting for a re-read of its namespace.
 struct Held {
@@ -887,6 +899,9 @@ impl Processor {
         if let Some(c) = self.services.open(key, s) {
             self.write_port(c, wall);
         }
+        if !self.unreachable.is_empty() {
+            self.reach_netns(netns, false);
+        }
     }
 
     /// After a namespace's sockets were replaced by a dump taken at `as_of`: services whose
@@ -948,6 +963,129 @@ impl Processor {
                 self.write_port(c, as_of);
             }
         }
+    }
+
+    /// Containers whose start was `REACH_DELAY` ago: ask for a re-read of their namespace;
+    /// the check runs when it comes (`reach_netns`).
+    fn reach_tick(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reach_due)
+            .into_iter()
+            .partition(|(_, t)| *t <= now);
+        self.reach_due = later;
+        for (id, _) in due {
+            let Some(c) = self.docker.get(&id).cloned() else {
+                continue;
+            };
+            let (Some(netns), pid) = (c.netns, c.pid) else {
+                continue;
+            };
+            if pid == 0 || c.network_mode.as_ref() == "host" {
+                continue;
+            }
+            let ns = diag::Namespace {
+                inode: netns,
+                path: PathBuf::from(format!("/proc/{pid}/ns/net")),
+            };
+            let req = FreshRequest {
+                ns,
+                dsts: Vec::new(),
+                sockets: true,
+            };
+            if self.cfg.fresh.send(req).is_ok() {
+                self.in_flight.entry(netns).or_insert_with(Instant::now);
+                self.reach_wait.push((id, netns));
+            }
+        }
+    }
+
+    /// Judge the published ports of the containers in `netns` from the table: those waiting
+    /// for this re-read (when `reread`), and those already found unreachable (to see them
+    /// heal).
+    fn reach_netns(&mut self, netns: u32, reread: bool) {
+        let mut ids: Vec<Box<str>> = Vec::new();
+        if reread {
+            let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reach_wait)
+                .into_iter()
+                .partition(|(_, n)| *n == netns);
+            self.reach_wait = rest;
+            ids.extend(mine.into_iter().map(|(id, _)| id));
+        }
+        for (id, ..) in &self.unreachable {
+            if self.docker.get(id).is_some_and(|c| c.netns == Some(netns)) && !ids.contains(id) {
+                ids.push(id.clone());
+            }
+        }
+        for id in ids {
+            let Some(c) = self.docker.get(&id).cloned() else {
+                continue;
+            };
+            let ips: Vec<IpAddr> = c.networks.iter().filter_map(|n| n.ip).collect();
+            for pm in &c.published {
+                let listeners = self
+                    .table
+                    .rows()
+                    .filter(|(ns, x)| {
+                        *ns == netns
+                            && x.remote.port() == 0
+                            && (x.proto == Proto::Udp || x.state == table::TCP_LISTEN)
+                    })
+                    .map(|(_, x)| (x.proto, x.local.ip(), x.local.port()));
+                let verdict = reach::judge(pm, listeners, &ips);
+                let key = (id.clone(), pm.proto, pm.host_port);
+                let was = self.unreachable.contains(&key);
+                match verdict {
+                    Some(listening) if !was => {
+                        let comm = self
+                            .table
+                            .rows()
+                            .find(|(ns, x)| {
+                                *ns == netns
+                                    && x.local.port() == pm.container_port
+                                    && x.proto == pm.proto
+                            })
+                            .and_then(|(_, x)| x.owner.as_ref().map(|o| o.comm.clone()));
+                        let hint = reach::hint(&c.r.name, pm, &listening, comm.as_deref());
+                        self.unreachable.insert(key);
+                        self.write_reach(&c, pm, "unreachable", Some(listening), hint);
+                    }
+                    None if was => {
+                        self.unreachable.remove(&key);
+                        let hint = format!(
+                            "{} now listens on {} port {}",
+                            c.r.name,
+                            pm.proto.name(),
+                            pm.container_port
+                        );
+                        self.write_reach(&c, pm, "reachable", None, hint);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn write_reach(
+        &mut self,
+        c: &Container,
+        pm: &containers::PortMap,
+        event: &'static str,
+        listening: Option<Vec<reach::Listening>>,
+        hint: String,
+    ) {
+        let r = record::Docker {
+            event,
+            container: Some(&c.r),
+            netns: c.netns,
+            proto: Some(pm.proto.name()),
+            host_ip: Some(pm.host_ip),
+            host_port: Some(pm.host_port),
+            container_port: Some(pm.container_port),
+            listening,
+            hint: Some(hint),
+            ..Default::default()
+        };
+        self.emit_line("docker", Clock::now_wall_ns(), r);
     }
 
     /// Write closes whose flap window is over (all of them with `all`).
@@ -1570,6 +1708,7 @@ impl Processor {
         let sockets = std::mem::take(&mut s.sockets);
         let healed = self.table.reconcile(sockets);
         self.check_services(s.ns.inode, s.wall_ns);
+        self.reach_netns(s.ns.inode, true);
         healed
     }
 
@@ -1740,6 +1879,14 @@ impl Processor {
                     self.docker.remove(&l.container.full_id);
                 } else {
                     self.docker.upsert(l.container.clone());
+                }
+                let id = l.container.full_id.clone();
+                if l.event == "start" && !l.container.published.is_empty() {
+                    self.reach_due.push((id, Instant::now() + REACH_DELAY));
+                } else if l.event == "die" || l.event == "destroy" {
+                    self.reach_due.retain(|(x, _)| *x != id);
+                    self.reach_wait.retain(|(x, _)| *x != id);
+                    self.unreachable.retain(|(x, ..)| *x != id);
                 }
                 let r = record::Docker::lifecycle(l.event, &l.container, l.exit_code, l.missed);
                 self.emit_line("docker", l.ts_ns, r);
@@ -2046,6 +2193,9 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
         port_ranges: HashMap::new(),
         recent_published: Vec::new(),
         ready_sent: false,
+        reach_due: Vec::new(),
+        reach_wait: Vec::new(),
+        unreachable: std::collections::HashSet::new(),
     };
     let mut since_clock = 0u32;
     while let Some(m) = rx.blocking_recv() {
@@ -2071,6 +2221,7 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
             }
             Msg::Fresh(f) => p.fresh(*f),
             Msg::Tick => {
+                p.reach_tick();
                 p.flush_services(false);
                 p.flush_bursts(false);
                 p.flush_pending(false);

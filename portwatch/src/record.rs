@@ -358,6 +358,20 @@ pub struct Docker<'a> {
     /// It happened while the agent was not connected; found at the resync.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub missed: bool,
+    /// `unreachable`/`reachable`: the published port in question.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proto: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_port: Option<u16>,
+    /// `unreachable`: what does listen on the container port inside (possibly nothing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listening: Option<Vec<crate::reach::Listening>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
 }
 
 impl<'a> Docker<'a> {
