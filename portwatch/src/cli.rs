@@ -67,6 +67,15 @@ pub enum Command {
     #[command(after_help = "Example:\n  sudo portwatch doctor")]
     Doctor(DoctorArgs),
 
+    /// Gather what a port-conflict bug report needs into one .tar.gz: the port table, the
+    /// window's conflicts and port history, every container and network (secrets redacted),
+    /// the agent's status and hooks, and the Docker engine's version and journal.
+    #[command(after_help = "Examples:\n  \
+        sudo portwatch report\n  \
+        sudo portwatch report --port 8080 --since 10m -o /tmp/report.tar.gz\n  \
+        sudo portwatch report --since 2h -o /tmp")]
+    Report(ReportArgs),
+
     /// Print shell completions.
     #[command(
         after_help = "Example:\n  portwatch completions bash > /etc/bash_completion.d/portwatch"
@@ -323,6 +332,30 @@ pub struct DoctorArgs {
     /// Print the kernel verifier's whole log for each program it rejects (for a bug report).
     #[arg(long)]
     pub verbose: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Only this port: its table rows, records and history (default: every port).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
+    /// How far back to take records and the Docker daemon's journal.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = duration)]
+    pub since: Duration,
+    /// Write the bundle here: a file, an existing directory, or - for stdout (default:
+    /// portwatch-report-<host>-<UTC time>.tar.gz in the current directory).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// The agent's log file (rotated and compressed files next to it are read too).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_LOG)]
+    pub log_file: PathBuf,
+    /// The agent's runtime directory (its control socket).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_RUNTIME_DIR)]
+    pub runtime_dir: PathBuf,
+    /// The Docker daemon: unix:///path, a socket path, or tcp://HOST:PORT (default:
+    /// $DOCKER_HOST, else unix:///var/run/docker.sock).
+    #[arg(long, value_name = "URL")]
+    pub docker_host: Option<String>,
 }
 
 fn parse_ringbuf_size(s: &str) -> Result<u32, String> {

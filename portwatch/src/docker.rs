@@ -101,7 +101,7 @@ pub fn endpoint(flag: Option<&str>) -> Result<Endpoint, Error> {
     }
 }
 
-fn connect(ep: &Endpoint) -> Result<Docker, bollard::errors::Error> {
+pub(crate) fn connect(ep: &Endpoint) -> Result<Docker, bollard::errors::Error> {
     match ep {
         Endpoint::Unix(p) => {
             Docker::connect_with_unix(&p.to_string_lossy(), REQUEST_TIMEOUT_S, API_DEFAULT_VERSION)

@@ -4,7 +4,7 @@
 //! (kernel bytes to values), diag/table/enrich (the port table and /proc), process
 //! (attribution and records), record (the JSON schema), sink (stdout and the log file),
 //! control/metrics (attach, ports and Prometheus), agent (the pipeline that ties them).
-//! Operator commands: ops (attach, ports, check, doctor) and tail.
+//! Operator commands: ops (attach, ports, check, doctor), tail, history and report.
 
 mod agent;
 mod btf;
@@ -26,6 +26,7 @@ mod probes;
 mod process;
 mod reach;
 mod record;
+mod report;
 mod service;
 mod sink;
 mod table;
@@ -55,6 +56,7 @@ fn main() -> ExitCode {
         cli::Command::Attach(a) => ops::attach(&a).map(|()| 0).map_err(Into::into),
         cli::Command::Ports(a) => ops::ports(&a).map(|()| 0).map_err(Into::into),
         cli::Command::Check(a) => ops::check(&a).map_err(Into::into),
+        cli::Command::Report(a) => report::run(&a).map(|()| 0).map_err(Into::into),
         cli::Command::Doctor(a) => Ok(ops::doctor(
             &a.runtime_dir,
             &a.log_file,

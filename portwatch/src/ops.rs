@@ -300,7 +300,7 @@ fn table_rows(t: &PortTable, filter: &Filter) -> Vec<PortRow> {
 }
 
 /// Rows from the running agent, or from a snapshot of our own when none runs.
-fn rows(runtime_dir: &Path, filter: &Filter) -> Result<(Vec<PortRow>, &'static str)> {
+pub(crate) fn rows(runtime_dir: &Path, filter: &Filter) -> Result<(Vec<PortRow>, &'static str)> {
     match control::request(
         runtime_dir,
         &Request::Ports {
