@@ -1,4 +1,4 @@
-//! Developer and operator tasks: `cargo xtask setup | run | test | lint | bench`.
+//! Developer and operator tasks: `cargo xtask setup | run | test | lint | bench | vm-test`.
 //!
 //! Every task starts with `setup`, which installs what a fresh machine lacks (rust-src for
 //! the nightly toolchain, bpf-linker built against that nightly's own libLLVM, the tracefs
@@ -8,6 +8,7 @@
 mod bench;
 mod docker_scale;
 mod setup;
+mod vm;
 
 use std::{path::PathBuf, process::Command};
 
@@ -48,6 +49,10 @@ enum Cmd {
     /// Setup, then time the Docker join's sync and measure its memory with many containers;
     /// results in target/bench/docker-scale.md.
     DockerScale(docker_scale::ScaleArgs),
+    /// Setup, then boot the agent and its end-to-end tests in qemu on Debian's kernels (and
+    /// optionally on this host) and print a kernel matrix; results in target/vm/. KVM when
+    /// a guest boots with it, else TCG (PORTWATCH_VM_ACCEL=kvm|tcg overrides).
+    VmTest(vm::VmArgs),
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -162,7 +167,8 @@ fn main() -> Result<()> {
                     .env("PORTWATCH_BIN", &bin)
                     .args(["--", "--nocapture"]))?;
             }
-            Ok(())
+            step("the end-to-end tests on Debian's kernels, in VMs");
+            vm::run_matrix(vm::DEFAULT_KERNELS)
         }
         Cmd::Soak => {
             setup::for_tests()?;
@@ -207,5 +213,6 @@ fn main() -> Result<()> {
             bench::run(args)
         }
         Cmd::DockerScale(args) => docker_scale::run(args),
+        Cmd::VmTest(args) => vm::run_cmd(args),
     }
 }

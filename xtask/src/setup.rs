@@ -43,6 +43,20 @@ pub fn apt_tools(tools: &[(&str, &str)]) -> Result<()> {
     .with_context(|| format!("installing {} failed", missing.join(", ")))
 }
 
+/// What `vm-test` needs besides the build: qemu, and the tools that unpack Debian's kernel
+/// packages and their compressed modules.
+pub fn for_vm() -> Result<()> {
+    build()?;
+    apt_tools(&[
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("dpkg-deb", "dpkg"),
+        ("xz", "xz-utils"),
+        ("zstd", "zstd"),
+        ("ip", "iproute2"),
+        ("ss", "iproute2"),
+    ])
+}
+
 /// What running it on this host needs: a daemon to join as well.
 pub fn for_run() -> Result<()> {
     build()?;
