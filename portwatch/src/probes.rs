@@ -404,7 +404,7 @@ impl Probes {
     /// Detach and unload every program, all at once. Each tracepoint detach waits for an RCU
     /// grace period in the kernel; one after the other that is about half a second for nine
     /// programs, while concurrent detaches share their grace periods.
-    pub fn detach(mut self) {
+    pub fn unload_programs(&mut self) {
         std::thread::scope(|s| {
             for (_, p) in self.ebpf.programs_mut() {
                 s.spawn(move || {

@@ -72,6 +72,12 @@ pub enum Msg {
     Fresh(Box<Fresh>),
     /// A tenth of a second passed: close coalescing windows, release held records.
     Tick,
+    /// The sock_diag thread's pass that began at `as_of` (wall ns) found these namespaces:
+    /// any other is gone.
+    Namespaces {
+        live: Vec<u32>,
+        as_of: i128,
+    },
     Stop,
 }
 
@@ -529,6 +535,12 @@ struct Processor {
     recent_published: Vec<(String, IpAddr, u16, Instant)>,
     /// The `ready` record is out.
     ready_sent: bool,
+    /// Processes that exited lately (pid, wall ns of the exit), oldest first: a dump taken
+    /// before an exit but applied after it must not bring the process's sockets back.
+    recent_exits: std::collections::VecDeque<(u32, i128)>,
+    /// The last port counts taken toward each (namespace, destination), for a connect
+    /// conflict that can no longer wait for its own (the agent is stopping).
+    last_counts: HashMap<(u32, SocketAddr), (PortCounts, bool)>,
     /// Containers whose published ports are to be checked for a listener: (full id, when).
     reach_due: Vec<(Box<str>, Instant)>,
     /// Containers waiting for a re-read of their namespace before that check.
@@ -861,6 +873,15 @@ impl Processor {
                     self.request(ns, e, None, true);
                 }
                 self.table.on_exit(e.pid);
+                self.recent_exits.push_back((e.pid, wall));
+                while self.recent_exits.len() > 4096
+                    || self
+                        .recent_exits
+                        .front()
+                        .is_some_and(|(_, t)| wall - t > 30_000_000_000)
+                {
+                    self.recent_exits.pop_front();
+                }
                 self.procs.forget(e.pid);
                 self.docker.forget_pid(e.pid);
             }
@@ -1088,6 +1109,18 @@ impl Processor {
         self.emit_line("docker", Clock::now_wall_ns(), r);
     }
 
+    /// Drop what the table and the trackers keep about namespaces that are gone.
+    fn prune(&mut self, live: &[u32], as_of: i128) {
+        let live: std::collections::HashSet<u32> = live.iter().copied().collect();
+        let dropped = self.table.prune_namespaces(&live, as_of);
+        for ns in dropped {
+            self.services.check(ns, as_of, &|_, _| false);
+        }
+        self.ns_paths.retain(|n, _| live.contains(n));
+        self.port_ranges.retain(|n, _| live.contains(n));
+        self.last_counts.retain(|(n, _), _| live.contains(n));
+    }
+
     /// Write closes whose flap window is over (all of them with `all`).
     fn flush_services(&mut self, all: bool) {
         let now = Clock::now_wall_ns();
@@ -1146,17 +1179,19 @@ impl Processor {
 
     /// Where to enter a namespace for a fresh sock_diag dump.
     fn ns_path(&self, netns: u32, e: &Event) -> Option<diag::Namespace> {
-        if let Some(p) = self.ns_paths.get(&netns) {
+        // The actor's thread was in that namespace a moment ago (it may have setns'd on its
+        // own): the surest way in. A cached path may lead to a namespace that died and
+        // whose inode number was given to this one.
+        let p = PathBuf::from(format!("/proc/{}/task/{}/ns/net", e.pid, e.tid));
+        if e.pid != 0 && p.exists() {
             return Some(diag::Namespace {
                 inode: netns,
-                path: p.clone(),
+                path: p,
             });
         }
-        // The actor's thread is in that namespace (it may have setns'd on its own).
-        let p = PathBuf::from(format!("/proc/{}/task/{}/ns/net", e.pid, e.tid));
-        p.exists().then_some(diag::Namespace {
+        self.ns_paths.get(&netns).map(|p| diag::Namespace {
             inode: netns,
-            path: p,
+            path: p.clone(),
         })
     }
 
@@ -1351,6 +1386,15 @@ impl Processor {
             }
             Err(why) => (Vec::new(), None, Some(why), Vec::new()),
         };
+        for &(dst, in_use, tw) in &counts {
+            if self.last_counts.len() >= 4096 {
+                self.last_counts.clear();
+            }
+            self.last_counts.insert(
+                (f.netns, dst),
+                ((in_use, tw, range, f.as_of), no_source.contains(&dst)),
+            );
+        }
         let (mine, rest): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
             .into_iter()
             .partition(|h| h.c.netns == f.netns);
@@ -1423,10 +1467,20 @@ impl Processor {
     ) {
         let e = &c.e;
         let (k, netns, wall) = (c.k, c.netns, c.wall);
-        if k == Kind::Connect && fresh.is_none() {
+        let mut fresh = fresh;
+        if k == Kind::Connect && fresh.as_ref().is_none_or(|f| f.counts.is_none()) {
             let dst = SocketAddr::new(decode::ip(e.family, &e.raddr), e.rport);
-            if self.hold(&c, &publishing, Some(dst)) {
+            if fresh.is_none() && self.hold(&c, &publishing, Some(dst)) {
                 return;
+            }
+            // No re-read of its own can be had (the agent is stopping, or it came too
+            // late): the last counts toward the same destination, with their own `as_of`.
+            if let Some(&(counts, no_source)) = self.last_counts.get(&(netns, dst)) {
+                fresh = Some(Freshness {
+                    counts: Some(counts),
+                    failed: None,
+                    no_source,
+                });
             }
         }
         let mut r = record::conflict(
@@ -1472,7 +1526,17 @@ impl Processor {
                     .attribute_with(&attempt, &mut |x| place(docker, netns, x));
                 // Events cannot see everything (passed fds, io_uring): a conflict the table
                 // cannot explain waits for a re-read of its namespace, rate-limited there.
-                if a.cause == "unknown" && fresh.is_none() && self.hold(&c, &publishing, None) {
+                // So does one whose holders include a socket with no known owner: it may be
+                // a leftover of a dead namespace whose inode number was reused, or of a
+                // process that just exited; a re-read tells.
+                let ownerless = a
+                    .holders
+                    .iter()
+                    .any(|h| h.pid.is_none() && h.state != "TIME_WAIT" && h.via.is_none());
+                if (a.cause == "unknown" || ownerless)
+                    && fresh.is_none()
+                    && self.hold(&c, &publishing, None)
+                {
                     return;
                 }
                 let mut a = a;
@@ -1707,6 +1771,16 @@ impl Processor {
         }
         let sockets = std::mem::take(&mut s.sockets);
         let healed = self.table.reconcile(sockets);
+        // Sockets of processes that exited after this dump began: the dump saw them alive.
+        let gone: Vec<u32> = self
+            .recent_exits
+            .iter()
+            .filter(|(_, t)| *t >= s.wall_ns)
+            .map(|(p, _)| *p)
+            .collect();
+        for pid in gone {
+            self.table.on_exit_in(s.ns.inode, pid);
+        }
         self.check_services(s.ns.inode, s.wall_ns);
         self.reach_netns(s.ns.inode, true);
         healed
@@ -2193,6 +2267,8 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
         port_ranges: HashMap::new(),
         recent_published: Vec::new(),
         ready_sent: false,
+        recent_exits: std::collections::VecDeque::new(),
+        last_counts: HashMap::new(),
         reach_due: Vec::new(),
         reach_wait: Vec::new(),
         unreachable: std::collections::HashSet::new(),
@@ -2220,6 +2296,7 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
                 }
             }
             Msg::Fresh(f) => p.fresh(*f),
+            Msg::Namespaces { live, as_of } => p.prune(&live, as_of),
             Msg::Tick => {
                 p.reach_tick();
                 p.flush_services(false);

@@ -605,6 +605,20 @@ impl PortTable {
         });
     }
 
+    /// `on_exit`, for one namespace's sockets only (the owner table is left alone: the pid
+    /// may own sockets elsewhere that a later dump shows).
+    pub fn on_exit_in(&mut self, netns: u32, pid: u32) {
+        self.ports.retain(|k, b| {
+            if k.0 != netns {
+                return true;
+            }
+            b.retain(|x| {
+                !(x.state != TCP_TIME_WAIT && x.owner.as_ref().is_some_and(|o| o.pid == pid))
+            });
+            !b.is_empty()
+        });
+    }
+
     /// Replace one namespace's entries with a sock_diag snapshot. What events told us about a
     /// socket (owner, since, sk) is kept when the snapshot has the same socket; new sockets
     /// keep the owner the snapshot found for them. Returns the number of entries healed:
@@ -645,6 +659,39 @@ impl PortTable {
     /// The entries of one (namespace, protocol, port).
     pub fn rows_at(&self, netns: u32, proto: Proto, port: u16) -> impl Iterator<Item = &Entry> {
         self.ports.get(&(netns, proto, port)).into_iter().flatten()
+    }
+
+    /// Forget namespaces that no longer exist: `live` is every namespace a pass that began at
+    /// `as_of` (wall ns) found. Entries an event added after that may belong to a namespace
+    /// made since, and stay. Without this, sockets of a dead namespace (brought back by a
+    /// dump that raced its last exit) would stay forever, and show up as holders in a new
+    /// namespace that reuses the inode number. Returns the namespaces dropped.
+    pub fn prune_namespaces(
+        &mut self,
+        live: &std::collections::HashSet<u32>,
+        as_of: i128,
+    ) -> Vec<u32> {
+        let mut dropped = std::collections::BTreeSet::new();
+        self.ports.retain(|k, b| {
+            if live.contains(&k.0) {
+                return true;
+            }
+            b.retain(|x| i128::from(x.since_ns) >= as_of);
+            if b.is_empty() {
+                dropped.insert(k.0);
+                false
+            } else {
+                true
+            }
+        });
+        self.tw.retain(|k, _| {
+            let keep = live.contains(&k.0);
+            if !keep {
+                dropped.insert(k.0);
+            }
+            keep
+        });
+        dropped.into_iter().collect()
     }
 
     /// Every entry with its namespace.

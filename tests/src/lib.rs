@@ -595,3 +595,78 @@ impl Drop for Holder {
         let _ = self.child.wait();
     }
 }
+
+// ---- arrival times ----
+
+/// Records matching a predicate, each with the wall-clock time (CLOCK_REALTIME) at which it
+/// reached the test. A latency measured from a timestamp taken in another process (just
+/// before its failing syscall) needs the arrival on the same clock, and per line: the
+/// records themselves only say when the kernel saw the failure.
+pub struct Arrivals {
+    got: Arc<Mutex<Vec<(Value, std::time::SystemTime)>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    shared: Arc<(Mutex<Lines>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Start timing the arrival of every record matching `pred` read from now on (records
+    /// already read are not included). The watcher wakes on each line the reader adds, so
+    /// the time taken is within microseconds of the line's arrival.
+    pub fn watch_arrivals(&self, pred: impl Fn(&Value) -> bool + Send + 'static) -> Arrivals {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let shared = self.shared.clone();
+        let mut seen = shared.0.lock().unwrap().lines.len();
+        let thread = std::thread::spawn({
+            let (got, stop, shared) = (got.clone(), stop.clone(), shared.clone());
+            move || {
+                let (m, cv) = &*shared;
+                let mut g = m.lock().unwrap();
+                loop {
+                    // stop_with() takes the lines away at the end: nothing more to time.
+                    if g.lines.len() < seen {
+                        return;
+                    }
+                    if g.lines.len() > seen {
+                        let now = std::time::SystemTime::now();
+                        let mut out = got.lock().unwrap();
+                        for v in &g.lines[seen..] {
+                            if pred(v) {
+                                out.push((v.clone(), now));
+                            }
+                        }
+                        seen = g.lines.len();
+                    }
+                    if g.eof || stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                    g = cv.wait_timeout(g, Duration::from_millis(100)).unwrap().0;
+                }
+            }
+        });
+        Arrivals {
+            got,
+            stop,
+            shared,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Arrivals {
+    /// What arrived so far: each record with its arrival time.
+    pub fn so_far(&self) -> Vec<(Value, std::time::SystemTime)> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Arrivals {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
