@@ -6,7 +6,11 @@
 //!    1b. The same configurations at several offered (paced) churn rates: achieved throughput
 //!    and tracer CPU against offered rate.
 //! 2. Bind storm: failing binds at controlled rates; every generated failure must come out
-//!    as a conflict record or be counted in a `lost` record.
+//!    in a conflict record's `count` or be counted in a `lost` record.
+//!    2b. Exhaustion storm (bench/exhaustion.rs): connect() failing with EADDRNOTAVAIL at max
+//!    rate in a namespace with every ephemeral port taken, against the latency of an
+//!    unrelated conflict on the host, the agent's CPU, the accounting and the time from
+//!    SIGTERM to exit.
 //! 3. Latency from a failing bind to its conflict line on the agent's stdout: with nothing
 //!    attached, and with ten clients on the control socket, one of which never reads.
 //! 4. The agent's own cost: CPU, peak RSS, time to ready.
@@ -38,6 +42,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+mod exhaustion;
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Seconds of measurement per configuration (churn rounds, each bind-storm rate, the cost
@@ -59,8 +65,9 @@ pub struct BenchArgs {
     #[arg(long)]
     keep_logs: bool,
     /// Run only these parts (repeatable; default: all): churn (1, max rate), sweep (1b,
-    /// achieved against offered churn rate, churn.png), storm (2), latency (3, without and
-    /// with attach clients, and the default-mode cost), cost (the --all-events cost).
+    /// achieved against offered churn rate, churn.png), storm (2, failing binds, and 2b,
+    /// ephemeral port exhaustion), latency (3, without and with attach clients, and the
+    /// default-mode cost), cost (the --all-events cost).
     #[arg(long, value_enum, value_name = "PART")]
     only: Vec<Part>,
 }
@@ -157,6 +164,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         None
     };
+    let exhaust = if want(Part::Storm) {
+        Some(exhaustion::exhaustion_storm_phase(&cfg, &mut report)?)
+    } else {
+        None
+    };
     let lat = if want(Part::Latency) {
         Some(LatencyRuns {
             plain: latency_cost_phase(&cfg, &mut report, false)?,
@@ -179,6 +191,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         churn.as_ref(),
         sweep.as_ref(),
         storm.as_deref(),
+        exhaust.as_ref(),
         lat.as_ref(),
         all_cost.as_ref(),
         &report,
@@ -1361,7 +1374,8 @@ struct AgentLog {
     lines: u64,
     startup_ms: Option<u64>,
     stopped: bool,
-    /// conflict records with op=bind for the port asked about.
+    /// Failures in conflict records with op=bind for the port asked about: the sum of their
+    /// `count`s (identical failures are coalesced, one record standing for many).
     conflicts_bind: u64,
     lost_bind: u64,
     lost_count: u64,
@@ -1380,6 +1394,14 @@ fn json_u64(s: &str, key: &str) -> Option<u64> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(digits.len());
     digits[..end].parse().ok()
+}
+
+/// A conflict record's `count`: the failures it stands for. The record's own `count` comes
+/// after its holders (a TIME_WAIT holder has a `count` of its own), so the last one is it.
+fn record_count(line: &str) -> u64 {
+    line.rfind("\"count\":")
+        .and_then(|i| json_u64(&line[i..], "count"))
+        .unwrap_or(1)
 }
 
 /// `"type":"…"` sits near the start of every record (after `v` and the fixed-width `ts`).
@@ -1407,7 +1429,7 @@ impl LineStats {
                 if let Some(p) = port {
                     if line.contains("\"op\":\"bind\"") && json_u64(line, "port") == Some(p as u64)
                     {
-                        l.conflicts_bind += 1;
+                        l.conflicts_bind += record_count(line);
                     }
                 }
             }
@@ -2530,6 +2552,7 @@ fn render_markdown(
     churn: Option<&ChurnResult>,
     sweep: Option<&SweepResult>,
     storm: Option<&[StormRow]>,
+    exhaust: Option<&exhaustion::ExhaustResult>,
     lat_runs: Option<&LatencyRuns>,
     all: Option<&CostRow>,
     rep: &Report,
@@ -2855,7 +2878,8 @@ fn render_markdown(
             m,
             "2 threads, {} s per rate. *ok binds*: every {}th attempt is a successful bind to \
              127.0.0.1:0 plus close (bind ok and close events the kernel side carries too). \
-             *received* = conflict records with op=bind for the port; *lost* = sum of by_kind.bind \
+             *received* = failures in conflict records with op=bind for the port (the sum of their \
+             `count`: identical failures are coalesced); *lost* = sum of by_kind.bind \
              over `lost` records, read after SIGINT so the final one is included. `lost` counts \
              per kind and host-wide, so under loss a lost bind may be one of our ok binds or \
              another process's: the check is then generated ≤ received + lost ≤ generated + ok \
@@ -2913,6 +2937,9 @@ fn render_markdown(
                 res
             );
         }
+    }
+    if let Some(r) = exhaust {
+        exhaustion::render(&mut m, r, &mut noisy);
     }
     if let Some(runs) = lat_runs {
         // 3
