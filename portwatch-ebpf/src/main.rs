@@ -129,6 +129,21 @@ fn hint_slot(key: u64) -> u32 {
     ((key.wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 48) as u32 & (HINT_SLOTS - 1)
 }
 
+/// Add one to a per-CPU loss counter. Atomically, although the slot is per CPU: syscall
+/// tracepoints became faultable (6.14), and their programs may then be preempted with only
+/// migration disabled, so two programs on one CPU can interleave a plain read-modify-write
+/// and lose a count. With a plain increment, Debian sid's 7.2 under a flood left 1.7 % of
+/// the failures neither written nor counted.
+#[inline(always)]
+fn count_lost(p: *mut u64) {
+    // SAFETY: an in-bounds, 8-byte aligned slot of an array map, valid for the run.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            p, 1,
+        )
+    };
+}
+
 /// Add `delta` (1, or u64::MAX for -1) to the slot of `key`, atomically: binds and closes
 /// of the same slot may run on two CPUs at once.
 #[inline(always)]
@@ -344,8 +359,7 @@ fn emit(e: &Event) {
         }
         None => {
             if let Some(p) = LOST.get_ptr_mut(e.kind) {
-                // SAFETY: per-CPU slot; tracepoint programs do not migrate while running.
-                unsafe { *p += 1 };
+                count_lost(p);
             }
         }
     }
@@ -592,8 +606,7 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<u32, u32> {
     };
     if p.tid != tid {
         if let Some(l) = LOST.get_ptr_mut(kind::CONNECT) {
-            // SAFETY: per-CPU slot; tracepoint programs do not migrate while running.
-            unsafe { *l += 1 };
+            count_lost(l);
         }
         return Ok(0);
     }

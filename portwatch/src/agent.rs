@@ -283,9 +283,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut last_agent = [0u64; KINDS];
 
     let mut check_lost = |probes: &probes::Probes| -> Option<Msg> {
-        let k = probes.lost_counts();
+        let full = probes.lost_counts();
+        let skipped = probes.skipped_counts();
+        let k: [u64; KINDS] = std::array::from_fn(|i| full[i] + skipped[i]);
         let a: [u64; KINDS] = std::array::from_fn(|i| agent_lost[i].load(Ordering::Relaxed));
-        let dk: [u64; KINDS] = std::array::from_fn(|i| k[i] - last_kernel[i]);
+        let dk: [u64; KINDS] = std::array::from_fn(|i| k[i].saturating_sub(last_kernel[i]));
         let da: [u64; KINDS] = std::array::from_fn(|i| a[i] - last_agent[i]);
         last_kernel = k;
         last_agent = a;

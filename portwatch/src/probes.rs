@@ -46,6 +46,8 @@ pub struct Probes {
     attached: Vec<&'static str>,
     notes: Vec<String>,
     state: StateHook,
+    /// The last `skipped_counts` read.
+    skipped: std::cell::Cell<[u64; kind::COUNT as usize]>,
 }
 
 /// The BTF-typed (tp_btf) variant of the state-change program: plain loads from the socket.
@@ -119,6 +121,7 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
         attached,
         notes,
         state: probes_state,
+        skipped: std::cell::Cell::new([0; kind::COUNT as usize]),
     })
 }
 
@@ -405,6 +408,8 @@ impl Probes {
     /// grace period in the kernel; one after the other that is about half a second for nine
     /// programs, while concurrent detaches share their grace periods.
     pub fn unload_programs(&mut self) {
+        // Keep the skipped-run counts: unloading closes the programs they are read from.
+        let _ = self.skipped_counts();
         std::thread::scope(|s| {
             for (_, p) in self.ebpf.programs_mut() {
                 s.spawn(move || {
@@ -457,6 +462,40 @@ impl Probes {
         })
     }
 
+    /// Runs of each kind's programs that the kernel skipped, cumulative: since syscall
+    /// tracepoints became faultable (6.14) their programs can be preempted, and a second
+    /// run of the same program on that CPU is skipped by the kernel's recursion guard and
+    /// counted in the program's `recursion_misses` (seen on 7.2 under a flood). An event
+    /// lost that way is counted like a full ring buffer's.
+    pub fn skipped_counts(&self) -> [u64; kind::COUNT as usize] {
+        // Once the programs are unloaded their counts are gone: the last ones read stand.
+        let mut out = self.skipped.get();
+        let mut fresh = [0u64; kind::COUNT as usize];
+        let mut any = false;
+        for (name, p) in self.ebpf.programs() {
+            let k = match name {
+                n if n.contains("bind") => kind::BIND,
+                n if n.contains("listen") => kind::LISTEN,
+                n if n.contains("connect") => kind::CONNECT,
+                n if n.contains("close") => kind::CLOSE,
+                n if n.contains("exit") => kind::EXIT,
+                _ => kind::TCP_STATE,
+            };
+            let Ok(fd) = p.fd() else {
+                continue;
+            };
+            if let Some(n) = recursion_misses(std::os::fd::AsFd::as_fd(fd)) {
+                fresh[k as usize] += n;
+                any = true;
+            }
+        }
+        if any {
+            out = fresh;
+            self.skipped.set(out);
+        }
+        out
+    }
+
     /// Cumulative failed ring-buffer reserves per kind, summed over CPUs.
     pub fn lost_counts(&self) -> [u64; kind::COUNT as usize] {
         let mut out = [0u64; kind::COUNT as usize];
@@ -467,6 +506,37 @@ impl Probes {
         }
         out
     }
+}
+
+/// `bpf_prog_info.recursion_misses` of a loaded program (BPF_OBJ_GET_INFO_BY_FD); None
+/// when the kernel does not say (before 5.12 the field is absent and stays 0).
+fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // SAFETY: bpf_prog_info is plain old data; all-zero is a valid value.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: std::ptr::addr_of_mut!(info) as u64,
+    };
+    // SAFETY: the kernel writes at most info_len bytes into `info`, which outlives the call;
+    // attr is as large as the union member this command reads.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            std::ptr::addr_of_mut!(attr),
+            std::mem::size_of::<InfoAttr>(),
+        )
+    };
+    (rc == 0).then_some(info.recursion_misses)
 }
 
 /// Field offsets of `sock:inet_sock_set_state`, from its tracefs format file.
