@@ -7,6 +7,7 @@
 
 mod bench;
 mod docker_scale;
+mod package;
 mod setup;
 mod vm;
 
@@ -49,6 +50,10 @@ enum Cmd {
     /// Setup, then time the Docker join's sync and measure its memory with many containers;
     /// results in target/bench/docker-scale.md.
     DockerScale(docker_scale::ScaleArgs),
+    /// Setup, then build what users install into target/package/: the .deb, the static
+    /// binary portwatch-<version>-x86_64-linux, and the image portwatch:<version> in the
+    /// local Docker engine.
+    Package(package::PackageArgs),
     /// Setup, then boot the agent and its end-to-end tests in qemu on Debian's kernels (and
     /// optionally on this host) and print a kernel matrix; results in target/vm/. KVM when
     /// a guest boots with it, else TCG (PORTWATCH_VM_ACCEL=kvm|tcg overrides).
@@ -213,6 +218,7 @@ fn main() -> Result<()> {
             bench::run(args)
         }
         Cmd::DockerScale(args) => docker_scale::run(args),
+        Cmd::Package(args) => package::run_cmd(args),
         Cmd::VmTest(args) => vm::run_cmd(args),
     }
 }
