@@ -1,7 +1,11 @@
 //! Prometheus metrics (`--metrics-addr`, off by default). Counters are atomics updated by
 //! the processing thread; a small HTTP server thread encodes them on each scrape.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    sync::{atomic::AtomicU64, Arc},
+};
 
 use prometheus_client::{
     encoding::text::encode,
@@ -21,14 +25,18 @@ pub struct Metrics {
     table_size: Gauge,
     docker_connected: Gauge,
     log_errors: Gauge,
-    reconcile_ms: Gauge,
+    reconcile_seconds: Gauge<f64, AtomicU64>,
     reconcile_sockets: Gauge,
 }
 
 /// `"type":"conflict"` and friends are fixed strings: map them to &'static str without
 /// allocating, so counting a record costs no allocation.
 fn intern(s: &str) -> &'static str {
-    const KNOWN: [&str; 22] = [
+    const KNOWN: [&str; 26] = [
+        "port",
+        "ephemeral_collision",
+        "address_unavailable",
+        "unreachable",
         "conflict",
         "bind",
         "listen",
@@ -65,7 +73,7 @@ impl Metrics {
         let table_size = Gauge::default();
         let docker_connected = Gauge::default();
         let log_errors = Gauge::default();
-        let reconcile_ms = Gauge::default();
+        let reconcile_seconds = Gauge::<f64, AtomicU64>::default();
         let reconcile_sockets = Gauge::default();
         registry.register("conflicts", "Port conflicts by cause", conflicts.clone());
         registry.register("records", "Records written, by type", records.clone());
@@ -95,9 +103,9 @@ impl Metrics {
             log_errors.clone(),
         );
         registry.register(
-            "reconcile_milliseconds",
+            "reconcile_seconds",
             "Duration of the last sock_diag reconciliation of one namespace",
-            reconcile_ms.clone(),
+            reconcile_seconds.clone(),
         );
         registry.register(
             "reconcile_sockets",
@@ -105,7 +113,7 @@ impl Metrics {
             reconcile_sockets.clone(),
         );
         Metrics {
-            reconcile_ms,
+            reconcile_seconds,
             reconcile_sockets,
             registry,
             conflicts,
@@ -131,8 +139,11 @@ impl Metrics {
         self.record_type(ty);
         match ty {
             "conflict" => {
+                // A record stands for `count` identical failures (coalesced bursts).
                 let cause = intern(v["cause"].as_str().unwrap_or("unknown"));
-                self.conflicts.get_or_create(&[("cause", cause)]).inc();
+                self.conflicts
+                    .get_or_create(&[("cause", cause)])
+                    .inc_by(v["count"].as_u64().unwrap_or(1));
             }
             "lost" => {
                 self.lost.inc_by(v["count"].as_u64().unwrap_or(0));
@@ -157,7 +168,7 @@ impl Metrics {
 
     pub fn set_reconcile(&self, sockets: usize, took: std::time::Duration) {
         self.reconcile_sockets.set(sockets as i64);
-        self.reconcile_ms.set(took.as_millis() as i64);
+        self.reconcile_seconds.set(took.as_secs_f64());
     }
 
     pub fn set_log_errors(&self, n: u64) {
@@ -171,6 +182,32 @@ impl Metrics {
     }
 }
 
+/// The Prometheus text format (0.0.4) from the OpenMetrics text prometheus-client writes, for
+/// scrapers that do not ask for OpenMetrics (promtool check metrics, curl, older servers):
+/// there a counter's HELP and TYPE name its samples, `_total` included, and there is no
+/// `# EOF` or `# UNIT` line.
+fn prometheus_text(openmetrics: &str) -> String {
+    let counters: HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 8 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let (name, rest) = line.strip_prefix(p)?.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {rest}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 /// Serve `/metrics` on `addr` from a thread. Returns an error if the address cannot be bound.
 pub fn serve(addr: SocketAddr, m: Arc<Metrics>) -> Result<(), String> {
     let server = tiny_http::Server::http(addr).map_err(|e| e.to_string())?;
@@ -179,12 +216,24 @@ pub fn serve(addr: SocketAddr, m: Arc<Metrics>) -> Result<(), String> {
         .spawn(move || {
             for req in server.incoming_requests() {
                 let resp = if req.url() == "/metrics" {
-                    let ct = tiny_http::Header::from_bytes(
-                        &b"Content-Type"[..],
-                        &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
-                    )
-                    .expect("static header");
-                    tiny_http::Response::from_string(m.encode()).with_header(ct)
+                    let openmetrics = req.headers().iter().any(|h| {
+                        h.field.equiv("Accept")
+                            && h.value.as_str().contains("application/openmetrics-text")
+                    });
+                    let (body, ct): (_, &[u8]) = if openmetrics {
+                        (
+                            m.encode(),
+                            b"application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )
+                    } else {
+                        (
+                            prometheus_text(&m.encode()),
+                            b"text/plain; version=0.0.4; charset=utf-8",
+                        )
+                    };
+                    let ct = tiny_http::Header::from_bytes(&b"Content-Type"[..], ct)
+                        .expect("static header");
+                    tiny_http::Response::from_string(body).with_header(ct)
                 } else {
                     tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
                 };

@@ -30,6 +30,14 @@ fn conflict(port: u16) {
     assert!(bind(&s, &a).is_err());
 }
 
+/// The i-th of many distinct loopback addresses on `port`. Identical failures are coalesced
+/// into one record a second; tests that need a record per failure fail on distinct
+/// addresses, all blocked by one listener on 0.0.0.0.
+fn distinct(port: u16, i: usize) -> SocketAddr {
+    let (b, c, d) = (1 + i / 62_500, (i / 250) % 250, i % 250 + 1);
+    format!("127.{b}.{c}.{d}:{port}").parse().unwrap()
+}
+
 fn json_lines(s: &[u8]) -> Vec<Value> {
     String::from_utf8_lossy(s)
         .lines()
@@ -119,7 +127,7 @@ fn attach_replays_the_past_then_streams_live_detail() {
 fn stalled_attach_client_does_not_slow_logging() {
     let port = test_port(32);
     let agent = Agent::start(&[]);
-    let _h = listener(&format!("127.0.0.1:{port}"));
+    let _h = listener(&format!("0.0.0.0:{port}"));
     let sock = agent.runtime_dir().join("portwatch.sock");
     // Ten clients; one never reads.
     let mut stalled = UnixStream::connect(&sock).unwrap();
@@ -144,8 +152,8 @@ fn stalled_attach_client_does_not_slow_logging() {
     let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let s = socket(&a, SOCK_STREAM, false);
     let t0 = Instant::now();
-    for _ in 0..N {
-        let _ = bind(&s, &a);
+    for i in 0..N {
+        let _ = bind(&s, &distinct(port, i));
     }
     // Every conflict reaches the log although one client has not read a byte.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -429,11 +437,11 @@ fn log_rotation_and_tail_over_rotated_and_compressed_files() {
         "--log-keep",
         "3",
     ]);
-    let _h = listener(&format!("127.0.0.1:{port}"));
+    let _h = listener(&format!("0.0.0.0:{port}"));
     let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let s = socket(&a, SOCK_STREAM, false);
-    for _ in 0..60 {
-        let _ = bind(&s, &a);
+    for i in 0..60 {
+        let _ = bind(&s, &distinct(port, i));
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while of_type(&agent.snapshot(), "conflict", port).len() < 60 {
@@ -598,11 +606,11 @@ fn full_disk_is_counted_and_writing_resumes() {
     let agent = Agent::start(&["--log-file", log.to_str().unwrap(), "--log-max-size", "0"]);
     // Fill the disk.
     let _ = std::fs::write(&filler, vec![b'x'; 64 * 1024]);
-    let _h = listener(&format!("127.0.0.1:{port}"));
+    let _h = listener(&format!("0.0.0.0:{port}"));
     let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let s = socket(&a, SOCK_STREAM, false);
-    for _ in 0..200 {
-        let _ = bind(&s, &a);
+    for i in 0..200 {
+        let _ = bind(&s, &distinct(port, i));
     }
     agent.wait_for("log_error", |v| v["event"] == "log_error");
     let deadline = Instant::now() + Duration::from_secs(10);
