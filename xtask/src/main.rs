@@ -197,10 +197,14 @@ fn main() -> Result<()> {
                 "-D",
                 "warnings",
             ]))?;
-            run(cargo()
+            // `cargo +nightly` only works through rustup's proxy; $CARGO is the toolchain's
+            // own binary, which does not understand `+toolchain`.
+            run(Command::new("rustup")
                 .current_dir(workspace_root().join("portwatch-ebpf"))
                 .args([
-                    "+nightly",
+                    "run",
+                    "nightly",
+                    "cargo",
                     "clippy",
                     "--package",
                     "portwatch-ebpf",
