@@ -149,11 +149,13 @@ fn memory_stays_flat_under_mixed_churn() {
     let growth_mb = (rss_end as f64 - rss_start as f64) / 1024.0;
     let per_hour = growth_mb / span_h;
     let done = agent.stop();
-    let conflicts = done
+    // Identical failures are coalesced: each record stands for `count` of them.
+    let conflicts: u64 = done
         .lines
         .iter()
         .filter(|v| v["type"] == "conflict")
-        .count();
+        .map(|v| v["count"].as_u64().unwrap_or(1))
+        .sum();
     eprintln!(
         "soak {secs} s: {} connections, {conflicts} conflicts; RSS after warm-up {:.1} MB, at end {:.1} MB, peak {:.1} MB; growth {growth_mb:.2} MB = {per_hour:.2} MB/h",
         conns.load(Ordering::Relaxed),
