@@ -193,7 +193,9 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
+# No tmpfs on /tmp: the initramfs is in RAM already, and the test binaries and pw-hold sit
+# at their build paths, which are under /tmp when the workspace is (a fresh clone in CI).
+mkdir -p /tmp && chmod 1777 /tmp
 mount -t tracefs tracefs /sys/kernel/tracing
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
