@@ -571,7 +571,7 @@ fn serve_fresh(
 fn fresh_read(r: process::FreshRequest) -> process::Fresh {
     let as_of = Clock::now_wall_ns();
     let netns = r.ns.inode;
-    let entries = match diag::dump(&r.ns) {
+    let (entries, range) = match diag::dump_with_range(&r.ns) {
         Ok(e) => e,
         Err(e) => {
             return process::Fresh {
@@ -582,11 +582,6 @@ fn fresh_read(r: process::FreshRequest) -> process::Fresh {
         }
     };
     let counts = process::count_toward(&entries, &r.dsts);
-    let range = if r.dsts.is_empty() {
-        None
-    } else {
-        diag::local_port_range(&r.ns).ok()
-    };
     let no_source = r
         .dsts
         .iter()

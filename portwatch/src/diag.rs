@@ -235,19 +235,32 @@ pub fn socket_owners_on(threads: usize) -> HashMap<u64, Arc<Owner>> {
 /// `net.ipv4.ip_local_port_range` of a namespace, e.g. (32768, 60999): the ports `connect`
 /// and `bind(port 0)` pick from there.
 pub fn local_port_range(ns: &Namespace) -> io::Result<(u16, u16)> {
-    in_namespace(ns, "reading ip_local_port_range", || {
-        // /proc/sys/net resolves against the reading task's namespace, so this reads the
-        // namespace this thread is in.
-        let text = std::fs::read_to_string(PORT_RANGE)?;
-        let mut it = text.split_whitespace().map(str::parse::<u16>);
-        match (it.next(), it.next()) {
-            (Some(Ok(lo)), Some(Ok(hi))) => Ok((lo, hi)),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{PORT_RANGE} holds {text:?}, not two port numbers"),
-            )),
-        }
+    in_namespace(ns, "reading ip_local_port_range", local_port_range_here)
+}
+
+/// `dump` and `local_port_range` from one entry into the namespace, so that the range is
+/// there whenever the sockets are: a second entry can find the namespace's path gone.
+/// The range is `None` only when the sysctl itself cannot be read.
+pub fn dump_with_range(ns: &Namespace) -> io::Result<(Vec<SockEntry>, Option<(u16, u16)>)> {
+    let inode = ns.inode;
+    in_namespace(ns, "sock_diag dump", move || {
+        let entries = dump_here(inode, Vec::new())?;
+        Ok((entries, local_port_range_here().ok()))
     })
+}
+
+/// The range of the namespace this thread is in: /proc/sys/net resolves against the
+/// reading task's namespace.
+fn local_port_range_here() -> io::Result<(u16, u16)> {
+    let text = std::fs::read_to_string(PORT_RANGE)?;
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    match (it.next(), it.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) => Ok((lo, hi)),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{PORT_RANGE} holds {text:?}, not two port numbers"),
+        )),
+    }
 }
 
 /// Runs `f` in namespace `ns`: on the calling thread when it already is there, else on a

@@ -1376,8 +1376,13 @@ impl Processor {
         self.in_flight.remove(&f.netns);
         let (counts, range, failed, no_source) = match f.result {
             Ok(mut d) => {
-                if let Some(r) = d.range {
-                    self.port_ranges.insert(f.netns, r);
+                match d.range {
+                    Some(r) => {
+                        self.port_ranges.insert(f.netns, r);
+                    }
+                    // The re-read could not enter the namespace a second time (its path's
+                    // process just exited): the range the last read found still holds.
+                    None => d.range = self.port_ranges.get(&f.netns).copied(),
                 }
                 if let Some(s) = &mut d.snapshot {
                     self.reconcile(s);

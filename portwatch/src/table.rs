@@ -249,6 +249,17 @@ const SCAN_MAX: usize = 16;
 /// entry that is a socket the table had takes over what the table knew (`carry_from`).
 /// A socket matches by inode, else by address (an entry from events has no inode).
 /// Returns (snapshot entries the table lacked, old entries that no longer exist).
+/// Whether a row the table has without `sk` can be the socket an event of `pid` names: its
+/// owner is that process, or unknown (a dump whose /proc walk ran before the socket was
+/// made, e.g. in a namespace born during the pass). Adopting the ownerless row keeps one
+/// row per socket, with the owner the event knows.
+fn owned_by(x: &Entry, pid: Option<u32>) -> bool {
+    match &x.owner {
+        Some(o) => Some(o.pid) == pid,
+        None => true,
+    }
+}
+
 fn merge_bucket(old: Bucket, new: &mut [Entry]) -> (u64, u64) {
     let mut old: Vec<Option<Entry>> = old.into_iter().map(Some).collect();
     let mut added = 0u64;
@@ -521,7 +532,7 @@ impl PortTable {
                     && x.local == e.local
                     && x.state != TCP_TIME_WAIT
                     && x.remote.port() == 0
-                    && x.owner.as_ref().map(|o| o.pid) == pid))
+                    && owned_by(x, pid)))
         });
         b.push(e);
     }
@@ -537,13 +548,16 @@ impl PortTable {
                 x.local == e.local
                     && (x.state == TCP_CLOSE || (x.state == TCP_LISTEN && x.sk == 0))
                     && x.remote.port() == 0
-                    && x.owner.as_ref().map(|o| o.pid) == pid
+                    && owned_by(x, pid)
             })
         };
         if let Some(x) = by_sk.or_else(by_owner).map(|i| &mut b[i]) {
             x.state = TCP_LISTEN;
             if x.sk == 0 {
                 x.sk = e.sk;
+            }
+            if x.owner.is_none() {
+                x.owner = e.owner;
             }
         } else {
             b.push(Entry {
@@ -1098,6 +1112,31 @@ mod tests {
             t.attribute(&attempt("127.0.0.1", 8080, Proto::Udp)).cause,
             "unknown"
         );
+    }
+
+    /// A dump whose /proc walk ran before the socket existed leaves it without an owner;
+    /// the listen event that follows names the owner on that row rather than adding a
+    /// second row for the same socket.
+    #[test]
+    fn a_listen_event_adopts_the_ownerless_row_of_its_socket() {
+        let mut t = PortTable::default();
+        t.reconcile(NsSockets::build(
+            1,
+            &[diag(Proto::Tcp, "127.0.0.1:8080", "0.0.0.0:0", TCP_LISTEN, 77)],
+            &no_owners,
+            0,
+        ));
+        let mut ev = entry(Proto::Tcp, "127.0.0.1:8080", TCP_CLOSE, 4242);
+        ev.sk = 0xffff_8880_0000_1000;
+        t.on_listen(1, ev);
+        let rows: Vec<&Entry> = t.rows_at(1, Proto::Tcp, 8080).collect();
+        assert_eq!(rows.len(), 1, "one socket, one row");
+        assert_eq!(rows[0].owner.as_ref().map(|o| o.pid), Some(4242));
+        // A row owned by another process is not taken over.
+        let mut t = PortTable::default();
+        t.on_bind(1, entry(Proto::Tcp, "127.0.0.1:8081", TCP_CLOSE, 1));
+        t.on_listen(1, entry(Proto::Tcp, "127.0.0.1:8081", TCP_CLOSE, 2));
+        assert_eq!(t.rows_at(1, Proto::Tcp, 8081).count(), 2);
     }
 
     #[test]
