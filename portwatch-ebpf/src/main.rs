@@ -50,6 +50,21 @@ static FILTER_N: u32 = 0;
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
+/// Failures a process makes faster than one per `PROMPT_GAP_NS`: submitted without a
+/// wakeup, to a ring of their own that the agent reads after `EVENTS`. A storm of failing
+/// calls then queues behind nothing else: the first failure of each process, and any other
+/// process's, still goes to `EVENTS` and wakes the agent at once. Same size as `EVENTS`.
+#[map]
+static BULK: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// A process's failures closer together than this after its last prompt one go to `BULK`.
+const PROMPT_GAP_NS: u64 = 100_000_000;
+
+/// When each process last had a failure sent to `EVENTS` (ktime ns). LRU: a process that
+/// falls out only gets its next failure sent promptly again.
+#[map]
+static PROMPT_AT: LruHashMap<u32, u64> = LruHashMap::with_max_entries(8192, 0);
+
 /// Failed ring-buffer reserves, per kind, per CPU.
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(kind::COUNT, 0);
@@ -347,8 +362,11 @@ const BPF_RB_FORCE_WAKEUP: u64 = 2;
 /// case while unwoken records wait in front of it.
 #[inline(always)]
 fn emit(e: &Event) {
-    let urgent = e.ret < 0;
-    match EVENTS.reserve::<Event>(0) {
+    let urgent = e.ret < 0 && prompt(e.pid, e.ts_ns);
+    // Successes (the table's facts) stay in EVENTS, in order with the prompt failures that
+    // are attributed against them.
+    let ring = if e.ret < 0 && !urgent { &BULK } else { &EVENTS };
+    match ring.reserve::<Event>(0) {
         Some(mut entry) => {
             entry.write(*e);
             entry.submit(if urgent {
@@ -363,6 +381,21 @@ fn emit(e: &Event) {
             }
         }
     }
+}
+
+/// Whether this failure of process `tgid` goes out promptly: its first, or its first
+/// `PROMPT_GAP_NS` after the last prompt one. Two CPUs of one process may both find the
+/// gap passed and both send promptly; that only costs a wakeup.
+#[inline(always)]
+fn prompt(tgid: u32, now: u64) -> bool {
+    // SAFETY: the value is a plain u64 in a map this program owns.
+    if let Some(t) = unsafe { PROMPT_AT.get(&tgid) } {
+        if now.wrapping_sub(*t) < PROMPT_GAP_NS {
+            return false;
+        }
+    }
+    let _ = PROMPT_AT.insert(&tgid, &now, 0);
+    true
 }
 
 /// Read a user sockaddr; only AF_INET and AF_INET6 are of interest.

@@ -42,6 +42,10 @@ const QUEUE: usize = 4096;
 const BATCH: usize = 256;
 /// How often events submitted without a wakeup are collected.
 const DRAIN_MS: u64 = 50;
+/// Queue slots the storm ring leaves free: at most 64 of its batches (a few ms of work)
+/// wait ahead of a
+/// prompt event.
+const BULK_ROOM: usize = QUEUE - 64;
 
 /// `--group`: a name from /etc/group, or a numeric gid.
 fn resolve_group(g: &str) -> Result<u32> {
@@ -134,7 +138,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ports: &args.ports,
         ringbuf_size: args.ringbuf_size,
     })?;
-    let ring = probes.take_events()?;
+    let (ring, mut bulk) = probes.take_events()?;
     // Parsing BTF (ours and aya's) peaked at tens of MB, all freed by now.
     crate::heap::trim();
 
@@ -302,11 +306,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut drain_tick = tokio::time::interval(Duration::from_millis(DRAIN_MS));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut scratch: Vec<Event> = Vec::new();
+    let mut bulk_scratch: Vec<Event> = Vec::new();
+    let mut bulk_left = false;
     let mut state_hook_failed = false;
     loop {
         tokio::select! {
             _ = drain_tick.tick() => {
-                drain(ring.get_mut(), &tx, &mut scratch);
+                drain(ring.get_mut(), &tx, &mut scratch, 0);
+                bulk_left = drain(&mut bulk, &tx, &mut bulk_scratch, BULK_ROOM);
                 // Coalescing windows and held conflicts are timed on the processing thread;
                 // a full queue means it is busy, and the next tick will do.
                 let _ = tx.try_send(Msg::Tick);
@@ -324,8 +331,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(|source| Error::Io { what: "waiting on the ring buffer", source })?;
-                drain(guard.get_inner_mut(), &tx, &mut scratch);
+                drain(guard.get_inner_mut(), &tx, &mut scratch, 0);
                 guard.clear_ready();
+                bulk_left = drain(&mut bulk, &tx, &mut bulk_scratch, BULK_ROOM);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(1)), if bulk_left => {
+                bulk_left = drain(&mut bulk, &tx, &mut bulk_scratch, BULK_ROOM);
             }
             _ = lost_tick.tick() => {
                 if let Some(m) = check_lost(&probes) { send(m).await; }
@@ -350,15 +361,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // is in it then is everything, written or counted.
     probes.unload_programs();
     let give_up = tokio::time::Instant::now() + DRAIN_AT_STOP;
-    while drain(ring.get_mut(), &tx, &mut scratch) {
+    while drain(ring.get_mut(), &tx, &mut scratch, 0) | drain(&mut bulk, &tx, &mut bulk_scratch, 0)
+    {
         if tokio::time::Instant::now() >= give_up {
             // Counted, never silent: what is left could not be handed over in time.
-            for ev in scratch.drain(..) {
+            let lose = |ev: &Event| {
                 agent_lost[(ev.kind as usize).min(KINDS - 1)].fetch_add(1, Ordering::Relaxed);
-            }
-            while let Some(item) = ring.get_mut().next() {
-                if let Some(ev) = decode::event_from_bytes(&item) {
-                    agent_lost[(ev.kind as usize).min(KINDS - 1)].fetch_add(1, Ordering::Relaxed);
+            };
+            scratch.drain(..).chain(bulk_scratch.drain(..)).for_each(|ev| lose(&ev));
+            for r in [ring.get_mut(), &mut bulk] {
+                while let Some(item) = r.next() {
+                    if let Some(ev) = decode::event_from_bytes(&item) {
+                        lose(&ev);
+                    }
                 }
             }
             break;
@@ -391,7 +406,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
 /// conflicts, each woken on its own and so each a tiny batch, would otherwise overflow the
 /// queue long before the ring. Only a full ring loses events, and the kernel counts those
 /// exactly. Returns true when events were left behind for that reason.
-fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Msg>, scratch: &mut Vec<Event>) -> bool {
+///
+/// `keep_free`: stop (returning true) while fewer queue slots than that are free. The
+/// storm ring is read with most of the queue kept free, so that its backlog waits in the
+/// kernel rather than in front of the next prompt event, and read again a millisecond later.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    tx: &mpsc::Sender<Msg>,
+    scratch: &mut Vec<Event>,
+    keep_free: usize,
+) -> bool {
     // Events are gathered in `scratch` (kept across calls) and each batch is sent as an
     // exact-size copy: most wakeups find a few events, and a full-size buffer per wakeup
     // made every queued batch cost 32 KiB whatever it held. While the processing thread is
@@ -413,7 +437,13 @@ fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Msg>, scratch: &mut Vec<
     if scratch.len() >= BATCH && !flush(scratch) {
         return true;
     }
-    while let Some(item) = ring.next() {
+    loop {
+        if tx.capacity() < keep_free {
+            return true;
+        }
+        let Some(item) = ring.next() else {
+            break;
+        };
         let Some(e) = decode::event_from_bytes(&item) else {
             continue;
         };

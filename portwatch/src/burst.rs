@@ -204,10 +204,16 @@ impl Bursts {
 
 fn absorb(slot: &mut Option<Summary>, e: &Event, k: Kind, netns: u32, wall: i128) {
     match slot {
+        // A storm's later failures come through a second ring (see the kernel side's
+        // emit()), so they may arrive after newer ones: the span is min..max, and the
+        // newest event stands for it.
         Some(s) => {
-            s.event = *e;
+            if wall >= s.span.last_ns {
+                s.event = *e;
+                s.span.last_ns = wall;
+            }
+            s.span.first_ns = s.span.first_ns.min(wall);
             s.span.count += 1;
-            s.span.last_ns = wall;
         }
         None => {
             *slot = Some(Summary {

@@ -151,7 +151,8 @@ pub struct RunArgs {
     #[arg(long = "port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub ports: Vec<u16>,
 
-    /// Size of the kernel-to-agent ring buffer in bytes: a power of two, at least 4096.
+    /// Size of each kernel-to-agent ring buffer in bytes (one for prompt events, one for a
+    /// storm's repeated failures): a power of two, at least 4096.
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = parse_ringbuf_size)]
     pub ringbuf_size: u32,
 

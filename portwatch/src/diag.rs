@@ -232,6 +232,9 @@ pub fn socket_owners_on(threads: usize) -> HashMap<u64, Arc<Owner>> {
     owners
 }
 
+/// The lowest and highest port of an `ip_local_port_range`.
+pub type PortRange = (u16, u16);
+
 /// `net.ipv4.ip_local_port_range` of a namespace, e.g. (32768, 60999): the ports `connect`
 /// and `bind(port 0)` pick from there.
 pub fn local_port_range(ns: &Namespace) -> io::Result<(u16, u16)> {
@@ -241,7 +244,7 @@ pub fn local_port_range(ns: &Namespace) -> io::Result<(u16, u16)> {
 /// `dump` and `local_port_range` from one entry into the namespace, so that the range is
 /// there whenever the sockets are: a second entry can find the namespace's path gone.
 /// The range is `None` only when the sysctl itself cannot be read.
-pub fn dump_with_range(ns: &Namespace) -> io::Result<(Vec<SockEntry>, Option<(u16, u16)>)> {
+pub fn dump_with_range(ns: &Namespace) -> io::Result<(Vec<SockEntry>, Option<PortRange>)> {
     let inode = ns.inode;
     in_namespace(ns, "sock_diag dump", move || {
         let entries = dump_here(inode, Vec::new())?;

@@ -159,6 +159,7 @@ fn open(cfg: &LoadConfig<'_>) -> Result<Ebpf> {
         .override_global("FILTER_PORTS", &filter, true)
         .override_global("FILTER_N", &filter_n, true)
         .map_max_entries("EVENTS", cfg.ringbuf_size)
+        .map_max_entries("BULK", cfg.ringbuf_size)
         .load(EBPF_OBJECT)?)
 }
 
@@ -449,15 +450,19 @@ impl Probes {
         &self.notes
     }
 
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        let m = self.ebpf.take_map("EVENTS").ok_or(Error::Map {
-            name: "EVENTS",
-            source: Box::new(aya::maps::MapError::InvalidName {
-                name: "EVENTS".into(),
-            }),
+    /// The ring of prompt events (`EVENTS`) and the ring of a storm's later failures
+    /// (`BULK`), which the agent reads only after the first: see the kernel side's emit().
+    pub fn take_events(&mut self) -> Result<(RingBuf<MapData>, RingBuf<MapData>)> {
+        Ok((self.take_ring("EVENTS")?, self.take_ring("BULK")?))
+    }
+
+    fn take_ring(&mut self, name: &'static str) -> Result<RingBuf<MapData>> {
+        let m = self.ebpf.take_map(name).ok_or(Error::Map {
+            name,
+            source: Box::new(aya::maps::MapError::InvalidName { name: name.into() }),
         })?;
         RingBuf::try_from(m).map_err(|source| Error::Map {
-            name: "EVENTS",
+            name,
             source: Box::new(source),
         })
     }

@@ -58,6 +58,9 @@ pub fn agent_bin() -> PathBuf {
 #[derive(Default)]
 struct Lines {
     lines: Vec<Value>,
+    /// When each of `lines` was read from the agent's stdout, before any lock: what
+    /// latency measurements time (a test thread contending for the lock must not count).
+    read_at: Vec<std::time::SystemTime>,
     raw_bad: Vec<String>,
     eof: bool,
 }
@@ -126,10 +129,14 @@ impl Agent {
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
+                let at = std::time::SystemTime::now();
                 let (m, cv) = &*s2;
                 let mut g = m.lock().unwrap();
                 match serde_json::from_str::<Value>(&line) {
-                    Ok(v) => g.lines.push(v),
+                    Ok(v) => {
+                        g.lines.push(v);
+                        g.read_at.push(at);
+                    }
                     Err(_) => g.raw_bad.push(line),
                 }
                 cv.notify_all();
@@ -273,6 +280,7 @@ impl Agent {
             g.raw_bad
         );
         let lines = std::mem::take(&mut g.lines);
+        g.read_at.clear();
         drop(g);
         Finished {
             lines,
@@ -629,11 +637,10 @@ impl Agent {
                         return;
                     }
                     if g.lines.len() > seen {
-                        let now = std::time::SystemTime::now();
                         let mut out = got.lock().unwrap();
-                        for v in &g.lines[seen..] {
+                        for (v, at) in g.lines[seen..].iter().zip(&g.read_at[seen..]) {
                             if pred(v) {
-                                out.push((v.clone(), now));
+                                out.push((v.clone(), *at));
                             }
                         }
                         seen = g.lines.len();
