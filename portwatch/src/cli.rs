@@ -320,6 +320,10 @@ pub struct CheckArgs {
     pub range: Option<(u16, u16)>,
     #[arg(long)]
     pub json: bool,
+    /// Where the running agent's control socket is: it says which containers publish the
+    /// port and whether a listener inside answers.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_RUNTIME_DIR)]
+    pub runtime_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -243,6 +243,11 @@ impl Index {
         self.host_netns
     }
 
+    /// Every container known.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Container>> {
+        self.by_id.values()
+    }
+
     pub fn get(&self, full_id: &str) -> Option<&Arc<Container>> {
         self.by_id.get(full_id)
     }

@@ -111,6 +111,10 @@ pub enum Request {
         filter: Filter,
     },
     Status,
+    /// The containers publishing host port `port`, each judged reachable or not.
+    Published {
+        port: u16,
+    },
 }
 
 /// One row of the port table, as `portwatch ports` shows it.
@@ -384,6 +388,22 @@ async fn handle(
             {
                 if let Ok(rows) = reply_rx.await {
                     let v = serde_json::json!({ "ports": rows });
+                    w.write_all(format!("{v}\n").as_bytes()).await?;
+                }
+            }
+        }
+        Request::Published { port } => {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            if tx
+                .send(Msg::Published {
+                    port,
+                    reply: reply_tx,
+                })
+                .await
+                .is_ok()
+            {
+                if let Ok(v) = reply_rx.await {
+                    let v = serde_json::json!({ "published": v });
                     w.write_all(format!("{v}\n").as_bytes()).await?;
                 }
             }

@@ -558,8 +558,10 @@ pub fn check(a: &CheckArgs) -> Result<u8> {
             let (free, at) = verdict(port);
             let proto_s = if proto == Proto::Tcp { "tcp" } else { "udp" };
             let target = SocketAddr::new(addr, port);
+            let published = published(&a.runtime_dir, port, proto_s);
             if a.json {
                 let v = serde_json::json!({
+                    "published": published,
                     "port": port, "proto": proto_s, "addr": addr, "free": free,
                     "in_ephemeral_range": in_ephemeral(port),
                     "ephemeral_range": [ephemeral.0, ephemeral.1],
@@ -597,6 +599,33 @@ pub fn check(a: &CheckArgs) -> Result<u8> {
                     let _ = writeln!(out, "  hint: {}", at.hint);
                 } else if let Some(r) = &at.reason {
                     let _ = writeln!(out, "  {r}");
+                }
+            }
+            if !a.json {
+                for p in published.iter().flatten() {
+                    let mapping = format!(
+                        "{} publishes {} to {}/{}",
+                        p["container"].as_str().unwrap_or("-"),
+                        SocketAddr::new(
+                            p["host_ip"]
+                                .as_str()
+                                .and_then(|s| s.parse().ok())
+                                .unwrap_or(addr),
+                            port
+                        ),
+                        p["container_port"],
+                        p["proto"].as_str().unwrap_or(proto_s),
+                    );
+                    if p["reachable"] == true {
+                        let _ = writeln!(out, "  {mapping}: a listener inside answers");
+                    } else {
+                        let _ = writeln!(
+                            out,
+                            "  unreachable: {mapping}, but nothing there listens where published \
+                             traffic arrives\n  hint: {}",
+                            p["hint"].as_str().unwrap_or_default()
+                        );
+                    }
                 }
             }
             if !a.json && in_ephemeral(port) {
@@ -641,6 +670,40 @@ pub fn check(a: &CheckArgs) -> Result<u8> {
         }
     }
     Ok(code)
+}
+
+/// What the running agent knows of containers publishing `port` (`proto` only): each
+/// mapping judged reachable or not, re-checked as asked. None when no agent runs (the
+/// container view is the agent's); an agent that cannot answer is said on stderr.
+fn published(runtime_dir: &Path, port: u16, proto: &str) -> Option<Vec<Value>> {
+    let answer = control::request(runtime_dir, &Request::Published { port }).and_then(|mut r| {
+        let mut line = String::new();
+        r.read_line(&mut line).map_err(|source| Error::Io {
+            what: "reading the agent's answer",
+            source,
+        })?;
+        serde_json::from_str::<Value>(&line).map_err(|e| Error::Io {
+            what: "parsing the agent's answer",
+            source: std::io::Error::other(e),
+        })
+    });
+    match answer {
+        Ok(v) => {
+            if let (None, Some(e)) = (v["type"].as_str(), v["error"].as_str()) {
+                eprintln!("portwatch: warning: the agent did not say which containers publish {port}: {e}");
+                return None;
+            }
+            let all = v["published"].as_array().cloned().unwrap_or_default();
+            Some(all.into_iter().filter(|p| p["proto"] == proto).collect())
+        }
+        Err(Error::NoAgent { .. }) => None,
+        Err(e) => {
+            eprintln!(
+                "portwatch: warning: containers publishing {port} not checked: {e}"
+            );
+            None
+        }
+    }
 }
 
 // ---- doctor ----

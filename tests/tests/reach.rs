@@ -57,9 +57,49 @@ fn published_ports_nothing_reachable_listens_on() {
     });
     assert_eq!(n["listening"], serde_json::json!([]), "{n}");
     assert!(n["hint"].as_str().unwrap().starts_with("nothing in"), "{n}");
+    // `check P` on such a port says the same, from the agent's view of the container.
+    let check = |json: bool| {
+        let p = p_none.to_string();
+        let rt = agent.runtime_dir().to_str().unwrap().to_string();
+        let mut args = vec!["check", p.as_str(), "--runtime-dir", rt.as_str()];
+        if json {
+            args.push("--json");
+        }
+        let o = std::process::Command::new(agent_bin())
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (out, err) = check(true);
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    let published = v["published"].as_array().unwrap_or_else(|| panic!("{v}"));
+    // Docker publishes on 0.0.0.0 and on :: : one mapping each, both judged.
+    assert!(!published.is_empty(), "{v}");
+    for p in published {
+        assert_eq!(p["container"], none.name.as_str(), "{v}");
+        assert_eq!(p["container_port"], 8080, "{v}");
+        assert_eq!(p["reachable"], false, "{v}");
+        assert_eq!(p["listening"], serde_json::json!([]), "{v}");
+    }
+    let (out, _) = check(false);
+    assert!(
+        out.contains("unreachable:") && out.contains(&none.name) && out.contains("hint: nothing in"),
+        "{out}"
+    );
     // The service now listens on every address: the record heals.
     let h = agent.wait_for("reachable", |v| is_docker(v, "reachable", &lo_id));
     assert_eq!(h["host_port"], p_lo, "{h}");
+    // `ports` asks the agent to look again; a port still unreachable is not written twice.
+    let o = std::process::Command::new(agent_bin())
+        .args(["ports", "--runtime-dir", agent.runtime_dir().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::thread::sleep(std::time::Duration::from_secs(1));
     let done = agent.stop();
     let unreachable = done
         .lines
@@ -67,4 +107,10 @@ fn published_ports_nothing_reachable_listens_on() {
         .filter(|v| is_docker(v, "unreachable", &lo_id))
         .count();
     assert_eq!(unreachable, 1, "written once until it heals");
+    let still = done
+        .lines
+        .iter()
+        .filter(|v| is_docker(v, "unreachable", &none_id))
+        .count();
+    assert_eq!(still, 1, "re-checked on request, written once while it stays unreachable");
 }

@@ -17,6 +17,10 @@ use portwatch_common::{kind, Event, Kind, IPPROTO_TCP, IPPROTO_UDP};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+mod reachability;
+
+pub use reachability::Published;
+
 use crate::{
     burst::{Bursts, Span, Verdict},
     containers::{self, Container, DockerMsg, Index, StartError},
@@ -25,7 +29,6 @@ use crate::{
     diag,
     enrich::ProcCache,
     metrics::Metrics,
-    reach,
     record::{self, Header},
     service::{self, Services},
     sink::{LogEvent, Output},
@@ -64,6 +67,12 @@ pub enum Msg {
     Status {
         reply: oneshot::Sender<serde_json::Value>,
     },
+    /// `check P`: the containers publishing host port P, and whether their mapping reaches
+    /// a listener.
+    Published {
+        port: u16,
+        reply: oneshot::Sender<Vec<Published>>,
+    },
     /// SIGHUP: reopen the log file.
     Reopen,
     /// From the Docker thread: the container index and lifecycle.
@@ -95,6 +104,15 @@ pub struct FreshRequest {
 }
 
 impl FreshRequest {
+    /// A re-read of a namespace's sockets, with their owners.
+    pub fn sockets_of(ns: diag::Namespace) -> FreshRequest {
+        FreshRequest {
+            ns,
+            dsts: Vec::new(),
+            sockets: true,
+        }
+    }
+
     pub fn merge(&mut self, other: FreshRequest) {
         for d in other.dsts {
             if !self.dsts.contains(&d) {
@@ -984,129 +1002,6 @@ impl Processor {
                 self.write_port(c, as_of);
             }
         }
-    }
-
-    /// Containers whose start was `REACH_DELAY` ago: ask for a re-read of their namespace;
-    /// the check runs when it comes (`reach_netns`).
-    fn reach_tick(&mut self) {
-        let now = Instant::now();
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reach_due)
-            .into_iter()
-            .partition(|(_, t)| *t <= now);
-        self.reach_due = later;
-        for (id, _) in due {
-            let Some(c) = self.docker.get(&id).cloned() else {
-                continue;
-            };
-            let (Some(netns), pid) = (c.netns, c.pid) else {
-                continue;
-            };
-            if pid == 0 || c.network_mode.as_ref() == "host" {
-                continue;
-            }
-            let ns = diag::Namespace {
-                inode: netns,
-                path: PathBuf::from(format!("/proc/{pid}/ns/net")),
-            };
-            let req = FreshRequest {
-                ns,
-                dsts: Vec::new(),
-                sockets: true,
-            };
-            if self.cfg.fresh.send(req).is_ok() {
-                self.in_flight.entry(netns).or_insert_with(Instant::now);
-                self.reach_wait.push((id, netns));
-            }
-        }
-    }
-
-    /// Judge the published ports of the containers in `netns` from the table: those waiting
-    /// for this re-read (when `reread`), and those already found unreachable (to see them
-    /// heal).
-    fn reach_netns(&mut self, netns: u32, reread: bool) {
-        let mut ids: Vec<Box<str>> = Vec::new();
-        if reread {
-            let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reach_wait)
-                .into_iter()
-                .partition(|(_, n)| *n == netns);
-            self.reach_wait = rest;
-            ids.extend(mine.into_iter().map(|(id, _)| id));
-        }
-        for (id, ..) in &self.unreachable {
-            if self.docker.get(id).is_some_and(|c| c.netns == Some(netns)) && !ids.contains(id) {
-                ids.push(id.clone());
-            }
-        }
-        for id in ids {
-            let Some(c) = self.docker.get(&id).cloned() else {
-                continue;
-            };
-            let ips: Vec<IpAddr> = c.networks.iter().filter_map(|n| n.ip).collect();
-            for pm in &c.published {
-                let listeners = self
-                    .table
-                    .rows()
-                    .filter(|(ns, x)| {
-                        *ns == netns
-                            && x.remote.port() == 0
-                            && (x.proto == Proto::Udp || x.state == table::TCP_LISTEN)
-                    })
-                    .map(|(_, x)| (x.proto, x.local.ip(), x.local.port()));
-                let verdict = reach::judge(pm, listeners, &ips);
-                let key = (id.clone(), pm.proto, pm.host_port);
-                let was = self.unreachable.contains(&key);
-                match verdict {
-                    Some(listening) if !was => {
-                        let comm = self
-                            .table
-                            .rows()
-                            .find(|(ns, x)| {
-                                *ns == netns
-                                    && x.local.port() == pm.container_port
-                                    && x.proto == pm.proto
-                            })
-                            .and_then(|(_, x)| x.owner.as_ref().map(|o| o.comm.clone()));
-                        let hint = reach::hint(&c.r.name, pm, &listening, comm.as_deref());
-                        self.unreachable.insert(key);
-                        self.write_reach(&c, pm, "unreachable", Some(listening), hint);
-                    }
-                    None if was => {
-                        self.unreachable.remove(&key);
-                        let hint = format!(
-                            "{} now listens on {} port {}",
-                            c.r.name,
-                            pm.proto.name(),
-                            pm.container_port
-                        );
-                        self.write_reach(&c, pm, "reachable", None, hint);
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-
-    fn write_reach(
-        &mut self,
-        c: &Container,
-        pm: &containers::PortMap,
-        event: &'static str,
-        listening: Option<Vec<reach::Listening>>,
-        hint: String,
-    ) {
-        let r = record::Docker {
-            event,
-            container: Some(&c.r),
-            netns: c.netns,
-            proto: Some(pm.proto.name()),
-            host_ip: Some(pm.host_ip),
-            host_port: Some(pm.host_port),
-            container_port: Some(pm.container_port),
-            listening,
-            hint: Some(hint),
-            ..Default::default()
-        };
-        self.emit_line("docker", Clock::now_wall_ns(), r);
     }
 
     /// Drop what the table and the trackers keep about namespaces that are gone.
@@ -2335,9 +2230,16 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
                 since_s,
                 live,
                 replay,
-            } => p.attach(filter, since_s, live, replay),
+            } => {
+                p.recheck_reach(filter.port);
+                p.attach(filter, since_s, live, replay);
+            }
             Msg::Ports { filter, reply } => {
                 let _ = reply.send(p.ports(&filter));
+                p.recheck_reach(filter.port);
+            }
+            Msg::Published { port, reply } => {
+                let _ = reply.send(p.published_answer(port));
             }
             Msg::Status { reply } => {
                 let _ = reply.send(p.status());
