@@ -2283,61 +2283,26 @@ fn latency_cost_phase(s: &Settings, rep: &mut Report, attach: bool) -> Result<La
     wait_for_quiet(rep);
     // One holder per probe so each conflict is known by its port. Created before the agent
     // starts: their listen() calls are not part of what is measured.
-    let holders: Vec<(Fd, u16)> = (0..PROBES).map(|_| listener(0, 1)).collect::<Result<_>>()?;
-    let mut index = vec![u16::MAX; 65536];
-    for (i, (_, p)) in holders.iter().enumerate() {
-        index[*p as usize] = i as u16;
-    }
-    let arrivals: Arc<Vec<AtomicI64>> = Arc::new((0..PROBES).map(|_| AtomicI64::new(0)).collect());
+    let probes = ProbeHolders::new(PROBES)?;
+    let (holders, arrivals) = (&probes.holders, probes.arrivals.clone());
 
     let (mut t, stdout) = Tracer::spawn(s, Cfg::PwDefault, tag, Sink::Pipe)?;
     let stdout = stdout.context("agent stdout pipe")?;
-    let (ready_tx, ready_rx) = mpsc::channel::<(Instant, String)>();
-    let reader = {
-        let arrivals = arrivals.clone();
-        thread::Builder::new()
-            .name("bench-reader".into())
-            .spawn(move || {
-                // Reads until EOF (the agent exited): bounded by the agent's life.
-                let mut r = BufReader::with_capacity(1 << 16, stdout);
-                let mut buf = Vec::with_capacity(4096);
-                let mut st = LineStats::default();
-                loop {
-                    buf.clear();
-                    match r.read_until(b'\n', &mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                    let now = realtime_ns();
-                    let Ok(line) = std::str::from_utf8(&buf) else {
-                        continue;
-                    };
-                    if record_type(line) == "conflict" && line.contains("\"op\":\"bind\"") {
-                        if let Some(p) = json_u64(line, "port") {
-                            let i = index[p as usize & 0xffff];
-                            if i != u16::MAX {
-                                let _ =
-                                    arrivals[i as usize].compare_exchange(0, now, Relaxed, Relaxed);
-                            }
-                        }
-                    } else if line.contains("\"event\":\"ready\"") {
-                        let _ = ready_tx.send((Instant::now(), line.to_string()));
-                    }
-                    st.feed(line, None);
+    let marks = probes.marks();
+    let (reader, ready_rx) = read_agent_lines(
+        stdout,
+        "bench-reader",
+        LineStats::default(),
+        move |st, line, now| {
+            if record_type(line) == "conflict" && line.contains("\"op\":\"bind\"") {
+                if let Some(p) = json_u64(line, "port") {
+                    marks.arrived(p, now);
                 }
-                st.log
-            })?
-    };
-    let (ready_at, line) = match ready_rx.recv_timeout(READY_TIMEOUT) {
-        Ok(v) => v,
-        Err(_) => {
-            t.check_alive()?;
-            bail!(
-                "the agent did not report ready within {READY_TIMEOUT:?}:\n{}",
-                t.stderr_tail()
-            );
-        }
-    };
+            }
+            st.feed(line, None);
+        },
+    )?;
+    let (ready_at, line) = wait_ready(&mut t, &ready_rx)?;
     let ready_wall = ready_at - t.spawned;
     rep.agent_ready(ready_wall, &line);
     // The control socket is bound before the ready line is printed.
@@ -2401,7 +2366,8 @@ fn latency_cost_phase(s: &Settings, rep: &mut Report, attach: bool) -> Result<La
     t.stop(Duration::from_secs(30))?;
     let log = reader
         .join()
-        .map_err(|_| anyhow::anyhow!("reader thread panicked"))?;
+        .map_err(|_| anyhow::anyhow!("reader thread panicked"))?
+        .log;
     if !log.stopped {
         rep.warn(format!("{what}: no 'stopped' record"));
     }
@@ -3690,6 +3656,106 @@ fn encode_png(cv: &Canvas) -> Result<Vec<u8>> {
     w.write_image_data(&data).context("encoding the PNG data")?;
     w.finish().context("finishing the PNG")?;
     Ok(out)
+}
+
+/// One listener per unrelated-conflict probe, each on a port of its own, so that a probe's
+/// conflict line is known by its port; and when each probe's line arrived (wall ns, 0 until
+/// it does).
+struct ProbeHolders {
+    holders: Vec<(Fd, u16)>,
+    index: Arc<Vec<u16>>,
+    arrivals: Arc<Vec<AtomicI64>>,
+}
+
+/// What a reader thread needs to time the probes' lines.
+struct ProbeMarks {
+    index: Arc<Vec<u16>>,
+    arrivals: Arc<Vec<AtomicI64>>,
+}
+
+impl ProbeHolders {
+    fn new(n: usize) -> Result<ProbeHolders> {
+        let holders: Vec<(Fd, u16)> = (0..n).map(|_| listener(0, 1)).collect::<Result<_>>()?;
+        let mut index = vec![u16::MAX; 65536];
+        for (i, (_, p)) in holders.iter().enumerate() {
+            index[*p as usize] = i as u16;
+        }
+        Ok(ProbeHolders {
+            holders,
+            index: Arc::new(index),
+            arrivals: Arc::new((0..n).map(|_| AtomicI64::new(0)).collect()),
+        })
+    }
+
+    fn marks(&self) -> ProbeMarks {
+        ProbeMarks {
+            index: self.index.clone(),
+            arrivals: self.arrivals.clone(),
+        }
+    }
+}
+
+impl ProbeMarks {
+    /// A conflict line on `port` arrived at `now`: the first one of a probe is its time.
+    /// Whether `port` is a probe's.
+    fn arrived(&self, port: u64, now: i64) -> bool {
+        let i = self.index[port as usize & 0xffff];
+        if i == u16::MAX {
+            return false;
+        }
+        let _ = self.arrivals[i as usize].compare_exchange(0, now, Relaxed, Relaxed);
+        true
+    }
+}
+
+/// Where a reader thread sends the agent's `ready` line, with when it was read.
+type ReadyLine = mpsc::Receiver<(Instant, String)>;
+
+/// A thread reading the agent's stdout until EOF (the agent exited; so bounded by its
+/// life): each line is handed to `f` with the wall time it was read, and the `ready` line
+/// is also sent on the returned channel. The thread returns `state`.
+fn read_agent_lines<S: Send + 'static>(
+    stdout: ChildStdout,
+    name: &str,
+    mut state: S,
+    mut f: impl FnMut(&mut S, &str, i64) + Send + 'static,
+) -> Result<(thread::JoinHandle<S>, ReadyLine)> {
+    let (ready_tx, ready_rx) = mpsc::channel::<(Instant, String)>();
+    let h = thread::Builder::new().name(name.into()).spawn(move || {
+        let mut r = BufReader::with_capacity(1 << 16, stdout);
+        let mut buf = Vec::with_capacity(4096);
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let now = realtime_ns();
+            let Ok(line) = std::str::from_utf8(&buf) else {
+                continue;
+            };
+            if record_type(line) == "agent" && line.contains("\"event\":\"ready\"") {
+                let _ = ready_tx.send((Instant::now(), line.to_string()));
+            }
+            f(&mut state, line, now);
+        }
+        state
+    })?;
+    Ok((h, ready_rx))
+}
+
+/// The agent's `ready` line (when it was read, and the line), or why it never came.
+fn wait_ready(t: &mut Tracer, ready: &ReadyLine) -> Result<(Instant, String)> {
+    match ready.recv_timeout(READY_TIMEOUT) {
+        Ok(v) => Ok(v),
+        Err(_) => {
+            t.check_alive()?;
+            bail!(
+                "the agent did not report ready within {READY_TIMEOUT:?}:\n{}",
+                t.stderr_tail()
+            );
+        }
+    }
 }
 
 #[cfg(test)]

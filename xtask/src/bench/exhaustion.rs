@@ -219,87 +219,49 @@ pub(super) fn exhaustion_storm_phase(s: &Settings, rep: &mut Report) -> Result<E
     // Before the agent starts: the setup (2,000 connections, the holders' listens) is not
     // part of what is measured.
     let exhausted = Exhausted::new()?;
-    let holders: Vec<(Fd, u16)> = (0..probes).map(|_| listener(0, 1)).collect::<Result<_>>()?;
-    let mut index = vec![u16::MAX; 65536];
-    for (i, (_, p)) in holders.iter().enumerate() {
-        index[*p as usize] = i as u16;
-    }
-    let arrivals: Arc<Vec<AtomicI64>> = Arc::new((0..probes).map(|_| AtomicI64::new(0)).collect());
+    let probe_set = ProbeHolders::new(probes)?;
+    let (holders, arrivals) = (&probe_set.holders, probe_set.arrivals.clone());
 
     let (mut t, stdout) = Tracer::spawn(s, Cfg::PwDefault, "exhaust", Sink::Pipe)?;
     let stdout = stdout.context("agent stdout pipe")?;
-    let (ready_tx, ready_rx) = mpsc::channel::<(Instant, String)>();
-    let reader = {
-        let arrivals = arrivals.clone();
-        thread::Builder::new()
-            .name("bench-exh-reader".into())
-            .spawn(move || {
-                // Reads until EOF (the agent exited): bounded by the agent's life.
-                let mut r = BufReader::with_capacity(1 << 16, stdout);
-                let mut buf = Vec::with_capacity(4096);
-                let mut seen = Seen::default();
-                loop {
-                    buf.clear();
-                    match r.read_until(b'\n', &mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {}
+    let marks = probe_set.marks();
+    let (reader, ready_rx) = read_agent_lines(
+        stdout,
+        "bench-exh-reader",
+        Seen::default(),
+        move |seen, line, now| match record_type(line) {
+            "conflict" => {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                    return;
+                };
+                let count = v["count"].as_u64().unwrap_or(1);
+                if v["op"] == "bind" {
+                    if marks.arrived(v["port"].as_u64().unwrap_or(0), now) {
+                        seen.probe_counted += count;
                     }
-                    let now = realtime_ns();
-                    let Ok(line) = std::str::from_utf8(&buf) else {
-                        continue;
-                    };
-                    match record_type(line) {
-                        "conflict" => {
-                            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-                                continue;
-                            };
-                            let count = v["count"].as_u64().unwrap_or(1);
-                            if v["op"] == "bind" {
-                                let i = index[v["port"].as_u64().unwrap_or(0) as usize & 0xffff];
-                                if i != u16::MAX {
-                                    let _ = arrivals[i as usize]
-                                        .compare_exchange(0, now, Relaxed, Relaxed);
-                                    seen.probe_counted += count;
-                                }
-                            } else if v["op"] == "connect" && v["port"] == DST_PORT {
-                                seen.records += 1;
-                                seen.counted += count;
-                                let first = v["first_ts"].as_str().and_then(rfc3339_ns);
-                                let as_of = v["destination"]["as_of"].as_str().and_then(rfc3339_ns);
-                                if matches!((first, as_of), (Some(f), Some(a)) if a >= f) {
-                                    seen.dest_ok += 1;
-                                }
-                            }
-                        }
-                        "lost" => {
-                            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-                                seen.lost_connect += v["by_kind"]["connect"].as_u64().unwrap_or(0);
-                                seen.lost_bind += v["by_kind"]["bind"].as_u64().unwrap_or(0);
-                            }
-                        }
-                        "agent" => {
-                            if line.contains("\"event\":\"ready\"") {
-                                let _ = ready_tx.send((Instant::now(), line.to_string()));
-                            } else if line.contains("\"event\":\"stopped\"") {
-                                seen.unwritten = json_u64(line, "unwritten");
-                            }
-                        }
-                        _ => {}
+                } else if v["op"] == "connect" && v["port"] == DST_PORT {
+                    seen.records += 1;
+                    seen.counted += count;
+                    let first = v["first_ts"].as_str().and_then(rfc3339_ns);
+                    let as_of = v["destination"]["as_of"].as_str().and_then(rfc3339_ns);
+                    if matches!((first, as_of), (Some(f), Some(a)) if a >= f) {
+                        seen.dest_ok += 1;
                     }
                 }
-                seen
-            })?
-    };
-    let (ready_at, line) = match ready_rx.recv_timeout(READY_TIMEOUT) {
-        Ok(v) => v,
-        Err(_) => {
-            t.check_alive()?;
-            bail!(
-                "the agent did not report ready within {READY_TIMEOUT:?}:\n{}",
-                t.stderr_tail()
-            );
-        }
-    };
+            }
+            "lost" => {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                    seen.lost_connect += v["by_kind"]["connect"].as_u64().unwrap_or(0);
+                    seen.lost_bind += v["by_kind"]["bind"].as_u64().unwrap_or(0);
+                }
+            }
+            "agent" if line.contains("\"event\":\"stopped\"") => {
+                seen.unwritten = json_u64(line, "unwritten");
+            }
+            _ => {}
+        },
+    )?;
+    let (ready_at, line) = wait_ready(&mut t, &ready_rx)?;
     rep.agent_ready(ready_at - t.spawned, &line);
     thread::sleep(SETTLE);
 
