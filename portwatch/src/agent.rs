@@ -368,7 +368,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let lose = |ev: &Event| {
                 agent_lost[(ev.kind as usize).min(KINDS - 1)].fetch_add(1, Ordering::Relaxed);
             };
-            scratch.drain(..).chain(bulk_scratch.drain(..)).for_each(|ev| lose(&ev));
+            scratch
+                .drain(..)
+                .chain(bulk_scratch.drain(..))
+                .for_each(|ev| lose(&ev));
             for r in [ring.get_mut(), &mut bulk] {
                 while let Some(item) = r.next() {
                     if let Some(ev) = decode::event_from_bytes(&item) {

@@ -698,9 +698,7 @@ fn published(runtime_dir: &Path, port: u16, proto: &str) -> Option<Vec<Value>> {
         }
         Err(Error::NoAgent { .. }) => None,
         Err(e) => {
-            eprintln!(
-                "portwatch: warning: containers publishing {port} not checked: {e}"
-            );
+            eprintln!("portwatch: warning: containers publishing {port} not checked: {e}");
             None
         }
     }

@@ -1122,7 +1122,13 @@ mod tests {
         let mut t = PortTable::default();
         t.reconcile(NsSockets::build(
             1,
-            &[diag(Proto::Tcp, "127.0.0.1:8080", "0.0.0.0:0", TCP_LISTEN, 77)],
+            &[diag(
+                Proto::Tcp,
+                "127.0.0.1:8080",
+                "0.0.0.0:0",
+                TCP_LISTEN,
+                77,
+            )],
             &no_owners,
             0,
         ));

@@ -135,7 +135,11 @@ fn service_ports_open_and_close_and_history_tells_who_held_them() {
         .into_iter()
         .filter(|v| v["actor"]["pid"] == tcp_pid)
         .collect();
-    assert_eq!(mine.len(), 1, "only the listener on {p_eph}, not its client: {mine:?}");
+    assert_eq!(
+        mine.len(),
+        1,
+        "only the listener on {p_eph}, not its client: {mine:?}"
+    );
     assert_eq!(mine[0]["event"], "open");
     assert!(
         !lines.iter().any(|v| v["type"] == "port" && v["port"] == 0),

@@ -87,7 +87,9 @@ fn published_ports_nothing_reachable_listens_on() {
     }
     let (out, _) = check(false);
     assert!(
-        out.contains("unreachable:") && out.contains(&none.name) && out.contains("hint: nothing in"),
+        out.contains("unreachable:")
+            && out.contains(&none.name)
+            && out.contains("hint: nothing in"),
         "{out}"
     );
     // The service now listens on every address: the record heals.
@@ -95,7 +97,11 @@ fn published_ports_nothing_reachable_listens_on() {
     assert_eq!(h["host_port"], p_lo, "{h}");
     // `ports` asks the agent to look again; a port still unreachable is not written twice.
     let o = std::process::Command::new(agent_bin())
-        .args(["ports", "--runtime-dir", agent.runtime_dir().to_str().unwrap()])
+        .args([
+            "ports",
+            "--runtime-dir",
+            agent.runtime_dir().to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -112,5 +118,8 @@ fn published_ports_nothing_reachable_listens_on() {
         .iter()
         .filter(|v| is_docker(v, "unreachable", &none_id))
         .count();
-    assert_eq!(still, 1, "re-checked on request, written once while it stays unreachable");
+    assert_eq!(
+        still, 1,
+        "re-checked on request, written once while it stays unreachable"
+    );
 }
