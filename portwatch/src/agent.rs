@@ -115,10 +115,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     let control = control::bind(&args.runtime_dir, group)?;
     let host = args.host.clone().unwrap_or_else(hostname);
-    let docker_ep = if args.no_docker {
-        None
+    let docker_eps = if args.no_docker {
+        Vec::new()
     } else {
-        Some(docker::endpoint(args.docker_host.as_deref())?)
+        docker::endpoints(&args.docker_host)?
     };
 
     let (offsets, problems) = if args.no_btf_offsets {
@@ -244,21 +244,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // line. Without a daemon it says so once and retries; a slow daemon can delay container
     // names, never the records themselves.
     let (stop_docker, stop_docker_rx) = tokio::sync::watch::channel(false);
-    let docker_thread = match docker_ep {
-        Some(ep) => {
-            let tx = tx.clone();
-            Some(
-                std::thread::Builder::new()
-                    .name("portwatch-docker".into())
-                    .spawn(move || docker::run(ep, tx, stop_docker_rx))
-                    .map_err(|source| Error::Io {
-                        what: "starting the Docker thread",
-                        source,
-                    })?,
-            )
-        }
-        None => None,
-    };
+    let mut docker_threads = Vec::new();
+    for ep in docker_eps {
+        let (tx, stop) = (tx.clone(), stop_docker_rx.clone());
+        docker_threads.push(
+            std::thread::Builder::new()
+                .name("portwatch-docker".into())
+                .spawn(move || docker::run(ep, tx, stop))
+                .map_err(|source| Error::Io {
+                    what: "starting the Docker thread",
+                    source,
+                })?,
+        );
+    }
     let mut sigint = signal(SignalKind::interrupt()).map_err(|source| Error::Io {
         what: "installing the SIGINT handler",
         source,
@@ -391,9 +389,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::task::spawn_blocking(move || diag_thread.join()),
     )
     .await;
-    if let Some(t) = docker_thread {
-        let _ =
-            tokio::time::timeout(JOIN_AT_STOP, tokio::task::spawn_blocking(move || t.join())).await;
+    if !docker_threads.is_empty() {
+        let all = tokio::task::spawn_blocking(move || {
+            for t in docker_threads {
+                let _ = t.join();
+            }
+        });
+        let _ = tokio::time::timeout(JOIN_AT_STOP, all).await;
     }
     send(Msg::Stop).await;
     drop(tx);

@@ -190,11 +190,13 @@ pub struct RunArgs {
     /// unless you mean to expose them).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
-    /// The Docker daemon to join: unix:///path, a socket path, or tcp://HOST:PORT (default:
-    /// $DOCKER_HOST, else unix:///var/run/docker.sock). Conflicts then name containers,
-    /// and Docker's own port failures become conflict records.
+    /// A container engine's Docker API to join: unix:///path, a socket path, or
+    /// tcp://HOST:PORT; repeat it to join several (Docker and Podman). Default: $DOCKER_HOST,
+    /// else unix:///var/run/docker.sock, plus Podman's unix:///run/podman/podman.sock when
+    /// that socket exists. Conflicts then name containers, and the engines' own port
+    /// failures become conflict records.
     #[arg(long, value_name = "URL", conflicts_with = "no_docker")]
-    pub docker_host: Option<String>,
+    pub docker_host: Vec<String>,
 
     /// Do not join the Docker daemon (no container names, no `docker` records).
     #[arg(long)]

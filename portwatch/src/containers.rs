@@ -23,6 +23,8 @@ use crate::diag::Proto;
 pub struct ContainerRef {
     /// The first 12 hex digits, as `docker ps` shows.
     pub id: Box<str>,
+    /// `docker` or `podman`: the engine that runs it.
+    pub engine: &'static str,
     pub name: Box<str>,
     pub image: Box<str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -100,6 +102,8 @@ pub struct Network {
 pub struct Container {
     pub r: Arc<ContainerRef>,
     pub full_id: Box<str>,
+    /// The API endpoint it was learnt from: each engine's sync replaces its own only.
+    pub endpoint: Arc<str>,
     pub state: State,
     /// Main process, 0 unless live.
     pub pid: u32,
@@ -180,6 +184,8 @@ pub enum DockerMsg {
 #[derive(Debug)]
 pub struct Connected {
     pub endpoint: Box<str>,
+    /// `docker` or `podman`.
+    pub engine: &'static str,
     pub api_version: String,
     pub server_version: String,
     pub containers: Vec<Arc<Container>>,
@@ -222,7 +228,8 @@ pub struct Index {
     proc_root: PathBuf,
     /// The daemon is reachable: start failures will be reported, so a proxy's failed bind
     /// may wait for its container's name.
-    pub connected: bool,
+    /// Endpoints of the engines connected now.
+    pub connected: std::collections::HashSet<Box<str>>,
 }
 
 impl Index {
@@ -235,7 +242,7 @@ impl Index {
             host_network: 0,
             pid_cache: HashMap::new(),
             proc_root: proc_root.into(),
-            connected: false,
+            connected: Default::default(),
         }
     }
 
@@ -252,9 +259,18 @@ impl Index {
         self.by_id.get(full_id)
     }
 
-    pub fn replace_all(&mut self, cs: impl IntoIterator<Item = Arc<Container>>) {
-        self.by_id = cs.into_iter().map(|c| (c.full_id.clone(), c)).collect();
+    /// A full sync of the engine at `endpoint`: its containers replace the ones it had;
+    /// another engine's stay.
+    pub fn replace_all(&mut self, endpoint: &str, cs: impl IntoIterator<Item = Arc<Container>>) {
+        self.by_id.retain(|_, c| &*c.endpoint != endpoint);
+        self.by_id
+            .extend(cs.into_iter().map(|c| (c.full_id.clone(), c)));
         self.rebuild();
+    }
+
+    /// Whether any engine is connected.
+    pub fn connected(&self) -> bool {
+        !self.connected.is_empty()
     }
 
     pub fn upsert(&mut self, c: Arc<Container>) {
@@ -487,6 +503,11 @@ pub fn docker_binder(comm: &str) -> Option<&'static str> {
     match comm {
         "docker-proxy" => Some("docker-proxy"),
         "dockerd" => Some("dockerd"),
+        // Podman: the CLI (or its API service) binds a published port and hands the socket
+        // to the container's conmon, which holds it; rootless, rootlessport does.
+        "podman" => Some("podman"),
+        "conmon" => Some("conmon"),
+        "rootlessport" => Some("rootlessport"),
         _ => None,
     }
 }
@@ -500,12 +521,14 @@ pub mod tests {
         Container {
             r: Arc::new(ContainerRef {
                 id: full[..12].into(),
+                engine: "docker",
                 name: name.into(),
                 image: "nginx:1.27".into(),
                 compose_project: None,
                 compose_service: None,
             }),
             full_id: full.into(),
+            endpoint: "unix:///var/run/docker.sock".into(),
             state,
             pid: 0,
             netns: None,
@@ -522,6 +545,22 @@ pub mod tests {
         s.parse().unwrap()
     }
 
+    /// Each engine's sync replaces only its own containers: Docker and Podman joined at
+    /// once keep each other's.
+    #[test]
+    fn a_sync_replaces_only_its_own_engines_containers() {
+        let mut idx = Index::new(1, "/nonexistent");
+        let d = container('a', "d1", State::Running);
+        let mut p = container('b', "p1", State::Running);
+        p.endpoint = "unix:///run/podman/podman.sock".into();
+        idx.replace_all("unix:///var/run/docker.sock", [Arc::new(d)]);
+        idx.replace_all("unix:///run/podman/podman.sock", [Arc::new(p)]);
+        assert_eq!(idx.iter().count(), 2);
+        // Docker resyncs with nothing: its container goes, Podman's stays.
+        idx.replace_all("unix:///var/run/docker.sock", []);
+        let left: Vec<&str> = idx.iter().map(|c| &*c.r.name).collect();
+        assert_eq!(left, ["p1"]);
+    }
     #[test]
     fn cgroup_ids_in_proc_text() {
         let id = "8b9af854e0580aa6a5fd34c75ca7350e8eb7253d0a0c2cc7007ab72f55a004a6";
@@ -631,7 +670,7 @@ pub mod tests {
         a.published = vec![port_map("80/tcp", Some("0.0.0.0"), Some("8080")).unwrap()];
         let mut b = container('b', "web2", State::Created);
         b.bindings = vec![port_map("80/tcp", Some(""), Some("8080")).unwrap()];
-        idx.replace_all([Arc::new(a), Arc::new(b)]);
+        idx.replace_all("unix:///var/run/docker.sock", [Arc::new(a), Arc::new(b)]);
         assert_eq!(&*idx.container_of(5, 0, 63).unwrap().r.name, "web1");
         assert_eq!(&*idx.container_of(5, 2000, 0).unwrap().r.name, "web1");
         assert!(
@@ -668,7 +707,7 @@ pub mod tests {
         let mut h = container('c', "hostnet", State::Running);
         h.pid = 77;
         h.netns = Some(1000);
-        idx.replace_all([Arc::new(h)]);
+        idx.replace_all("unix:///var/run/docker.sock", [Arc::new(h)]);
         assert_eq!(&*idx.container_of(77, 1000, 1).unwrap().r.name, "hostnet");
         assert!(idx.container_of(78, 1000, 1).is_none());
         std::fs::remove_dir_all(&root).unwrap();

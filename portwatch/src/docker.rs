@@ -101,6 +101,30 @@ pub fn endpoint(flag: Option<&str>) -> Result<Endpoint, Error> {
     }
 }
 
+/// Podman's Docker-compatible API, as `podman system service` serves it for root.
+pub const PODMAN_SOCKET: &str = "/run/podman/podman.sock";
+
+/// The engines `run` joins: each `--docker-host`; without any, the default one (`endpoint`)
+/// and Podman's socket when it exists.
+pub fn endpoints(flags: &[String]) -> Result<Vec<Endpoint>, Error> {
+    if !flags.is_empty() {
+        let mut out = Vec::new();
+        for f in flags {
+            let ep = endpoint(Some(f))?;
+            if !out.contains(&ep) {
+                out.push(ep);
+            }
+        }
+        return Ok(out);
+    }
+    let mut out = vec![endpoint(None)?];
+    let podman = Endpoint::Unix(PODMAN_SOCKET.into());
+    if Path::new(PODMAN_SOCKET).exists() && !out.contains(&podman) {
+        out.push(podman);
+    }
+    Ok(out)
+}
+
 pub(crate) fn connect(ep: &Endpoint) -> Result<Docker, bollard::errors::Error> {
     match ep {
         Endpoint::Unix(p) => {
@@ -125,6 +149,7 @@ struct Tracked {
 #[derive(Clone)]
 struct Inspector {
     docker: Docker,
+    engine: Engine,
     proc_root: PathBuf,
     cgroup2: Option<PathBuf>,
 }
@@ -141,7 +166,7 @@ impl Inspector {
             .inspect_container(id, None::<InspectContainerOptions>)
             .await
             .ok()?;
-        let c = container_from(&r, &self.proc_root, self.cgroup2.as_deref())?;
+        let c = container_from(&r, &self.proc_root, self.cgroup2.as_deref(), &self.engine)?;
         let error = r.state.and_then(|s| s.error).filter(|e| !e.is_empty());
         Some((Arc::new(c), error))
     }
@@ -200,6 +225,8 @@ struct Join {
     synced_once: bool,
     proc_root: PathBuf,
     cgroup2: Option<PathBuf>,
+    /// What the daemon said it is, at the last hello.
+    engine: &'static str,
 }
 
 /// Runs until `stop` turns true. Owns a current-thread runtime, so nothing here shares a
@@ -225,6 +252,7 @@ pub fn run(ep: Endpoint, tx: mpsc::Sender<Msg>, stop: watch::Receiver<bool>) {
         synced_once: false,
         proc_root: PathBuf::from("/proc"),
         cgroup2: None,
+        engine: "docker",
     };
     rt.block_on(j.run(stop));
 }
@@ -281,18 +309,23 @@ impl Join {
         let hello = async {
             let docker = docker.negotiate_version().await?;
             let v = docker.version().await?;
-            Ok::<_, bollard::errors::Error>((docker, v.version.unwrap_or_default()))
+            Ok::<_, bollard::errors::Error>((
+                docker,
+                engine_name(&v),
+                v.version.unwrap_or_default(),
+            ))
         };
-        let (docker, server_version) = match tokio::time::timeout(HELLO_TIMEOUT, hello).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return (unreachable(e), false),
-            Err(_) => {
-                return (
-                    unreachable(bollard::errors::Error::RequestTimeoutError),
-                    false,
-                )
-            }
-        };
+        let (docker, engine, server_version) =
+            match tokio::time::timeout(HELLO_TIMEOUT, hello).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return (unreachable(e), false),
+                Err(_) => {
+                    return (
+                        unreachable(bollard::errors::Error::RequestTimeoutError),
+                        false,
+                    )
+                }
+            };
         // Events from here on are replayed by the stream below: nothing between the list
         // and the subscription is missed.
         let since = SystemTime::now()
@@ -300,6 +333,7 @@ impl Join {
             .unwrap_or_default();
         let (cgroup_mode, cgroup2) = cgroup_layout();
         self.cgroup2 = cgroup2;
+        self.engine = engine;
         let containers = match self.sync(&docker).await {
             Ok(c) => c,
             Err(e) => return (e, false),
@@ -307,6 +341,7 @@ impl Join {
         let missed = self.adopt(&containers);
         let connected = Connected {
             endpoint: self.ep.to_string().into(),
+            engine,
             api_version: docker.client_version().to_string(),
             server_version,
             containers,
@@ -398,6 +433,10 @@ impl Join {
     fn inspector(&self, docker: &Docker) -> Inspector {
         Inspector {
             docker: docker.clone(),
+            engine: Engine {
+                name: self.engine,
+                endpoint: self.ep.to_string().into(),
+            },
             proc_root: self.proc_root.clone(),
             cgroup2: self.cgroup2.clone(),
         }
@@ -667,10 +706,33 @@ fn port_maps(
 }
 
 /// The index entry for one inspect response; /proc gives the namespace and cgroup.
+/// Which engine answers at an endpoint.
+#[derive(Clone, Debug)]
+struct Engine {
+    /// `docker` or `podman`.
+    name: &'static str,
+    endpoint: Arc<str>,
+}
+
+/// Podman's Docker-compatible API names itself among the version's components.
+fn engine_name(v: &bollard::models::SystemVersion) -> &'static str {
+    let podman = v
+        .components
+        .iter()
+        .flatten()
+        .any(|c| c.name.to_ascii_lowercase().contains("podman"));
+    if podman {
+        "podman"
+    } else {
+        "docker"
+    }
+}
+
 fn container_from(
     r: &ContainerInspectResponse,
     proc_root: &Path,
     cgroup2: Option<&Path>,
+    engine: &Engine,
 ) -> Option<Container> {
     let full_id: Box<str> = r.id.as_deref()?.into();
     let config = r.config.as_ref();
@@ -718,6 +780,7 @@ fn container_from(
     Some(Container {
         r: Arc::new(ContainerRef {
             id: full_id.get(..12).unwrap_or(&full_id).into(),
+            engine: engine.name,
             name: r
                 .name
                 .as_deref()
@@ -729,6 +792,7 @@ fn container_from(
             compose_service: label(COMPOSE_SERVICE),
         }),
         full_id,
+        endpoint: engine.endpoint.clone(),
         state,
         pid,
         netns,
@@ -808,6 +872,7 @@ mod tests {
             synced_once: false,
             proc_root: PathBuf::from("/nonexistent"),
             cgroup2: None,
+            engine: "docker",
         }
     }
 
@@ -892,7 +957,13 @@ mod tests {
             "Networks": {"bridge": {"IPAddress": "172.17.0.2"}}}
         }"#;
         let r: ContainerInspectResponse = serde_json::from_str(json).unwrap();
-        let c = container_from(&r, Path::new("/nonexistent"), None).unwrap();
+        let engine = Engine {
+            name: "podman",
+            endpoint: "unix:///run/podman/podman.sock".into(),
+        };
+        let c = container_from(&r, Path::new("/nonexistent"), None, &engine).unwrap();
+        assert_eq!(c.r.engine, "podman");
+        assert_eq!(&*c.endpoint, "unix:///run/podman/podman.sock");
         assert_eq!(&*c.r.id, "8b9af854e058");
         assert_eq!(&*c.r.name, "web1");
         assert_eq!(&*c.r.image, "nginx:1.27");
@@ -906,8 +977,8 @@ mod tests {
         let v = serde_json::to_value(&*c.r).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"id":"8b9af854e058","name":"web1","image":"nginx:1.27",
-                               "compose_project":"shop","compose_service":"web"})
+            serde_json::json!({"id":"8b9af854e058","engine":"podman","name":"web1",
+                               "image":"nginx:1.27","compose_project":"shop","compose_service":"web"})
         );
     }
 }

@@ -324,6 +324,8 @@ pub struct Docker<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub api_version: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_version: Option<&'a str>,

@@ -878,14 +878,15 @@ impl PortTable {
                 (
                     "docker_published",
                     format!(
-                    "container {} ({}, {}) publishes {}{target} through {via}{pid}; docker stop \
+                        "container {} ({}, {}) publishes {}{target} through {via}{pid}; {} stop \
                      {}, or {instead}",
-                    c.name,
-                    c.image,
-                    c.id,
-                    fmt_addr(h.addr, h.port),
-                    c.name
-                ),
+                        c.name,
+                        c.image,
+                        c.id,
+                        fmt_addr(h.addr, h.port),
+                        c.engine,
+                        c.name
+                    ),
                     None,
                 )
             } else if kinds.0 {
@@ -1340,6 +1341,7 @@ mod tests {
 
     fn web1() -> Arc<ContainerRef> {
         Arc::new(ContainerRef {
+            engine: "docker",
             id: "99c0b70358a8".into(),
             name: "web1".into(),
             image: "nginx:1.27".into(),

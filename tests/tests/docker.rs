@@ -24,7 +24,9 @@ fn is_docker(v: &Value, event: &str) -> bool {
 /// ahead of the records a test waits for); Docker records are never filtered.
 fn start_agent(ports: &[u16]) -> Agent {
     let mut cmd = std::process::Command::new(agent_bin());
-    cmd.arg("run").env("PORTWATCH_TRACE_DOCKER", "1");
+    // Docker only: a Podman service running on the host would be joined too by default.
+    cmd.args(["run", "--docker-host", "unix:///var/run/docker.sock"])
+        .env("PORTWATCH_TRACE_DOCKER", "1");
     for p in ports {
         cmd.args(["--port", &p.to_string()]);
     }

@@ -14,7 +14,12 @@ fn published_ports_nothing_reachable_listens_on() {
     require_docker();
     let (p_lo, p_none) = (free_port(80), free_port(81));
     // No --port filter: the in-container listen that heals the first one must be seen.
-    let agent = Agent::start(&["--tw-interval", "2"]);
+    let agent = Agent::start(&[
+        "--tw-interval",
+        "2",
+        "--docker-host",
+        "unix:///var/run/docker.sock",
+    ]);
     agent.wait_for("docker connected", |v| {
         v["type"] == "docker" && v["event"] == "connected"
     });

@@ -112,6 +112,8 @@ fn bundle_with_agent_conflict_and_a_container_with_secrets() {
         rt.to_str().unwrap(),
         "--port",
         &port.to_string(),
+        "--docker-host",
+        "unix:///var/run/docker.sock",
     ]);
     agent.wait_for("docker connected", |v| {
         v["type"] == "docker" && v["event"] == "connected"

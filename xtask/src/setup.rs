@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use portwatch_tests::docker as d;
+use portwatch_tests::{docker as d, podman as pm};
 
 use crate::{run, step};
 
@@ -63,10 +63,45 @@ pub fn for_run() -> Result<()> {
     dockerd()
 }
 
-/// What the tests need: the Docker test image as well.
+/// What the tests need: the Docker test image as well, and Podman with its API service
+/// and the same image.
 pub fn for_tests() -> Result<()> {
     for_run()?;
-    test_image()
+    test_image()?;
+    podman()
+}
+
+/// Podman (Debian's, rootful) with its Docker-compatible API service running on
+/// `pm::SOCKET`, and the test image in its store: installed, started and loaded only when
+/// missing.
+fn podman() -> Result<()> {
+    if !pm::installed() {
+        // With its recommends: netavark (the network backend publishing ports needs) and
+        // the rest of a working rootful setup come that way.
+        step("installing podman (apt-get)");
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "podman"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+        .context("installing podman failed")?;
+    }
+    if !pm::service_running() {
+        step(&format!(
+            "starting Podman's API service on {} (log: {})",
+            pm::SOCKET,
+            pm::SERVICE_LOG
+        ));
+        pm::start_service(Path::new(pm::SERVICE_LOG), Duration::from_secs(30))
+            .context("starting `podman system service` failed")?;
+    }
+    if !pm::image_present() {
+        step(&format!(
+            "loading the test image into Podman's store as {}",
+            pm::IMAGE
+        ));
+        pm::load_image().context("loading the test image into Podman failed")?;
+    }
+    Ok(())
 }
 
 /// A running dockerd: installed from Debian's docker.io when missing, started in the

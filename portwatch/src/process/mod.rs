@@ -949,7 +949,7 @@ impl Processor {
             let ip = decode::ip(e.family, &e.addr);
             if let Some(container) = self.recent_failure(ip, e.port) {
                 self.emit_conflict(c, Some((container, via)), None);
-            } else if self.docker.connected {
+            } else if self.docker.connected() {
                 self.pending.push(PendingBind {
                     e: c.e,
                     k,
@@ -1596,8 +1596,9 @@ impl Processor {
     fn docker_msg(&mut self, m: DockerMsg) {
         match m {
             DockerMsg::Connected(c) => {
-                self.docker.replace_all(c.containers.iter().cloned());
-                self.docker.connected = true;
+                self.docker
+                    .replace_all(&c.endpoint, c.containers.iter().cloned());
+                self.docker.connected.insert(c.endpoint.clone());
                 if let Some(m) = &self.cfg.metrics {
                     m.set_docker_connected(true);
                 }
@@ -1605,6 +1606,7 @@ impl Processor {
                 let r = record::Docker {
                     event: "connected",
                     endpoint: Some(&c.endpoint),
+                    engine: Some(c.engine),
                     api_version: Some(&c.api_version),
                     server_version: Some(&c.server_version),
                     containers: Some(c.containers.len()),
@@ -1621,9 +1623,9 @@ impl Processor {
                 ts_ns,
             } => {
                 // No start failure will be reported now: write what was held back.
-                self.docker.connected = false;
+                self.docker.connected.remove(&endpoint);
                 if let Some(m) = &self.cfg.metrics {
-                    m.set_docker_connected(false);
+                    m.set_docker_connected(self.docker.connected());
                 }
                 self.flush_pending(true);
                 let r = record::Docker {
@@ -1767,13 +1769,14 @@ impl Processor {
         let (hint, reason) = match &publisher {
             Some((a, p)) => (
                 format!(
-                    "container {} ({}, {}) already publishes {} -> {}; docker stop {}, or \
+                    "container {} ({}, {}) already publishes {} -> {}; {} stop {}, or \
                      publish {} on another host port",
                     a.r.name,
                     a.r.image,
                     a.r.id,
                     table::fmt_addr(p.host_ip, port),
                     p.target(),
+                    a.r.engine,
                     a.r.name,
                     b.r.name
                 ),

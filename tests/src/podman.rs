@@ -1,0 +1,213 @@
+//! A real Podman (Debian's 4.3, rootful) for the end-to-end tests, and for `cargo xtask
+//! setup`, which uses the same code to start its Docker-compatible API service and to put
+//! the test image into its store.
+//!
+//! Podman's default RLIMIT_NOFILE (1048576) is above this sandbox's hard limit, so every
+//! container here runs with `ULIMITS`; nothing in the host's containers.conf is changed.
+
+use std::{
+    fs::OpenOptions,
+    io::{self, Read, Write},
+    os::unix::{net::UnixStream, process::CommandExt},
+    path::Path,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::docker::{unique, TEST_IMAGE};
+
+/// Where the API service listens (the agent joins it there by default when it exists).
+pub const SOCKET: &str = "/run/podman/podman.sock";
+/// Where a service started by the project logs.
+pub const SERVICE_LOG: &str = "/var/log/portwatch-podman.log";
+/// The test image as Podman names it once loaded from Docker's store.
+pub const IMAGE: &str = "localhost/portwatch-test:busybox";
+/// Limits every test container runs with (see the module's note).
+pub const ULIMITS: [&str; 4] = [
+    "--ulimit",
+    "nofile=1024:1024",
+    "--ulimit",
+    "nproc=1024:1024",
+];
+
+fn err(msg: String) -> io::Error {
+    io::Error::other(msg)
+}
+
+/// `podman ARGS`, output captured. Errors only when the CLI cannot be started.
+pub fn podman(args: &[&str]) -> io::Result<Output> {
+    Command::new("podman")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| {
+            err(format!(
+                "running `podman {}`: {e}; install it with `apt-get install podman`",
+                args.join(" ")
+            ))
+        })
+}
+
+pub fn installed() -> bool {
+    Command::new("podman")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The API service answers `GET /_ping` within 2 s.
+pub fn service_running() -> bool {
+    let Ok(mut s) = UnixStream::connect(SOCKET) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /_ping HTTP/1.0\r\nHost: d\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).contains(" 200 ")
+}
+
+/// Start `podman system service` on `SOCKET` in the background (its own process group, so
+/// it outlives the caller), logging to `log`, and wait until it answers.
+pub fn start_service(log: &Path, timeout: Duration) -> io::Result<()> {
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if let Some(dir) = Path::new(SOCKET).parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| err(format!("opening {}: {e}", log.display())))?;
+    let out2 = out.try_clone()?;
+    let mut child = Command::new("podman")
+        .args(["system", "service", "-t", "0", &format!("unix://{SOCKET}")])
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(out2)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| {
+            err(format!(
+                "starting `podman system service`: {e}; install it with `apt-get install podman`"
+            ))
+        })?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if service_running() {
+            std::thread::spawn(move || child.wait());
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(err(format!(
+                "`podman system service` exited with {status}; see {}",
+                log.display()
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(err(format!(
+                "`podman system service` did not answer on {SOCKET} within {} s; see {}",
+                timeout.as_secs(),
+                log.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn image_present() -> bool {
+    podman(&["image", "exists", IMAGE]).is_ok_and(|o| o.status.success())
+}
+
+/// Copy the Docker test image into Podman's store (`docker save | podman load`).
+pub fn load_image() -> io::Result<()> {
+    let mut save = Command::new("docker")
+        .args(["save", TEST_IMAGE])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| err(format!("running `docker save`: {e}")))?;
+    let o = Command::new("podman")
+        .arg("load")
+        .stdin(save.stdout.take().expect("piped"))
+        .output()
+        .map_err(|e| err(format!("running `podman load`: {e}")))?;
+    let saved = save.wait()?.success();
+    if !saved || !o.status.success() || !image_present() {
+        return Err(err(format!(
+            "docker save {TEST_IMAGE} | podman load failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )));
+    }
+    Ok(())
+}
+
+pub fn require_podman() {
+    crate::require_root();
+    assert!(
+        service_running(),
+        "Podman's API service does not answer on {SOCKET}: `cargo xtask test` starts it (and \
+         installs podman if needed)"
+    );
+    assert!(
+        image_present(),
+        "the test image {IMAGE} is missing from Podman's store: `cargo xtask test` loads it"
+    );
+}
+
+/// A Podman container, removed (`podman rm -f`) on drop whether or not it started.
+pub struct PodContainer {
+    pub name: String,
+    pub id: Option<String>,
+    pub stderr: String,
+    pub ok: bool,
+}
+
+impl PodContainer {
+    /// `podman run -d --name NAME ULIMITS ARGS... IMAGE CMD...`; a failed start is returned,
+    /// not a panic, so a test can expect one.
+    pub fn run(tag: &str, args: &[&str], cmd: &[&str]) -> PodContainer {
+        let name = unique(&format!("pod-{tag}"));
+        let _ = podman(&["rm", "-f", &name]);
+        let mut all = vec!["run", "-d", "--name", &name];
+        all.extend_from_slice(&ULIMITS);
+        all.extend_from_slice(args);
+        all.push(IMAGE);
+        all.extend_from_slice(cmd);
+        let o = podman(&all).unwrap();
+        let id = podman(&["inspect", "--format", "{{.Id}}", &name])
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        PodContainer {
+            name,
+            id,
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            ok: o.status.success(),
+        }
+    }
+
+    pub fn running(tag: &str, args: &[&str], cmd: &[&str]) -> PodContainer {
+        let c = Self::run(tag, args, cmd);
+        assert!(c.ok, "podman run {} failed: {}", c.name, c.stderr);
+        c
+    }
+
+    pub fn short_id(&self) -> String {
+        self.id.as_deref().expect("container was created")[..12].to_string()
+    }
+}
+
+impl Drop for PodContainer {
+    fn drop(&mut self) {
+        let _ = podman(&["rm", "-f", "-t", "0", &self.name]);
+    }
+}
