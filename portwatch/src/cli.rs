@@ -255,10 +255,10 @@ pub struct HistoryArgs {
     pub path: Option<PathBuf>,
     /// Only what overlaps the time from this (a duration ago like 1d or 90m, or an RFC 3339
     /// time).
-    #[arg(long, value_name = "WHEN", value_parser = crate::history::parse_when)]
+    #[arg(long, value_name = "WHEN", value_parser = crate::decode::parse_when)]
     pub since: Option<i128>,
     /// Only what overlaps the time up to this (same forms as --since).
-    #[arg(long, value_name = "WHEN", value_parser = crate::history::parse_when)]
+    #[arg(long, value_name = "WHEN", value_parser = crate::decode::parse_when)]
     pub until: Option<i128>,
     /// Only this protocol.
     #[arg(long, value_parser = ["tcp", "udp"])]

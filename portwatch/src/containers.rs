@@ -15,7 +15,7 @@ use std::{
 
 use serde::{Serialize, Serializer};
 
-use crate::diag::Proto;
+use crate::model::Proto;
 
 /// How a container is named in records. Shared (`Arc`) so attaching it to a record costs no
 /// allocation.
@@ -81,7 +81,7 @@ impl PortMap {
         self.proto == proto
             && self.host_port != 0
             && (self.host_port..=self.host_port_end).contains(&port)
-            && crate::table::overlap(ip, None, self.host_ip, None).is_some()
+            && crate::model::overlap(ip, None, self.host_ip, None).is_some()
     }
 
     /// "80/tcp": the container side, as Docker writes it.

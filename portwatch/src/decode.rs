@@ -216,6 +216,27 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// RFC 3339 `ts` (as portwatch writes it) to wall-clock ns; None when unparsable.
+pub fn ts_ns(ts: &str) -> Option<i128> {
+    let t = humantime::parse_rfc3339_weak(ts).ok()?;
+    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    Some(d.as_nanos() as i128)
+}
+
+/// A `--since`/`--until` bound: a duration ago (`1d`, `90m`) or an RFC 3339 time.
+pub fn parse_when(s: &str) -> std::result::Result<i128, String> {
+    if let Some(t) = ts_ns(s) {
+        return Ok(t);
+    }
+    humantime::parse_duration(s)
+        .map(|d| Clock::now_wall_ns() - d.as_nanos() as i128)
+        .map_err(|_| {
+            format!(
+                "'{s}' is neither a duration like 1d or 90m nor a time like 2026-11-30T03:12:00Z"
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -168,32 +168,6 @@ pub enum DockerError {
     Stopped,
 }
 
-impl Error {
-    /// A failure to load or attach a program. A verifier rejection becomes one line with
-    /// the verifier's reason instead of its whole instruction trace.
-    pub fn attach(
-        program: &'static str,
-        category: &'static str,
-        tracepoint: &'static str,
-        source: aya::programs::ProgramError,
-    ) -> Self {
-        if matches!(source, aya::programs::ProgramError::LoadError { .. }) {
-            return Error::Rejected {
-                program,
-                release: crate::prereq::kernel_release(),
-                reason: crate::probes::one_line(&source),
-                log: crate::probes::full_log(&source).unwrap_or_default(),
-            };
-        }
-        Error::Attach {
-            program,
-            category,
-            tracepoint,
-            source: Box::new(source),
-        }
-    }
-}
-
 impl From<aya::EbpfError> for Error {
     fn from(e: aya::EbpfError) -> Self {
         Error::Load(Box::new(e))

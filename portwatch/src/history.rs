@@ -261,20 +261,6 @@ fn render(i: &Item, st: &Style, now_ns: i128) -> String {
     }
 }
 
-/// A `--since`/`--until` bound: a duration ago (`1d`, `90m`) or an RFC 3339 time.
-pub fn parse_when(s: &str) -> std::result::Result<i128, String> {
-    if let Some(t) = tail::ts_ns(s) {
-        return Ok(t);
-    }
-    humantime::parse_duration(s)
-        .map(|d| Clock::now_wall_ns() - d.as_nanos() as i128)
-        .map_err(|_| {
-            format!(
-                "'{s}' is neither a duration like 1d or 90m nor a time like 2026-11-30T03:12:00Z"
-            )
-        })
-}
-
 pub fn run(a: &HistoryArgs) -> Result<u8> {
     let path = a
         .path
@@ -375,6 +361,7 @@ pub fn run(a: &HistoryArgs) -> Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::parse_when;
     use serde_json::json;
 
     fn port(ev: &str, ts: &str, pid: u64, extra: Value) -> Value {

@@ -3,7 +3,6 @@
 //! shared with `tail`.
 
 use std::{
-    collections::HashMap,
     io::{BufRead, IsTerminal, Write},
     net::{IpAddr, SocketAddr},
     path::Path,
@@ -18,6 +17,7 @@ use crate::{
     decode::Clock,
     diag,
     error::{Error, Result},
+    rows::{add_time_wait_rows, fold_time_wait},
     table::{self, Attempt, NsSockets, PortTable, Proto},
 };
 
@@ -206,55 +206,6 @@ pub fn human(v: &Value, st: &Style) -> String {
 }
 
 // ---- ports ----
-
-/// The table's TIME_WAIT sockets (kept as counts per port) as rows, for `ports`.
-pub fn add_time_wait_rows(rows: &mut Vec<PortRow>, t: &PortTable, filter: &Filter) {
-    let now = Clock::now_wall_ns();
-    rows.extend(
-        t.time_wait_rows(now)
-            .filter(|r| filter.port.is_none_or(|p| r.2 == p))
-            .map(|(ns, addr, port, n)| PortRow {
-                proto: "tcp".into(),
-                addr: addr.to_string(),
-                port,
-                state: "TIME_WAIT".into(),
-                pid: None,
-                comm: None,
-                container: None,
-                netns: ns,
-                count: Some(n as u32),
-            }),
-    );
-}
-
-/// TIME_WAIT sockets are many and ownerless: show one row per port with a count.
-pub fn fold_time_wait(rows: &mut Vec<PortRow>) {
-    let mut tw: HashMap<(u32, String, u16), u32> = HashMap::new();
-    rows.retain(|r| {
-        if r.state == "TIME_WAIT" {
-            *tw.entry((r.netns, r.addr.clone(), r.port)).or_default() += r.count.unwrap_or(1);
-            false
-        } else {
-            true
-        }
-    });
-    for ((netns, addr, port), n) in tw {
-        rows.push(PortRow {
-            proto: "tcp".into(),
-            addr,
-            port,
-            state: "TIME_WAIT".into(),
-            pid: None,
-            comm: None,
-            container: None,
-            netns,
-            count: Some(n),
-        });
-    }
-    rows.sort_by(|a, b| {
-        (a.port, &a.proto, a.netns, &a.state).cmp(&(b.port, &b.proto, b.netns, &b.state))
-    });
-}
 
 /// The table as a one-shot snapshot (no agent running): sock_diag of every namespace plus
 /// the /proc inode map.

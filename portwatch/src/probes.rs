@@ -66,11 +66,11 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
             continue; // below
         }
         let p = tracepoint_program(&mut ebpf, program)
-            .map_err(|e| Error::attach(program, category, tracepoint, e))?;
+            .map_err(|e| attach_error(program, category, tracepoint, e))?;
         p.load()
-            .map_err(|e| Error::attach(program, category, tracepoint, e))?;
+            .map_err(|e| attach_error(program, category, tracepoint, e))?;
         p.attach(category, tracepoint)
-            .map_err(|e| Error::attach(program, category, tracepoint, e))?;
+            .map_err(|e| attach_error(program, category, tracepoint, e))?;
         attached.push(program);
     }
 
@@ -91,7 +91,7 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
     };
     if cfg.all_events {
         probes_state.attach(&mut ebpf).map_err(|source| {
-            Error::attach(
+            attach_error(
                 state_program,
                 state_kind.category(),
                 "inet_sock_set_state",
@@ -355,7 +355,7 @@ fn load_state(
 ) -> Result<(&'static str, StateKind)> {
     let load_err = |program: &'static str, category: &'static str| {
         move |source: aya::programs::ProgramError| {
-            Error::attach(program, category, "inet_sock_set_state", source)
+            attach_error(program, category, "inet_sock_set_state", source)
         }
     };
     if raw_state {
@@ -597,6 +597,30 @@ pub fn format_field_offset(text: &str, field: &str) -> Option<u32> {
         return off.trim().parse().ok();
     }
     None
+}
+
+/// A failure to load or attach a program. A verifier rejection becomes one line with
+/// the verifier's reason instead of its whole instruction trace.
+pub(crate) fn attach_error(
+    program: &'static str,
+    category: &'static str,
+    tracepoint: &'static str,
+    source: aya::programs::ProgramError,
+) -> Error {
+    if matches!(source, aya::programs::ProgramError::LoadError { .. }) {
+        return Error::Rejected {
+            program,
+            release: crate::prereq::kernel_release(),
+            reason: one_line(&source),
+            log: full_log(&source).unwrap_or_default(),
+        };
+    }
+    Error::Attach {
+        program,
+        category,
+        tracepoint,
+        source: Box::new(source),
+    }
 }
 
 #[cfg(test)]

@@ -17,21 +17,11 @@ use std::{
 use serde::Serialize;
 
 use crate::containers::ContainerRef;
-pub use crate::diag::Proto;
+pub use crate::model::{overlap, Overlap, Owner, Proto};
 
 pub const TCP_TIME_WAIT: u8 = 6;
 pub const TCP_CLOSE: u8 = 7;
 pub const TCP_LISTEN: u8 = 10;
-
-/// Who owns a socket. Shared: every socket of a process points at one `Owner` (a server
-/// with 50k connections holds one, not 50k copies), see `PortTable::owner`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Owner {
-    pub pid: u32,
-    pub comm: Arc<str>,
-    pub cmdline: Option<Arc<str>>,
-    pub uid: u32,
-}
 
 /// A socket address in 24 bytes instead of `SocketAddr`'s 32: IPv6 flow info is never
 /// kept, and the scope id is kept as a plain number (it is only set for link-local IPv6,
@@ -326,51 +316,6 @@ fn merge_bucket(old: Bucket, new: &mut [Entry]) -> (u64, u64) {
 /// is gone simply expired.
 fn vanished<'a>(old: impl Iterator<Item = &'a Entry>) -> u64 {
     old.filter(|x| x.state != TCP_TIME_WAIT).count() as u64
-}
-
-/// How a holder's address overlaps the attempted one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Overlap {
-    Exact,
-    Wildcard,
-    DualStack,
-}
-
-/// IPv4-mapped IPv6 addresses compare as the IPv4 they carry.
-fn canon(a: IpAddr) -> IpAddr {
-    match a {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(a),
-        v4 => v4,
-    }
-}
-
-/// Does a socket on `held` block a bind of `attempt` (same port, same proto)?
-pub fn overlap(
-    attempt: IpAddr,
-    attempt_v6only: Option<bool>,
-    held: IpAddr,
-    held_v6only: Option<bool>,
-) -> Option<Overlap> {
-    let (a, h) = (canon(attempt), canon(held));
-    match (a, h) {
-        (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
-            if a == h {
-                Some(Overlap::Exact)
-            } else if a.is_unspecified() || h.is_unspecified() {
-                Some(Overlap::Wildcard)
-            } else {
-                None
-            }
-        }
-        // [::] without IPV6_V6ONLY also takes the port on every IPv4 address.
-        (IpAddr::V4(_), IpAddr::V6(h6)) => {
-            (h6.is_unspecified() && held_v6only != Some(true)).then_some(Overlap::DualStack)
-        }
-        (IpAddr::V6(a6), IpAddr::V4(_)) => {
-            (a6.is_unspecified() && attempt_v6only != Some(true)).then_some(Overlap::DualStack)
-        }
-    }
 }
 
 /// One entry of a conflict's `holders`.

@@ -31,31 +31,7 @@ struct Printer {
     shown: u64,
 }
 
-/// RFC 3339 `ts` (as portwatch writes it) to ns; None when unparsable.
-pub(crate) fn ts_ns(ts: &str) -> Option<i128> {
-    // 2026-11-25T08:31:31.123456789Z
-    let b = ts.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[10] != b'T' {
-        return None;
-    }
-    let n = |r: std::ops::Range<usize>| ts.get(r)?.parse::<i64>().ok();
-    let (y, mo, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
-    let (h, mi, s) = (n(11..13)?, n(14..16)?, n(17..19)?);
-    let frac = ts.get(20..ts.len() - 1).unwrap_or("");
-    let mut nanos: i64 = 0;
-    for (i, c) in frac.bytes().take(9).enumerate() {
-        nanos += i64::from(c - b'0') * 10i64.pow(8 - i as u32);
-    }
-    // days from civil (H. Hinnant)
-    let y2 = if mo <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(i128::from(days * 86_400 + h * 3600 + mi * 60 + s) * 1_000_000_000 + i128::from(nanos))
-}
+pub(crate) use crate::decode::ts_ns;
 
 impl Printer {
     fn line(&mut self, out: &mut impl Write, line: &str) -> std::io::Result<()> {

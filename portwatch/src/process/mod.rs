@@ -28,11 +28,11 @@ pub use reachability::Published;
 use crate::{
     burst::{Bursts, Span, Verdict},
     containers::{self, Container, DockerMsg, Index, StartError},
-    control::{Filter, PortRow},
     decode::{self, Clock},
     diag,
     enrich::ProcCache,
     metrics::Metrics,
+    protocol::{Filter, PortRow},
     record::{self, Header},
     service::{self, Services},
     sink::{LogEvent, Output},
@@ -1414,8 +1414,8 @@ impl Processor {
                 count: None,
             })
             .collect();
-        crate::ops::add_time_wait_rows(&mut rows, &self.table, filter);
-        crate::ops::fold_time_wait(&mut rows);
+        crate::rows::add_time_wait_rows(&mut rows, &self.table, filter);
+        crate::rows::fold_time_wait(&mut rows);
         rows
     }
 

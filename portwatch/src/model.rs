@@ -1,0 +1,77 @@
+//! The few types every stage shares: a socket's protocol, its owner, and how two bound
+//! addresses overlap. Nothing here depends on another module of the agent.
+
+use std::{net::IpAddr, sync::Arc};
+
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// As records write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// Who owns a socket. Shared: every socket of a process points at one `Owner` (a server
+/// with 50k connections holds one, not 50k copies), see `PortTable::owner`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub comm: Arc<str>,
+    pub cmdline: Option<Arc<str>>,
+    pub uid: u32,
+}
+
+/// How a holder's address overlaps the attempted one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overlap {
+    Exact,
+    Wildcard,
+    DualStack,
+}
+
+/// IPv4-mapped IPv6 addresses compare as the IPv4 they carry.
+fn canon(a: IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(a),
+        v4 => v4,
+    }
+}
+
+/// Does a socket on `held` block a bind of `attempt` (same port, same proto)?
+pub fn overlap(
+    attempt: IpAddr,
+    attempt_v6only: Option<bool>,
+    held: IpAddr,
+    held_v6only: Option<bool>,
+) -> Option<Overlap> {
+    let (a, h) = (canon(attempt), canon(held));
+    match (a, h) {
+        (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
+            if a == h {
+                Some(Overlap::Exact)
+            } else if a.is_unspecified() || h.is_unspecified() {
+                Some(Overlap::Wildcard)
+            } else {
+                None
+            }
+        }
+        // [::] without IPV6_V6ONLY also takes the port on every IPv4 address.
+        (IpAddr::V4(_), IpAddr::V6(h6)) => {
+            (h6.is_unspecified() && held_v6only != Some(true)).then_some(Overlap::DualStack)
+        }
+        (IpAddr::V6(a6), IpAddr::V4(_)) => {
+            (a6.is_unspecified() && attempt_v6only != Some(true)).then_some(Overlap::DualStack)
+        }
+    }
+}
