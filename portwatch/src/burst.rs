@@ -5,7 +5,7 @@
 //! every other conflict on the host under identical lines, and attributing each would cost
 //! the processing thread time it needs for the rest.
 //!
-//! The rule (documented in the README's schema):
+//! The rule (documented in docs/schema.md):
 //! - failures are identical when the same process (tgid) made the same op, with the same
 //!   protocol, family, address, port and error;
 //! - the first failure of a burst is written at once, with `count: 1`;

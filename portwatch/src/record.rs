@@ -1,5 +1,5 @@
 //! Record schema v1: one JSON object per line. Names here are a contract with users'
-//! scripts: add fields freely, never rename. Documented in README.md.
+//! scripts: add fields freely, never rename. Documented in docs/schema.md.
 
 use std::{borrow::Cow, net::IpAddr, sync::Arc};
 
