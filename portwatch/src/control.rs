@@ -95,9 +95,11 @@ pub fn bind(runtime_dir: &Path, group: Option<u32>) -> Result<UnixListener> {
         }
     })?;
     if let Some(g) = group {
-        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap_or_default();
-        // SAFETY: valid C string; -1 keeps the owner.
-        unsafe { libc::chown(c.as_ptr(), u32::MAX, g) };
+        // A socket the group cannot reach is no use to it: say so rather than run without.
+        std::os::unix::fs::chown(&path, None, Some(g)).map_err(|source| Error::Io {
+            what: "giving the control socket to --group",
+            source,
+        })?;
     }
     Ok(l)
 }
