@@ -367,6 +367,16 @@ impl Index {
 
     /// Containers that are not running but ask for `ip:port/proto`: the ones a failing
     /// proxy bind may be starting.
+    /// Whether any container the engines know, running or about to (created, restarting),
+    /// publishes or asks for this host port: a binder's socket on it is then in use, not
+    /// left behind.
+    pub fn claims(&self, proto: Proto, ip: IpAddr, port: u16) -> bool {
+        self.by_id.values().any(|c| {
+            (c.state.is_live() && c.publishes(proto, ip, port).is_some())
+                || (c.state == State::Created && c.asks_for(proto, ip, port))
+        })
+    }
+
     pub fn starting(&self, proto: Proto, ip: IpAddr, port: u16) -> Vec<&Arc<Container>> {
         self.by_id
             .values()

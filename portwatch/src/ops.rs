@@ -243,6 +243,7 @@ fn table_rows(t: &PortTable, filter: &Filter) -> Vec<PortRow> {
             container: None,
             netns: ns,
             count: None,
+            stale: None,
         })
         .collect();
     add_time_wait_rows(&mut rows, t, filter);
@@ -330,7 +331,12 @@ pub fn ports(a: &PortsArgs) -> Result<()> {
             local,
             state,
             proc_,
-            r.container.as_deref().unwrap_or("-"),
+            match (r.stale, r.container.as_deref()) {
+                // Left behind: the engines run no container with this port.
+                (Some(true), Some(c)) => format!("{c} (stale)"),
+                (Some(true), None) => "(stale)".into(),
+                (_, c) => c.unwrap_or("-").into(),
+            },
             r.netns
         );
     }
@@ -863,6 +869,7 @@ mod tests {
             container: None,
             netns: 1,
             count: None,
+            stale: None,
         };
         let mut rows = vec![
             row("TIME_WAIT", 80),

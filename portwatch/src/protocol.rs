@@ -113,4 +113,29 @@ pub struct PortRow {
     /// TIME_WAIT rows stand for this many sockets on the port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u32>,
+    /// A published port's socket that no container the engines know runs or starts with:
+    /// left behind (see the `docker_stale` cause).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale: Option<bool>,
+}
+
+impl PortRow {
+    /// The container and staleness parts of a row, from where its owner stands.
+    pub fn placed(p: Option<crate::table::Placement>) -> PortRow {
+        PortRow {
+            proto: String::new(),
+            addr: String::new(),
+            port: 0,
+            state: String::new(),
+            pid: None,
+            comm: None,
+            container: p
+                .as_ref()
+                .and_then(|p| p.container.as_ref())
+                .map(|c| c.name.to_string()),
+            netns: 0,
+            count: None,
+            stale: p.and_then(|p| p.stale.then_some(true)),
+        }
+    }
 }

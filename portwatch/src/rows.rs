@@ -25,6 +25,7 @@ pub fn add_time_wait_rows(rows: &mut Vec<PortRow>, t: &PortTable, filter: &Filte
                 container: None,
                 netns: ns,
                 count: Some(n as u32),
+                stale: None,
             }),
     );
 }
@@ -51,6 +52,7 @@ pub fn fold_time_wait(rows: &mut Vec<PortRow>) {
             container: None,
             netns,
             count: Some(n),
+            stale: None,
         });
     }
     rows.sort_by(|a, b| {

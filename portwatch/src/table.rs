@@ -352,13 +352,19 @@ pub struct Holder {
     /// With `via`: the container port it forwards to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container_port: Option<u16>,
+    /// With `via`: `true` when no container the engines know runs or starts with this
+    /// port: the socket was left behind (cause `docker_stale`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale: Option<bool>,
 }
 
 /// Where a holder stands in Docker, as the container index tells it.
 pub struct Placement {
-    pub container: Arc<ContainerRef>,
+    pub container: Option<Arc<ContainerRef>>,
     pub via: Option<&'static str>,
     pub container_port: Option<u16>,
+    /// A binder's socket that no known container runs or starts with: left behind.
+    pub stale: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -745,7 +751,8 @@ impl PortTable {
                 expires_in_s: None,
                 via: p.as_ref().and_then(|p| p.via),
                 container_port: p.as_ref().and_then(|p| p.container_port),
-                container: p.map(|p| p.container),
+                stale: p.as_ref().and_then(|p| p.stale.then_some(true)),
+                container: p.and_then(|p| p.container),
             });
         }
         if !a.op_listen && a.proto == Proto::Tcp {
@@ -791,6 +798,7 @@ impl PortTable {
             container: None,
             via: None,
             container_port: None,
+            stale: None,
         });
         let target = fmt_addr(a.addr, a.port);
         let who = |h: &Holder| {
@@ -813,91 +821,113 @@ impl PortTable {
             .iter()
             .find(|h| h.state == "LISTEN")
             .or(holders.first());
-        let (cause, hint, reason) =
-            if let Some((h, c, via)) = top.and_then(|h| Some((h, h.container.as_ref()?, h.via?))) {
-                let target = h
-                    .container_port
-                    .map(|p| format!(" -> {p}/{}", h.proto))
-                    .unwrap_or_default();
-                let pid = h.pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
-                (
-                    "docker_published",
-                    format!(
-                        "container {} ({}, {}) publishes {}{target} through {via}{pid}; {} stop \
+        let stale = top.filter(|h| h.stale == Some(true) && h.via.is_some());
+        let (cause, hint, reason) = if let Some(h) = stale {
+            let whose = match &h.container {
+                Some(c) => format!("container {} ({}), which no longer runs", c.name, c.id),
+                None => "a container the engine no longer knows".to_string(),
+            };
+            let pid = h.pid.map_or(String::new(), |p| format!(" (pid {p})"));
+            let kill = h
+                .pid
+                .map_or(String::new(), |p| format!("end it: kill {p}; "));
+            (
+                "docker_stale",
+                format!(
+                    "{}{pid} still holds {} for {whose}: it was left behind, e.g. by a daemon \
+                     that was killed or restarted uncleanly. {kill}if the daemon still says the \
+                     port is allocated, restart it (systemctl restart docker, or the podman \
+                     service)",
+                    h.via.unwrap_or("a proxy"),
+                    fmt_addr(h.addr, h.port),
+                ),
+                None,
+            )
+        } else if let Some((h, c, via)) = top.and_then(|h| Some((h, h.container.as_ref()?, h.via?)))
+        {
+            let target = h
+                .container_port
+                .map(|p| format!(" -> {p}/{}", h.proto))
+                .unwrap_or_default();
+            let pid = h.pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+            (
+                "docker_published",
+                format!(
+                    "container {} ({}, {}) publishes {}{target} through {via}{pid}; {} stop \
                      {}, or {instead}",
-                        c.name,
-                        c.image,
-                        c.id,
-                        fmt_addr(h.addr, h.port),
-                        c.engine,
-                        c.name
-                    ),
-                    None,
-                )
-            } else if kinds.0 {
-                let h = top.unwrap();
-                (
-                    "listener",
-                    format!(
-                        "{} listens on {}; stop it or {instead}",
-                        who(h),
-                        fmt_addr(h.addr, h.port)
-                    ),
-                    None,
-                )
-            } else if let Some((h, peer)) = &collision {
-                let (lo, hi) = a.ephemeral;
-                (
-                    "ephemeral_collision",
-                    format!(
-                        "{} uses {} as the source port of an outbound connection to {peer}: \
+                    c.name,
+                    c.image,
+                    c.id,
+                    fmt_addr(h.addr, h.port),
+                    c.engine,
+                    c.name
+                ),
+                None,
+            )
+        } else if kinds.0 {
+            let h = top.unwrap();
+            (
+                "listener",
+                format!(
+                    "{} listens on {}; stop it or {instead}",
+                    who(h),
+                    fmt_addr(h.addr, h.port)
+                ),
+                None,
+            )
+        } else if let Some((h, peer)) = &collision {
+            let (lo, hi) = a.ephemeral;
+            (
+                "ephemeral_collision",
+                format!(
+                    "{} uses {} as the source port of an outbound connection to {peer}: \
                          {lo}-{hi} is this namespace's ip_local_port_range, from which the kernel \
                          picks source ports. Reserve the service port with `sysctl -w \
                          net.ipv4.ip_local_reserved_ports={}` (and the same line in \
                          /etc/sysctl.d/ to keep it), or move the service outside {lo}-{hi}",
-                        who(h),
-                        fmt_addr(h.addr, h.port),
-                        h.port
-                    ),
-                    None,
-                )
-            } else if kinds.1 {
-                let h = &holders[0];
-                (
-                    "bound",
-                    format!(
-                        "{} holds {} {} ({}); close that socket or {instead}",
-                        who(h),
-                        a.proto_name,
-                        fmt_addr(h.addr, h.port),
-                        h.state
-                    ),
-                    None,
-                )
-            } else if let Some(h) = &tw_holder {
-                let n = h.count.unwrap_or(0);
-                (
-                    "time_wait",
-                    format!(
-                        "{n} TIME_WAIT socket{} on {} expire within {} s; set SO_REUSEADDR on the \
+                    who(h),
+                    fmt_addr(h.addr, h.port),
+                    h.port
+                ),
+                None,
+            )
+        } else if kinds.1 {
+            let h = &holders[0];
+            (
+                "bound",
+                format!(
+                    "{} holds {} {} ({}); close that socket or {instead}",
+                    who(h),
+                    a.proto_name,
+                    fmt_addr(h.addr, h.port),
+                    h.state
+                ),
+                None,
+            )
+        } else if let Some(h) = &tw_holder {
+            let n = h.count.unwrap_or(0);
+            (
+                "time_wait",
+                format!(
+                    "{n} TIME_WAIT socket{} on {} expire within {} s; set SO_REUSEADDR on the \
                      listener (the old one lacked it too) or wait",
-                        if n == 1 { "" } else { "s" },
-                        target,
-                        h.expires_in_s.unwrap_or(60)
-                    ),
-                    None,
-                )
-            } else {
-                (
-                    "unknown",
-                    String::new(),
-                    Some(format!(
-                        "no socket in network namespace {} holds {} {} (the holder may have gone \
+                    if n == 1 { "" } else { "s" },
+                    target,
+                    h.expires_in_s.unwrap_or(60)
+                ),
+                None,
+            )
+        } else {
+            (
+                "unknown",
+                String::new(),
+                Some(format!(
+                    "no socket in network namespace {} holds {} {} (the holder may have gone \
                      already)",
-                        a.netns, a.proto_name, target
-                    )),
-                )
-            };
+                    a.netns, a.proto_name, target
+                )),
+            )
+        };
         holders.extend(tw_holder);
         Attribution {
             holders,
@@ -1295,6 +1325,29 @@ mod tests {
         })
     }
 
+    /// A binder's socket that no known container claims: `docker_stale`, and the hint
+    /// names the process to end.
+    #[test]
+    fn a_proxy_no_container_claims_is_docker_stale() {
+        let mut t = PortTable::default();
+        let mut proxy = entry(Proto::Tcp, "0.0.0.0:8080", TCP_LISTEN, 31032);
+        proxy.owner = owner(31032, "docker-proxy");
+        t.on_bind(1, proxy);
+        let mut place = |_: &Entry| {
+            Some(Placement {
+                container: None,
+                via: Some("docker-proxy"),
+                container_port: None,
+                stale: true,
+            })
+        };
+        let a = t.attribute_with(&attempt("127.0.0.1", 8080, Proto::Tcp), &mut place);
+        assert_eq!(a.cause, "docker_stale");
+        assert_eq!(a.holders[0].stale, Some(true));
+        assert!(a.hint.starts_with("docker-proxy (pid 31032) still holds 0.0.0.0:8080 for a container the engine no longer knows"), "{}", a.hint);
+        assert!(a.hint.contains("kill 31032"), "{}", a.hint);
+    }
+
     #[test]
     fn published_port_makes_the_cause_docker_published() {
         let mut t = PortTable::default();
@@ -1303,9 +1356,10 @@ mod tests {
         t.on_bind(1, proxy);
         let mut place = |x: &Entry| {
             (x.owner.as_ref()?.comm.as_ref() == "docker-proxy").then(|| Placement {
-                container: web1(),
+                container: Some(web1()),
                 via: Some("docker-proxy"),
                 container_port: Some(80),
+                stale: false,
             })
         };
         let a = t.attribute_with(&attempt("127.0.0.1", 8080, Proto::Tcp), &mut place);
@@ -1336,9 +1390,10 @@ mod tests {
         t.on_bind(1, entry(Proto::Tcp, "0.0.0.0:8080", TCP_LISTEN, 4242));
         let mut place = |_: &Entry| {
             Some(Placement {
-                container: web1(),
+                container: Some(web1()),
                 via: None,
                 container_port: None,
+                stale: false,
             })
         };
         let mut at = attempt("0.0.0.0", 8080, Proto::Tcp);

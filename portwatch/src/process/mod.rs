@@ -409,20 +409,38 @@ fn place(docker: &mut Index, netns: u32, x: &Entry) -> Option<Placement> {
     let owner = x.owner.as_ref();
     if let Some(via) = owner.and_then(|o| containers::docker_binder(&o.comm)) {
         if netns == docker.host_netns() {
-            if let Some((c, p)) = docker.publisher(x.proto, x.local.ip(), x.local.port()) {
+            let (ip, port) = (x.local.ip(), x.local.port());
+            if let Some((c, p)) = docker.publisher(x.proto, ip, port) {
                 return Some(Placement {
-                    container: c.r.clone(),
+                    container: Some(c.r.clone()),
                     via: Some(via),
                     container_port: Some(p.container_port),
+                    stale: false,
+                });
+            }
+            // A binder holding a published port that no container the engines know runs
+            // or starts with: left behind by a daemon that died or lost track (moby#20486,
+            // #36591). Only said while an engine is connected, which knows every container;
+            // the podman CLI only passes the socket on, so it is never the one left.
+            if via != "podman" && docker.connected() && !docker.claims(x.proto, ip, port) {
+                let cip = owner
+                    .and_then(|o| o.cmdline.as_deref())
+                    .and_then(|c| containers::proxy_args(c).0);
+                return Some(Placement {
+                    container: cip.and_then(|ip| docker.by_ip(ip)).map(|c| c.r.clone()),
+                    via: Some(via),
+                    container_port: None,
+                    stale: true,
                 });
             }
         }
     }
     let c = docker.container_of(owner.map_or(0, |o| o.pid), netns, 0)?;
     Some(Placement {
-        container: c.r.clone(),
+        container: Some(c.r.clone()),
         via: None,
         container_port: None,
+        stale: false,
     })
 }
 
@@ -1409,9 +1427,9 @@ impl Processor {
                 state: e.state_name().into(),
                 pid: e.owner.as_ref().map(|o| o.pid),
                 comm: e.owner.as_ref().map(|o| o.comm.to_string()),
-                container: place(docker, ns, e).map(|p| p.container.name.to_string()),
                 netns: ns,
                 count: None,
+                ..PortRow::placed(place(docker, ns, e))
             })
             .collect();
         crate::rows::add_time_wait_rows(&mut rows, &self.table, filter);
@@ -1757,6 +1775,7 @@ impl Processor {
                     container: Some(c.r.clone()),
                     via: Some("dockerd"),
                     container_port: Some(p.container_port),
+                    stale: None,
                 });
             }
         }
