@@ -1,0 +1,250 @@
+//! The container engines' messages: the index, lifecycle records, and their own port
+//! failures (`docker_publish` conflicts).
+
+use super::*;
+
+impl Processor {
+    pub(super) fn container_ref(
+        &mut self,
+        e: &Event,
+        netns: u32,
+    ) -> Option<Arc<containers::ContainerRef>> {
+        self.docker
+            .container_of(e.pid, netns, e.cgroup_id)
+            .map(|c| c.r.clone())
+    }
+
+    pub(super) fn docker_msg(&mut self, m: DockerMsg) {
+        match m {
+            DockerMsg::Connected(c) => {
+                self.docker
+                    .replace_all(&c.endpoint, c.containers.iter().cloned());
+                self.docker.connected.insert(c.endpoint.clone());
+                if let Some(m) = &self.cfg.metrics {
+                    m.set_docker_connected(true);
+                }
+                let running = c.containers.iter().filter(|c| c.state.is_live()).count();
+                let r = record::Docker {
+                    event: "connected",
+                    endpoint: Some(&c.endpoint),
+                    engine: Some(c.engine),
+                    api_version: Some(&c.api_version),
+                    server_version: Some(&c.server_version),
+                    containers: Some(c.containers.len()),
+                    running: Some(running),
+                    sync_ms: Some(c.sync_ms),
+                    cgroup: Some(c.cgroup),
+                    ..Default::default()
+                };
+                self.emit_line("docker", c.ts_ns, r);
+            }
+            DockerMsg::Unavailable {
+                endpoint,
+                reason,
+                ts_ns,
+            } => {
+                // No start failure will be reported now: write what was held back.
+                self.docker.connected.remove(&endpoint);
+                if let Some(m) = &self.cfg.metrics {
+                    m.set_docker_connected(self.docker.connected());
+                }
+                self.flush_pending(true);
+                let r = record::Docker {
+                    event: "unavailable",
+                    endpoint: Some(&endpoint),
+                    reason: Some(&reason),
+                    ..Default::default()
+                };
+                self.emit_line("docker", ts_ns, r);
+            }
+            DockerMsg::Upsert(c) => self.docker.upsert(c),
+            DockerMsg::Lifecycle(l) => {
+                if l.event == "destroy" {
+                    self.docker.remove(&l.container.full_id);
+                } else {
+                    self.docker.upsert(l.container.clone());
+                }
+                let id = l.container.full_id.clone();
+                if l.event == "start" && !l.container.published.is_empty() {
+                    self.reach_due.push((id, Instant::now() + REACH_DELAY));
+                } else if l.event == "die" || l.event == "destroy" {
+                    self.reach_due.retain(|(x, _)| *x != id);
+                    self.reach_wait.retain(|(x, _)| *x != id);
+                    self.unreachable.retain(|(x, ..)| *x != id);
+                }
+                let r = record::Docker::lifecycle(l.event, &l.container, l.exit_code, l.missed);
+                self.emit_line("docker", l.ts_ns, r);
+            }
+            DockerMsg::StartFailed {
+                container,
+                error,
+                ts_ns,
+            } => {
+                self.docker.upsert(container.clone());
+                match containers::parse_start_error(&error) {
+                    Some(StartError::Allocated { ip, port }) => {
+                        self.publish_conflict(&container, ip, port, &error, ts_ns)
+                    }
+                    Some(StartError::InUse { ip, port }) => {
+                        self.recent_in_use
+                            .push((container.clone(), ip, port, Instant::now()));
+                        let same = |p: &PendingBind| {
+                            let pip = decode::ip(p.e.family, &p.e.addr);
+                            p.e.port == port && table::overlap(pip, None, ip, None).is_some()
+                        };
+                        self.release_pending(same, Some(&container));
+                    }
+                    None => {}
+                }
+            }
+            DockerMsg::Tick => self.flush_pending(false),
+        }
+    }
+
+    /// Container `b` asked for a host port that a running container publishes, and dockerd's
+    /// allocator refused: a conflict no syscall shows. The holder is the publisher, with
+    /// the socket its proxy holds when there is one.
+    pub(super) fn publish_conflict(
+        &mut self,
+        b: &Container,
+        ip: IpAddr,
+        port: u16,
+        error: &str,
+        ts_ns: i128,
+    ) {
+        // The daemon can report one refused start more than once (the start error and the
+        // container's state both carry it): one failure, one record.
+        let now = Instant::now();
+        self.recent_published
+            .retain(|(.., t)| now.duration_since(*t) < Duration::from_secs(10));
+        let key = (b.full_id.to_string(), ip, port);
+        if self
+            .recent_published
+            .iter()
+            .any(|(id, i, p, _)| (id, i, p) == (&key.0, &key.1, &key.2))
+        {
+            return;
+        }
+        self.recent_published.push((key.0, ip, port, now));
+        let proto = b
+            .bindings
+            .iter()
+            .find(|p| p.host_port <= port && port <= p.host_port_end)
+            .map_or(Proto::Tcp, |p| p.proto);
+        let proto_name = proto.name();
+        let netns = self.docker.host_netns();
+        let attempt = Attempt {
+            netns,
+            proto,
+            addr: ip,
+            port,
+            op_listen: false,
+            actor_pid: 0,
+            actor_sk: 0,
+            now_ns: ts_ns,
+            proto_name,
+            publishing: Some(&b.r.name),
+            ephemeral: self.port_range(netns),
+        };
+        let publisher = self
+            .docker
+            .publisher(proto, ip, port)
+            .map(|(c, p)| (c.clone(), *p));
+        let docker = &mut self.docker;
+        let a = self
+            .table
+            .attribute_with(&attempt, &mut |x| place(docker, netns, x));
+        let mut holders: Vec<table::Holder> = a
+            .holders
+            .into_iter()
+            .filter(|h| {
+                h.via.is_some()
+                    && publisher
+                        .as_ref()
+                        .is_some_and(|(c, _)| h.container.as_ref() == Some(&c.r))
+            })
+            .collect();
+        if holders.is_empty() {
+            // No socket (e.g. --userland-proxy=false with a daemon before 28): the port is
+            // dockerd's allocation alone.
+            if let Some((c, p)) = &publisher {
+                holders.push(table::Holder {
+                    pid: None,
+                    comm: None,
+                    cmdline: None,
+                    uid: None,
+                    state: "PUBLISHED",
+                    proto: proto_name,
+                    addr: p.host_ip,
+                    port,
+                    overlap: table::overlap(ip, None, p.host_ip, None)
+                        .unwrap_or(table::Overlap::Exact),
+                    since: None,
+                    count: None,
+                    expires_in_s: None,
+                    container: Some(c.r.clone()),
+                    via: Some("dockerd"),
+                    container_port: Some(p.container_port),
+                    stale: None,
+                });
+            }
+        }
+        for h in &mut holders {
+            if let (Some(pid), Some(comm), None) = (h.pid, &h.comm, &h.cmdline) {
+                h.cmdline = self.procs.cmdline(pid, pid, comm);
+            }
+        }
+        let target = table::fmt_addr(ip, port);
+        let (hint, reason) = match &publisher {
+            Some((a, p)) => (
+                format!(
+                    "container {} ({}, {}) already publishes {} -> {}; {} stop {}, or \
+                     publish {} on another host port",
+                    a.r.name,
+                    a.r.image,
+                    a.r.id,
+                    table::fmt_addr(p.host_ip, port),
+                    p.target(),
+                    a.r.engine,
+                    a.r.name,
+                    b.r.name
+                ),
+                None,
+            ),
+            None => (
+                format!("publish {} on another host port", b.r.name),
+                Some(format!(
+                    "no running container in the index publishes {proto_name} {target}; it \
+                     may have stopped since"
+                )),
+            ),
+        };
+        let overlap = holders.first().map(|h| h.overlap);
+        let host = std::mem::take(&mut self.cfg.host);
+        let h = Header::new("conflict", &host, ts_ns);
+        let r = record::PublishConflict {
+            count: 1,
+            first_ts: h.ts.clone(),
+            last_ts: h.ts.clone(),
+            h,
+            op: "docker_publish",
+            error: "port_already_allocated",
+            proto: proto_name,
+            family: if ip.is_ipv4() { "ipv4" } else { "ipv6" },
+            addr: ip,
+            port,
+            netns,
+            actor: record::ContainerActor {
+                container: b.r.clone(),
+            },
+            holders,
+            cause: "port_already_allocated",
+            overlap,
+            hint,
+            docker_error: error.to_string(),
+            reason,
+        };
+        self.emit(&r);
+        self.cfg.host = host;
+    }
+}

@@ -1,0 +1,195 @@
+//! Writing records: the log and stdout, the attach window and its fan-out to clients.
+
+use super::*;
+
+impl Processor {
+    /// A record at log level: stdout, the log file, the window and attached clients.
+    pub(super) fn emit<T: Serialize>(&mut self, v: &T) {
+        self.buf.clear();
+        if serde_json::to_writer(&mut self.buf, v).is_err() {
+            return;
+        }
+        self.buf.push(b'\n');
+        self.out.write_line(&self.buf);
+        let line: Arc<[u8]> = Arc::from(&self.buf[..]);
+        if let Some(m) = &self.cfg.metrics {
+            m.record(&line);
+        }
+        self.publish(&line);
+        self.push_window(WinItem::Line(Clock::now_wall_ns(), line));
+    }
+
+    /// Write out what the last message produced, and report log-file trouble it met.
+    pub(super) fn flush(&mut self) {
+        // A report may itself produce a line (log_resumed); two rounds settle it.
+        for _ in 0..2 {
+            let ev = self.out.flush();
+            if ev == LogEvent::Ok {
+                break;
+            }
+            self.log_event(ev);
+        }
+    }
+
+    /// Report log-file trouble: on stdout (the log may be what is failing) and to clients.
+    pub(super) fn log_event(&mut self, ev: LogEvent) {
+        match ev {
+            LogEvent::Ok | LogEvent::StillFailing => {}
+            LogEvent::Failed(reason) => {
+                eprintln!(
+                    "portwatch: warning: {reason}; records still go to stdout, failed writes are \
+                     counted, and writing resumes when it can"
+                );
+                let r = AgentRecord {
+                    event: "log_error",
+                    reason: Some(reason),
+                    ..Default::default()
+                };
+                let host = std::mem::take(&mut self.cfg.host);
+                let line = Line {
+                    h: Header::new("agent", &host, Clock::now_wall_ns()),
+                    body: r,
+                };
+                self.buf.clear();
+                let ok = serde_json::to_writer(&mut self.buf, &line).is_ok();
+                drop(line);
+                self.cfg.host = host;
+                if ok {
+                    self.buf.push(b'\n');
+                    let buf = std::mem::take(&mut self.buf);
+                    self.out.stdout_line(&buf);
+                    let l: Arc<[u8]> = Arc::from(&buf[..]);
+                    self.publish(&l);
+                    self.buf = buf;
+                }
+            }
+            LogEvent::Resumed { failed } => {
+                let r = AgentRecord {
+                    event: "log_resumed",
+                    failed_records: Some(failed),
+                    log_file: self.out.log.as_ref().map(|l| l.path().to_path_buf()),
+                    ..Default::default()
+                };
+                self.emit_line("agent", Clock::now_wall_ns(), r);
+            }
+        }
+    }
+
+    pub(super) fn push_window(&mut self, item: WinItem) {
+        let horizon = item.wall() - i128::from(self.cfg.window_s) * 1_000_000_000;
+        let cost = item.cost();
+        while self.window.front().is_some_and(|f| {
+            f.wall() < horizon
+                || self.window.len() >= WINDOW_ITEMS
+                || self.window_bytes + cost > WINDOW_BYTES
+        }) {
+            if let Some(f) = self.window.pop_front() {
+                self.window_bytes -= f.cost();
+            }
+        }
+        self.window_bytes += cost;
+        self.window.push_back(item);
+    }
+
+    /// Send a line to every attached client whose filter matches. A client that does not
+    /// keep up loses lines (counted, and told how many) instead of slowing the agent.
+    pub(super) fn publish(&mut self, line: &Arc<[u8]>) {
+        if self.subs.is_empty() {
+            return;
+        }
+        let parsed: Option<serde_json::Value> = if self.subs.iter().any(|s| !s.filter.is_empty()) {
+            serde_json::from_slice(line).ok()
+        } else {
+            None
+        };
+        for s in &mut self.subs {
+            if let Some(v) = &parsed {
+                if !s.filter.matches(v) {
+                    continue;
+                }
+            }
+            if s.missed > 0 {
+                let note = format!("{{\"v\":1,\"type\":\"missed\",\"count\":{}}}\n", s.missed);
+                match s.tx.try_send(Arc::from(note.as_bytes())) {
+                    Ok(()) => s.missed = 0,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        s.missed += 1;
+                        continue;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        s.closed = true;
+                        continue;
+                    }
+                }
+            }
+            match s.tx.try_send(line.clone()) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => s.missed += 1,
+                Err(mpsc::error::TrySendError::Closed(_)) => s.closed = true,
+            }
+        }
+        self.subs.retain(|s| !s.closed);
+        self.cfg
+            .attach_clients
+            .store(self.subs.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(super) fn emit_line<T: Serialize>(&mut self, ty: &'static str, wall: i128, body: T) {
+        let host = std::mem::take(&mut self.cfg.host);
+        let line = Line {
+            h: Header::new(ty, &host, wall),
+            body,
+        };
+        self.emit(&line);
+        self.cfg.host = host;
+    }
+
+    /// `attach`: the matching recent past, then register for live records. Done here, in
+    /// stream order, so the replay and the live stream neither overlap nor leave a gap.
+    pub(super) fn attach(
+        &mut self,
+        filter: Filter,
+        since_s: u64,
+        live: mpsc::Sender<Arc<[u8]>>,
+        reply: oneshot::Sender<Vec<Arc<[u8]>>>,
+    ) {
+        let from = Clock::now_wall_ns() - i128::from(since_s) * 1_000_000_000;
+        let mut out = Vec::new();
+        let items: Vec<WinItem> = self
+            .window
+            .iter()
+            .filter(|i| since_s > 0 && i.wall() >= from)
+            .cloned()
+            .collect();
+        for item in items {
+            let line = match item {
+                WinItem::Line(_, l) => l,
+                WinItem::Raw(w, e, ns) => {
+                    let Ok(k) = Kind::try_from(e.kind) else {
+                        continue;
+                    };
+                    if !self.format_verbose(&e, k, ns, w) {
+                        continue;
+                    }
+                    Arc::from(&self.buf[..])
+                }
+            };
+            let keep = filter.is_empty()
+                || serde_json::from_slice::<serde_json::Value>(&line)
+                    .is_ok_and(|v| filter.matches(&v));
+            if keep {
+                out.push(line);
+            }
+        }
+        let _ = reply.send(out);
+        self.subs.push(Sub {
+            filter,
+            tx: live,
+            missed: 0,
+            closed: false,
+        });
+        self.cfg
+            .attach_clients
+            .store(self.subs.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
