@@ -248,7 +248,9 @@ mod user {
     // SAFETY: all three are #[repr(C)], Copy, made of integers and integer arrays only, with
     // explicit padding, so every bit pattern is valid.
     unsafe impl aya::Pod for super::Event {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Offsets {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::SetStateOffsets {}
 }
 

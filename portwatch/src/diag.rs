@@ -739,6 +739,7 @@ mod tests {
         assert_eq!(e.inode, inode);
         assert_eq!(e.netns, ns.inode);
         assert_eq!(e.remote, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+        // SAFETY: geteuid has no preconditions.
         assert_eq!(e.uid, unsafe { libc::geteuid() });
         assert_eq!(e.v6only, None, "only AF_INET6 sockets carry v6only");
         let owners = socket_owners();
@@ -746,6 +747,7 @@ mod tests {
         assert_eq!(o.pid, std::process::id());
         let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
         assert_eq!(&*o.comm, comm.trim_end());
+        // SAFETY: geteuid has no preconditions.
         assert_eq!(o.uid, unsafe { libc::geteuid() });
     }
 
@@ -796,6 +798,7 @@ mod tests {
         // SAFETY: plain socket calls on an fd this test owns and closes.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
         assert!(fd >= 0);
+        // SAFETY: `fd` was just returned by socket() and nothing else owns it.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
         let sin = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
@@ -805,6 +808,7 @@ mod tests {
             },
             sin_zero: [0; 8],
         };
+        // SAFETY: `sin` is a valid sockaddr_in of the length given.
         let rc = unsafe {
             libc::bind(
                 fd.as_raw_fd(),
@@ -951,6 +955,7 @@ mod tests {
         let cpu = || {
             // SAFETY: getrusage fills the zeroed struct it is given.
             let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: as above; `ru` is a valid, writable rusage.
             unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
             let us = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
             (us(ru.ru_utime), us(ru.ru_stime))
