@@ -197,6 +197,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     };
 
+    // Before `ready`: a supervisor (or a test) that signals the agent as soon as it says it
+    // is ready must reach these handlers, not the default action, which for SIGHUP and
+    // SIGTERM ends the process without its `stopped` record.
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|source| Error::Io {
+        what: "installing the SIGINT handler",
+        source,
+    })?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|source| Error::Io {
+        what: "installing the SIGTERM handler",
+        source,
+    })?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(|source| Error::Io {
+        what: "installing the SIGHUP handler",
+        source,
+    })?;
+
     send(Msg::Agent(Box::new(AgentRecord {
         event: "ready",
         version: Some(env!("CARGO_PKG_VERSION")),
@@ -257,18 +273,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 })?,
         );
     }
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|source| Error::Io {
-        what: "installing the SIGINT handler",
-        source,
-    })?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|source| Error::Io {
-        what: "installing the SIGTERM handler",
-        source,
-    })?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(|source| Error::Io {
-        what: "installing the SIGHUP handler",
-        source,
-    })?;
     tokio::spawn(control::serve(control, tx.clone(), group));
 
     // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns it, and it is
