@@ -68,6 +68,8 @@ pub fn for_run() -> Result<()> {
 pub fn for_tests() -> Result<()> {
     for_run()?;
     test_image()?;
+    // The compose test runs Debian's docker-compose (1.29) against this dockerd.
+    apt_tools(&[("docker-compose", "docker-compose")])?;
     podman()
 }
 
