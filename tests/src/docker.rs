@@ -27,13 +27,18 @@ fn err(msg: String) -> io::Error {
 
 /// `docker ARGS`, output captured. Errors only when the CLI cannot be started.
 pub fn docker(args: &[&str]) -> io::Result<Output> {
-    Command::new("docker")
+    engine("docker", args)
+}
+
+/// `CLI ARGS` for an engine's CLI (`docker`, `podman`), output captured.
+pub fn engine(cli: &str, args: &[&str]) -> io::Result<Output> {
+    Command::new(cli)
         .args(args)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| {
             err(format!(
-                "running `docker {}`: {e}; is the docker CLI installed?",
+                "running `{cli} {}`: {e}; is the {cli} CLI installed?",
                 args.join(" ")
             ))
         })
@@ -290,8 +295,11 @@ fn must(args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
-/// A container removed (with `docker rm -f`) on drop, whether or not it ever started.
+/// A container removed (with `docker rm -f`, or `podman rm -f`) on drop, whether or not it
+/// ever started.
 pub struct Container {
+    /// The engine's CLI: `docker` or `podman`.
+    pub cli: &'static str,
     pub name: String,
     /// Full id, when `docker run` got as far as creating it.
     pub id: Option<String>,
@@ -304,18 +312,30 @@ impl Container {
     /// `docker run -d --name NAME ARGS... portwatch-test:busybox CMD...`; never panics on a
     /// failed start, so a test can expect one.
     pub fn run(tag: &str, args: &[&str], cmd: &[&str]) -> Container {
-        let name = unique(tag);
-        let _ = docker(&["rm", "-f", &name]);
+        Self::run_on("docker", TEST_IMAGE, &unique(tag), args, cmd)
+    }
+
+    /// `CLI run -d --name NAME ARGS... IMAGE CMD...` with the engine's own CLI.
+    pub fn run_on(
+        cli: &'static str,
+        image: &str,
+        name: &str,
+        args: &[&str],
+        cmd: &[&str],
+    ) -> Container {
+        let name = name.to_string();
+        let _ = engine(cli, &["rm", "-f", &name]);
         let mut all = vec!["run", "-d", "--name", &name];
         all.extend_from_slice(args);
-        all.push(TEST_IMAGE);
+        all.push(image);
         all.extend_from_slice(cmd);
-        let o = docker(&all).unwrap();
-        let id = docker(&["inspect", "--format", "{{.Id}}", &name])
+        let o = engine(cli, &all).unwrap();
+        let id = engine(cli, &["inspect", "--format", "{{.Id}}", &name])
             .ok()
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
         Container {
+            cli,
             name,
             id,
             stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
@@ -325,9 +345,17 @@ impl Container {
 
     /// Like `run`, but the container must be running.
     pub fn running(tag: &str, args: &[&str], cmd: &[&str]) -> Container {
-        let c = Self::run(tag, args, cmd);
-        assert!(c.ok, "docker run {} failed: {}", c.name, c.stderr);
-        c
+        Self::run(tag, args, cmd).started()
+    }
+
+    /// This container, which must have started.
+    pub fn started(self) -> Container {
+        assert!(
+            self.ok,
+            "{} run {} failed: {}",
+            self.cli, self.name, self.stderr
+        );
+        self
     }
 
     pub fn short_id(&self) -> String {
@@ -365,7 +393,7 @@ impl Container {
 
 impl Drop for Container {
     fn drop(&mut self) {
-        let _ = docker(&["rm", "-f", &self.name]);
+        let _ = engine(self.cli, &["rm", "-f", &self.name]);
     }
 }
 

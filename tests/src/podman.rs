@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::docker::{unique, TEST_IMAGE};
+use crate::docker::{unique, Container, TEST_IMAGE};
 
 /// Where the API service listens (the agent joins it there by default when it exists).
 pub const SOCKET: &str = "/run/podman/podman.sock";
@@ -36,16 +36,7 @@ fn err(msg: String) -> io::Error {
 
 /// `podman ARGS`, output captured. Errors only when the CLI cannot be started.
 pub fn podman(args: &[&str]) -> io::Result<Output> {
-    Command::new("podman")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| {
-            err(format!(
-                "running `podman {}`: {e}; install it with `apt-get install podman`",
-                args.join(" ")
-            ))
-        })
+    crate::docker::engine("podman", args)
 }
 
 pub fn installed() -> bool {
@@ -163,51 +154,15 @@ pub fn require_podman() {
     );
 }
 
-/// A Podman container, removed (`podman rm -f`) on drop whether or not it started.
-pub struct PodContainer {
-    pub name: String,
-    pub id: Option<String>,
-    pub stderr: String,
-    pub ok: bool,
+/// `podman run -d --name NAME ULIMITS ARGS... IMAGE CMD...`; a failed start is returned,
+/// not a panic, so a test can expect one. Removed on drop.
+pub fn run(tag: &str, args: &[&str], cmd: &[&str]) -> Container {
+    let mut all: Vec<&str> = ULIMITS.to_vec();
+    all.extend_from_slice(args);
+    Container::run_on("podman", IMAGE, &unique(&format!("pod-{tag}")), &all, cmd)
 }
 
-impl PodContainer {
-    /// `podman run -d --name NAME ULIMITS ARGS... IMAGE CMD...`; a failed start is returned,
-    /// not a panic, so a test can expect one.
-    pub fn run(tag: &str, args: &[&str], cmd: &[&str]) -> PodContainer {
-        let name = unique(&format!("pod-{tag}"));
-        let _ = podman(&["rm", "-f", &name]);
-        let mut all = vec!["run", "-d", "--name", &name];
-        all.extend_from_slice(&ULIMITS);
-        all.extend_from_slice(args);
-        all.push(IMAGE);
-        all.extend_from_slice(cmd);
-        let o = podman(&all).unwrap();
-        let id = podman(&["inspect", "--format", "{{.Id}}", &name])
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-        PodContainer {
-            name,
-            id,
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-            ok: o.status.success(),
-        }
-    }
-
-    pub fn running(tag: &str, args: &[&str], cmd: &[&str]) -> PodContainer {
-        let c = Self::run(tag, args, cmd);
-        assert!(c.ok, "podman run {} failed: {}", c.name, c.stderr);
-        c
-    }
-
-    pub fn short_id(&self) -> String {
-        self.id.as_deref().expect("container was created")[..12].to_string()
-    }
-}
-
-impl Drop for PodContainer {
-    fn drop(&mut self) {
-        let _ = podman(&["rm", "-f", "-t", "0", &self.name]);
-    }
+/// `run`, and the container must have started.
+pub fn running(tag: &str, args: &[&str], cmd: &[&str]) -> Container {
+    run(tag, args, cmd).started()
 }

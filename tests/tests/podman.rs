@@ -3,7 +3,11 @@
 //! ports, and Podman's own "address already in use" with both sides named. A published port
 //! is held by the container's `conmon`; the `podman` CLI binds it first and hands it over.
 
-use portwatch_tests::{podman::*, *};
+use portwatch_tests::{
+    docker::Container,
+    podman::{self, *},
+    *,
+};
 use serde_json::Value;
 
 fn is_docker(v: &Value, event: &str) -> bool {
@@ -25,7 +29,7 @@ fn agent(ports: &[u16]) -> Agent {
     a
 }
 
-fn check_container(v: &Value, c: &PodContainer) {
+fn check_container(v: &Value, c: &Container) {
     assert_eq!(v["name"], c.name.as_str(), "{v}");
     assert_eq!(v["id"], c.short_id().as_str(), "{v}");
     assert_eq!(v["engine"], "podman", "{v}");
@@ -41,7 +45,7 @@ fn podman_containers_are_named_on_lifecycle_and_conflicts() {
     let agent = agent(&[port, port2, 8080]);
 
     // Lifecycle with ports.
-    let a = PodContainer::running("a", &["-p", &format!("{port}:80")], &HTTPD);
+    let a = podman::running("a", &["-p", &format!("{port}:80")], &HTTPD);
     let id = a.short_id();
     let start = agent.wait_for("podman start", move |v| {
         is_docker(v, "start") && v["container"]["id"] == id.as_str()
@@ -83,7 +87,7 @@ fn podman_containers_are_named_on_lifecycle_and_conflicts() {
 
     // A second container on the same host port: Podman's own EADDRINUSE, from the podman
     // CLI, names the container being started as the actor and a's conmon as the holder.
-    let b = PodContainer::run("b", &["-p", &format!("{port}:80")], &HTTPD);
+    let b = podman::run("b", &["-p", &format!("{port}:80")], &HTTPD);
     assert!(!b.ok, "the second container must fail to start");
     assert!(
         b.stderr.contains("address already in use"),
@@ -101,7 +105,7 @@ fn podman_containers_are_named_on_lifecycle_and_conflicts() {
     assert_eq!(c["cause"], "docker_published", "{c}");
 
     // A process inside a container is named as the actor of its own conflict.
-    let d = PodContainer::running(
+    let d = podman::running(
         "d",
         &["-p", &format!("{port2}:8080")],
         &[
