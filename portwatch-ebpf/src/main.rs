@@ -50,20 +50,21 @@ static FILTER_N: u32 = 0;
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
-/// Failures a process makes faster than one per `PROMPT_GAP_NS`: submitted without a
-/// wakeup, to a ring of their own that the agent reads after `EVENTS`. A storm of failing
-/// calls then queues behind nothing else: the first failure of each process, and any other
-/// process's, still goes to `EVENTS` and wakes the agent at once. Same size as `EVENTS`.
+/// Repeats of one failure (same process, call, port and error) faster than one per
+/// `PROMPT_GAP_NS`: submitted without a wakeup, to a ring of their own that the agent reads
+/// after `EVENTS`. A storm of failing calls then queues behind nothing else: the first of
+/// each failure, and every other failure, still goes to `EVENTS` and wakes the agent at
+/// once. Same size as `EVENTS`.
 #[map]
 static BULK: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
-/// A process's failures closer together than this after its last prompt one go to `BULK`.
+/// Repeats of a failure closer together than this after its last prompt one go to `BULK`.
 const PROMPT_GAP_NS: u64 = 100_000_000;
 
-/// When each process last had a failure sent to `EVENTS` (ktime ns). LRU: a process that
-/// falls out only gets its next failure sent promptly again.
+/// When each failure (`prompt_key`) last went to `EVENTS` (ktime ns). LRU: a failure that
+/// falls out only gets its next repeat sent promptly again.
 #[map]
-static PROMPT_AT: LruHashMap<u32, u64> = LruHashMap::with_max_entries(8192, 0);
+static PROMPT_AT: LruHashMap<u64, u64> = LruHashMap::with_max_entries(8192, 0);
 
 /// Failed ring-buffer reserves, per kind, per CPU.
 #[map]
@@ -362,7 +363,7 @@ const BPF_RB_FORCE_WAKEUP: u64 = 2;
 /// case while unwoken records wait in front of it.
 #[inline(always)]
 fn emit(e: &Event) {
-    let urgent = e.ret < 0 && prompt(e.pid, e.ts_ns);
+    let urgent = e.ret < 0 && prompt(prompt_key(e), e.ts_ns);
     // Successes (the table's facts) stay in EVENTS, in order with the prompt failures that
     // are attributed against them.
     let ring = if e.ret < 0 && !urgent { &BULK } else { &EVENTS };
@@ -383,18 +384,34 @@ fn emit(e: &Event) {
     }
 }
 
-/// Whether this failure of process `tgid` goes out promptly: its first, or its first
-/// `PROMPT_GAP_NS` after the last prompt one. Two CPUs of one process may both find the
-/// gap passed and both send promptly; that only costs a wakeup.
+/// What makes failures repeats of one another here: the process, the call, the port (the
+/// destination's for connect) and the error, as the agent's coalescing has it (it also
+/// compares addresses; two addresses on one port share a key here and only lose a wakeup).
 #[inline(always)]
-fn prompt(tgid: u32, now: u64) -> bool {
+fn prompt_key(e: &Event) -> u64 {
+    let port = if e.kind == kind::CONNECT {
+        e.rport
+    } else {
+        e.port
+    };
+    (u64::from(e.pid) << 32)
+        | (u64::from(e.kind & 0xff) << 24)
+        | (u64::from(port) << 8)
+        | u64::from(e.ret.unsigned_abs() & 0xff)
+}
+
+/// Whether this failure goes out promptly: the first of its key, or the first
+/// `PROMPT_GAP_NS` after the last prompt one. Two CPUs may both find the gap passed and
+/// both send promptly; that only costs a wakeup.
+#[inline(always)]
+fn prompt(key: u64, now: u64) -> bool {
     // SAFETY: the value is a plain u64 in a map this program owns.
-    if let Some(t) = unsafe { PROMPT_AT.get(&tgid) } {
+    if let Some(t) = unsafe { PROMPT_AT.get(&key) } {
         if now.wrapping_sub(*t) < PROMPT_GAP_NS {
             return false;
         }
     }
-    let _ = PROMPT_AT.insert(&tgid, &now, 0);
+    let _ = PROMPT_AT.insert(&key, &now, 0);
     true
 }
 
