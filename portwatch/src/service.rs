@@ -94,6 +94,21 @@ impl Services {
         if s.sk != 0 && list.iter().any(|x| x.sk == s.sk) {
             return None; // already known (a listen after its bind, say)
         }
+        // A dump saw the socket before its event was processed (a namespace re-read between
+        // the listen and its event): the open is written already; the event names the socket.
+        let pid = |o: &Option<Arc<Owner>>| o.as_ref().map(|o| o.pid);
+        if s.sk != 0 {
+            if let Some(x) = list
+                .iter_mut()
+                .find(|x| x.sk == 0 && (x.owner.is_none() || pid(&x.owner) == pid(&s.owner)))
+            {
+                x.sk = s.sk;
+                if x.owner.is_none() {
+                    x.owner = s.owner;
+                }
+                return None;
+            }
+        }
         if let Some(i) = self.closing.iter().position(|c| c.key == key) {
             let c = self.closing.swap_remove(i);
             s.opened_ns = c.service.opened_ns;
@@ -232,6 +247,19 @@ mod tests {
             restarts: 0,
             existing: false,
         }
+    }
+
+    /// The dump saw the listener first: its event is the same service, not a second open.
+    #[test]
+    fn an_event_after_the_dump_that_saw_its_socket_is_no_second_open() {
+        let mut s = Services::default();
+        let mut seen = svc(7, 0, S);
+        seen.existing = true;
+        assert!(s.open(key(80), seen).is_some());
+        assert!(s.open(key(80), svc(7, 0xabc, S + 1)).is_none());
+        assert_eq!(s.len(), 1);
+        // Another process's socket on the same address (SO_REUSEPORT) is its own service.
+        assert!(s.open(key(80), svc(8, 0xdef, S + 2)).is_some());
     }
 
     #[test]
