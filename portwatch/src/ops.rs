@@ -17,7 +17,6 @@ use crate::{
     decode::Clock,
     diag,
     error::{Error, Result},
-    rows::{add_time_wait_rows, fold_time_wait},
     table::{self, Attempt, NsSockets, PortTable, Proto},
 };
 
@@ -225,30 +224,8 @@ fn snapshot_table() -> (PortTable, usize) {
 }
 
 fn table_rows(t: &PortTable, filter: &Filter) -> Vec<PortRow> {
-    let mut rows: Vec<PortRow> = t
-        .rows()
-        .filter(|(_, e)| filter.port.is_none_or(|p| e.local.port() == p))
-        .filter(|(_, e)| {
-            filter
-                .pid
-                .is_none_or(|p| e.owner.as_ref().is_some_and(|o| o.pid == p))
-        })
-        .map(|(ns, e)| PortRow {
-            proto: if e.proto == Proto::Tcp { "tcp" } else { "udp" }.into(),
-            addr: e.local.ip().to_string(),
-            port: e.local.port(),
-            state: e.state_name().into(),
-            pid: e.owner.as_ref().map(|o| o.pid),
-            comm: e.owner.as_ref().map(|o| o.comm.to_string()),
-            container: None,
-            netns: ns,
-            count: None,
-            stale: None,
-        })
-        .collect();
-    add_time_wait_rows(&mut rows, t, filter);
-    fold_time_wait(&mut rows);
-    rows
+    // No engine to ask: no container names.
+    crate::rows::table_rows(t, filter, &mut |_, _| None)
 }
 
 /// Rows from the running agent, or from a snapshot of our own when none runs.
@@ -877,7 +854,7 @@ mod tests {
             row("TIME_WAIT", 80),
             row("TIME_WAIT", 81),
         ];
-        fold_time_wait(&mut rows);
+        crate::rows::fold_time_wait(&mut rows);
         assert_eq!(rows.len(), 3);
         let tw80 = rows
             .iter()

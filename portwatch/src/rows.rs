@@ -6,8 +6,40 @@ use std::collections::HashMap;
 use crate::{
     decode::Clock,
     protocol::{Filter, PortRow},
-    table::PortTable,
+    table::{Entry, Placement, PortTable},
 };
+
+/// The table as `ports` rows: the sockets `filter` selects, each placed (container, stale)
+/// by `place`, then TIME_WAIT folded to one row per port with its count.
+pub fn table_rows(
+    t: &PortTable,
+    filter: &Filter,
+    place: &mut dyn FnMut(u32, &Entry) -> Option<Placement>,
+) -> Vec<PortRow> {
+    let mut rows: Vec<PortRow> = t
+        .rows()
+        .filter(|(_, e)| filter.port.is_none_or(|p| e.local.port() == p))
+        .filter(|(_, e)| {
+            filter
+                .pid
+                .is_none_or(|p| e.owner.as_ref().is_some_and(|o| o.pid == p))
+        })
+        .map(|(ns, e)| PortRow {
+            proto: e.proto.name().into(),
+            addr: e.local.ip().to_string(),
+            port: e.local.port(),
+            state: e.state_name().into(),
+            pid: e.owner.as_ref().map(|o| o.pid),
+            comm: e.owner.as_ref().map(|o| o.comm.to_string()),
+            netns: ns,
+            count: None,
+            ..PortRow::placed(place(ns, e))
+        })
+        .collect();
+    add_time_wait_rows(&mut rows, t, filter);
+    fold_time_wait(&mut rows);
+    rows
+}
 
 /// The table's TIME_WAIT sockets (kept as counts per port) as rows, for `ports`.
 pub fn add_time_wait_rows(rows: &mut Vec<PortRow>, t: &PortTable, filter: &Filter) {

@@ -89,6 +89,26 @@ fn log_tail(path: &Path) -> String {
 /// Start dockerd in the background (its own session, so it outlives the caller), logging
 /// to `log`, and wait until `docker info` answers.
 pub fn start_dockerd(log: &Path, timeout: Duration) -> io::Result<()> {
+    start_daemon(
+        Command::new("dockerd"),
+        "dockerd",
+        "apt-get install docker.io",
+        log,
+        timeout,
+        dockerd_running,
+    )
+}
+
+/// Start a daemon `cmd` (`what`, installed by `install`) in its own process group, so it
+/// outlives the caller, with its output appended to `log`; wait until `up` says it answers.
+pub(crate) fn start_daemon(
+    mut cmd: Command,
+    what: &str,
+    install: &str,
+    log: &Path,
+    timeout: Duration,
+    up: fn() -> bool,
+) -> io::Result<()> {
     if let Some(dir) = log.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -98,41 +118,37 @@ pub fn start_dockerd(log: &Path, timeout: Duration) -> io::Result<()> {
         .open(log)
         .map_err(|e| err(format!("opening {}: {e}", log.display())))?;
     let out2 = out.try_clone()?;
-    let mut child = Command::new("dockerd")
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(out2)
         .process_group(0)
         .spawn()
-        .map_err(|e| {
-            err(format!(
-                "starting dockerd: {e}; install it with `apt-get install docker.io`"
-            ))
-        })?;
+        .map_err(|e| err(format!("starting {what}: {e}; install it with `{install}`")))?;
     let deadline = Instant::now() + timeout;
     loop {
-        if dockerd_running() {
+        if up() {
             // This process is its parent until it exits: reap it when it does, or it stays
-            // a zombie that still looks alive to the next stop_dockerd.
+            // a zombie that still looks alive to the next stop.
             std::thread::spawn(move || child.wait());
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
             return Err(err(format!(
-                "dockerd exited with {status} before answering; the end of {}:\n{}",
+                "{what} exited with {status} before answering; the end of {}:\n{}",
                 log.display(),
                 log_tail(log)
             )));
         }
         if Instant::now() >= deadline {
             return Err(err(format!(
-                "dockerd did not answer `docker info` within {} s; the end of {}:\n{}",
+                "{what} did not answer within {} s; the end of {}:\n{}",
                 timeout.as_secs(),
                 log.display(),
                 log_tail(log)
             )));
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -6,12 +6,11 @@
 //! container here runs with `ULIMITS`; nothing in the host's containers.conf is changed.
 
 use std::{
-    fs::OpenOptions,
     io::{self, Read, Write},
-    os::unix::{net::UnixStream, process::CommandExt},
+    os::unix::net::UnixStream,
     path::Path,
     process::{Command, Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::docker::{unique, Container, TEST_IMAGE};
@@ -68,51 +67,19 @@ pub fn service_running() -> bool {
 /// Start `podman system service` on `SOCKET` in the background (its own process group, so
 /// it outlives the caller), logging to `log`, and wait until it answers.
 pub fn start_service(log: &Path, timeout: Duration) -> io::Result<()> {
-    if let Some(dir) = log.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
     if let Some(dir) = Path::new(SOCKET).parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let out = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(|e| err(format!("opening {}: {e}", log.display())))?;
-    let out2 = out.try_clone()?;
-    let mut child = Command::new("podman")
-        .args(["system", "service", "-t", "0", &format!("unix://{SOCKET}")])
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(out2)
-        .process_group(0)
-        .spawn()
-        .map_err(|e| {
-            err(format!(
-                "starting `podman system service`: {e}; install it with `apt-get install podman`"
-            ))
-        })?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        if service_running() {
-            std::thread::spawn(move || child.wait());
-            return Ok(());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(err(format!(
-                "`podman system service` exited with {status}; see {}",
-                log.display()
-            )));
-        }
-        if Instant::now() >= deadline {
-            return Err(err(format!(
-                "`podman system service` did not answer on {SOCKET} within {} s; see {}",
-                timeout.as_secs(),
-                log.display()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut cmd = Command::new("podman");
+    cmd.args(["system", "service", "-t", "0", &format!("unix://{SOCKET}")]);
+    crate::docker::start_daemon(
+        cmd,
+        "`podman system service`",
+        "apt-get install podman",
+        log,
+        timeout,
+        service_running,
+    )
 }
 
 pub fn image_present() -> bool {

@@ -721,33 +721,7 @@ impl Processor {
 
     fn ports(&mut self, filter: &Filter) -> Vec<PortRow> {
         let docker = &mut self.docker;
-        let mut rows: Vec<PortRow> = self
-            .table
-            .rows()
-            .filter(|(_, e)| filter.port.is_none_or(|p| e.local.port() == p))
-            .filter(|(_, e)| {
-                filter
-                    .pid
-                    .is_none_or(|p| e.owner.as_ref().is_some_and(|o| o.pid == p))
-            })
-            .map(|(ns, e)| PortRow {
-                proto: match e.proto {
-                    Proto::Tcp => "tcp".into(),
-                    Proto::Udp => "udp".into(),
-                },
-                addr: e.local.ip().to_string(),
-                port: e.local.port(),
-                state: e.state_name().into(),
-                pid: e.owner.as_ref().map(|o| o.pid),
-                comm: e.owner.as_ref().map(|o| o.comm.to_string()),
-                netns: ns,
-                count: None,
-                ..PortRow::placed(place(docker, ns, e))
-            })
-            .collect();
-        crate::rows::add_time_wait_rows(&mut rows, &self.table, filter);
-        crate::rows::fold_time_wait(&mut rows);
-        rows
+        crate::rows::table_rows(&self.table, filter, &mut |ns, e| place(docker, ns, e))
     }
 
     fn status(&self) -> serde_json::Value {
