@@ -40,6 +40,8 @@ pub mod flags {
     pub const FROM_SOCK: u32 = 1 << 1;
     /// The network namespace inode is the socket's own (not the current task's).
     pub const NETNS_FROM_SOCK: u32 = 1 << 2;
+    /// A TIME_WAIT entry or exit seen at `tcp_time_wait`/`inet_twsk_kill` (trampolines).
+    pub const TW_HOOK: u32 = 1 << 3;
 }
 
 pub const AF_INET: u16 = 2;

@@ -17,9 +17,12 @@ use aya_ebpf::{
         bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
     },
-    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
+    macros::{btf_tracepoint, fentry, fexit, map, raw_tracepoint, tracepoint},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    programs::{
+        BtfTracePointContext, FEntryContext, FExitContext, RawTracePointContext,
+        TracePointContext,
+    },
     EbpfContext,
 };
 use portwatch_common::{
@@ -43,6 +46,10 @@ static SS_OFF: SetStateOffsets = SetStateOffsets::zeroed();
 static FILTER_PORTS: [u16; MAX_FILTER_PORTS] = [0; MAX_FILTER_PORTS];
 #[unsafe(no_mangle)]
 static FILTER_N: u32 = 0;
+/// 1 when the trampoline family (fentry/fexit) is attached instead of the syscall
+/// tracepoints: `BOUND` is then keyed by socket, since the close hook sees releases.
+#[unsafe(no_mangle)]
+static TRAMPOLINE: u32 = 0;
 
 // ---- Maps ----
 
@@ -177,6 +184,13 @@ fn hint_add(key: u64, delta: u64) {
 /// Processes that hold a socket portwatch saw bound: their exit is reported.
 #[map]
 static TRACKED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// TIME_WAIT sockets created (`[0]`, at `tcp_time_wait`) and destroyed (`[1]`, at
+/// `inet_twsk_kill`: expiry or early kill), per network namespace, per CPU. Exact counts
+/// that cost a map update per socket instead of a ring-buffer record; the agent reads them
+/// for its `time_wait` records.
+#[map]
+static TW_COUNTS: LruPerCpuHashMap<u32, [u64; 2]> = LruPerCpuHashMap::with_max_entries(4096, 0);
 
 // ---- Helpers ----
 
@@ -443,6 +457,34 @@ unsafe fn read_sockaddr(uaddr: u64) -> Option<(u16, u16, [u8; 16])> {
     }
 }
 
+/// A kernel copy of a sockaddr (`struct sockaddr_storage *`), as io_uring passes it.
+#[inline(always)]
+unsafe fn read_sockaddr_kernel(kaddr: u64) -> Option<(u16, u16, [u8; 16])> {
+    if kaddr == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel tolerates bad pointers.
+    unsafe {
+        let family: u16 = bpf_probe_read_kernel(kaddr as *const u16).ok()?;
+        let port_be: u16 = bpf_probe_read_kernel((kaddr + 2) as *const u16).ok()?;
+        let mut addr = [0u8; 16];
+        match family {
+            AF_INET => {
+                let a: [u8; 4] = bpf_probe_read_kernel((kaddr + 4) as *const [u8; 4]).ok()?;
+                addr[0] = a[0];
+                addr[1] = a[1];
+                addr[2] = a[2];
+                addr[3] = a[3];
+            }
+            AF_INET6 => {
+                addr = bpf_probe_read_kernel((kaddr + 8) as *const [u8; 16]).ok()?;
+            }
+            _ => return None,
+        }
+        Some((family, u16::from_be(port_be), addr))
+    }
+}
+
 #[inline(always)]
 fn fd_key(tgid: u32, fd: i32) -> u64 {
     ((tgid as u64) << 32) | (fd as u32 as u64)
@@ -458,12 +500,15 @@ pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
 }
 
 fn try_enter_bind(ctx: &TracePointContext) -> Result<u32, u32> {
+    enter_bind(sys_slot(ctx, SYSCALL_ARG0) as i32, sys_slot(ctx, SYSCALL_ARG1))
+}
+
+/// bind() entered with (fd, user sockaddr): keep what is attempted until the exit.
+#[inline(always)]
+fn enter_bind(fd: i32, uaddr: u64) -> Result<u32, u32> {
     if event_mask() & mask::BIND == 0 {
         return Ok(0);
     }
-    // SAFETY: offsets follow the syscall tracepoint ABI.
-    let fd: u64 = sys_slot(ctx, SYSCALL_ARG0);
-    let uaddr: u64 = sys_slot(ctx, SYSCALL_ARG1);
     // SAFETY: see read_sockaddr.
     let Some((family, port, addr)) = (unsafe { read_sockaddr(uaddr) }) else {
         return Ok(0);
@@ -472,7 +517,7 @@ fn try_enter_bind(ctx: &TracePointContext) -> Result<u32, u32> {
         return Ok(0);
     }
     let p = PendingBind {
-        fd: fd as i32,
+        fd,
         family,
         port,
         addr,
@@ -489,13 +534,18 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
 }
 
 fn try_exit_bind(ctx: &TracePointContext) -> Result<u32, u32> {
+    exit_bind(sys_slot(ctx, SYSCALL_RET) as i64)
+}
+
+/// bind() returned `ret`: report it with what `enter_bind` kept.
+#[inline(always)]
+fn exit_bind(ret: i64) -> Result<u32, u32> {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
     let Some(p) = (unsafe { BIND_PENDING.get(&id) }).copied() else {
         return Ok(0);
     };
     let _ = BIND_PENDING.remove(&id);
-    let ret: i64 = sys_slot(ctx, SYSCALL_RET) as i64;
     let o = offsets();
     let mut e = Event::zeroed();
     fill_task(&mut e, kind::BIND, &o);
@@ -511,22 +561,39 @@ fn try_exit_bind(ctx: &TracePointContext) -> Result<u32, u32> {
         e.proto = sock_proto(&o, sk);
     }
     if ret == 0 {
-        let b = Bound {
-            family: p.family,
-            port: p.port,
-            proto: e.proto,
-            _pad: 0,
-            addr: p.addr,
-            sk: e.sk,
-        };
-        let key = fd_key(e.pid, p.fd);
-        if BOUND.insert(&key, &b, 0).is_ok() {
-            hint_add(key, 1);
-        }
-        let _ = TRACKED.insert(&e.pid, &1, 0);
+        remember_bound(&e);
     }
     emit(&e);
     Ok(0)
+}
+
+/// A successful bind: remember its address for listen() and close(), keyed by (tgid, fd)
+/// for the syscall tracepoints or by the socket for the trampoline hooks (whose close hook
+/// sees the socket being released, not an fd).
+#[inline(always)]
+fn remember_bound(e: &Event) {
+    let b = Bound {
+        family: e.family,
+        port: e.port,
+        proto: e.proto,
+        _pad: 0,
+        addr: e.addr,
+        sk: e.sk,
+    };
+    let key = if trampoline() { e.sk } else { fd_key(e.pid, e.fd) };
+    if key == 0 {
+        return;
+    }
+    if BOUND.insert(&key, &b, 0).is_ok() {
+        hint_add(key, 1);
+    }
+    let _ = TRACKED.insert(&e.pid, &1, 0);
+}
+
+#[inline(always)]
+fn trampoline() -> bool {
+    // SAFETY: a plain read of a loader-initialised global.
+    unsafe { core::ptr::read_volatile(&TRAMPOLINE) != 0 }
 }
 
 // ---- listen ----
@@ -539,11 +606,15 @@ pub fn sys_enter_listen(ctx: TracePointContext) -> u32 {
 }
 
 fn try_enter_listen(ctx: &TracePointContext) -> Result<u32, u32> {
+    enter_listen(sys_slot(ctx, SYSCALL_ARG0) as i32)
+}
+
+#[inline(always)]
+fn enter_listen(fd: i32) -> Result<u32, u32> {
     if event_mask() & mask::LISTEN == 0 {
         return Ok(0);
     }
-    let fd: u64 = sys_slot(ctx, SYSCALL_ARG0);
-    let _ = LISTEN_PENDING.insert(&bpf_get_current_pid_tgid(), &(fd as i32), 0);
+    let _ = LISTEN_PENDING.insert(&bpf_get_current_pid_tgid(), &fd, 0);
     Ok(0)
 }
 
@@ -555,21 +626,39 @@ pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
 }
 
 fn try_exit_listen(ctx: &TracePointContext) -> Result<u32, u32> {
+    exit_listen(sys_slot(ctx, SYSCALL_RET) as i64)
+}
+
+#[inline(always)]
+fn exit_listen(ret: i64) -> Result<u32, u32> {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: copied out before removal.
     let Some(fd) = (unsafe { LISTEN_PENDING.get(&id) }).copied() else {
         return Ok(0);
     };
     let _ = LISTEN_PENDING.remove(&id);
-    let ret: i64 = sys_slot(ctx, SYSCALL_RET) as i64;
+    let o = offsets();
+    let sk = sock_of_fd(&o, fd);
+    report_listen(ret, fd, sk)
+}
+
+/// A listen() on `sk` (0 when unknown) returned `ret`: name its address from what was seen
+/// bound, else from the socket itself.
+#[inline(always)]
+fn report_listen(ret: i64, fd: i32, sk: u64) -> Result<u32, u32> {
     let o = offsets();
     let mut e = Event::zeroed();
     fill_task(&mut e, kind::LISTEN, &o);
     e.fd = fd;
     e.ret = ret as i32;
-    let sk = sock_of_fd(&o, fd);
-    // SAFETY: copied out immediately.
-    if let Some(b) = unsafe { BOUND.get(&fd_key(e.pid, fd)) }.copied() {
+    let key = if trampoline() { sk } else { fd_key(e.pid, fd) };
+    let bound = if key == 0 {
+        None
+    } else {
+        // SAFETY: copied out immediately.
+        unsafe { BOUND.get(&key) }.copied()
+    };
+    if let Some(b) = bound {
         e.family = b.family;
         e.port = b.port;
         e.addr = b.addr;
@@ -606,6 +695,10 @@ fn try_exit_listen(ctx: &TracePointContext) -> Result<u32, u32> {
         return Ok(0);
     }
     e.sk = sk;
+    if ret == 0 && trampoline() && e.flags & flags::FROM_SOCK != 0 {
+        // Bound before portwatch started, or implicitly: its release is reported too.
+        remember_bound(&e);
+    }
     emit(&e);
     Ok(0)
 }
@@ -660,8 +753,14 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<u32, u32> {
         }
         return Ok(0);
     }
-    // SAFETY: same task as at entry, so the user pointer is still this process's memory.
-    let Some((family, port, addr)) = (unsafe { read_sockaddr(p.uaddr) }) else {
+    connect_failed(ret, p.fd, p.uaddr)
+}
+
+/// A connect(fd, uaddr) that failed with EADDRNOTAVAIL, in the task that called it.
+#[inline(always)]
+fn connect_failed(ret: i64, fd: i32, uaddr: u64) -> Result<u32, u32> {
+    // SAFETY: the calling task, so the user pointer is still this process's memory.
+    let Some((family, port, addr)) = (unsafe { read_sockaddr(uaddr) }) else {
         return Ok(0);
     };
     if !port_wanted(port) {
@@ -670,13 +769,13 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<u32, u32> {
     let o = offsets();
     let mut e = Event::zeroed();
     fill_task(&mut e, kind::CONNECT, &o);
-    e.fd = p.fd;
+    e.fd = fd;
     e.ret = ret as i32;
     e.family = family;
     e.rport = port;
     e.raddr = addr;
     e.flags = flags::FROM_SOCKADDR;
-    let sk = sock_of_fd(&o, p.fd);
+    let sk = sock_of_fd(&o, fd);
     if sk != 0 {
         e.sk = sk;
         e.proto = sock_proto(&o, sk);
@@ -968,6 +1067,262 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
             }
         }
         emit(&e);
+    }
+    0
+}
+
+// ---- Trampoline family (fentry/fexit) ----
+//
+// The same facts as the syscall tracepoints above, from programs on the kernel functions
+// behind bind, listen and connect. A syscall tracepoint puts every syscall of every task on
+// the traced path; these run only when their function does. The agent attaches one family
+// or the other, never both, and names the functions from the running kernel's BTF: the
+// `function` below is only the default it overrides. fexit programs read the return value
+// as the argument after the last one (`bpf_get_func_ret` needs 5.17).
+
+/// bind(fd, uaddr, len) entered: the attempted address, from the user's sockaddr.
+#[fentry(function = "__sys_bind")]
+pub fn tr_bind_enter(ctx: FEntryContext) -> u32 {
+    let fd: i32 = ctx.arg(0);
+    let uaddr: u64 = ctx.arg(1);
+    match enter_bind(fd, uaddr) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[fexit(function = "__sys_bind")]
+pub fn tr_bind_exit(ctx: FExitContext) -> u32 {
+    let ret: i32 = ctx.arg(3);
+    match exit_bind(ret as i64) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// `__sys_bind_socket(sock, kaddr, len)` (6.11+): what both bind(2) and io_uring's
+/// IORING_OP_BIND call. A bind(2) is reported by the two programs above, which set
+/// `BIND_PENDING` first; only a bind without one (io_uring, no fd) is reported here.
+#[fexit(function = "__sys_bind_socket")]
+pub fn tr_bind_socket_exit(ctx: FExitContext) -> u32 {
+    let sock: u64 = ctx.arg(0);
+    let kaddr: u64 = ctx.arg(1);
+    let ret: i32 = ctx.arg(3);
+    match bind_socket(sock, kaddr, ret) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn bind_socket(sock: u64, kaddr: u64, ret: i32) -> Result<u32, u32> {
+    if event_mask() & mask::BIND == 0 {
+        return Ok(0);
+    }
+    // SAFETY: an existence check only.
+    if unsafe { BIND_PENDING.get(&bpf_get_current_pid_tgid()) }.is_some() {
+        return Ok(0);
+    }
+    // SAFETY: see read_sockaddr_kernel.
+    let Some((family, port, addr)) = (unsafe { read_sockaddr_kernel(kaddr) }) else {
+        return Ok(0);
+    };
+    if !port_wanted(port) {
+        return Ok(0);
+    }
+    let o = offsets();
+    let mut e = Event::zeroed();
+    fill_task(&mut e, kind::BIND, &o);
+    e.ret = ret;
+    e.family = family;
+    e.port = port;
+    e.addr = addr;
+    e.flags = flags::FROM_SOCKADDR;
+    // SAFETY: bpf_probe_read_kernel.
+    let sk = unsafe { read_ptr0(sock, o.socket_sk) };
+    if sk != 0 {
+        e.sk = sk;
+        e.proto = sock_proto(&o, sk);
+        set_sock_netns(&mut e, sock_netns(&o, sk));
+    }
+    if ret == 0 {
+        remember_bound(&e);
+    }
+    emit(&e);
+    Ok(0)
+}
+
+#[fentry(function = "__sys_listen")]
+pub fn tr_listen_enter(ctx: FEntryContext) -> u32 {
+    let fd: i32 = ctx.arg(0);
+    match enter_listen(fd) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[fexit(function = "__sys_listen")]
+pub fn tr_listen_exit(ctx: FExitContext) -> u32 {
+    let ret: i32 = ctx.arg(2);
+    match exit_listen(ret as i64) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// `__sys_listen_socket(sock, backlog)` (6.11+), as `tr_bind_socket_exit` is for bind.
+#[fexit(function = "__sys_listen_socket")]
+pub fn tr_listen_socket_exit(ctx: FExitContext) -> u32 {
+    let sock: u64 = ctx.arg(0);
+    let ret: i32 = ctx.arg(2);
+    if event_mask() & mask::LISTEN == 0 {
+        return 0;
+    }
+    // SAFETY: an existence check only.
+    if unsafe { LISTEN_PENDING.get(&bpf_get_current_pid_tgid()) }.is_some() {
+        return 0;
+    }
+    let o = offsets();
+    // SAFETY: bpf_probe_read_kernel.
+    let sk = unsafe { read_ptr0(sock, o.socket_sk) };
+    if sk == 0 {
+        return 0;
+    }
+    match report_listen(ret as i64, -1, sk) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// connect(fd, uaddr, len) returned: only EADDRNOTAVAIL is reported, as above. One fexit
+/// and nothing at entry: the arguments are still there at exit.
+#[fexit(function = "__sys_connect")]
+pub fn tr_connect_exit(ctx: FExitContext) -> u32 {
+    let ret: i32 = ctx.arg(3);
+    if ret != -EADDRNOTAVAIL || event_mask() & mask::CONNECT == 0 {
+        return 0;
+    }
+    let fd: i32 = ctx.arg(0);
+    let uaddr: u64 = ctx.arg(1);
+    match connect_failed(ret as i64, fd, uaddr) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// `inet_release(sock)`: an IPv4 or IPv6 socket's last reference is gone (its last close,
+/// from any process, or its holder's exit). Sockets portwatch saw bound or listening are
+/// reported as `close`; everything else stops at the counting filter.
+#[fentry(function = "inet_release")]
+pub fn tr_release(ctx: FEntryContext) -> u32 {
+    let sock: u64 = ctx.arg(0);
+    let o = offsets();
+    // SAFETY: bpf_probe_read_kernel.
+    let sk = unsafe { read_ptr0(sock, o.socket_sk) };
+    if sk == 0 {
+        return 0;
+    }
+    match BOUND_HINT.get(hint_slot(sk)) {
+        Some(n) if *n != 0 => {}
+        _ => return 0,
+    }
+    // SAFETY: copied out before removal.
+    let Some(b) = (unsafe { BOUND.get(&sk) }).copied() else {
+        return 0;
+    };
+    if BOUND.remove(&sk).is_ok() {
+        hint_add(sk, u64::MAX);
+    }
+    if event_mask() & mask::CLOSE == 0 {
+        return 0;
+    }
+    let mut e = Event::zeroed();
+    fill_task(&mut e, kind::CLOSE, &o);
+    e.family = b.family;
+    e.port = b.port;
+    e.addr = b.addr;
+    e.proto = b.proto;
+    e.sk = sk;
+    set_sock_netns(&mut e, sock_netns(&o, sk));
+    emit(&e);
+    0
+}
+
+const TCP_TIME_WAIT: i32 = 6;
+
+/// Count a TIME_WAIT socket's creation (`which` 0) or destruction (1) in its namespace.
+/// Atomically, as `count_lost` does: a softirq may interrupt a process-context run on the
+/// same CPU.
+#[inline(always)]
+fn tw_count(ns: u32, which: usize) {
+    const BPF_NOEXIST: u64 = 1;
+    if TW_COUNTS.get_ptr_mut(ns).is_none() {
+        let v = [0u64; 2];
+        // Another CPU (or a nested run) may create it first: then this one finds it below.
+        let _ = TW_COUNTS.insert(ns, v, BPF_NOEXIST);
+    }
+    if let Some(p) = TW_COUNTS.get_ptr_mut(ns) {
+        // SAFETY: this CPU's value of an entry of this map, 8-byte aligned, valid for the run.
+        unsafe {
+            let slot = (p as *mut u64).add(which & 1);
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                slot, 1,
+            );
+        }
+    }
+}
+
+/// The 4-tuple of a TIME_WAIT socket (a `struct sock` or the `struct inet_timewait_sock`
+/// that replaces it: both start with `struct sock_common`), as a `tcp_state` event.
+#[inline(always)]
+fn tw_event(sk: u64, ns: u32, old: i32, new: i32) {
+    let o = offsets();
+    // SAFETY: every read goes through bpf_probe_read_kernel.
+    unsafe {
+        let rd16 = |off: u32| bpf_probe_read_kernel((sk + off as u64) as *const u16).unwrap_or(0);
+        let sport = rd16(o.skc_num);
+        if !port_wanted(sport) {
+            return;
+        }
+        let mut e = state_event(sk, sport, old, new);
+        e.family = rd16(o.skc_family);
+        e.rport = u16::from_be(rd16(o.skc_dport));
+        if e.family == AF_INET6 {
+            e.addr = bpf_probe_read_kernel((sk + o.skc_v6_rcv_saddr as u64) as *const [u8; 16])
+                .unwrap_or([0; 16]);
+            e.raddr = bpf_probe_read_kernel((sk + o.skc_v6_daddr as u64) as *const [u8; 16])
+                .unwrap_or([0; 16]);
+        } else {
+            let s: [u8; 4] = bpf_probe_read_kernel((sk + o.skc_rcv_saddr as u64) as *const [u8; 4])
+                .unwrap_or([0; 4]);
+            let d: [u8; 4] = bpf_probe_read_kernel((sk + o.skc_daddr as u64) as *const [u8; 4])
+                .unwrap_or([0; 4]);
+            e.addr[..4].copy_from_slice(&s);
+            e.raddr[..4].copy_from_slice(&d);
+        }
+        e.flags |= flags::TW_HOOK;
+        set_sock_netns(&mut e, ns);
+        emit(&e);
+    }
+}
+
+/// `tcp_time_wait(sk, state, timeo)`: a closing TCP socket is replaced by a TIME_WAIT
+/// socket (or one in its FIN_WAIT2 substate, which becomes TIME_WAIT on the peer's FIN).
+#[fentry(function = "tcp_time_wait")]
+pub fn tr_time_wait(ctx: FEntryContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    let o = offsets();
+    let ns = sock_netns(&o, sk);
+    tw_count(ns, 0);
+    if event_mask() & mask::TCP_STATE_ALL != 0 {
+        let state: i32 = ctx.arg(1);
+        tw_event(sk, ns, state, TCP_TIME_WAIT);
+    }
+    0
+}
+
+/// `inet_twsk_kill(tw)`: a TIME_WAIT socket goes, at expiry or taken over early.
+#[fentry(function = "inet_twsk_kill")]
+pub fn tr_time_wait_gone(ctx: FEntryContext) -> u32 {
+    let tw: u64 = ctx.arg(0);
+    let o = offsets();
+    let ns = sock_netns(&o, tw);
+    tw_count(ns, 1);
+    if event_mask() & mask::TCP_STATE_ALL != 0 {
+        tw_event(tw, ns, TCP_TIME_WAIT, TCP_CLOSE);
     }
     0
 }

@@ -137,8 +137,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         all_events: args.all_events,
         ports: &args.ports,
         ringbuf_size: args.ringbuf_size,
+        hooks: args.hooks,
     })?;
     let (ring, mut bulk) = probes.take_events()?;
+    let tw_counts = probes.take_time_wait_counts();
     // Parsing BTF (ours and aya's) peaked at tens of MB, all freed by now.
     crate::heap::trim();
 
@@ -181,7 +183,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let interval = Duration::from_secs(args.tw_interval);
         std::thread::Builder::new()
             .name("portwatch-diag".into())
-            .spawn(move || diag_loop(tx, fresh_rx, interval, stop, first_tx))
+            .spawn(move || diag_loop(tx, fresh_rx, interval, stop, first_tx, tw_counts))
             .map_err(|source| Error::Io {
                 what: "starting the sock_diag thread",
                 source,
@@ -218,6 +220,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         version: Some(env!("CARGO_PKG_VERSION")),
         pid: Some(std::process::id()),
         mode: Some(if args.all_events { "all" } else { "default" }),
+        hooks: Some(probes.family().0.name()),
+        hooks_why: probes.family().1.map(str::to_string),
+        functions: (!probes.functions().is_empty()).then(|| probes.functions().to_vec()),
         programs: Some(probes.attached().to_vec()),
         ports: Some(args.ports.clone()),
         ringbuf_bytes: Some(args.ringbuf_size),
@@ -474,6 +479,7 @@ fn diag_loop(
     interval: Duration,
     stop: Arc<AtomicBool>,
     first: tokio::sync::oneshot::Sender<()>,
+    tw_counts: Option<probes::TimeWaitCounts>,
 ) {
     let mut last_dump: std::collections::HashMap<u32, Instant> = Default::default();
     let mut first = Some(first);
@@ -507,7 +513,8 @@ fn diag_loop(
                 }
             };
             let port_range = diag::local_port_range(&ns).ok();
-            let snap = builder.finish(ns, port_range);
+            let mut snap = builder.finish(ns, port_range);
+            snap.tw_events = tw_counts.as_ref().map(|c| c.get(snap.ns.inode));
             if tx.blocking_send(Msg::Snapshot(Box::new(snap))).is_err() {
                 return;
             }

@@ -10,6 +10,29 @@ use std::path::Path;
 use btf_rs::{Btf, Type};
 use portwatch_common::Offsets;
 
+/// The number of parameters of each named kernel function that the BTF at `path` has (an
+/// absent name is not in the map). Trampoline programs attach by name, and names and
+/// signatures change between kernels: a function with another arity is not the one a
+/// program was written for.
+pub fn function_arity(path: &Path, names: &[&str]) -> Result<std::collections::HashMap<String, usize>, String> {
+    let btf = Btf::from_file(path).map_err(|e| format!("cannot parse {}: {e}", path.display()))?;
+    let mut out = std::collections::HashMap::new();
+    for name in names {
+        let Ok(types) = btf.resolve_types_by_name(name) else {
+            continue;
+        };
+        for t in types {
+            if let Type::Func(f) = t {
+                if let Ok(Type::FuncProto(proto)) = btf.resolve_chained_type(&f) {
+                    out.insert((*name).to_string(), proto.parameters.len());
+                    break;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Why an offset path could not be resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unresolved(pub String);

@@ -147,6 +147,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub all_events: bool,
 
+    /// Which kernel hooks carry bind, listen, connect and close: `trampoline` (fentry/fexit
+    /// on the kernel functions behind them; only those calls pay), `tracepoint` (the
+    /// syscall tracepoints; every syscall on the host pays a little), or `auto`: trampolines
+    /// where the kernel allows them, else tracepoints.
+    #[arg(long, value_enum, value_name = "FAMILY", default_value_t = crate::probes::HookChoice::Auto, env = "PORTWATCH_HOOKS")]
+    pub hooks: crate::probes::HookChoice,
+
     /// Only watch these ports (repeatable, at most 16). Filtered in the kernel.
     #[arg(long = "port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub ports: Vec<u16>,

@@ -76,6 +76,14 @@ pub enum Error {
     )]
     KernelTooOld { release: String },
 
+    #[error(
+        "--hooks trampoline: this kernel (Linux {release}) cannot carry portwatch's BPF \
+         trampoline (fentry/fexit) programs: {reason}. Run with --hooks auto, which falls \
+         back to syscall tracepoints, or --hooks tracepoint; `portwatch doctor` shows what \
+         the kernel offers"
+    )]
+    NoTrampolines { release: String, reason: String },
+
     #[error("eBPF map {name} is missing or of the wrong type: {source}")]
     Map {
         name: &'static str,

@@ -721,7 +721,23 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path, verbose: 
             all_events: false,
             ports: &[],
             ringbuf_size: 4 << 20,
+            hooks: crate::probes::HookChoice::Tracepoint,
         };
+        // What the kernel offers for bind/listen/connect/close: trampolines are loaded (on
+        // the functions its BTF names) and unloaded; either family works, so this informs.
+        let offer = crate::probes::offer(&cfg);
+        let detail = match &offer.trampoline {
+            Ok(functions) => format!(
+                "trampoline (fentry/fexit) available: `run` attaches {}",
+                functions.join(", ")
+            ),
+            Err(why) => format!(
+                "tracepoint only: trampolines unavailable ({why}); `run` attaches the \
+                 syscall tracepoints"
+            ),
+        };
+        add("hooks", true, detail, "");
+        let trampoline_notes = offer.notes;
         match crate::probes::verify(&cfg) {
             Ok((verdicts, notes)) => {
                 for v in verdicts {
@@ -739,6 +755,7 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path, verbose: 
                     );
                 }
                 degraded = notes;
+                degraded.extend(trampoline_notes);
             }
             Err(e) => add(
                 "programs",

@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, RawTracePoint, TracePoint},
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{BtfTracePoint, FEntry, FExit, RawTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use portwatch_common::{kind, mask, Offsets, SetStateOffsets, MAX_FILTER_PORTS};
@@ -30,12 +30,89 @@ pub const PROGRAMS: [(&str, &str, &str); 9] = [
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
 ];
 
+/// The program on process exit: a scheduler tracepoint, attached with either family.
+const EXIT_PROGRAM: (&str, &str, &str) = ("sched_process_exit", "sched", "sched_process_exit");
+
+/// `--hooks`: which family carries bind, listen, connect and close.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HookChoice {
+    /// Trampolines where the kernel allows them, else tracepoints.
+    #[default]
+    Auto,
+    Tracepoint,
+    Trampoline,
+}
+
+/// The family attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// `syscalls:sys_{enter,exit}_*`: every syscall of every task takes the traced path.
+    Tracepoint,
+    /// fentry/fexit on the kernel functions behind the calls: only those calls pay.
+    Trampoline,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Tracepoint => "tracepoint",
+            Family::Trampoline => "trampoline",
+        }
+    }
+}
+
+/// One trampoline program: the kernel functions it may attach to, in order of preference,
+/// and the parameter count it was written for.
+pub struct Hook {
+    pub program: &'static str,
+    /// fexit (after the function returns) or fentry.
+    pub exit: bool,
+    pub functions: &'static [&'static str],
+    pub params: usize,
+    /// Without it the family cannot report what the tracepoints do.
+    pub required: bool,
+}
+
+const fn hook(
+    program: &'static str,
+    exit: bool,
+    functions: &'static [&'static str],
+    params: usize,
+    required: bool,
+) -> Hook {
+    Hook {
+        program,
+        exit,
+        functions,
+        params,
+        required,
+    }
+}
+
+/// The trampoline family. The `_socket` functions (6.11+) are what io_uring's
+/// IORING_OP_BIND/LISTEN call; the two TIME_WAIT hooks go together or not at all.
+pub const TRAMPOLINES: [Hook; 10] = [
+    hook("tr_bind_exit", true, &["__sys_bind"], 3, true),
+    hook("tr_bind_enter", false, &["__sys_bind"], 3, true),
+    hook("tr_bind_socket_exit", true, &["__sys_bind_socket"], 3, false),
+    hook("tr_listen_exit", true, &["__sys_listen"], 2, true),
+    hook("tr_listen_enter", false, &["__sys_listen"], 2, true),
+    hook("tr_listen_socket_exit", true, &["__sys_listen_socket"], 2, false),
+    hook("tr_connect_exit", true, &["__sys_connect"], 3, true),
+    hook("tr_release", false, &["inet_release"], 1, true),
+    hook("tr_time_wait_gone", false, &["inet_twsk_kill"], 1, false),
+    hook("tr_time_wait", false, &["tcp_time_wait"], 3, false),
+];
+
+const TIME_WAIT_HOOKS: [&str; 2] = ["tr_time_wait_gone", "tr_time_wait"];
+
 pub struct LoadConfig<'a> {
     pub tracefs: &'a Path,
     pub offsets: Offsets,
     pub all_events: bool,
     pub ports: &'a [u16],
     pub ringbuf_size: u32,
+    pub hooks: HookChoice,
 }
 
 /// The loaded programs. Keep this alive for as long as they must stay attached: dropping it
@@ -43,6 +120,13 @@ pub struct LoadConfig<'a> {
 pub struct Probes {
     ebpf: Ebpf,
     lost: PerCpuArray<MapData, u64>,
+    family: Family,
+    /// Why `auto` picked the tracepoints, when it did.
+    family_why: Option<String>,
+    /// The kernel functions the trampoline programs are attached to, as program@function.
+    functions: Vec<String>,
+    /// Whether TIME_WAIT entries and exits are counted in the kernel (`TW_COUNTS`).
+    tw_hooks: bool,
     attached: Vec<&'static str>,
     notes: Vec<String>,
     state: StateHook,
@@ -57,14 +141,36 @@ pub const RAW_STATE_PROGRAM: &str = "inet_sock_set_state_raw";
 
 pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
     let raw_state = raw_state_possible(&cfg.offsets);
-    let mut ebpf = open(cfg)?;
-
-    let mut attached = Vec::with_capacity(PROGRAMS.len());
     let mut notes = Vec::new();
-    for (program, category, tracepoint) in PROGRAMS {
-        if program == STATE_TRACEPOINT_PROGRAM {
-            continue; // below
-        }
+    let (mut ebpf, family, family_why, mut plan) = match cfg.hooks {
+        HookChoice::Tracepoint => (open(cfg, false)?, Family::Tracepoint, None, Plan::default()),
+        HookChoice::Trampoline => match trampolines(cfg, true) {
+            Ok((ebpf, plan)) => (ebpf, Family::Trampoline, None, plan),
+            Err(reason) => {
+                return Err(Error::NoTrampolines {
+                    release: crate::prereq::kernel_release(),
+                    reason,
+                })
+            }
+        },
+        HookChoice::Auto => match trampolines(cfg, true) {
+            Ok((ebpf, plan)) => (ebpf, Family::Trampoline, None, plan),
+            Err(reason) => (
+                open(cfg, false)?,
+                Family::Tracepoint,
+                Some(reason),
+                Plan::default(),
+            ),
+        },
+    };
+    notes.append(&mut plan.notes);
+
+    let mut attached = plan.attached;
+    let tracepoints: &[(&str, &str, &str)] = match family {
+        Family::Tracepoint => &PROGRAMS[..PROGRAMS.len() - 1],
+        Family::Trampoline => std::slice::from_ref(&EXIT_PROGRAM),
+    };
+    for &(program, category, tracepoint) in tracepoints {
         let p = tracepoint_program(&mut ebpf, program)
             .map_err(|e| attach_error(program, category, tracepoint, e))?;
         p.load()
@@ -118,6 +224,10 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
     Ok(Probes {
         ebpf,
         lost,
+        family,
+        family_why,
+        functions: plan.functions,
+        tw_hooks: plan.tw_hooks,
         attached,
         notes,
         state: probes_state,
@@ -130,7 +240,7 @@ const STATE_TRACEPOINT_PROGRAM: &str = "inet_sock_set_state";
 
 /// Parse the embedded object and create its maps, with the loader's globals set. Nothing is
 /// loaded into the verifier yet.
-fn open(cfg: &LoadConfig<'_>) -> Result<Ebpf> {
+fn open(cfg: &LoadConfig<'_>, trampoline: bool) -> Result<Ebpf> {
     if cfg.ports.len() > MAX_FILTER_PORTS {
         return Err(Error::TooManyPorts {
             given: cfg.ports.len(),
@@ -152,8 +262,10 @@ fn open(cfg: &LoadConfig<'_>) -> Result<Ebpf> {
     } else {
         mask::DEFAULT
     };
+    let trampoline = u32::from(trampoline);
     Ok(EbpfLoader::new()
         .override_global("EVENT_MASK", &event_mask, true)
+        .override_global("TRAMPOLINE", &trampoline, true)
         .override_global("OFFSETS", &cfg.offsets, true)
         .override_global("SS_OFF", &ss, true)
         .override_global("FILTER_PORTS", &filter, true)
@@ -161,6 +273,138 @@ fn open(cfg: &LoadConfig<'_>) -> Result<Ebpf> {
         .map_max_entries("EVENTS", cfg.ringbuf_size)
         .map_max_entries("BULK", cfg.ringbuf_size)
         .load(EBPF_OBJECT)?)
+}
+
+/// What the trampoline family attached (or, for `doctor`, loaded).
+#[derive(Default)]
+struct Plan {
+    attached: Vec<&'static str>,
+    functions: Vec<String>,
+    tw_hooks: bool,
+    notes: Vec<String>,
+}
+
+/// Open the object for the trampoline family and load (and with `attach`, attach) its
+/// programs on the functions this kernel's BTF names with the expected parameter count. An
+/// `Err` says why the family cannot run here: then nothing of it stays loaded.
+fn trampolines(cfg: &LoadConfig<'_>, attach: bool) -> std::result::Result<(Ebpf, Plan), String> {
+    let names: Vec<&str> = TRAMPOLINES
+        .iter()
+        .flat_map(|h| h.functions.iter().copied())
+        .collect();
+    let arity = crate::btf::function_arity(Path::new(crate::prereq::BTF_PATH), &names)?;
+    let btf = Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?;
+    let mut ebpf = open(cfg, true).map_err(|e| e.to_string())?;
+    let mut plan = Plan::default();
+    let mut tw_loaded = 0;
+    for h in &TRAMPOLINES {
+        let Some(function) = h
+            .functions
+            .iter()
+            .find(|f| arity.get(**f) == Some(&h.params))
+        else {
+            let why = match h.functions.iter().find_map(|f| arity.get(*f).map(|n| (f, n))) {
+                Some((f, n)) => format!("{f} takes {n} parameters here, not {}", h.params),
+                None => format!("the kernel's BTF has no function {}", h.functions.join(" or ")),
+            };
+            if h.required {
+                return Err(why);
+            }
+            plan.notes.push(format!("{}: not attached: {why}", h.program));
+            continue;
+        };
+        if TIME_WAIT_HOOKS.contains(&h.program) && tw_loaded == 0 && h.program == TIME_WAIT_HOOKS[1]
+        {
+            // Its partner did not load: counting entries without exits would be wrong.
+            continue;
+        }
+        let r = load_trampoline(&mut ebpf, h, function, &btf, attach);
+        match r {
+            Ok(()) => {
+                plan.attached.push(h.program);
+                plan.functions.push(format!("{}@{function}", h.program));
+                if TIME_WAIT_HOOKS.contains(&h.program) {
+                    tw_loaded += 1;
+                }
+            }
+            Err(e) if h.required => return Err(format!("{} on {function}: {e}", h.program)),
+            Err(e) => plan
+                .notes
+                .push(format!("{} on {function}: not attached: {e}", h.program)),
+        }
+    }
+    plan.tw_hooks = tw_loaded == TIME_WAIT_HOOKS.len();
+    if tw_loaded == 1 {
+        plan.notes.push(
+            "TIME_WAIT exits could be hooked but not entries: TIME_WAIT counts come from \
+             sock_diag dumps"
+                .into(),
+        );
+    }
+    if !plan.tw_hooks {
+        // Detach the half that did load (if any) by dropping its program.
+        plan.attached.retain(|p| !TIME_WAIT_HOOKS.contains(p));
+        plan.functions
+            .retain(|f| !TIME_WAIT_HOOKS.iter().any(|p| f.starts_with(&format!("{p}@"))));
+        for p in TIME_WAIT_HOOKS {
+            if let Some(prog) = ebpf.program_mut(p) {
+                if let Ok(fe) = <&mut FEntry>::try_from(prog) {
+                    let _ = fe.unload();
+                }
+            }
+        }
+    }
+    Ok((ebpf, plan))
+}
+
+fn load_trampoline(
+    ebpf: &mut Ebpf,
+    h: &Hook,
+    function: &str,
+    btf: &Btf,
+    attach: bool,
+) -> std::result::Result<(), String> {
+    let prog = ebpf
+        .program_mut(h.program)
+        .ok_or_else(|| format!("{} missing from the object", h.program))?;
+    let refused = |e: aya::programs::ProgramError| match &e {
+        aya::programs::ProgramError::LoadError { .. } => one_line(&e),
+        _ => e.to_string(),
+    };
+    if h.exit {
+        let p: &mut FExit = prog.try_into().map_err(refused)?;
+        p.load(function, btf).map_err(refused)?;
+        if attach {
+            p.attach().map_err(refused)?;
+        }
+    } else {
+        let p: &mut FEntry = prog.try_into().map_err(refused)?;
+        p.load(function, btf).map_err(refused)?;
+        if attach {
+            p.attach().map_err(refused)?;
+        }
+    }
+    Ok(())
+}
+
+/// What `doctor` reports of the hook families: whether the trampoline family loads here
+/// (nothing is attached), on which functions, and what `run --hooks auto` would pick.
+pub struct Offer {
+    pub trampoline: std::result::Result<Vec<String>, String>,
+    pub notes: Vec<String>,
+}
+
+pub fn offer(cfg: &LoadConfig<'_>) -> Offer {
+    match trampolines(cfg, false) {
+        Ok((_ebpf, plan)) => Offer {
+            trampoline: Ok(plan.functions),
+            notes: plan.notes,
+        },
+        Err(e) => Offer {
+            trampoline: Err(e),
+            notes: Vec::new(),
+        },
+    }
 }
 
 fn raw_state_possible(o: &Offsets) -> bool {
@@ -192,7 +436,7 @@ pub struct Verdict {
 /// The state-change hook is reported for the variant `run` would pick, with the reasons it
 /// skipped the better ones in `notes`.
 pub fn verify(cfg: &LoadConfig<'_>) -> Result<(Vec<Verdict>, Vec<String>)> {
-    let mut ebpf = open(cfg)?;
+    let mut ebpf = open(cfg, false)?;
     let mut verdicts = Vec::with_capacity(PROGRAMS.len());
     for (program, _, _) in PROGRAMS {
         if program == STATE_TRACEPOINT_PROGRAM {
@@ -418,8 +662,12 @@ impl Probes {
                         let _ = tp.unload();
                     } else if let Ok(raw) = <&mut RawTracePoint>::try_from(&mut *p) {
                         let _ = raw.unload();
-                    } else if let Ok(typed) = <&mut BtfTracePoint>::try_from(p) {
+                    } else if let Ok(typed) = <&mut BtfTracePoint>::try_from(&mut *p) {
                         let _ = typed.unload();
+                    } else if let Ok(fe) = <&mut FEntry>::try_from(&mut *p) {
+                        let _ = fe.unload();
+                    } else if let Ok(fx) = <&mut FExit>::try_from(p) {
+                        let _ = fx.unload();
                     }
                 });
             }
@@ -429,6 +677,25 @@ impl Probes {
     /// The programs attached, by name, in attach order.
     pub fn attached(&self) -> &[&'static str] {
         &self.attached
+    }
+
+    /// The hook family attached, and why `auto` did not pick trampolines if it did not.
+    pub fn family(&self) -> (Family, Option<&str>) {
+        (self.family, self.family_why.as_deref())
+    }
+
+    /// The trampoline programs' kernel functions, as program@function.
+    pub fn functions(&self) -> &[String] {
+        &self.functions
+    }
+
+    /// The kernel's TIME_WAIT counters, when the TIME_WAIT hooks are attached.
+    pub fn take_time_wait_counts(&mut self) -> Option<TimeWaitCounts> {
+        if !self.tw_hooks {
+            return None;
+        }
+        let m = self.ebpf.take_map("TW_COUNTS")?;
+        PerCpuHashMap::try_from(m).ok().map(TimeWaitCounts)
     }
 
     /// Attach or detach the state-change hook (see `load`). Returns whether it changed.
@@ -482,7 +749,8 @@ impl Probes {
                 n if n.contains("bind") => kind::BIND,
                 n if n.contains("listen") => kind::LISTEN,
                 n if n.contains("connect") => kind::CONNECT,
-                n if n.contains("close") => kind::CLOSE,
+                n if n.contains("close") || n.contains("release") => kind::CLOSE,
+                n if n.contains("time_wait") => kind::TCP_STATE,
                 n if n.contains("exit") => kind::EXIT,
                 _ => kind::TCP_STATE,
             };
@@ -510,6 +778,22 @@ impl Probes {
             }
         }
         out
+    }
+}
+
+/// TIME_WAIT sockets created and destroyed per network namespace since the hooks were
+/// attached, counted in the kernel at `tcp_time_wait` and `inet_twsk_kill`.
+pub struct TimeWaitCounts(PerCpuHashMap<MapData, u32, [u64; 2]>);
+
+impl TimeWaitCounts {
+    /// (created, destroyed) in namespace `netns`, summed over CPUs.
+    pub fn get(&self, netns: u32) -> (u64, u64) {
+        match self.0.get(&netns, 0) {
+            Ok(v) => v
+                .iter()
+                .fold((0, 0), |(a, b), x| (a + x[0], b + x[1])),
+            Err(_) => (0, 0),
+        }
     }
 }
 

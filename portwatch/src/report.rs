@@ -530,6 +530,7 @@ fn verifier() -> std::result::Result<(Vec<VerifierVerdict>, Vec<String>), String
         all_events: false,
         ports: &[],
         ringbuf_size: 4 << 20,
+        hooks: crate::probes::HookChoice::Tracepoint,
     };
     let (verdicts, notes) = crate::probes::verify(&cfg).map_err(|e| e.to_string())?;
     Ok((

@@ -181,6 +181,15 @@ pub struct AgentRecord {
     pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<&'static str>,
+    /// `ready`: the hook family attached, `trampoline` or `tracepoint`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<&'static str>,
+    /// `ready`: why `--hooks auto` fell back to the tracepoints.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hooks_why: Option<String>,
+    /// `ready`: the kernel functions the trampoline programs are on, as program@function.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub functions: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub programs: Option<Vec<&'static str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -295,6 +304,8 @@ struct Sub {
 #[derive(Default)]
 struct TwState {
     last_total: u64,
+    /// The kernel's cumulative (created, destroyed) at the previous record, with hooks.
+    last_events: Option<(u64, u64)>,
     /// When the dump behind `last_total` was taken (wall ns); None before the first record.
     last_wall_ns: Option<i128>,
     pressured: std::collections::HashSet<(IpAddr, u16)>,
@@ -838,6 +849,10 @@ struct TimeWait {
     total: u64,
     entered: u64,
     expired: u64,
+    /// What counted `entered` and `expired`: `events` (the kernel's TIME_WAIT hooks, exact)
+    /// or `dumps` (derived from two sock_diag dumps and the sockets' timers). `total` is
+    /// always the dump's.
+    counted_by: &'static str,
     by_local_port: Vec<PortCount>,
     by_remote: Vec<RemoteCount>,
     ephemeral: Ephemeral,

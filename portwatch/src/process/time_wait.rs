@@ -76,8 +76,22 @@ impl Processor {
             Some(w) => (s.wall_ns - w).max(0) / 1_000_000,
             None => self.started.elapsed().as_millis() as i128,
         };
-        let entered = ages.younger_than(span_ms as u64);
-        let expired = (st.last_total + entered).saturating_sub(total);
+        let (entered, expired, counted_by) = match s.tw_events {
+            // Since the previous record, or since the hooks were attached (start-up). A
+            // count that went down was evicted from the kernel's map and starts over.
+            Some((c, d)) => {
+                let (pc, pd) = match st.last_events {
+                    Some((pc, pd)) if pc <= c && pd <= d => (pc, pd),
+                    _ => (0, 0),
+                };
+                st.last_events = Some((c, d));
+                (c - pc, d - pd, "events")
+            }
+            None => {
+                let entered = ages.younger_than(span_ms as u64);
+                (entered, (st.last_total + entered).saturating_sub(total), "dumps")
+            }
+        };
         let had = st.last_total > 0;
         st.last_total = total;
         st.last_wall_ns = Some(s.wall_ns);
@@ -116,6 +130,7 @@ impl Processor {
                 total,
                 entered,
                 expired,
+                counted_by,
                 by_local_port: top_n(
                     by_local
                         .into_iter()
