@@ -185,7 +185,7 @@ fn hint_add(key: u64, delta: u64) {
 #[map]
 static TRACKED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
 
-/// TIME_WAIT sockets created (`[0]`, at `tcp_time_wait`) and destroyed (`[1]`, at
+/// TIME_WAIT sockets created (`[0]`, at `inet_twsk_alloc`) and destroyed (`[1]`, at
 /// `inet_twsk_kill`: expiry or early kill), per network namespace, per CPU. Exact counts
 /// that cost a map update per socket instead of a ring-buffer record; the agent reads them
 /// for its `time_wait` records.
@@ -1299,17 +1299,24 @@ fn tw_event(sk: u64, ns: u32, old: i32, new: i32) {
     }
 }
 
-/// `tcp_time_wait(sk, state, timeo)`: a closing TCP socket is replaced by a TIME_WAIT
-/// socket (or one in its FIN_WAIT2 substate, which becomes TIME_WAIT on the peer's FIN).
-#[fentry(function = "tcp_time_wait")]
-pub fn tr_time_wait(ctx: FEntryContext) -> u32 {
-    let sk: u64 = ctx.arg(0);
+/// `inet_twsk_alloc(sk, death_row, state)` returned: a closing TCP socket is being replaced
+/// by a TIME_WAIT socket (or one in its FIN_WAIT2 substate, which turns TIME_WAIT on the
+/// peer's FIN), which `tcp_time_wait` then hashes. Counted here and not at `tcp_time_wait`
+/// because that one also runs when no TIME_WAIT socket can be made (the
+/// `tcp_max_tw_buckets` limit or no memory: `TCPTimeWaitOverflow`), and this one's result
+/// says whether one was.
+#[fexit(function = "inet_twsk_alloc")]
+pub fn tr_time_wait(ctx: FExitContext) -> u32 {
+    let tw: u64 = ctx.arg(3);
+    if tw == 0 {
+        return 0;
+    }
     let o = offsets();
-    let ns = sock_netns(&o, sk);
+    let ns = sock_netns(&o, tw);
     tw_count(ns, 0);
     if event_mask() & mask::TCP_STATE_ALL != 0 {
-        let state: i32 = ctx.arg(1);
-        tw_event(sk, ns, state, TCP_TIME_WAIT);
+        let state: i32 = ctx.arg(2);
+        tw_event(tw, ns, state, TCP_TIME_WAIT);
     }
     0
 }

@@ -413,6 +413,46 @@ pub fn connect(fd: &OwnedFd, addr: &SocketAddr) -> std::io::Result<()> {
     }
 }
 
+/// bind() and listen() through io_uring (IORING_OP_BIND / IORING_OP_LISTEN, Linux 6.11+):
+/// no bind or listen syscall is made, the kernel's socket layer is reached from
+/// io_uring_enter (or an io-wq worker thread of this process).
+pub mod uring {
+    use std::{net::SocketAddr, os::fd::AsRawFd, os::fd::OwnedFd};
+
+    use io_uring::{opcode, types, IoUring};
+
+    fn submit_one(entry: io_uring::squeue::Entry) -> std::io::Result<()> {
+        let mut ring = IoUring::new(4)?;
+        // SAFETY: the entry's pointers (the sockaddr) outlive the wait below.
+        unsafe { ring.submission().push(&entry.user_data(7)) }
+            .map_err(|_| std::io::Error::other("io_uring submission queue full"))?;
+        ring.submit_and_wait(1)?;
+        let cqe = ring
+            .completion()
+            .next()
+            .ok_or_else(|| std::io::Error::other("io_uring: no completion"))?;
+        if cqe.result() < 0 {
+            return Err(std::io::Error::from_raw_os_error(-cqe.result()));
+        }
+        Ok(())
+    }
+
+    pub fn bind(fd: &OwnedFd, addr: &SocketAddr) -> std::io::Result<()> {
+        let (ss, len) = super::sockaddr(addr);
+        let e = opcode::Bind::new(
+            types::Fd(fd.as_raw_fd()),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+        .build();
+        submit_one(e)
+    }
+
+    pub fn listen(fd: &OwnedFd) -> std::io::Result<()> {
+        submit_one(opcode::Listen::new(types::Fd(fd.as_raw_fd()), 128).build())
+    }
+}
+
 /// A held listener: bound and listening.
 pub fn listener(addr: &str) -> OwnedFd {
     let a: SocketAddr = addr.parse().unwrap();

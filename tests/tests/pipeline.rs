@@ -495,3 +495,42 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// io_uring's IORING_OP_BIND and IORING_OP_LISTEN (6.11+) pass no syscall tracepoint: the
+/// trampoline hooks on `__sys_bind_socket`/`__sys_listen_socket` see them. A listener made
+/// that way is a `port open` held by this process, and an io_uring bind that then fails is
+/// a conflict naming it.
+#[test]
+#[ignore = "needs trampoline hooks and Linux 6.11+: `cargo xtask vm-test --kernel 6.12` runs it"]
+fn io_uring_bind_and_listen_are_seen() {
+    let port = test_port(13);
+    let agent = Agent::start(&[]);
+    assert_eq!(
+        agent.ready["hooks"], "trampoline",
+        "io_uring's bind and listen are only visible to the trampoline hooks: {}",
+        agent.ready
+    );
+    let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let held = socket(&a, SOCK_STREAM, false);
+    uring::bind(&held, &a).expect("io_uring bind of a free port");
+    uring::listen(&held).expect("io_uring listen");
+    let open = agent.wait_for("port open from io_uring", |v| {
+        v["type"] == "port" && v["event"] == "open" && v["port"] == port
+    });
+    assert_eq!(open["actor"]["pid"], me(), "{open}");
+    let s = socket(&a, SOCK_STREAM, false);
+    let err = uring::bind(&s, &a).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+    let c = agent.wait_for("io_uring bind conflict", |v| {
+        v["type"] == "conflict" && v["port"] == port
+    });
+    assert_eq!(c["op"], "bind", "{c}");
+    assert_eq!(c["error"], "EADDRINUSE", "{c}");
+    assert_eq!(c["actor"]["pid"], me(), "{c}");
+    let holders = c["holders"].as_array().expect("holders");
+    assert!(
+        holders.iter().any(|h| h["pid"] == me()),
+        "the io_uring listener is the holder: {c}"
+    );
+    drop(agent.stop());
+}
