@@ -20,8 +20,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, fentry, fexit, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::{
-        BtfTracePointContext, FEntryContext, FExitContext, RawTracePointContext,
-        TracePointContext,
+        BtfTracePointContext, FEntryContext, FExitContext, RawTracePointContext, TracePointContext,
     },
     EbpfContext,
 };
@@ -46,10 +45,6 @@ static SS_OFF: SetStateOffsets = SetStateOffsets::zeroed();
 static FILTER_PORTS: [u16; MAX_FILTER_PORTS] = [0; MAX_FILTER_PORTS];
 #[unsafe(no_mangle)]
 static FILTER_N: u32 = 0;
-/// 1 when the trampoline family (fentry/fexit) is attached instead of the syscall
-/// tracepoints: `BOUND` is then keyed by socket, since the close hook sees releases.
-#[unsafe(no_mangle)]
-static TRAMPOLINE: u32 = 0;
 
 // ---- Maps ----
 
@@ -500,7 +495,10 @@ pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
 }
 
 fn try_enter_bind(ctx: &TracePointContext) -> Result<u32, u32> {
-    enter_bind(sys_slot(ctx, SYSCALL_ARG0) as i32, sys_slot(ctx, SYSCALL_ARG1))
+    enter_bind(
+        sys_slot(ctx, SYSCALL_ARG0) as i32,
+        sys_slot(ctx, SYSCALL_ARG1),
+    )
 }
 
 /// bind() entered with (fd, user sockaddr): keep what is attempted until the exit.
@@ -534,12 +532,13 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
 }
 
 fn try_exit_bind(ctx: &TracePointContext) -> Result<u32, u32> {
-    exit_bind(sys_slot(ctx, SYSCALL_RET) as i64)
+    exit_bind(sys_slot(ctx, SYSCALL_RET) as i64, false)
 }
 
-/// bind() returned `ret`: report it with what `enter_bind` kept.
+/// bind() returned `ret`: report it with what `enter_bind` kept. `by_sock`: the trampoline
+/// family, whose close hook sees socket releases, not fds (see `remember_bound`).
 #[inline(always)]
-fn exit_bind(ret: i64) -> Result<u32, u32> {
+fn exit_bind(ret: i64, by_sock: bool) -> Result<u32, u32> {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
     let Some(p) = (unsafe { BIND_PENDING.get(&id) }).copied() else {
@@ -561,7 +560,7 @@ fn exit_bind(ret: i64) -> Result<u32, u32> {
         e.proto = sock_proto(&o, sk);
     }
     if ret == 0 {
-        remember_bound(&e);
+        remember_bound(&e, by_sock);
     }
     emit(&e);
     Ok(0)
@@ -571,7 +570,7 @@ fn exit_bind(ret: i64) -> Result<u32, u32> {
 /// for the syscall tracepoints or by the socket for the trampoline hooks (whose close hook
 /// sees the socket being released, not an fd).
 #[inline(always)]
-fn remember_bound(e: &Event) {
+fn remember_bound(e: &Event, by_sock: bool) {
     let b = Bound {
         family: e.family,
         port: e.port,
@@ -580,7 +579,7 @@ fn remember_bound(e: &Event) {
         addr: e.addr,
         sk: e.sk,
     };
-    let key = if trampoline() { e.sk } else { fd_key(e.pid, e.fd) };
+    let key = if by_sock { e.sk } else { fd_key(e.pid, e.fd) };
     if key == 0 {
         return;
     }
@@ -588,12 +587,6 @@ fn remember_bound(e: &Event) {
         hint_add(key, 1);
     }
     let _ = TRACKED.insert(&e.pid, &1, 0);
-}
-
-#[inline(always)]
-fn trampoline() -> bool {
-    // SAFETY: a plain read of a loader-initialised global.
-    unsafe { core::ptr::read_volatile(&TRAMPOLINE) != 0 }
 }
 
 // ---- listen ----
@@ -626,11 +619,11 @@ pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
 }
 
 fn try_exit_listen(ctx: &TracePointContext) -> Result<u32, u32> {
-    exit_listen(sys_slot(ctx, SYSCALL_RET) as i64)
+    exit_listen(sys_slot(ctx, SYSCALL_RET) as i64, false)
 }
 
 #[inline(always)]
-fn exit_listen(ret: i64) -> Result<u32, u32> {
+fn exit_listen(ret: i64, by_sock: bool) -> Result<u32, u32> {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: copied out before removal.
     let Some(fd) = (unsafe { LISTEN_PENDING.get(&id) }).copied() else {
@@ -639,19 +632,19 @@ fn exit_listen(ret: i64) -> Result<u32, u32> {
     let _ = LISTEN_PENDING.remove(&id);
     let o = offsets();
     let sk = sock_of_fd(&o, fd);
-    report_listen(ret, fd, sk)
+    report_listen(ret, fd, sk, by_sock)
 }
 
 /// A listen() on `sk` (0 when unknown) returned `ret`: name its address from what was seen
 /// bound, else from the socket itself.
 #[inline(always)]
-fn report_listen(ret: i64, fd: i32, sk: u64) -> Result<u32, u32> {
+fn report_listen(ret: i64, fd: i32, sk: u64, by_sock: bool) -> Result<u32, u32> {
     let o = offsets();
     let mut e = Event::zeroed();
     fill_task(&mut e, kind::LISTEN, &o);
     e.fd = fd;
     e.ret = ret as i32;
-    let key = if trampoline() { sk } else { fd_key(e.pid, fd) };
+    let key = if by_sock { sk } else { fd_key(e.pid, fd) };
     let bound = if key == 0 {
         None
     } else {
@@ -695,9 +688,9 @@ fn report_listen(ret: i64, fd: i32, sk: u64) -> Result<u32, u32> {
         return Ok(0);
     }
     e.sk = sk;
-    if ret == 0 && trampoline() && e.flags & flags::FROM_SOCK != 0 {
+    if ret == 0 && by_sock && e.flags & flags::FROM_SOCK != 0 {
         // Bound before portwatch started, or implicitly: its release is reported too.
-        remember_bound(&e);
+        remember_bound(&e, by_sock);
     }
     emit(&e);
     Ok(0)
@@ -1093,7 +1086,7 @@ pub fn tr_bind_enter(ctx: FEntryContext) -> u32 {
 #[fexit(function = "__sys_bind")]
 pub fn tr_bind_exit(ctx: FExitContext) -> u32 {
     let ret: i32 = ctx.arg(3);
-    match exit_bind(ret as i64) {
+    match exit_bind(ret as i64, true) {
         Ok(v) | Err(v) => v,
     }
 }
@@ -1143,7 +1136,7 @@ fn bind_socket(sock: u64, kaddr: u64, ret: i32) -> Result<u32, u32> {
         set_sock_netns(&mut e, sock_netns(&o, sk));
     }
     if ret == 0 {
-        remember_bound(&e);
+        remember_bound(&e, true);
     }
     emit(&e);
     Ok(0)
@@ -1160,7 +1153,7 @@ pub fn tr_listen_enter(ctx: FEntryContext) -> u32 {
 #[fexit(function = "__sys_listen")]
 pub fn tr_listen_exit(ctx: FExitContext) -> u32 {
     let ret: i32 = ctx.arg(2);
-    match exit_listen(ret as i64) {
+    match exit_listen(ret as i64, true) {
         Ok(v) | Err(v) => v,
     }
 }
@@ -1183,7 +1176,7 @@ pub fn tr_listen_socket_exit(ctx: FExitContext) -> u32 {
     if sk == 0 {
         return 0;
     }
-    match report_listen(ret as i64, -1, sk) {
+    match report_listen(ret as i64, -1, sk, true) {
         Ok(v) | Err(v) => v,
     }
 }

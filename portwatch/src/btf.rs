@@ -14,7 +14,10 @@ use portwatch_common::Offsets;
 /// absent name is not in the map). Trampoline programs attach by name, and names and
 /// signatures change between kernels: a function with another arity is not the one a
 /// program was written for.
-pub fn function_arity(path: &Path, names: &[&str]) -> Result<std::collections::HashMap<String, usize>, String> {
+pub fn function_arity(
+    path: &Path,
+    names: &[&str],
+) -> Result<std::collections::HashMap<String, usize>, String> {
     let btf = Btf::from_file(path).map_err(|e| format!("cannot parse {}: {e}", path.display()))?;
     let mut out = std::collections::HashMap::new();
     for name in names {

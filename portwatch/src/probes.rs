@@ -92,14 +92,26 @@ const fn hook(
 /// The trampoline family. The `_socket` functions (6.11+) are what io_uring's
 /// IORING_OP_BIND/LISTEN call; the two TIME_WAIT hooks go together or not at all.
 pub const TRAMPOLINES: [Hook; 10] = [
+    hook("tr_release", false, &["inet_release"], 1, true),
     hook("tr_bind_exit", true, &["__sys_bind"], 3, true),
     hook("tr_bind_enter", false, &["__sys_bind"], 3, true),
-    hook("tr_bind_socket_exit", true, &["__sys_bind_socket"], 3, false),
+    hook(
+        "tr_bind_socket_exit",
+        true,
+        &["__sys_bind_socket"],
+        3,
+        false,
+    ),
     hook("tr_listen_exit", true, &["__sys_listen"], 2, true),
     hook("tr_listen_enter", false, &["__sys_listen"], 2, true),
-    hook("tr_listen_socket_exit", true, &["__sys_listen_socket"], 2, false),
+    hook(
+        "tr_listen_socket_exit",
+        true,
+        &["__sys_listen_socket"],
+        2,
+        false,
+    ),
     hook("tr_connect_exit", true, &["__sys_connect"], 3, true),
-    hook("tr_release", false, &["inet_release"], 1, true),
     hook("tr_time_wait_gone", false, &["inet_twsk_kill"], 1, false),
     hook("tr_time_wait", true, &["inet_twsk_alloc"], 3, false),
 ];
@@ -142,25 +154,24 @@ pub const RAW_STATE_PROGRAM: &str = "inet_sock_set_state_raw";
 pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
     let raw_state = raw_state_possible(&cfg.offsets);
     let mut notes = Vec::new();
-    let (mut ebpf, family, family_why, mut plan) = match cfg.hooks {
-        HookChoice::Tracepoint => (open(cfg, false)?, Family::Tracepoint, None, Plan::default()),
-        HookChoice::Trampoline => match trampolines(cfg, true) {
-            Ok((ebpf, plan)) => (ebpf, Family::Trampoline, None, plan),
-            Err(reason) => {
+    let mut ebpf = open(cfg)?;
+    // aya's parse of the kernel's BTF, for the trampolines and the typed state tracepoint.
+    let btf = Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"));
+    let (family, family_why, mut plan) = match cfg.hooks {
+        HookChoice::Tracepoint => (Family::Tracepoint, None, Plan::default()),
+        choice => match btf
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|b| trampolines(&mut ebpf, b, true))
+        {
+            Ok(plan) => (Family::Trampoline, None, plan),
+            Err(reason) if choice == HookChoice::Trampoline => {
                 return Err(Error::NoTrampolines {
                     release: crate::prereq::kernel_release(),
                     reason,
                 })
             }
-        },
-        HookChoice::Auto => match trampolines(cfg, true) {
-            Ok((ebpf, plan)) => (ebpf, Family::Trampoline, None, plan),
-            Err(reason) => (
-                open(cfg, false)?,
-                Family::Tracepoint,
-                Some(reason),
-                Plan::default(),
-            ),
+            Err(reason) => (Family::Tracepoint, Some(reason), Plan::default()),
         },
     };
     notes.append(&mut plan.notes);
@@ -189,7 +200,7 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
     // it is wanted: always with --all-events, otherwise while a client is attached to the
     // control socket (`set_state_hook`), which then gets LISTEN changes and TIME_WAIT
     // entries live (the kernel's default-mode filter).
-    let (state_program, state_kind) = load_state(&mut ebpf, raw_state, &mut notes)?;
+    let (state_program, state_kind) = load_state(&mut ebpf, btf.as_ref(), raw_state, &mut notes)?;
     let mut probes_state = StateHook {
         program: state_program,
         kind: state_kind,
@@ -240,7 +251,7 @@ const STATE_TRACEPOINT_PROGRAM: &str = "inet_sock_set_state";
 
 /// Parse the embedded object and create its maps, with the loader's globals set. Nothing is
 /// loaded into the verifier yet.
-fn open(cfg: &LoadConfig<'_>, trampoline: bool) -> Result<Ebpf> {
+fn open(cfg: &LoadConfig<'_>) -> Result<Ebpf> {
     if cfg.ports.len() > MAX_FILTER_PORTS {
         return Err(Error::TooManyPorts {
             given: cfg.ports.len(),
@@ -262,10 +273,8 @@ fn open(cfg: &LoadConfig<'_>, trampoline: bool) -> Result<Ebpf> {
     } else {
         mask::DEFAULT
     };
-    let trampoline = u32::from(trampoline);
     Ok(EbpfLoader::new()
         .override_global("EVENT_MASK", &event_mask, true)
-        .override_global("TRAMPOLINE", &trampoline, true)
         .override_global("OFFSETS", &cfg.offsets, true)
         .override_global("SS_OFF", &ss, true)
         .override_global("FILTER_PORTS", &filter, true)
@@ -284,28 +293,59 @@ struct Plan {
     notes: Vec<String>,
 }
 
-/// Open the object for the trampoline family and load (and with `attach`, attach) its
-/// programs on the functions this kernel's BTF names with the expected parameter count. An
-/// `Err` says why the family cannot run here: then nothing of it stays loaded.
-fn trampolines(cfg: &LoadConfig<'_>, attach: bool) -> std::result::Result<(Ebpf, Plan), String> {
+/// Load (and with `attach`, attach) the trampoline family's programs on the functions this
+/// kernel's BTF names with the expected parameter count. An `Err` says why the family
+/// cannot run here; whatever of it had loaded is unloaded again.
+fn trampolines(ebpf: &mut Ebpf, btf: &Btf, attach: bool) -> std::result::Result<Plan, String> {
+    let r = try_trampolines(ebpf, btf, attach);
+    if r.is_err() {
+        unload_trampolines(
+            ebpf,
+            &TRAMPOLINES.iter().map(|h| h.program).collect::<Vec<_>>(),
+        );
+    }
+    r
+}
+
+fn try_trampolines(ebpf: &mut Ebpf, btf: &Btf, attach: bool) -> std::result::Result<Plan, String> {
+    // Kernels without BPF trampolines refuse every fentry/fexit program: find out with one
+    // before parsing the BTF for the others' signatures.
+    let first = &TRAMPOLINES[0];
+    load_trampoline(ebpf, first, first.functions[0], btf, false).map_err(|e| {
+        format!(
+            "{} on {}: {e}{}",
+            first.program,
+            first.functions[0],
+            if e.contains("Operation not permitted") || e.contains("not supported") {
+                " (a kernel built without BPF trampolines refuses every fentry/fexit program)"
+            } else {
+                ""
+            }
+        )
+    })?;
     let names: Vec<&str> = TRAMPOLINES
         .iter()
         .flat_map(|h| h.functions.iter().copied())
         .collect();
     let arity = crate::btf::function_arity(Path::new(crate::prereq::BTF_PATH), &names)?;
-    let btf = Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?;
-    let mut ebpf = open(cfg, true).map_err(|e| e.to_string())?;
     let mut plan = Plan::default();
     let mut tw_loaded = 0;
-    for h in &TRAMPOLINES {
+    for (i, h) in TRAMPOLINES.iter().enumerate() {
         let Some(function) = h
             .functions
             .iter()
             .find(|f| arity.get(**f) == Some(&h.params))
         else {
-            let why = match h.functions.iter().find_map(|f| arity.get(*f).map(|n| (f, n))) {
+            let why = match h
+                .functions
+                .iter()
+                .find_map(|f| arity.get(*f).map(|n| (f, n)))
+            {
                 Some((f, n)) => format!("{f} takes {n} parameters here, not {}", h.params),
-                None => format!("the kernel's BTF has no function {}", h.functions.join(" or ")),
+                None => format!(
+                    "the kernel's BTF has no function {}",
+                    h.functions.join(" or ")
+                ),
             };
             if h.required {
                 return Err(why);
@@ -321,12 +361,20 @@ fn trampolines(cfg: &LoadConfig<'_>, attach: bool) -> std::result::Result<(Ebpf,
             }
             continue;
         };
-        if TIME_WAIT_HOOKS.contains(&h.program) && tw_loaded == 0 && h.program == TIME_WAIT_HOOKS[1]
-        {
+        if h.program == TIME_WAIT_HOOKS[1] && tw_loaded == 0 {
             // Its partner did not load: counting entries without exits would be wrong.
             continue;
         }
-        let r = load_trampoline(&mut ebpf, h, function, &btf, attach);
+        // The first one is loaded already (on the same function: inet_release).
+        let r = if i == 0 {
+            if attach {
+                attach_loaded(ebpf, h)
+            } else {
+                Ok(())
+            }
+        } else {
+            load_trampoline(ebpf, h, function, btf, attach)
+        };
         match r {
             Ok(()) => {
                 plan.attached.push(h.program);
@@ -342,27 +390,54 @@ fn trampolines(cfg: &LoadConfig<'_>, attach: bool) -> std::result::Result<(Ebpf,
         }
     }
     plan.tw_hooks = tw_loaded == TIME_WAIT_HOOKS.len();
-    if tw_loaded == 1 {
-        plan.notes.push(
-            "TIME_WAIT exits could be hooked but not entries: TIME_WAIT counts come from \
-             sock_diag dumps"
-                .into(),
-        );
-    }
     if !plan.tw_hooks {
-        // Detach the half that did load (if any) by dropping its program.
+        if tw_loaded == 1 {
+            plan.notes.push(
+                "TIME_WAIT exits could be hooked but not entries: TIME_WAIT counts come from \
+                 sock_diag dumps"
+                    .into(),
+            );
+        }
         plan.attached.retain(|p| !TIME_WAIT_HOOKS.contains(p));
-        plan.functions
-            .retain(|f| !TIME_WAIT_HOOKS.iter().any(|p| f.starts_with(&format!("{p}@"))));
-        for p in TIME_WAIT_HOOKS {
-            if let Some(prog) = ebpf.program_mut(p) {
-                if let Ok(fe) = <&mut FEntry>::try_from(prog) {
-                    let _ = fe.unload();
-                }
-            }
+        plan.functions.retain(|f| {
+            !TIME_WAIT_HOOKS
+                .iter()
+                .any(|p| f.starts_with(&format!("{p}@")))
+        });
+        unload_trampolines(ebpf, &TIME_WAIT_HOOKS);
+    }
+    Ok(plan)
+}
+
+/// Unload (and so detach) these trampoline programs, where loaded.
+fn unload_trampolines(ebpf: &mut Ebpf, programs: &[&str]) {
+    for p in programs {
+        let Some(prog) = ebpf.program_mut(p) else {
+            continue;
+        };
+        if let Ok(fe) = <&mut FEntry>::try_from(&mut *prog) {
+            let _ = fe.unload();
+        } else if let Ok(fx) = <&mut FExit>::try_from(prog) {
+            let _ = fx.unload();
         }
     }
-    Ok((ebpf, plan))
+}
+
+fn attach_loaded(ebpf: &mut Ebpf, h: &Hook) -> std::result::Result<(), String> {
+    let prog = ebpf
+        .program_mut(h.program)
+        .ok_or_else(|| format!("{} missing from the object", h.program))?;
+    if h.exit {
+        let p: &mut FExit = prog
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+        p.attach().map(|_| ()).map_err(|e| e.to_string())
+    } else {
+        let p: &mut FEntry = prog
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+        p.attach().map(|_| ()).map_err(|e| e.to_string())
+    }
 }
 
 fn load_trampoline(
@@ -403,8 +478,12 @@ pub struct Offer {
 }
 
 pub fn offer(cfg: &LoadConfig<'_>) -> Offer {
-    match trampolines(cfg, false) {
-        Ok((_ebpf, plan)) => Offer {
+    let r = open(cfg).map_err(|e| e.to_string()).and_then(|mut ebpf| {
+        let btf = Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?;
+        trampolines(&mut ebpf, &btf, false)
+    });
+    match r {
+        Ok(plan) => Offer {
             trampoline: Ok(plan.functions),
             notes: plan.notes,
         },
@@ -444,7 +523,7 @@ pub struct Verdict {
 /// The state-change hook is reported for the variant `run` would pick, with the reasons it
 /// skipped the better ones in `notes`.
 pub fn verify(cfg: &LoadConfig<'_>) -> Result<(Vec<Verdict>, Vec<String>)> {
-    let mut ebpf = open(cfg, false)?;
+    let mut ebpf = open(cfg)?;
     let mut verdicts = Vec::with_capacity(PROGRAMS.len());
     for (program, _, _) in PROGRAMS {
         if program == STATE_TRACEPOINT_PROGRAM {
@@ -461,7 +540,13 @@ pub fn verify(cfg: &LoadConfig<'_>) -> Result<(Vec<Verdict>, Vec<String>)> {
         });
     }
     let mut notes = Vec::new();
-    match load_state(&mut ebpf, raw_state_possible(&cfg.offsets), &mut notes) {
+    let btf = Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"));
+    match load_state(
+        &mut ebpf,
+        btf.as_ref(),
+        raw_state_possible(&cfg.offsets),
+        &mut notes,
+    ) {
         Ok((program, _)) => verdicts.push(Verdict {
             program,
             result: Ok(()),
@@ -602,6 +687,7 @@ impl StateHook {
 /// else the raw one, both when BTF gave the socket offsets; else the classic tracepoint.
 fn load_state(
     ebpf: &mut Ebpf,
+    btf: std::result::Result<&Btf, &String>,
     raw_state: bool,
     notes: &mut Vec<String>,
 ) -> Result<(&'static str, StateKind)> {
@@ -613,7 +699,10 @@ fn load_state(
     if raw_state {
         // A tp_btf program is of the "tracing" type, which some kernels reject (or lack BTF
         // for): then the raw tracepoint, which needs neither, does the same work.
-        match load_btf_state(ebpf) {
+        match btf
+            .map_err(|e| e.clone())
+            .and_then(|b| load_btf_state(ebpf, b))
+        {
             Ok(()) => return Ok((BTF_STATE_PROGRAM, StateKind::Btf)),
             Err(e) => notes.push(format!(
                 "the typed tracepoint {BTF_STATE_PROGRAM} could not be loaded ({e}); using \
@@ -641,14 +730,13 @@ fn load_state(
 
 /// Load the tp_btf state-change program. The kernel's own BTF names the tracepoint's
 /// argument types, which is what lets the verifier accept plain loads.
-fn load_btf_state(ebpf: &mut Ebpf) -> std::result::Result<(), String> {
-    let btf = Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?;
+fn load_btf_state(ebpf: &mut Ebpf, btf: &Btf) -> std::result::Result<(), String> {
     let p: &mut BtfTracePoint = ebpf
         .program_mut(BTF_STATE_PROGRAM)
         .ok_or_else(|| format!("{BTF_STATE_PROGRAM} missing from the object"))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-    p.load("inet_sock_set_state", &btf).map_err(|e| match &e {
+    p.load("inet_sock_set_state", btf).map_err(|e| match &e {
         aya::programs::ProgramError::LoadError { io_error, .. } => {
             format!("the kernel refused it: {io_error}")
         }
@@ -797,9 +885,7 @@ impl TimeWaitCounts {
     /// (created, destroyed) in namespace `netns`, summed over CPUs.
     pub fn get(&self, netns: u32) -> (u64, u64) {
         match self.0.get(&netns, 0) {
-            Ok(v) => v
-                .iter()
-                .fold((0, 0), |(a, b), x| (a + x[0], b + x[1])),
+            Ok(v) => v.iter().fold((0, 0), |(a, b), x| (a + x[0], b + x[1])),
             Err(_) => (0, 0),
         }
     }

@@ -283,7 +283,11 @@ fn time_wait_entries_and_exits_are_counted() {
             .args(["-Htan", "state", "time-wait"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "ss: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ss: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).lines().count() as u64
     };
     let until = |what: &str, done: &dyn Fn(&[Value]) -> bool| -> Vec<Value> {
@@ -303,29 +307,55 @@ fn time_wait_entries_and_exits_are_counted() {
     // Every socket of the churn counted in, by a record whose dump began after the churn
     // ended (the second one after it).
     let before = tw_records(&agent).len();
-    let recs = until("entries", &|r| r.len() >= before + 2 && sum(r, "entered") >= N * 98 / 100);
+    let recs = until("entries", &|r| {
+        r.len() >= before + 2 && sum(r, "entered") >= N * 98 / 100
+    });
     let last = recs.last().unwrap().clone();
-    let (entered, expired, total) = (sum(&recs, "entered"), sum(&recs, "expired"), last["total"].as_u64().unwrap());
+    let (entered, expired, total) = (
+        sum(&recs, "entered"),
+        sum(&recs, "expired"),
+        last["total"].as_u64().unwrap(),
+    );
     let ss = ss_count(&[]);
     eprintln!("time_wait: entered {entered}, expired {expired}, total {total}, ss {ss}; {last}");
-    assert_eq!(last["counted_by"], if events { "events" } else { "dumps" }, "{last}");
-    assert!(total.abs_diff(ss) <= ss / 100, "total {total} vs ss {ss}: {last}");
+    assert_eq!(
+        last["counted_by"],
+        if events { "events" } else { "dumps" },
+        "{last}"
+    );
+    assert!(
+        total.abs_diff(ss) <= ss / 100,
+        "total {total} vs ss {ss}: {last}"
+    );
     if events {
         assert_eq!(entered, N, "one TIME_WAIT socket per connection: {recs:?}");
-        assert_eq!(entered - expired, total, "what came in, minus what went, is what is there");
+        assert_eq!(
+            entered - expired,
+            total,
+            "what came in, minus what went, is what is there"
+        );
     } else {
-        assert!(entered.abs_diff(N) <= N / 50, "entered {entered} of {N}: {recs:?}");
+        assert!(
+            entered.abs_diff(N) <= N / 50,
+            "entered {entered} of {N}: {recs:?}"
+        );
     }
     // Kill them all (SOCK_DESTROY, what `ss -K` sends): early exits, counted as expired.
     ss_count(&["-K"]);
     let recs = until("exits", &|r| r.last().is_some_and(|l| l["total"] == 0));
     let (entered, expired) = (sum(&recs, "entered"), sum(&recs, "expired"));
-    eprintln!("after ss -K: entered {entered}, expired {expired}; {}", recs.last().unwrap());
+    eprintln!(
+        "after ss -K: entered {entered}, expired {expired}; {}",
+        recs.last().unwrap()
+    );
     if events {
         assert_eq!(expired, N, "every TIME_WAIT socket's exit: {recs:?}");
         assert_eq!(entered, N, "{recs:?}");
     } else {
-        assert!(expired.abs_diff(N) <= N / 50, "expired {expired} of {N}: {recs:?}");
+        assert!(
+            expired.abs_diff(N) <= N / 50,
+            "expired {expired} of {N}: {recs:?}"
+        );
     }
     drop(agent.stop());
 }

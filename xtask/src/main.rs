@@ -58,6 +58,10 @@ enum Cmd {
     /// optionally on this host) and print a kernel matrix; results in target/vm/. KVM when
     /// a guest boots with it, else TCG (PORTWATCH_VM_ACCEL=kvm|tcg overrides).
     VmTest(vm::VmArgs),
+    /// Setup, then measure in qemu, side by side in one guest: a cheap syscall's cost and
+    /// loopback churn under each hook family against no agent, and TIME_WAIT counted by the
+    /// kernel against `ss`. Results in target/vm/bench.md and bench.json.
+    VmBench(vm::VmBenchArgs),
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -229,5 +233,6 @@ fn main() -> Result<()> {
         Cmd::DockerScale(args) => docker_scale::run(args),
         Cmd::Package(args) => package::run_cmd(args),
         Cmd::VmTest(args) => vm::run_cmd(args),
+        Cmd::VmBench(args) => vm::bench_cmd(args),
     }
 }

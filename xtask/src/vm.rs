@@ -333,8 +333,19 @@ fn run_tests(kernels: &[Kernel], filter: Option<&str>, ci: bool) -> Result<()> {
                     .map_err(|e| anyhow!("choosing the accelerator failed: {e}"))?;
                 row.accel = a.name.to_string();
                 let image = out_dir.join(format!("{}.cpio", k.label()));
-                build_image(&image, bb, &kf, &agent, &bins, &tests)
-                    .context("building the initramfs failed")?;
+                build_image(
+                    &image,
+                    bb,
+                    &kf,
+                    &agent,
+                    &bins,
+                    &Payload {
+                        tests: &tests,
+                        script: CHECKS,
+                        extra: &[],
+                    },
+                )
+                .context("building the initramfs failed")?;
                 run_vm(&mut row, &kf, &a, &image, tests.len());
                 Ok(())
             })();
@@ -649,9 +660,7 @@ impl Row {
                 )
             };
             self.problem = Some(format!("{why}; log: {log}"));
-        } else if self.tests.len() < self.planned.unwrap_or(tests.len())
-            && self.skipped.is_none()
-        {
+        } else if self.tests.len() < self.planned.unwrap_or(tests.len()) && self.skipped.is_none() {
             self.problem = Some(format!(
                 "only {} of {} test runs reported; log: {log}",
                 self.tests.len(),
@@ -825,9 +834,7 @@ fn matrix_md(rows: &[Row]) -> String {
             "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             cell(r.kernel_cell()),
             r.accel,
-            ready
-                .and_then(|v| v["hooks"].as_str())
-                .unwrap_or("-"),
+            ready.and_then(|v| v["hooks"].as_str()).unwrap_or("-"),
             cell(ready.map(programs).unwrap_or_else(|| "-".into())),
             cell(if ready.is_some() {
                 r.degraded_cell()
@@ -1185,6 +1192,15 @@ fn tests_list(
     Ok(s)
 }
 
+/// What the guest runs: its script (`CHECKS` or `BENCH`), the tests it lists, and binaries
+/// beyond the agent and the test binaries (at their host paths).
+#[derive(Clone, Copy)]
+struct Payload<'a> {
+    tests: &'a [(&'a str, &'a str)],
+    script: &'a str,
+    extra: &'a [PathBuf],
+}
+
 /// The guest's initramfs. Our own binaries lose their debug sections on the way (smaller
 /// archive, faster unpacking under TCG); their code is what the host runs.
 fn build_image(
@@ -1193,8 +1209,13 @@ fn build_image(
     kf: &KernelFiles,
     agent: &Path,
     bins: &TestBins,
-    tests: &[(&str, &str)],
+    run: &Payload<'_>,
 ) -> Result<()> {
+    let Payload {
+        tests,
+        script,
+        extra,
+    } = *run;
     step(&format!("building {}", image.display()));
     let mut cpio = Cpio::default();
     for d in [
@@ -1260,6 +1281,10 @@ fn build_image(
         cpio.file(&rel(&guest_test(bin)), &stripped(bin)?, 0o755)?;
         elves.push(bin.clone());
     }
+    for bin in extra {
+        cpio.file(&rel(bin), &stripped(bin)?, 0o755)?;
+        elves.push(bin.clone());
+    }
     for lib in shared_libs(&elves)? {
         cpio.file(
             &rel(&lib),
@@ -1284,7 +1309,7 @@ fn build_image(
         order.push('\n');
     }
     cpio.file("pw/modules.list", order.as_bytes(), 0o644)?;
-    cpio.file("pw/checks.sh", CHECKS.as_bytes(), 0o755)?;
+    cpio.file("pw/checks.sh", script.as_bytes(), 0o755)?;
     cpio.file(
         "pw/tests.list",
         tests_list(bins, tests, guest_test)?.as_bytes(),
@@ -1785,6 +1810,400 @@ fn modinfo_depends(ko: &[u8]) -> Vec<String> {
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect()
+}
+
+// ---- vm-bench: each hook family against no agent, side by side in one guest ----
+
+#[derive(clap::Args)]
+pub struct VmBenchArgs {
+    /// Kernel to measure on; repeatable. Default: 6.1 and 6.12.
+    #[arg(long = "kernel", value_enum, value_name = "KERNEL")]
+    pub kernels: Vec<Kernel>,
+    /// Rounds; each brackets every configuration between two no-agent windows.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u32,
+    /// Seconds of loopback churn per window.
+    #[arg(long, default_value_t = 5)]
+    pub window: u32,
+    /// getppid() calls per window.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub syscalls: u64,
+    /// Connections of the TIME_WAIT check.
+    #[arg(long, default_value_t = 5000)]
+    pub tw_conns: u32,
+}
+
+/// The configurations measured against no agent, in the order of round 1.
+const BENCH_CFGS: [&str; 3] = ["tracepoint", "trampoline", "trampoline-all"];
+
+/// The guest's script: windows of (syscall loop, churn) under each configuration, each
+/// between two windows without an agent, then the TIME_WAIT check under the trampolines.
+const BENCH: &str = r#"exec 2>&1
+M=PWVM
+w=/tmp/pwb; rm -rf $w; mkdir -p $w
+L=@LOAD@
+IP=@IP@
+apid=
+start() {
+  : >$w/out
+  "$PW_AGENT" run --no-log-file --no-docker --runtime-dir $w/rt "$@" >$w/out 2>$w/err </dev/null &
+  apid=$!
+  i=0
+  while [ $i -lt 900 ]; do
+    grep -q '"event":"ready"' $w/out && break
+    kill -0 $apid 2>/dev/null || break
+    sleep 0.1; i=$((i + 1))
+  done
+  if ! grep -q '"event":"ready"' $w/out; then
+    sed "s/^/$M|agent-stderr|/" $w/err
+    echo "$M|bench-error|the agent did not start with $*"
+    return 1
+  fi
+  grep '"event":"ready"' $w/out | sed "s/^/$M|ready|/"
+  sleep 1
+}
+stop() { kill -TERM $apid 2>/dev/null; wait $apid; apid=; }
+window() {
+  cfg=$1
+  case $cfg in
+    none) ;;
+    tracepoint) start --hooks tracepoint || return ;;
+    trampoline) start --hooks trampoline || return ;;
+    trampoline-all) start --hooks trampoline --all-events || return ;;
+  esac
+  sc=$($L syscall @SYSCALLS@)
+  ch=$($L churn @WINDOW@)
+  [ -n "$apid" ] && stop
+  echo "$M|bench|$round|$step|$cfg|$sc|$ch"
+  sleep 1
+}
+set -- @CFGS@
+n=$#
+round=1
+while [ $round -le @ROUNDS@ ]; do
+  step=0
+  echo "$M|round|$round"
+  i=0
+  while [ $i -lt $n ]; do
+    k=$(( (i + round - 1) % n + 1 ))
+    eval cfg=\${$k}
+    step=$((step + 1)); window none
+    step=$((step + 1)); window $cfg
+    i=$((i + 1))
+  done
+  step=$((step + 1)); window none
+  round=$((round + 1))
+done
+# TIME_WAIT: counted by the kernel's hooks, against ss, in a namespace of its own.
+$IP netns add twb && $IP -n twb link set lo up
+start --hooks trampoline --tw-interval 1 && {
+  $IP netns exec twb $L churn-n @TWCONNS@ >/dev/null
+  sleep 3
+  echo "$M|tw-ss|before|$($IP netns exec twb ss -Htan state time-wait | wc -l)"
+  $IP netns exec twb ss -K -Htan state time-wait >/dev/null
+  sleep 3
+  echo "$M|tw-ss|after|$($IP netns exec twb ss -Htan state time-wait | wc -l)"
+  ino=$(stat -L -c %i /run/netns/twb)
+  grep '"type":"time_wait"' $w/out | grep "\"netns\":$ino," | sed "s/^/$M|tw|/"
+  stop
+}
+echo "$M|done|$(cut -d' ' -f1 /proc/uptime)"
+"#;
+
+pub fn bench_cmd(args: VmBenchArgs) -> Result<()> {
+    let kernels = if args.kernels.is_empty() {
+        vec![Kernel::V6_1, Kernel::V6_12]
+    } else {
+        expand(&args.kernels)
+    };
+    if kernels.contains(&Kernel::Host) {
+        bail!("vm-bench measures in VMs: the host has no trampolines (use `cargo xtask bench`)");
+    }
+    setup::for_vm()?;
+    let agent = crate::build_agent(true)?;
+    let bins = build_test_bins()?;
+    step("building pw-load (release)");
+    let st = cargo()
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "portwatch-tests",
+            "--bin",
+            "pw-load",
+        ])
+        .status()
+        .context("could not start cargo")?;
+    if !st.success() {
+        bail!("building pw-load failed; see cargo's output above");
+    }
+    let load = workspace_root().join("target/release/pw-load");
+    let out_dir = workspace_root().join("target/vm");
+    std::fs::create_dir_all(&out_dir)?;
+    let bb = busybox().context("busybox")?;
+    let ip = which("ip").context("iproute2's ip is not installed")?;
+    let script = BENCH
+        .replace("@LOAD@", &load.display().to_string())
+        .replace("@IP@", &ip.display().to_string())
+        .replace("@SYSCALLS@", &args.syscalls.to_string())
+        .replace("@WINDOW@", &args.window.to_string())
+        .replace("@ROUNDS@", &args.rounds.to_string())
+        .replace("@TWCONNS@", &args.tw_conns.to_string())
+        .replace("@CFGS@", &BENCH_CFGS.join(" "));
+    let mut md = String::new();
+    let mut all = Vec::new();
+    for k in kernels {
+        let kf = fetch_kernel(k).context("fetching the kernel failed")?;
+        let accel = detect_accel(&kf, &bb, &out_dir)?;
+        let image = out_dir.join(format!("bench-{}.cpio", k.label()));
+        build_image(
+            &image,
+            &bb,
+            &kf,
+            &agent,
+            &bins,
+            &Payload {
+                tests: &[],
+                script: &script,
+                extra: std::slice::from_ref(&load),
+            },
+        )?;
+        let mut row = Row::new(k, &out_dir);
+        row.log = out_dir.join(format!("bench-{}.log", k.label()));
+        row.release = Some(kf.release.clone());
+        row.accel = accel.name.to_string();
+        let windows = (2 * BENCH_CFGS.len() + 1) as u64 * u64::from(args.rounds);
+        let total =
+            BOOT_TIMEOUT + Duration::from_secs(120 + windows * (u64::from(args.window) + 60));
+        step(&format!(
+            "{}: booting {} under {} for {} rounds of {} windows (log: {})",
+            k.label(),
+            kf.release,
+            accel.name,
+            args.rounds,
+            2 * BENCH_CFGS.len() + 1,
+            row.log_rel()
+        ));
+        supervise(
+            &mut row,
+            qemu(&accel, &kf.vmlinuz, &image),
+            Some(BOOT_TIMEOUT),
+            total,
+        );
+        let log = std::fs::read_to_string(&row.log).unwrap_or_default();
+        let r = BenchResult::parse(&log);
+        if let Some(p) = &row.problem {
+            step(&format!("{}: {p}", k.label()));
+        }
+        if r.windows.is_empty() {
+            bail!(
+                "{}: no bench windows reported{}; log: {}",
+                k.label(),
+                r.error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default(),
+                row.log_rel()
+            );
+        }
+        let table = r.markdown(&kf.release, accel.name, &args);
+        println!("\n{table}");
+        md.push_str(&table);
+        md.push('\n');
+        all.push(r.to_json(k.label(), &kf.release, accel.name));
+    }
+    std::fs::write(out_dir.join("bench.md"), &md)?;
+    std::fs::write(
+        out_dir.join("bench.json"),
+        serde_json::to_string_pretty(&all)?,
+    )?;
+    step(&format!(
+        "written to {} and bench.json",
+        out_dir.join("bench.md").display()
+    ));
+    Ok(())
+}
+
+struct BenchWindow {
+    round: u32,
+    step: u32,
+    cfg: String,
+    syscall_ns: f64,
+    conn_s: f64,
+    failed: u64,
+}
+
+#[derive(Default)]
+struct BenchResult {
+    windows: Vec<BenchWindow>,
+    hooks: HashMap<String, String>,
+    tw: Vec<Value>,
+    ss_before: Option<u64>,
+    ss_after: Option<u64>,
+    error: Option<String>,
+}
+
+impl BenchResult {
+    fn parse(log: &str) -> BenchResult {
+        let mut r = BenchResult::default();
+        let mut last_ready: Option<Value> = None;
+        for line in log.lines() {
+            let Some(at) = line.find(MARK) else { continue };
+            let f: Vec<&str> = line[at + MARK.len()..].split('|').collect();
+            match f.as_slice() {
+                ["ready", rest @ ..] => {
+                    last_ready = serde_json::from_str(&rest.join("|")).ok();
+                }
+                ["bench", round, step, cfg, sc, ch, failed] => {
+                    let (Ok(round), Ok(step), Ok(sc), Ok(ch)) =
+                        (round.parse(), step.parse(), sc.parse(), ch.parse())
+                    else {
+                        continue;
+                    };
+                    if let Some(v) = last_ready.take() {
+                        let attached =
+                            format!("{} ({})", v["hooks"].as_str().unwrap_or("?"), programs(&v));
+                        r.hooks.entry(cfg.to_string()).or_insert(attached);
+                    }
+                    r.windows.push(BenchWindow {
+                        round,
+                        step,
+                        cfg: cfg.to_string(),
+                        syscall_ns: sc,
+                        conn_s: ch,
+                        failed: failed.parse().unwrap_or(0),
+                    });
+                }
+                ["tw", rest @ ..] => {
+                    if let Ok(v) = serde_json::from_str::<Value>(&rest.join("|")) {
+                        r.tw.push(v);
+                    }
+                }
+                ["tw-ss", "before", n] => r.ss_before = n.trim().parse().ok(),
+                ["tw-ss", "after", n] => r.ss_after = n.trim().parse().ok(),
+                ["bench-error", e] => r.error = Some(e.to_string()),
+                _ => {}
+            }
+        }
+        r
+    }
+
+    /// For each configuration, per round: (syscall cost over the no-agent windows around
+    /// it, churn throughput over them).
+    fn paired(&self, cfg: &str) -> Vec<(f64, f64)> {
+        let mut out = Vec::new();
+        for (i, w) in self.windows.iter().enumerate() {
+            if w.cfg != cfg || i == 0 {
+                continue;
+            }
+            let (Some(a), Some(b)) = (self.windows.get(i - 1), self.windows.get(i + 1)) else {
+                continue;
+            };
+            if a.cfg != "none" || b.cfg != "none" || a.round != w.round {
+                continue;
+            }
+            let none_ns = (a.syscall_ns + b.syscall_ns) / 2.0;
+            let none_conn = (a.conn_s + b.conn_s) / 2.0;
+            out.push((w.syscall_ns / none_ns, w.conn_s / none_conn));
+        }
+        out
+    }
+
+    fn markdown(&self, release: &str, accel: &str, args: &VmBenchArgs) -> String {
+        let mut md = format!(
+            "#### {release} ({accel}; {} rounds, {} getppid() calls and {} s of loopback \
+             churn per window)\n\n\
+             | configuration | hooks attached | syscall ns (median) | syscall cost vs no agent (paired median) | conn/s (median) | churn vs no agent (paired median, min–max) |\n\
+             |---|---|---|---|---|---|\n",
+            args.rounds, args.syscalls, args.window
+        );
+        let med = |mut v: Vec<f64>| -> f64 {
+            if v.is_empty() {
+                return f64::NAN;
+            }
+            v.sort_by(f64::total_cmp);
+            let n = v.len();
+            if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                (v[n / 2 - 1] + v[n / 2]) / 2.0
+            }
+        };
+        for cfg in std::iter::once("none").chain(BENCH_CFGS) {
+            let ws: Vec<&BenchWindow> = self.windows.iter().filter(|w| w.cfg == cfg).collect();
+            let sc = med(ws.iter().map(|w| w.syscall_ns).collect());
+            let ch = med(ws.iter().map(|w| w.conn_s).collect());
+            let (cost, churn) = if cfg == "none" {
+                ("–".to_string(), "–".to_string())
+            } else {
+                let p = self.paired(cfg);
+                let c = med(p.iter().map(|x| x.0).collect());
+                let t: Vec<f64> = p.iter().map(|x| x.1).collect();
+                let lo = t.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = t.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                (
+                    format!("{:+.1}%", (c - 1.0) * 100.0),
+                    format!(
+                        "{:.1}% ({:.1}–{:.1}%)",
+                        med(t) * 100.0,
+                        lo * 100.0,
+                        hi * 100.0
+                    ),
+                )
+            };
+            md.push_str(&format!(
+                "| {cfg} | {} | {sc:.0} | {cost} | {ch:.0} | {churn} |\n",
+                self.hooks.get(cfg).map_or("–", String::as_str)
+            ));
+        }
+        let failed: u64 = self.windows.iter().map(|w| w.failed).sum();
+        if failed > 0 {
+            md.push_str(&format!(
+                "\n{failed} churn connects failed (EADDRNOTAVAIL while local ports sat in TIME_WAIT) and were retried.\n"
+            ));
+        }
+        let sum = |k: &str| self.tw.iter().filter_map(|v| v[k].as_u64()).sum::<u64>();
+        let by = self
+            .tw
+            .first()
+            .and_then(|v| v["counted_by"].as_str())
+            .unwrap_or("?");
+        md.push_str(&format!(
+            "\nTIME_WAIT, {} connections in a namespace of their own under `--hooks trampoline`: \
+             `entered` {} and `expired` {} summed over {} `time_wait` records (counted_by: {by}); \
+             `ss` saw {} TIME_WAIT sockets before `ss -K` and {} after; the last record's total: {}.\n",
+            args.tw_conns,
+            sum("entered"),
+            sum("expired"),
+            self.tw.len(),
+            self.ss_before.map_or("?".into(), |n| n.to_string()),
+            self.ss_after.map_or("?".into(), |n| n.to_string()),
+            self.tw.last().map_or("?".into(), |v| v["total"].to_string()),
+        ));
+        md
+    }
+
+    fn to_json(&self, kernel: &str, release: &str, accel: &str) -> Value {
+        json!({
+            "kernel": kernel,
+            "release": release,
+            "accelerator": accel,
+            "windows": self.windows.iter().map(|w| json!({
+                "round": w.round, "step": w.step, "configuration": w.cfg,
+                "syscall_ns": w.syscall_ns, "conn_per_s": w.conn_s, "failed_connects": w.failed,
+            })).collect::<Vec<_>>(),
+            "paired": BENCH_CFGS.iter().map(|c| json!({
+                "configuration": c,
+                "syscall_cost_ratio": self.paired(c).iter().map(|p| p.0).collect::<Vec<_>>(),
+                "churn_ratio": self.paired(c).iter().map(|p| p.1).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "time_wait": {
+                "records": self.tw,
+                "ss_before_kill": self.ss_before,
+                "ss_after_kill": self.ss_after,
+            },
+        })
+    }
 }
 
 #[cfg(test)]

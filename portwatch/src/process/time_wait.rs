@@ -89,7 +89,11 @@ impl Processor {
             }
             None => {
                 let entered = ages.younger_than(span_ms as u64);
-                (entered, (st.last_total + entered).saturating_sub(total), "dumps")
+                (
+                    entered,
+                    (st.last_total + entered).saturating_sub(total),
+                    "dumps",
+                )
             }
         };
         let had = st.last_total > 0;
