@@ -73,6 +73,13 @@ pub fn enters_time_wait(old: u16, new: u16) -> bool {
     new == 7 && (old == 5 || old == 11)
 }
 
+/// A `tcp_state` record's `time_wait`: the state tracepoint's pseudo-entry above, or a
+/// TIME_WAIT socket made, as the trampoline family's TIME_WAIT hook reports it.
+pub fn record_time_wait(e: &portwatch_common::Event) -> bool {
+    enters_time_wait(e.old_state, e.new_state)
+        || (e.flags & portwatch_common::flags::TW_HOOK != 0 && e.new_state == 6)
+}
+
 pub fn tcp_state_name(s: u16) -> &'static str {
     match s {
         1 => "ESTABLISHED",
@@ -240,6 +247,28 @@ pub fn parse_when(s: &str) -> std::result::Result<i128, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_wait_records_from_either_hook() {
+        let mut e = portwatch_common::Event::zeroed();
+        (e.old_state, e.new_state) = (5, 7);
+        assert!(
+            record_time_wait(&e),
+            "FIN_WAIT2->CLOSE from the state tracepoint"
+        );
+        (e.old_state, e.new_state) = (5, 6);
+        assert!(
+            !record_time_wait(&e),
+            "no such transition without the TIME_WAIT hook"
+        );
+        e.flags = portwatch_common::flags::TW_HOOK;
+        assert!(
+            record_time_wait(&e),
+            "a TIME_WAIT socket made, from the hook"
+        );
+        (e.old_state, e.new_state) = (6, 7);
+        assert!(!record_time_wait(&e), "its end is no entry");
+    }
 
     #[test]
     fn rfc3339_known_instants() {

@@ -238,7 +238,7 @@ pub fn write_tcp_state(out: &mut Vec<u8>, ts: &[u8], host_json: &[u8], e: &Event
     out.extend_from_slice(b"\",\"new_state\":\"");
     out.extend_from_slice(tcp_state_name(e.new_state).as_bytes());
     out.extend_from_slice(b"\",\"time_wait\":");
-    out.extend_from_slice(if decode::enters_time_wait(e.old_state, e.new_state) {
+    out.extend_from_slice(if decode::record_time_wait(e) {
         b"true"
     } else {
         b"false"
@@ -527,7 +527,7 @@ pub fn tcp_state<'a>(h: Header<'a>, e: &'a Event) -> TcpState<'a> {
         rport: e.rport,
         old_state: tcp_state_name(e.old_state),
         new_state: tcp_state_name(e.new_state),
-        time_wait: decode::enters_time_wait(e.old_state, e.new_state),
+        time_wait: decode::record_time_wait(e),
         netns: e.netns,
         context_pid: e.pid,
     }
