@@ -501,8 +501,16 @@ fn diag_loop(
         let namespaces = diag::namespaces();
         let live: Vec<u32> = namespaces.iter().map(|n| n.inode).collect();
         for ns in namespaces {
-            // The snapshot is built here, off the processing thread, as the dump is read.
-            let builder = SnapshotBuilder::new(ns.inode, owners.clone(), first.is_none(), wall_ns);
+            // The snapshot is built here, off the processing thread, as the dump is read. It is
+            // stamped when this namespace's dump begins, not the pass: the pass first scans
+            // every process's fds, which on a slow host takes long enough that TIME_WAIT
+            // ages measured against the pass's start counted sockets in two records.
+            let builder = SnapshotBuilder::new(
+                ns.inode,
+                owners.clone(),
+                first.is_none(),
+                Clock::now_wall_ns(),
+            );
             let builder = match diag::dump_into(&ns, builder) {
                 Ok(b) => b,
                 // Its last process just exited: the namespace is gone, nothing to report.
