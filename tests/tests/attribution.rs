@@ -245,7 +245,8 @@ fn time_wait_counts_match_ss() {
 /// TIME_WAIT sockets made and killed while the agent runs. With the trampoline hooks the
 /// kernel counts each one at `inet_twsk_alloc` and `inet_twsk_kill`, so `entered` and
 /// `expired` are exact (`counted_by: events`); with the tracepoints they are derived from
-/// the dumps and the sockets' timers (`counted_by: dumps`), close but not exact.
+/// the dumps and the sockets' timers (`counted_by: dumps`), close but not exact: a socket
+/// that entered while the previous dump was read may count twice.
 #[test]
 fn time_wait_entries_and_exits_are_counted() {
     let ns = NetNs::new("twc");
@@ -335,8 +336,11 @@ fn time_wait_entries_and_exits_are_counted() {
             "what came in, minus what went, is what is there"
         );
     } else {
+        // Derived from each socket's age against the time between two dumps: a socket that
+        // entered while the previous dump was being read can count in both (seen at up to
+        // 5 % over under TCG, whose dumps take a long time); none is missed.
         assert!(
-            entered.abs_diff(N) <= N / 50,
+            entered >= N * 98 / 100 && entered <= N * 110 / 100,
             "entered {entered} of {N}: {recs:?}"
         );
     }
@@ -352,8 +356,9 @@ fn time_wait_entries_and_exits_are_counted() {
         assert_eq!(expired, N, "every TIME_WAIT socket's exit: {recs:?}");
         assert_eq!(entered, N, "{recs:?}");
     } else {
+        // Derived: previous total + entered - total, so it carries entered's excess.
         assert!(
-            expired.abs_diff(N) <= N / 50,
+            expired >= N * 98 / 100 && expired <= N * 110 / 100,
             "expired {expired} of {N}: {recs:?}"
         );
     }
