@@ -1003,8 +1003,13 @@ fn qemu(accel: &Accel, vmlinuz: &Path, initrd: &Path) -> Command {
     // Single-threaded TCG: with a thread per vCPU, the guest kernel's live text patching
     // (enabling a tracepoint flips static keys through int3) raced the other vCPU's stale
     // translations and oopsed in syscall_exit_to_user_mode_prepare (seen on 6.12).
+    // PORTWATCH_VM_TCG_THREAD=multi gives each vCPU a host thread (for vm-bench, where the
+    // agent and the load should not share one).
     let accel_arg = if accel.name == "tcg" {
-        "tcg,thread=single".to_string()
+        match std::env::var("PORTWATCH_VM_TCG_THREAD").as_deref() {
+            Ok("multi") => "tcg,thread=multi".to_string(),
+            _ => "tcg,thread=single".to_string(),
+        }
     } else {
         accel.name.to_string()
     };
