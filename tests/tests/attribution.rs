@@ -340,7 +340,7 @@ fn time_wait_entries_and_exits_are_counted() {
         // entered while the previous dump was being read can count in both (seen at up to
         // 5 % over under TCG, whose dumps take a long time); none is missed.
         assert!(
-            entered >= N * 98 / 100 && entered <= N * 110 / 100,
+            (N * 98 / 100..=N * 110 / 100).contains(&entered),
             "entered {entered} of {N}: {recs:?}"
         );
     }
@@ -358,7 +358,7 @@ fn time_wait_entries_and_exits_are_counted() {
     } else {
         // Derived: previous total + entered - total, so it carries entered's excess.
         assert!(
-            expired >= N * 98 / 100 && expired <= N * 110 / 100,
+            (N * 98 / 100..=N * 110 / 100).contains(&expired),
             "expired {expired} of {N}: {recs:?}"
         );
     }
