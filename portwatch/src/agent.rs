@@ -522,6 +522,7 @@ fn diag_loop(
             };
             let port_range = diag::local_port_range(&ns).ok();
             let mut snap = builder.finish(ns, port_range);
+            snap.owners_ns = wall_ns;
             snap.tw_events = tw_counts.as_ref().map(|c| c.get(snap.ns.inode));
             if tx.blocking_send(Msg::Snapshot(Box::new(snap))).is_err() {
                 return;

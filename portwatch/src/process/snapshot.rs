@@ -23,6 +23,9 @@ pub struct Snapshot {
     /// Emit `time_wait`/`pressure` records for it (false for the start-up snapshot).
     pub(super) report: bool,
     pub(super) wall_ns: i128,
+    /// When the owner scan behind it began (wall ns): a pass scans every process's fds
+    /// once, before its dumps.
+    pub owners_ns: i128,
     /// The kernel's cumulative TIME_WAIT (created, destroyed) in this namespace, read right
     /// after the dump, when the TIME_WAIT hooks are attached.
     pub tw_events: Option<(u64, u64)>,
@@ -127,6 +130,7 @@ impl SnapshotBuilder {
             port_range,
             report: self.report,
             wall_ns: self.wall_ns,
+            owners_ns: self.wall_ns,
             tw_events: None,
         }
     }

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// How long before a dump an exit may still have left its sockets in it.
+const EXIT_SLACK_NS: i128 = 1_000_000_000;
+
 impl Processor {
     pub(super) fn reconcile(&mut self, s: &mut Snapshot) -> u64 {
         self.ns_paths.insert(s.ns.inode, s.ns.path.clone());
@@ -11,11 +14,16 @@ impl Processor {
         }
         let sockets = std::mem::take(&mut s.sockets);
         let healed = self.table.reconcile(sockets);
-        // Sockets of processes that exited after this dump began: the dump saw them alive.
+        // Sockets of processes that exited after this dump, or the owner scan before it,
+        // began: the dump saw them alive. A process's sockets close a little after its exit
+        // event (the kernel tears its memory down in between, milliseconds for a large one),
+        // so exits shortly before count too: a dump in that gap still shows the socket, and
+        // once the namespace is gone its inode number may be another's.
+        let since = s.wall_ns.min(s.owners_ns) - EXIT_SLACK_NS;
         let gone: Vec<u32> = self
             .recent_exits
             .iter()
-            .filter(|(_, t)| *t >= s.wall_ns)
+            .filter(|(_, t)| *t >= since)
             .map(|(p, _)| *p)
             .collect();
         for pid in gone {
