@@ -86,11 +86,43 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
+/// Extra arguments for every dockerd the tests start: `cargo xtask test` sets them (with
+/// PATH) when it runs the Docker suite against another engine, so that a test that stops
+/// and restarts the daemon gets the same engine back.
+pub const DOCKERD_ARGS_ENV: &str = "PORTWATCH_DOCKERD_ARGS";
+
+/// `DOCKERD_ARGS_ENV`, split on whitespace.
+pub fn dockerd_args() -> Vec<String> {
+    std::env::var(DOCKERD_ARGS_ENV)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The first `name` on PATH, else in /usr/sbin (where Debian puts docker-proxy).
+pub fn engine_binary(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
 /// Start dockerd in the background (its own session, so it outlives the caller), logging
 /// to `log`, and wait until `docker info` answers.
 pub fn start_dockerd(log: &Path, timeout: Duration) -> io::Result<()> {
+    start_dockerd_with(log, timeout, &[])
+}
+
+/// `start_dockerd` with `extra` arguments after `DOCKERD_ARGS_ENV`'s.
+pub fn start_dockerd_with(log: &Path, timeout: Duration, extra: &[&str]) -> io::Result<()> {
+    let mut cmd = Command::new("dockerd");
+    cmd.args(dockerd_args()).args(extra);
     start_daemon(
-        Command::new("dockerd"),
+        cmd,
         "dockerd",
         "apt-get install docker.io",
         log,
@@ -459,6 +491,29 @@ impl Drop for DockerdOutage {
             if let Err(e) = start_dockerd(Path::new(DOCKERD_LOG), Duration::from_secs(60)) {
                 eprintln!("restarting dockerd after the test failed: {e}");
             }
+        }
+    }
+}
+
+/// dockerd restarted with extra arguments for one test; dropped, it is restarted as it was,
+/// so a failing test does not leave the next with another daemon configuration.
+pub struct DaemonWith;
+
+impl DaemonWith {
+    pub fn start(extra: &[&str]) -> DaemonWith {
+        stop_dockerd(Duration::from_secs(60)).expect("stopping dockerd");
+        start_dockerd_with(Path::new(DOCKERD_LOG), Duration::from_secs(60), extra)
+            .unwrap_or_else(|e| panic!("starting dockerd {}: {e}", extra.join(" ")));
+        DaemonWith
+    }
+}
+
+impl Drop for DaemonWith {
+    fn drop(&mut self) {
+        let back = stop_dockerd(Duration::from_secs(60))
+            .and_then(|()| start_dockerd(Path::new(DOCKERD_LOG), Duration::from_secs(60)));
+        if let Err(e) = back {
+            eprintln!("restarting dockerd as it was: {e}");
         }
     }
 }

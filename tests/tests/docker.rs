@@ -367,6 +367,35 @@ fn lifecycle_records_carry_published_ports() {
     }
 }
 
+/// `--userland-proxy=false`: no docker-proxy runs, yet dockerd keeps a listening socket of
+/// its own on each published port to reserve it (20.10 and 28 alike, seen with `ss -ltnp`).
+/// A host bind there fails, and the agent names the container, via dockerd.
+#[test]
+fn without_the_userland_proxy_dockerd_holds_the_published_port() {
+    require_docker();
+    let _daemon = DaemonWith::start(&["--userland-proxy=false"]);
+    let port = free_port(49);
+    let agent = agent(&[port]);
+    // Made after the daemon switch, so it is removed before the daemon goes back.
+    let c = Container::running("noproxy", &["-p", &format!("{port}:80")], &strs(&httpd(80)));
+    start_record(&agent, &c);
+    fail_bind(port);
+    let h = host_conflict(&agent, port);
+    assert_eq!(h["cause"], "docker_published", "{h}");
+    let holders = h["holders"].as_array().unwrap();
+    assert!(!holders.is_empty(), "{h}");
+    for x in holders {
+        assert_eq!(x["comm"], "dockerd", "no docker-proxy runs: {h}");
+        assert_eq!(x["via"], "dockerd", "{h}");
+        assert_eq!(x["container_port"], 80, "{h}");
+        check_container(&x["container"], &c);
+    }
+    let hint = h["hint"].as_str().unwrap();
+    assert!(hint.contains(&c.name), "{hint}");
+    drop(c);
+    agent.stop();
+}
+
 /// Polls until `n` records match, and says how long it took.
 fn time_until(
     agent: &Agent,

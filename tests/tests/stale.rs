@@ -2,9 +2,10 @@
 //! starts with ("port is already allocated" / "address already in use" and no container
 //! uses the port; moby#20486, #36591, libnetwork#1790).
 //!
-//! Killing Debian 12's dockerd 20.10 with SIGKILL does not leave one: its docker-proxy
-//! processes die with it (they run with a parent-death signal), and the restarted daemon
-//! stops the container. So the left-behind state is made directly, with a real process: the
+//! Killing dockerd with SIGKILL does not leave one, on Debian 12's 20.10 or on Docker 28:
+//! their docker-proxy processes die with it (they run with a parent-death signal; 28's
+//! hold the socket dockerd opened and passed them), the container's shim lives on without
+//! a port, and 20.10's restarted daemon stops the container. So the left-behind state is made directly, with a real process: the
 //! very docker-proxy binary dockerd runs, holding a host port for a container address no
 //! container has, as a leaked proxy does. The daemon runs and is joined throughout.
 
@@ -27,7 +28,8 @@ impl LeftProxy {
         // docker-proxy reports that it listens on fd 3, as dockerd gives it a pipe there.
         let ready = std::fs::File::create("/dev/null").unwrap();
         let fd = ready.as_raw_fd();
-        let mut cmd = Command::new("/usr/sbin/docker-proxy");
+        // The engine's own: Docker 28's when the suite runs against it.
+        let mut cmd = Command::new(engine_binary("docker-proxy"));
         cmd.args(["-proto", "tcp", "-host-ip", "0.0.0.0", "-host-port"])
             .arg(port.to_string())
             .args(["-container-ip", "172.31.254.250", "-container-port", "80"])

@@ -8,6 +8,10 @@
 //!    from spawning the agent to its `connected` record, and the join's own `sync_ms`
 //!    (connect, negotiate, list, inspect every container), median of three.
 //!
+//! `--engine` picks the daemon: Debian 12's Docker 20.10 (`docker`, the default), Docker 28
+//! (`docker28`: 20.10 is stopped for the run and started again after it, see docker28.rs)
+//! or Podman's Docker-compatible service (`podman`). The agent joins only that engine.
+//!
 //! The agents watch a port nothing uses (`--port 1`) and do not re-read sockets
 //! (`--tw-interval 3600`): the port table then stays as it was at start, so the RSS delta
 //! is the container index, not whatever else the host is doing. Results go to
@@ -25,10 +29,13 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use portwatch_tests::docker::{docker, TEST_IMAGE};
+use portwatch_tests::{
+    docker::{engine as engine_cli, TEST_IMAGE},
+    podman as pm,
+};
 use serde_json::Value;
 
-use crate::{build_agent, step, workspace_root};
+use crate::{build_agent, docker28, step, workspace_root};
 
 const LABEL: &str = "portwatch-scale=1";
 
@@ -40,6 +47,53 @@ pub struct ScaleArgs {
     /// `docker run`s in flight while creating them.
     #[arg(long, default_value_t = 4)]
     parallel: usize,
+    /// The engine to measure.
+    #[arg(long, value_enum, default_value_t = EngineArg::Docker)]
+    engine: EngineArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EngineArg {
+    /// Debian 12's Docker 20.10.
+    Docker,
+    /// Docker 28 (Debian sid's), in place of 20.10 for the run.
+    Docker28,
+    /// Podman's Docker-compatible API service.
+    Podman,
+}
+
+/// How to drive one engine: its CLI, the API socket the agent joins, and how to run the
+/// test image there.
+struct Engine {
+    cli: &'static str,
+    socket: &'static str,
+    image: &'static str,
+    run_args: &'static [&'static str],
+}
+
+impl EngineArg {
+    fn engine(self) -> Engine {
+        match self {
+            EngineArg::Docker | EngineArg::Docker28 => Engine {
+                cli: "docker",
+                socket: "unix:///var/run/docker.sock",
+                image: TEST_IMAGE,
+                run_args: &[],
+            },
+            EngineArg::Podman => Engine {
+                cli: "podman",
+                socket: "unix:///run/podman/podman.sock",
+                image: pm::IMAGE,
+                run_args: &pm::ULIMITS,
+            },
+        }
+    }
+}
+
+impl Engine {
+    fn run(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(engine_cli(self.cli, args)?)
+    }
 }
 
 type Lines = Arc<Mutex<Vec<(Instant, Value)>>>;
@@ -76,10 +130,11 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(bin: &Path) -> Result<Agent> {
+    fn start(bin: &Path, e: &Engine) -> Result<Agent> {
         let spawned = Instant::now();
         let mut child = Command::new(bin)
             .args(["run", "--port", "1", "--tw-interval", "3600"])
+            .args(["--docker-host", e.socket])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -154,26 +209,26 @@ impl Drop for Agent {
     }
 }
 
-fn ours() -> Result<Vec<String>> {
-    let o = docker(&["ps", "-aq", "--filter", &format!("label={LABEL}")])?;
+fn ours(e: &Engine) -> Result<Vec<String>> {
+    let o = e.run(&["ps", "-aq", "--filter", &format!("label={LABEL}")])?;
     Ok(String::from_utf8_lossy(&o.stdout)
         .split_whitespace()
         .map(str::to_string)
         .collect())
 }
 
-fn remove_ours() -> Result<()> {
-    let ids = ours()?;
+fn remove_ours(e: &Engine) -> Result<()> {
+    let ids = ours(e)?;
     for chunk in ids.chunks(50) {
         let mut args = vec!["rm", "-f"];
         args.extend(chunk.iter().map(String::as_str));
-        docker(&args)?;
+        e.run(&args)?;
     }
     Ok(())
 }
 
 /// N `sleep` containers, each publishing one random host port on 127.0.0.1.
-fn create(n: u64, parallel: usize) -> Result<()> {
+fn create(e: &Engine, n: u64, parallel: usize) -> Result<()> {
     let next = AtomicUsize::new(0);
     let failed = Mutex::new(Vec::new());
     std::thread::scope(|s| {
@@ -184,19 +239,10 @@ fn create(n: u64, parallel: usize) -> Result<()> {
                     break;
                 }
                 let name = format!("pw-scale-{i}");
-                let o = docker(&[
-                    "run",
-                    "-d",
-                    "--label",
-                    LABEL,
-                    "--name",
-                    &name,
-                    "-p",
-                    "127.0.0.1::80",
-                    TEST_IMAGE,
-                    "sleep",
-                    "86400",
-                ]);
+                let mut args = vec!["run", "-d", "--label", LABEL, "--name", &name];
+                args.extend(e.run_args);
+                args.extend(["-p", "127.0.0.1::80", e.image, "sleep", "86400"]);
+                let o = e.run(&args);
                 match o {
                     Ok(o) if o.status.success() => {}
                     Ok(o) => failed.lock().unwrap().push(format!(
@@ -228,23 +274,36 @@ pub fn run(args: ScaleArgs) -> Result<()> {
     crate::setup::for_tests()?;
     let bin = build_agent(true)?;
     let n = args.containers;
-    remove_ours()?;
-    let result = measure(&bin, n, args.parallel);
-    step("removing the containers");
-    remove_ours()?;
-    let report = result?;
+    let e = args.engine.engine();
+    let go = || -> Result<String> {
+        remove_ours(&e)?;
+        let result = measure(&bin, &e, n, args.parallel);
+        step("removing the containers");
+        remove_ours(&e)?;
+        result
+    };
+    let report = if args.engine == EngineArg::Docker28 {
+        docker28::with_docker28(|_| go())?
+    } else {
+        go()?
+    };
     print!("{report}");
     let dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
-    let path: PathBuf = dir.join("docker-scale.md");
+    let name = match args.engine {
+        EngineArg::Docker => "docker-scale.md",
+        EngineArg::Docker28 => "docker-scale-docker28.md",
+        EngineArg::Podman => "docker-scale-podman.md",
+    };
+    let path: PathBuf = dir.join(name);
     std::fs::write(&path, &report)?;
     step(&format!("written to {}", path.display()));
     Ok(())
 }
 
-fn measure(bin: &Path, n: u64, parallel: usize) -> Result<String> {
+fn measure(bin: &Path, e: &Engine, n: u64, parallel: usize) -> Result<String> {
     step("agent joining a daemon without our containers");
-    let a = Agent::start(bin)?;
+    let a = Agent::start(bin, e)?;
     a.connected()?;
     std::thread::sleep(Duration::from_millis(500));
     let rss0 = a.rss_kib()?;
@@ -253,7 +312,7 @@ fn measure(bin: &Path, n: u64, parallel: usize) -> Result<String> {
         "starting {n} containers ({parallel} at a time) while it runs"
     ));
     let t = Instant::now();
-    create(n, parallel)?;
+    create(e, n, parallel)?;
     let created = Instant::now();
     let create_s = t.elapsed().as_secs_f64();
     let is_start = |v: &Value| {
@@ -293,7 +352,7 @@ fn measure(bin: &Path, n: u64, parallel: usize) -> Result<String> {
     let mut ready_to_connected = Vec::new();
     let mut seen = 0;
     for _ in 0..3 {
-        let a = Agent::start(bin)?;
+        let a = Agent::start(bin, e)?;
         let (at, rec) = a.connected()?;
         let (ready, _) = a.wait_nth(1, Duration::from_secs(60), |v| {
             v["type"] == "agent" && v["event"] == "ready"
@@ -306,14 +365,14 @@ fn measure(bin: &Path, n: u64, parallel: usize) -> Result<String> {
         rss2.push(a.rss_kib()? as f64);
     }
     let per = |a: f64, b: f64| (a - b) / n as f64;
-    let server = docker(&[
+    let server = e.run(&[
         "version",
         "--format",
         "{{.Server.Version}} (API {{.Server.APIVersion}})",
     ])?;
     Ok(format!(
-        "# Docker join with {n} containers\n\n\
-         Docker {}, {} cores. Release agent with --port 1 --tw-interval 3600 (see xtask/src/docker_scale.rs).\n\n\
+        "# Container engine join with {n} containers\n\n\
+         {} {}, {} cores. Release agent with --port 1 --tw-interval 3600 (see xtask/src/docker_scale.rs).\n\n\
          | measure | value |\n|---|---|\n\
          | creating {n} containers ({parallel} docker runs at a time) | {create_s:.1} s |\n\
          | last `start` record after the last `docker run` returned | {follow_ms:.0} ms (0: before it returned) |\n\
@@ -325,6 +384,7 @@ fn measure(bin: &Path, n: u64, parallel: usize) -> Result<String> {
          | fresh agent: `sync_ms` (connect, negotiate, list, inspect all; median of 3) | {:.0} ms |\n\
          | running containers it reported | {seen} |\n\
          | fresh agent RSS after sync (median of 3) | {:.0} KiB ({:.1} KiB per container over the first agent's empty RSS) |\n",
+        e.cli,
         String::from_utf8_lossy(&server.stdout).trim(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         per(rss1 as f64, rss0 as f64),

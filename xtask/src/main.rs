@@ -6,6 +6,7 @@
 //! is already there.
 
 mod bench;
+mod docker28;
 mod docker_scale;
 mod package;
 mod setup;
@@ -114,6 +115,9 @@ pub fn build_agent(release: bool) -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// The end-to-end tests that run against each Docker engine in turn.
+const DOCKER_SUITE: [&str; 2] = ["docker", "stale"];
+
 /// The soak's test function (tests/tests/soak.rs).
 const SOAK_TEST: &str = "memory_stays_flat_under_mixed_churn";
 
@@ -166,6 +170,21 @@ fn main() -> Result<()> {
             }
             c.args(["--test-threads=1", "--skip", SOAK_TEST]);
             run(&mut c)?;
+            // The same Docker suite against Docker 28, which binds published ports in dockerd
+            // itself; 20.10 runs again afterwards.
+            step("the Docker suite against Docker 28 (Debian sid's docker.io), then 20.10 again");
+            docker28::with_docker28(|env| {
+                let mut c = cargo();
+                c.args(["test", "--package", "portwatch-tests"])
+                    .args(DOCKER_SUITE.iter().flat_map(|t| ["--test", t]))
+                    .env("PORTWATCH_BIN", &bin)
+                    .envs(env.iter().map(|(k, v)| (k, v)))
+                    .arg("--");
+                if let Some(f) = &filter {
+                    c.arg(f);
+                }
+                run(c.arg("--test-threads=1"))
+            })?;
             // The soak (tests/tests/soak.rs) last and on its own, with its output shown: ten
             // minutes of churn with the agent's RSS sampled, and the growth it reports is a
             // result to read even when it passes. PORTWATCH_SOAK_SECS changes its length.

@@ -1469,13 +1469,13 @@ impl Cpio {
 
 /// apt with its own sources, lists and cache under ~/.cache/portwatch/apt/SUITE: the
 /// host's sources and package state stay untouched.
-struct Apt {
+pub(crate) struct Apt {
     dir: PathBuf,
     suite: &'static str,
 }
 
 impl Apt {
-    fn new(suite: &'static str) -> Result<Apt> {
+    pub(crate) fn new(suite: &'static str) -> Result<Apt> {
         let dir = setup::cache_dir().join("apt").join(suite);
         for d in ["lists/partial", "cache/archives/partial"] {
             std::fs::create_dir_all(dir.join(d))?;
@@ -1521,7 +1521,7 @@ impl Apt {
             .with_context(|| format!("apt-get update for {} failed", self.suite))
     }
 
-    fn ensure_lists(&self) -> Result<()> {
+    pub(crate) fn ensure_lists(&self) -> Result<()> {
         if self.has_lists() {
             Ok(())
         } else {
@@ -1549,7 +1549,7 @@ impl Apt {
 
     /// Download PKGS into DIR; with stale lists (a package superseded since the last
     /// update), update once and retry.
-    fn download(&self, pkgs: &[String], dir: &Path) -> Result<()> {
+    pub(crate) fn download(&self, pkgs: &[String], dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)?;
         let get = || {
             self.opts("apt-get")
@@ -1570,7 +1570,7 @@ impl Apt {
     }
 }
 
-fn deb_in(dir: &Path, pkg: &str) -> Result<PathBuf> {
+pub(crate) fn deb_in(dir: &Path, pkg: &str) -> Result<PathBuf> {
     std::fs::read_dir(dir)?
         .flatten()
         .map(|e| e.path())
@@ -1582,7 +1582,7 @@ fn deb_in(dir: &Path, pkg: &str) -> Result<PathBuf> {
         .with_context(|| format!("no {pkg}_*.deb in {}", dir.display()))
 }
 
-fn dpkg_extract(deb: &Path, into: &Path) -> Result<()> {
+pub(crate) fn dpkg_extract(deb: &Path, into: &Path) -> Result<()> {
     run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(into))
 }
 
