@@ -64,6 +64,63 @@ pub fn service_running() -> bool {
     String::from_utf8_lossy(&buf[..n]).contains(" 200 ")
 }
 
+/// Pids of the `podman system service` processes serving `SOCKET`.
+pub fn service_pids() -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+                args.first().is_some_and(|a| a.ends_with(b"podman"))
+                    && args
+                        .windows(2)
+                        .any(|w| w == [&b"system"[..], &b"service"[..]])
+                    && args.iter().any(|a| a.ends_with(SOCKET.as_bytes()))
+            })
+        })
+        .collect()
+}
+
+/// A service started from another mount namespace (a private one a test harness made,
+/// since gone) cannot open the network namespaces the podman CLI mounts under /run/netns
+/// here: every inspect of a running container then fails with "unknown FS magic". True
+/// when some service process is in one.
+pub fn service_in_other_mount_ns() -> bool {
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    let ours = ns("self");
+    service_pids()
+        .iter()
+        .any(|p| ns(&p.to_string()).is_some_and(|n| Some(n) != ours))
+}
+
+/// SIGTERM to every service process, then wait (up to `grace`) until they are gone.
+pub fn stop_service(grace: Duration) -> io::Result<()> {
+    for pid in service_pids() {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    let deadline = std::time::Instant::now() + grace;
+    while !service_pids().is_empty() {
+        if std::time::Instant::now() >= deadline {
+            for pid in service_pids() {
+                // SAFETY: as above.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if service_pids().is_empty() {
+        Ok(())
+    } else {
+        Err(err("`podman system service` did not exit".into()))
+    }
+}
+
 /// Start `podman system service` on `SOCKET` in the background (its own process group, so
 /// it outlives the caller), logging to `log`, and wait until it answers.
 pub fn start_service(log: &Path, timeout: Duration) -> io::Result<()> {

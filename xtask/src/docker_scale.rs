@@ -370,12 +370,13 @@ fn measure(bin: &Path, e: &Engine, n: u64, parallel: usize) -> Result<String> {
         "--format",
         "{{.Server.Version}} (API {{.Server.APIVersion}})",
     ])?;
+    let cli = e.cli;
     Ok(format!(
         "# Container engine join with {n} containers\n\n\
          {} {}, {} cores. Release agent with --port 1 --tw-interval 3600 (see xtask/src/docker_scale.rs).\n\n\
          | measure | value |\n|---|---|\n\
-         | creating {n} containers ({parallel} docker runs at a time) | {create_s:.1} s |\n\
-         | last `start` record after the last `docker run` returned | {follow_ms:.0} ms (0: before it returned) |\n\
+         | creating {n} containers ({parallel} `{cli} run`s at a time) | {create_s:.1} s |\n\
+         | last `start` record after the last `{cli} run` returned | {follow_ms:.0} ms (0: before it returned) |\n\
          | daemon's start event to the agent's `start` record, median / p90 / max | {lag_p50:.1} / {lag_p90:.1} / {lag_max:.1} ms |\n\
          | RSS with no containers / after {n} started | {rss0} KiB / {rss1} KiB |\n\
          | memory per container (RSS delta / {n}) | {:.1} KiB |\n\

@@ -87,6 +87,13 @@ fn podman() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"))
         .context("installing podman failed")?;
     }
+    if pm::service_running() && pm::service_in_other_mount_ns() {
+        step(
+            "restarting Podman's API service: it runs in another mount namespace, where the \
+             network namespaces podman makes here are not visible",
+        );
+        pm::stop_service(Duration::from_secs(10)).context("stopping the Podman service failed")?;
+    }
     if !pm::service_running() {
         step(&format!(
             "starting Podman's API service on {} (log: {})",
