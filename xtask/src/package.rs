@@ -107,7 +107,7 @@ fn capture(cmd: &mut Command) -> Result<String> {
     String::from_utf8(o.stdout).with_context(|| format!("{cmd:?} printed non-UTF-8"))
 }
 
-fn musl_target() -> Result<()> {
+pub(crate) fn musl_target() -> Result<()> {
     let installed = capture(Command::new("rustup").args(["target", "list", "--installed"]))?;
     if installed.lines().any(|l| l.trim() == MUSL) {
         return Ok(());
@@ -118,7 +118,7 @@ fn musl_target() -> Result<()> {
 
 /// The eBPF object is the same for both builds: portwatch/build.rs builds it for bpfel from
 /// the target's endianness, whatever the userspace target.
-fn build_static() -> Result<PathBuf> {
+pub(crate) fn build_static() -> Result<PathBuf> {
     step(&format!(
         "building portwatch for {MUSL} (release; the first build takes minutes)"
     ));

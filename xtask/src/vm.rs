@@ -304,6 +304,15 @@ fn run_tests(kernels: &[Kernel], filter: Option<&str>, ci: bool) -> Result<()> {
         setup::build()?;
     }
     let agent = crate::build_agent(true)?;
+    // The guests run the static musl build, the one `cargo xtask package` ships as
+    // portwatch-<version>-x86_64-linux: it needs nothing from the guest's C library, and so
+    // every kernel in the matrix also runs the binary users install.
+    let guest_agent = if vms {
+        crate::package::musl_target()?;
+        Some(crate::package::build_static()?)
+    } else {
+        None
+    };
     let bins = build_test_bins()?;
     let out_dir = workspace_root().join("target/vm");
     std::fs::create_dir_all(&out_dir)?;
@@ -337,7 +346,7 @@ fn run_tests(kernels: &[Kernel], filter: Option<&str>, ci: bool) -> Result<()> {
                     &image,
                     bb,
                     &kf,
-                    &agent,
+                    guest_agent.as_deref().unwrap_or(&agent),
                     &bins,
                     &Payload {
                         tests: &tests,
