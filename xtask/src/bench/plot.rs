@@ -1,5 +1,6 @@
-//! churn.png: a bar chart written without a plotting dependency (a tiny RGB canvas, a 5x7 font,
-//! and a PNG encoder using stored deflate blocks: the file is larger but needs no zlib).
+//! The plots: churn.png (the sweep, a line chart of achieved against offered churn rate per
+//! tracer) and churn-max.png (a bar chart of the max-rate rounds), drawn on a tiny RGB
+//! canvas with a 5x7 font and encoded with the `png` crate.
 
 use std::{fs, path::Path};
 
