@@ -6,6 +6,7 @@
 //! `docker import`.
 
 use std::{
+    ffi::OsString,
     fs::OpenOptions,
     io,
     os::unix::process::CommandExt,
@@ -91,10 +92,17 @@ fn log_tail(path: &Path) -> String {
 /// and restarts the daemon gets the same engine back.
 pub const DOCKERD_ARGS_ENV: &str = "PORTWATCH_DOCKERD_ARGS";
 
-/// `DOCKERD_ARGS_ENV`, split on whitespace.
-pub fn dockerd_args() -> Vec<String> {
-    std::env::var(DOCKERD_ARGS_ENV)
-        .unwrap_or_default()
+/// `DOCKERD_ARGS_ENV` in `env` when it is there, else in this process's environment,
+/// split on whitespace.
+pub fn dockerd_args(env: &[(&str, OsString)]) -> Vec<String> {
+    let value = env
+        .iter()
+        .find(|(k, _)| *k == DOCKERD_ARGS_ENV)
+        .map(|(_, v)| v.clone())
+        .or_else(|| std::env::var_os(DOCKERD_ARGS_ENV))
+        .unwrap_or_default();
+    value
+        .to_string_lossy()
         .split_whitespace()
         .map(str::to_string)
         .collect()
@@ -114,13 +122,21 @@ pub fn engine_binary(name: &str) -> PathBuf {
 /// Start dockerd in the background (its own session, so it outlives the caller), logging
 /// to `log`, and wait until `docker info` answers.
 pub fn start_dockerd(log: &Path, timeout: Duration) -> io::Result<()> {
-    start_dockerd_with(log, timeout, &[])
+    start_dockerd_with(log, timeout, &[], &[])
 }
 
-/// `start_dockerd` with `extra` arguments after `DOCKERD_ARGS_ENV`'s.
-pub fn start_dockerd_with(log: &Path, timeout: Duration, extra: &[&str]) -> io::Result<()> {
+/// `start_dockerd` with `env` set for dockerd (PATH picks the engine, `DOCKERD_ARGS_ENV`
+/// its arguments) and `extra` arguments after `DOCKERD_ARGS_ENV`'s.
+pub fn start_dockerd_with(
+    log: &Path,
+    timeout: Duration,
+    env: &[(&str, OsString)],
+    extra: &[&str],
+) -> io::Result<()> {
     let mut cmd = Command::new("dockerd");
-    cmd.args(dockerd_args()).args(extra);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)))
+        .args(dockerd_args(env))
+        .args(extra);
     start_daemon(
         cmd,
         "dockerd",
@@ -502,7 +518,7 @@ pub struct DaemonWith;
 impl DaemonWith {
     pub fn start(extra: &[&str]) -> DaemonWith {
         stop_dockerd(Duration::from_secs(60)).expect("stopping dockerd");
-        start_dockerd_with(Path::new(DOCKERD_LOG), Duration::from_secs(60), extra)
+        start_dockerd_with(Path::new(DOCKERD_LOG), Duration::from_secs(60), &[], extra)
             .unwrap_or_else(|e| panic!("starting dockerd {}: {e}", extra.join(" ")));
         DaemonWith
     }

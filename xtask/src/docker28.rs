@@ -135,20 +135,7 @@ fn switch_to_28(env: &[(&'static str, OsString)]) -> Result<()> {
         "starting Docker 28 (data root {DATA_ROOT}, log {LOG}); waiting up to 60 s for it"
     ));
     let t = Instant::now();
-    // The helper starts `dockerd` from this process's PATH with DOCKERD_ARGS_ENV's
-    // arguments: set both here, for as long as the daemon starts.
-    let saved: Vec<(&str, Option<OsString>)> =
-        env.iter().map(|(k, _)| (*k, std::env::var_os(k))).collect();
-    for (k, v) in env {
-        std::env::set_var(k, v);
-    }
-    let started = d::start_dockerd(Path::new(LOG), Duration::from_secs(60));
-    for (k, v) in saved {
-        match v {
-            Some(v) => std::env::set_var(k, v),
-            None => std::env::remove_var(k),
-        }
-    }
+    let started = d::start_dockerd_with(Path::new(LOG), Duration::from_secs(60), env, &[]);
     started.context("starting Docker 28 failed")?;
     let version = server_version().unwrap_or_default();
     if !version.starts_with("28.") {
@@ -158,14 +145,8 @@ fn switch_to_28(env: &[(&'static str, OsString)]) -> Result<()> {
         "Docker {version} answers after {:.1} s",
         t.elapsed().as_secs_f64()
     ));
-    if !d::image_present() {
-        step(&format!(
-            "building the test image {} in Docker 28's store",
-            d::TEST_IMAGE
-        ));
-        d::build_image().context("building the test image in Docker 28 failed")?;
-    }
-    Ok(())
+    // Docker 28 keeps its own images: the first run builds the test image there.
+    setup::test_image()
 }
 
 fn back_to_20() -> Result<()> {

@@ -139,7 +139,7 @@ fn dockerd() -> Result<()> {
 
 /// The image the Docker tests run, built once from Debian's busybox-static (nothing can be
 /// pulled here); Docker keeps it, so later runs only check that it exists.
-fn test_image() -> Result<()> {
+pub(crate) fn test_image() -> Result<()> {
     if d::image_present() {
         return Ok(());
     }
