@@ -38,13 +38,15 @@ fn service_ports_open_and_close_and_history_tells_who_held_them() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("events.jsonl");
+    // Checked free: a fixed port per test process once met another test's server-side
+    // TIME_WAIT on 127.0.0.1 and the listener below failed with EADDRINUSE.
     let (p_before, p_tcp, p_udp, p_kill, p_flap, p_eph) = (
-        test_port(60),
-        test_port(61),
-        test_port(62),
-        test_port(63),
-        test_port(64),
-        test_port(65),
+        free_port(60),
+        free_port(61),
+        free_port(62),
+        free_port(63),
+        free_port(64),
+        free_port(65),
     );
     // Held before the agent starts: an `existing` open.
     let before = Holder::start(HOLD, "tcp-listen", &format!("0.0.0.0:{p_before}"), None);
