@@ -19,6 +19,7 @@ mod enrich;
 mod error;
 mod heap;
 mod history;
+mod keys;
 mod metrics;
 mod model;
 mod ops;

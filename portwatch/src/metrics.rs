@@ -29,40 +29,6 @@ pub struct Metrics {
     reconcile_sockets: Gauge,
 }
 
-/// `"type":"conflict"` and friends are fixed strings: map them to &'static str without
-/// allocating, so counting a record costs no allocation.
-fn intern(s: &str) -> &'static str {
-    const KNOWN: [&str; 26] = [
-        "port",
-        "ephemeral_collision",
-        "address_unavailable",
-        "unreachable",
-        "conflict",
-        "bind",
-        "listen",
-        "connect",
-        "close",
-        "exit",
-        "tcp_state",
-        "lost",
-        "agent",
-        "time_wait",
-        "pressure",
-        "docker",
-        "listener",
-        "bound",
-        "time_wait",
-        "docker_published",
-        "port_already_allocated",
-        "ephemeral_exhausted",
-        "unknown",
-        "missed",
-        "other",
-        "",
-    ];
-    KNOWN.iter().find(|k| **k == s).copied().unwrap_or("other")
-}
-
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("portwatch");
@@ -126,33 +92,27 @@ impl Metrics {
         }
     }
 
-    pub fn record_type(&self, ty: &str) {
-        self.records.get_or_create(&[("type", intern(ty))]).inc();
+    pub fn record_type(&self, ty: &'static str) {
+        self.records.get_or_create(&[("type", ty)]).inc();
     }
 
-    /// Count one written record (a JSON line).
-    pub fn record(&self, line: &[u8]) {
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
-            return;
-        };
-        let ty = v["type"].as_str().unwrap_or("");
-        self.record_type(ty);
-        match ty {
+    /// Count one written record, by the keys it was written with.
+    pub fn record(&self, k: &crate::keys::Keys) {
+        self.record_type(k.ty);
+        match k.ty {
             "conflict" => {
                 // A record stands for `count` identical failures (coalesced bursts).
-                let cause = intern(v["cause"].as_str().unwrap_or("unknown"));
                 self.conflicts
-                    .get_or_create(&[("cause", cause)])
-                    .inc_by(v["count"].as_u64().unwrap_or(1));
+                    .get_or_create(&[("cause", k.cause.unwrap_or("unknown"))])
+                    .inc_by(k.count.max(1));
             }
             "lost" => {
-                self.lost.inc_by(v["count"].as_u64().unwrap_or(0));
+                self.lost.inc_by(k.count);
             }
             "time_wait" => {
-                let ns = v["netns"].as_u64().unwrap_or(0).to_string();
                 self.time_wait
-                    .get_or_create(&[("netns", ns)])
-                    .set(v["total"].as_i64().unwrap_or(0));
+                    .get_or_create(&[("netns", k.netns.to_string())])
+                    .set(i64::try_from(k.total).unwrap_or(i64::MAX));
             }
             _ => {}
         }
@@ -247,14 +207,23 @@ pub fn serve(addr: SocketAddr, m: Arc<Metrics>) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::Keys;
 
     #[test]
     fn counts_by_type_and_cause() {
         let m = Metrics::new();
-        m.record(br#"{"v":1,"type":"conflict","cause":"listener"}"#);
-        m.record(br#"{"v":1,"type":"conflict","cause":"listener"}"#);
-        m.record(br#"{"v":1,"type":"lost","count":7}"#);
-        m.record(br#"{"v":1,"type":"time_wait","netns":4026531840,"total":12}"#);
+        m.record(&Keys::from_value(
+            &serde_json::json!({"v":1,"type":"conflict","cause":"listener"}),
+        ));
+        m.record(&Keys::from_value(
+            &serde_json::json!({"v":1,"type":"conflict","cause":"listener"}),
+        ));
+        m.record(&Keys::from_value(
+            &serde_json::json!({"v":1,"type":"lost","count":7}),
+        ));
+        m.record(&Keys::from_value(
+            &serde_json::json!({"v":1,"type":"time_wait","netns":4_026_531_840_u32,"total":12}),
+        ));
         m.set_table_size(42);
         let s = m.encode();
         assert!(

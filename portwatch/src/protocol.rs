@@ -29,45 +29,28 @@ impl Filter {
         self.port.is_none() && self.pid.is_none() && self.container.is_none()
     }
 
-    /// Does a record (one JSON object) match? Agent and lost records always do: an attached
-    /// user must learn about lost events and the agent's state whatever the filter.
+    /// Does a record (one JSON object read back) match? See `matches_keys`.
     pub fn matches(&self, v: &Value) -> bool {
-        if self.is_empty() || v["type"] == "agent" || v["type"] == "lost" || v["type"] == "missed" {
+        self.is_empty() || self.matches_keys(&crate::keys::Keys::from_value(v))
+    }
+
+    /// Does a record match, by its keys? Agent, lost and missed records always do: an
+    /// attached user must learn about lost events and the agent's state whatever the filter.
+    pub fn matches_keys(&self, k: &crate::keys::Keys) -> bool {
+        if self.is_empty() || matches!(k.ty, "agent" | "lost" | "missed") {
             return true;
         }
-        let holders = v["holders"].as_array();
-        let any_holder = |f: &dyn Fn(&Value) -> bool| holders.is_some_and(|h| h.iter().any(f));
-        if let Some(p) = self.port {
-            let ok = v["port"] == p
-                || v["rport"] == p
-                || v["destination"]["port"] == p
-                || any_holder(&|h| h["port"] == p)
-                || v["ports"]
-                    .as_array()
-                    .is_some_and(|ps| ps.iter().any(|x| x["host_port"] == p));
-            if !ok {
-                return false;
-            }
+        if self.port.is_some_and(|p| !k.ports.contains(&p)) {
+            return false;
         }
-        if let Some(pid) = self.pid {
-            let ok = v["actor"]["pid"] == pid
-                || v["context_pid"] == pid
-                || any_holder(&|h| h["pid"] == pid);
-            if !ok {
-                return false;
-            }
+        if self.pid.is_some_and(|p| !k.pids.contains(&p)) {
+            return false;
         }
         if let Some(c) = &self.container {
-            let is = |x: &Value| {
-                x["name"].as_str() == Some(c.as_str())
-                    || x["id"]
-                        .as_str()
-                        .is_some_and(|id| !c.is_empty() && id.starts_with(c.as_str()))
+            let is = |n: &crate::keys::Named| {
+                &*n.name == c.as_str() || (!c.is_empty() && n.id.starts_with(c.as_str()))
             };
-            let ok = is(&v["actor"]["container"])
-                || is(&v["container"])
-                || any_holder(&|h| is(&h["container"]));
-            if !ok {
+            if !k.containers.iter().any(is) {
                 return false;
             }
         }

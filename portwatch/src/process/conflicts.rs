@@ -15,9 +15,12 @@ impl Processor {
             Verdict::Write => self.write_conflict(e, k, netns, wall, Span::single(wall)),
             Verdict::Absorbed => {
                 // Attached clients asked for live detail: they still see each attempt.
-                if !self.subs.is_empty() && self.format_verbose(e, k, netns, wall) {
+                if self.subs.is_empty() {
+                    return;
+                }
+                if let Some(keys) = self.format_verbose(e, k, netns, wall, true) {
                     let line: Arc<[u8]> = Arc::from(&self.buf[..]);
-                    self.publish(&line);
+                    self.publish(&line, &keys);
                 }
             }
         }

@@ -36,6 +36,7 @@ use crate::{
     decode::{self, Clock},
     diag,
     enrich::ProcCache,
+    keys::{Keyed, Keys},
     metrics::Metrics,
     protocol::{Filter, PortRow},
     record::{self, Header},
@@ -235,6 +236,21 @@ struct Line<'a, T: Serialize> {
     body: T,
 }
 
+impl<T: Serialize + Keyed> Keyed for Line<'_, T> {
+    fn keys(&self) -> Keys {
+        Keys {
+            ty: self.h.ty,
+            ..self.body.keys()
+        }
+    }
+}
+
+impl Keyed for AgentRecord {
+    fn keys(&self) -> Keys {
+        Keys::of("agent")
+    }
+}
+
 pub struct Config {
     pub host: String,
     pub all_events: bool,
@@ -272,21 +288,28 @@ const WINDOW_BYTES: usize = 8 << 20;
 /// keeping them costs no JSON encoding on the hot path.
 #[derive(Clone)]
 enum WinItem {
-    Line(i128, Arc<[u8]>),
+    Line(i128, Arc<[u8]>, Arc<Keys>),
     Raw(i128, Event, u32),
 }
 
 impl WinItem {
     fn wall(&self) -> i128 {
         match self {
-            WinItem::Line(w, _) | WinItem::Raw(w, _, _) => *w,
+            WinItem::Line(w, ..) | WinItem::Raw(w, ..) => *w,
         }
     }
 
     /// Approximate heap and slot cost, for the window's byte bound.
     fn cost(&self) -> usize {
         match self {
-            WinItem::Line(_, l) => l.len() + 64,
+            WinItem::Line(_, l, k) => {
+                l.len()
+                    + 64
+                    + std::mem::size_of::<Keys>()
+                    + k.ports.len() * 2
+                    + k.pids.len() * 4
+                    + k.containers.len() * 64
+            }
             WinItem::Raw(..) => std::mem::size_of::<WinItem>(),
         }
     }
@@ -326,6 +349,8 @@ struct Processor {
     host_json: Vec<u8>,
     lost_total: u64,
     unknown_kinds: u64,
+    /// Records serde could not encode (none expected; counted, shown in `status`).
+    failed_encodes: u64,
     window: std::collections::VecDeque<WinItem>,
     window_bytes: usize,
     subs: Vec<Sub>,
@@ -680,9 +705,9 @@ impl Processor {
         if !self.cfg.all_events && !live {
             return;
         }
-        if !self.format_verbose(e, k, netns, wall) {
+        let Some(keys) = self.format_verbose(e, k, netns, wall, live) else {
             return;
-        }
+        };
         if self.cfg.all_events {
             let buf = std::mem::take(&mut self.buf);
             self.out.write_line(&buf);
@@ -693,21 +718,33 @@ impl Processor {
         }
         if live {
             let line: Arc<[u8]> = Arc::from(&self.buf[..]);
-            self.publish(&line);
+            self.publish(&line, &keys);
         }
     }
 
-    /// Encode a verbose (bind, listen, connect, close, exit, tcp_state) record into buf.
-    fn format_verbose(&mut self, e: &Event, k: Kind, netns: u32, wall: i128) -> bool {
+    /// Encode a verbose (bind, listen, connect, close, exit, tcp_state) record into buf, and
+    /// say its keys (only when `keyed`: they are for attached clients, and `--all-events`
+    /// alone should not pay for them); None if it could not be encoded.
+    fn format_verbose(
+        &mut self,
+        e: &Event,
+        k: Kind,
+        netns: u32,
+        wall: i128,
+        keyed: bool,
+    ) -> Option<Keys> {
+        let keys_of = |r: &dyn Keyed| if keyed { r.keys() } else { Keys::default() };
         let host = std::mem::take(&mut self.cfg.host);
         self.buf.clear();
-        let ok = match k {
+        let keys = match k {
             Kind::Bind | Kind::Listen | Kind::Connect | Kind::Close => {
                 let comm = decode::comm(&e.comm);
                 let cmdline = self.procs.cmdline(e.pid, e.tid, &comm);
                 let mut r = record::sock_op(Header::new(k.name(), &host, wall), e, netns, cmdline);
                 r.actor.container = self.container_ref(e, netns);
-                serde_json::to_writer(&mut self.buf, &r).is_ok()
+                serde_json::to_writer(&mut self.buf, &r)
+                    .is_ok()
+                    .then(|| keys_of(&r))
             }
             Kind::Exit => {
                 let mut actor = record::Actor::from_event(e, None);
@@ -717,17 +754,26 @@ impl Processor {
                     netns,
                     actor,
                 };
-                serde_json::to_writer(&mut self.buf, &r).is_ok()
+                serde_json::to_writer(&mut self.buf, &r)
+                    .is_ok()
+                    .then(|| keys_of(&r))
             }
             Kind::TcpState => {
                 let ts = self.ts_cache.format(wall);
                 record::write_tcp_state(&mut self.buf, ts, &self.host_json, e);
-                true
+                Some(if keyed {
+                    Keys::of_event(e, k, None)
+                } else {
+                    Keys::default()
+                })
             }
         };
         self.cfg.host = host;
         self.buf.push(b'\n');
-        ok
+        if keys.is_none() {
+            self.failed_encodes += 1;
+        }
+        keys
     }
 
     fn ports(&mut self, filter: &Filter) -> Vec<PortRow> {
@@ -764,6 +810,7 @@ impl Processor {
             "held_conflicts": self.held.len(),
             "services": { "open": self.services.len(), "restarts_coalesced": self.services.coalesced },
             "unknown_kinds": self.unknown_kinds,
+            "failed_encodes": self.failed_encodes,
         })
     }
 
@@ -858,6 +905,16 @@ struct TimeWait {
     ephemeral: Ephemeral,
 }
 
+impl Keyed for TimeWait {
+    fn keys(&self) -> Keys {
+        Keys {
+            netns: self.netns,
+            total: self.total,
+            ..Keys::of("time_wait")
+        }
+    }
+}
+
 /// `type: "pressure"`.
 #[derive(Serialize)]
 struct Pressure {
@@ -869,6 +926,16 @@ struct Pressure {
     pct: f64,
     threshold_pct: f64,
     hint: String,
+}
+
+impl Keyed for Pressure {
+    fn keys(&self) -> Keys {
+        Keys {
+            ports: vec![self.port],
+            netns: self.netns,
+            ..Keys::of("pressure")
+        }
+    }
 }
 
 pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Instant) {
@@ -886,6 +953,7 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
         host_json,
         lost_total: 0,
         unknown_kinds: 0,
+        failed_encodes: 0,
         window: std::collections::VecDeque::new(),
         window_bytes: 0,
         subs: Vec::new(),

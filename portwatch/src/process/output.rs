@@ -4,19 +4,23 @@ use super::*;
 
 impl Processor {
     /// A record at log level: stdout, the log file, the window and attached clients.
-    pub(super) fn emit<T: Serialize>(&mut self, v: &T) {
+    /// Write a record, count it, send it to attached clients and keep it for replay. Metrics
+    /// and filters read its keys from the typed value, never from the line.
+    pub(super) fn emit<T: Serialize + Keyed>(&mut self, v: &T) {
         self.buf.clear();
         if serde_json::to_writer(&mut self.buf, v).is_err() {
+            self.failed_encodes += 1;
             return;
         }
         self.buf.push(b'\n');
         self.out.write_line(&self.buf);
         let line: Arc<[u8]> = Arc::from(&self.buf[..]);
+        let keys = Arc::new(v.keys());
         if let Some(m) = &self.cfg.metrics {
-            m.record(&line);
+            m.record(&keys);
         }
-        self.publish(&line);
-        self.push_window(WinItem::Line(Clock::now_wall_ns(), line));
+        self.publish(&line, &keys);
+        self.push_window(WinItem::Line(Clock::now_wall_ns(), line, keys));
     }
 
     /// Write out what the last message produced, and report log-file trouble it met.
@@ -59,7 +63,7 @@ impl Processor {
                     let buf = std::mem::take(&mut self.buf);
                     self.out.stdout_line(&buf);
                     let l: Arc<[u8]> = Arc::from(&buf[..]);
-                    self.publish(&l);
+                    self.publish(&l, &Keys::of("agent"));
                     self.buf = buf;
                 }
             }
@@ -93,20 +97,13 @@ impl Processor {
 
     /// Send a line to every attached client whose filter matches. A client that does not
     /// keep up loses lines (counted, and told how many) instead of slowing the agent.
-    pub(super) fn publish(&mut self, line: &Arc<[u8]>) {
+    pub(super) fn publish(&mut self, line: &Arc<[u8]>, keys: &Keys) {
         if self.subs.is_empty() {
             return;
         }
-        let parsed: Option<serde_json::Value> = if self.subs.iter().any(|s| !s.filter.is_empty()) {
-            serde_json::from_slice(line).ok()
-        } else {
-            None
-        };
         for s in &mut self.subs {
-            if let Some(v) = &parsed {
-                if !s.filter.matches(v) {
-                    continue;
-                }
+            if !s.filter.matches_keys(keys) {
+                continue;
             }
             if s.missed > 0 {
                 let note = format!("{{\"v\":1,\"type\":\"missed\",\"count\":{}}}\n", s.missed);
@@ -134,7 +131,12 @@ impl Processor {
             .store(self.subs.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
-    pub(super) fn emit_line<T: Serialize>(&mut self, ty: &'static str, wall: i128, body: T) {
+    pub(super) fn emit_line<T: Serialize + Keyed>(
+        &mut self,
+        ty: &'static str,
+        wall: i128,
+        body: T,
+    ) {
         let host = std::mem::take(&mut self.cfg.host);
         let line = Line {
             h: Header::new(ty, &host, wall),
@@ -162,23 +164,22 @@ impl Processor {
             .cloned()
             .collect();
         for item in items {
-            let line = match item {
-                WinItem::Line(_, l) => l,
+            match item {
+                WinItem::Line(_, l, keys) => {
+                    if filter.matches_keys(&keys) {
+                        out.push(l);
+                    }
+                }
                 WinItem::Raw(w, e, ns) => {
                     let Ok(k) = Kind::try_from(e.kind) else {
                         continue;
                     };
-                    if !self.format_verbose(&e, k, ns, w) {
-                        continue;
+                    if let Some(keys) = self.format_verbose(&e, k, ns, w, true) {
+                        if filter.matches_keys(&keys) {
+                            out.push(Arc::from(&self.buf[..]));
+                        }
                     }
-                    Arc::from(&self.buf[..])
                 }
-            };
-            let keep = filter.is_empty()
-                || serde_json::from_slice::<serde_json::Value>(&line)
-                    .is_ok_and(|v| filter.matches(&v));
-            if keep {
-                out.push(line);
             }
         }
         let _ = reply.send(out);

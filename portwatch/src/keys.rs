@@ -1,0 +1,391 @@
+//! What metrics and `attach` filters read from a record: its type, the ports, pids and
+//! containers it names, its cause and counts. The agent takes them from the typed value as
+//! it writes it (`Keyed`), so no stage parses the agent's own JSON back; readers of a log
+//! file (`report`, a filter over old lines) take them from the parsed line
+//! (`Keys::from_value`), and both go through the same `Filter::matches_keys`.
+
+use std::sync::Arc;
+
+use portwatch_common::{Event, Kind};
+use serde_json::Value;
+
+use crate::{
+    containers::ContainerRef,
+    record::{Actor, Conflict, Docker, Exit, Lost, Port, PortActor, PublishConflict, SockOp},
+    table::Holder,
+};
+
+/// A container as a filter sees it: by name, or by a prefix of its id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named {
+    pub name: Arc<str>,
+    pub id: Arc<str>,
+}
+
+impl From<&ContainerRef> for Named {
+    fn from(c: &ContainerRef) -> Self {
+        Named {
+            name: Arc::from(&*c.name),
+            id: Arc::from(&*c.id),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Keys {
+    /// The record's `type`.
+    pub ty: &'static str,
+    /// Every port it is about: the attempted or held port, the remote port, the
+    /// destination's, the holders', a container's published host ports.
+    pub ports: Vec<u16>,
+    /// The actor, the holders, a tcp_state's context pid, a container's init.
+    pub pids: Vec<u32>,
+    pub containers: Vec<Named>,
+    /// `conflict`: the cause.
+    pub cause: Option<&'static str>,
+    /// `conflict`: the failures it stands for; `lost`: the events lost.
+    pub count: u64,
+    /// `time_wait`: the namespace and its TIME_WAIT total.
+    pub netns: u32,
+    pub total: u64,
+}
+
+/// The record types the agent writes, as `'static` names (what a `Keys` carries).
+const TYPES: &[&str] = &[
+    "conflict",
+    "port",
+    "bind",
+    "listen",
+    "connect",
+    "close",
+    "exit",
+    "tcp_state",
+    "time_wait",
+    "pressure",
+    "lost",
+    "docker",
+    "agent",
+    "missed",
+];
+
+impl Keys {
+    pub fn of(ty: &'static str) -> Self {
+        Keys {
+            ty,
+            ..Default::default()
+        }
+    }
+
+    fn container(&mut self, c: Option<&Arc<ContainerRef>>) {
+        if let Some(c) = c {
+            self.containers.push(Named::from(&**c));
+        }
+    }
+
+    fn actor(&mut self, a: &Actor<'_>) {
+        self.pids.push(a.pid);
+        self.container(a.container.as_ref());
+    }
+
+    fn holders(&mut self, hs: &[Holder]) {
+        for h in hs {
+            self.ports.push(h.port);
+            self.pids.extend(h.pid);
+            self.container(h.container.as_ref());
+        }
+    }
+
+    /// A verbose record (bind, listen, connect, close, exit, tcp_state) straight from its
+    /// kernel event, for the events kept raw in the attach window.
+    pub fn of_event(e: &Event, k: Kind, container: Option<&Arc<ContainerRef>>) -> Self {
+        let mut keys = Keys::of(k.name());
+        match k {
+            Kind::Exit => {}
+            Kind::TcpState => keys.ports.extend([e.port, e.rport]),
+            Kind::Bind | Kind::Listen | Kind::Connect | Kind::Close => {
+                keys.ports.push(e.port);
+                if e.rport != 0 {
+                    keys.ports.push(e.rport);
+                }
+            }
+        }
+        // tcp_state names the task whose CPU ran the change as context_pid.
+        keys.pids.push(e.pid);
+        keys.container(container);
+        keys
+    }
+
+    /// The same keys from a record read back from a log file or a socket.
+    pub fn from_value(v: &Value) -> Self {
+        let ty = v["type"].as_str().unwrap_or("");
+        let mut k = Keys::of(
+            TYPES
+                .iter()
+                .find(|t| **t == ty)
+                .copied()
+                .unwrap_or("unknown"),
+        );
+        let port = |x: &Value| x.as_u64().and_then(|p| u16::try_from(p).ok());
+        let pid = |x: &Value| x.as_u64().and_then(|p| u32::try_from(p).ok());
+        let named = |x: &Value| {
+            Some(Named {
+                name: Arc::from(x["name"].as_str()?),
+                id: Arc::from(x["id"].as_str().unwrap_or("")),
+            })
+        };
+        for p in [
+            &v["port"],
+            &v["rport"],
+            &v["destination"]["port"],
+            &v["host_port"],
+        ] {
+            k.ports.extend(port(p));
+        }
+        for p in [&v["actor"]["pid"], &v["context_pid"], &v["pid"]] {
+            k.pids.extend(pid(p));
+        }
+        for c in [&v["actor"]["container"], &v["container"]] {
+            k.containers.extend(named(c));
+        }
+        for h in v["holders"].as_array().into_iter().flatten() {
+            k.ports.extend(port(&h["port"]));
+            k.pids.extend(pid(&h["pid"]));
+            k.containers.extend(named(&h["container"]));
+        }
+        for m in v["ports"].as_array().into_iter().flatten() {
+            k.ports.extend(port(&m["host_port"]));
+        }
+        if k.ty == "conflict" {
+            k.cause = crate::keys::CAUSES
+                .iter()
+                .find(|c| v["cause"] == **c)
+                .copied()
+                .or(Some("unknown"));
+        }
+        k.count = v["count"].as_u64().unwrap_or(0);
+        k.netns = v["netns"]
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0);
+        k.total = v["total"].as_u64().unwrap_or(0);
+        k
+    }
+}
+
+/// Every `cause` a conflict record may carry (docs/schema.md).
+pub const CAUSES: &[&str] = &[
+    "listener",
+    "bound",
+    "ephemeral_collision",
+    "time_wait",
+    "docker_published",
+    "docker_stale",
+    "port_already_allocated",
+    "ephemeral_exhausted",
+    "address_unavailable",
+    "unknown",
+];
+
+/// A record that can say its keys.
+pub trait Keyed {
+    fn keys(&self) -> Keys;
+}
+
+impl Keyed for Conflict<'_> {
+    fn keys(&self) -> Keys {
+        let mut k = Keys::of("conflict");
+        k.ports.push(self.port);
+        if let Some(d) = &self.destination {
+            k.ports.push(d.port);
+        }
+        k.actor(&self.actor);
+        k.holders(&self.holders);
+        k.cause = Some(self.cause);
+        k.count = self.count;
+        k.netns = self.netns;
+        k
+    }
+}
+
+impl Keyed for PublishConflict<'_> {
+    fn keys(&self) -> Keys {
+        let mut k = Keys::of("conflict");
+        k.ports.push(self.port);
+        k.container(Some(&self.actor.container));
+        k.holders(&self.holders);
+        k.cause = Some(self.cause);
+        k.count = self.count;
+        k.netns = self.netns;
+        k
+    }
+}
+
+impl Keyed for Port<'_> {
+    fn keys(&self) -> Keys {
+        let mut k = Keys::of("port");
+        k.ports.push(self.port);
+        if let Some(PortActor { pid, container, .. }) = &self.actor {
+            k.pids.push(*pid);
+            k.container(container.as_ref());
+        }
+        k.netns = self.netns;
+        k
+    }
+}
+
+impl Keyed for SockOp<'_> {
+    fn keys(&self) -> Keys {
+        let mut k = Keys::of(self.h.ty);
+        k.ports.push(self.port);
+        k.ports.extend(self.rport);
+        k.actor(&self.actor);
+        k.netns = self.netns;
+        k
+    }
+}
+
+impl Keyed for Exit<'_> {
+    fn keys(&self) -> Keys {
+        let mut k = Keys::of("exit");
+        k.actor(&self.actor);
+        k.netns = self.netns;
+        k
+    }
+}
+
+impl Keyed for Lost<'_> {
+    fn keys(&self) -> Keys {
+        let mut k = Keys::of("lost");
+        k.count = self.count;
+        k.total = self.total;
+        k
+    }
+}
+
+impl Keyed for Docker<'_> {
+    fn keys(&self) -> Keys {
+        let mut k = Keys::of("docker");
+        k.ports.extend(self.host_port);
+        k.ports
+            .extend(self.ports.into_iter().flatten().map(|m| m.host_port));
+        k.pids.extend(self.pid);
+        if let Some(c) = self.container {
+            k.containers.push(Named::from(c));
+        }
+        k.netns = self.netns.unwrap_or(0);
+        k
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keys_from_a_conflict_line() {
+        let v = json!({"type":"conflict","port":8080,"cause":"listener","count":3,"netns":7,
+            "actor":{"pid":1,"container":{"name":"web1","id":"99c0b70358a8"}},
+            "holders":[{"pid":2,"port":8081,"container":{"name":"db","id":"aa"}}]});
+        let k = Keys::from_value(&v);
+        assert_eq!(k.ty, "conflict");
+        assert_eq!(k.ports, vec![8080, 8081]);
+        assert_eq!(k.pids, vec![1, 2]);
+        assert_eq!(k.containers.len(), 2);
+        assert_eq!(k.cause, Some("listener"));
+        assert_eq!((k.count, k.netns), (3, 7));
+    }
+
+    /// Normalized for comparison: the typed keys and the read-back keys name the same
+    /// things, in an order of their own.
+    fn norm(mut k: Keys) -> Keys {
+        k.ports.sort_unstable();
+        k.ports.dedup();
+        k.pids.sort_unstable();
+        k.pids.dedup();
+        k.containers.sort_by(|a, b| a.name.cmp(&b.name));
+        k.containers.dedup();
+        k
+    }
+
+    fn container(name: &str, id: &str) -> Arc<ContainerRef> {
+        Arc::new(ContainerRef {
+            id: id.into(),
+            engine: "docker",
+            name: name.into(),
+            image: "nginx".into(),
+            compose_project: None,
+            compose_service: None,
+        })
+    }
+
+    /// What the agent filters and counts a live record by is what a reader of its line
+    /// gets: for a conflict with a container actor and a container holder, a bind, an exit
+    /// and a docker lifecycle record.
+    #[test]
+    fn typed_keys_equal_the_keys_of_the_written_line() {
+        use crate::record::{self, Header};
+        let mut e = Event::zeroed();
+        e.kind = portwatch_common::kind::BIND;
+        e.ret = -98;
+        e.pid = 41;
+        e.tid = 42;
+        e.port = 8080;
+        e.family = portwatch_common::AF_INET;
+        e.proto = portwatch_common::IPPROTO_TCP;
+        let mut c = record::conflict(Header::new("conflict", "h", 0), &e, Kind::Bind, 7, None);
+        c.actor.container = Some(container("web", "99c0b70358a8"));
+        c.holders.push(Holder {
+            pid: Some(9),
+            comm: Some("nginx".into()),
+            cmdline: None,
+            uid: Some(0),
+            state: "LISTEN",
+            proto: "tcp",
+            addr: "0.0.0.0".parse().unwrap(),
+            port: 8080,
+            overlap: crate::table::Overlap::Wildcard,
+            since: None,
+            count: None,
+            expires_in_s: None,
+            container: Some(container("db", "aa11")),
+            via: None,
+            container_port: None,
+            stale: None,
+        });
+        c.cause = "listener";
+        c.count = 4;
+        let line = serde_json::to_value(&c).unwrap();
+        assert_eq!(norm(c.keys()), norm(Keys::from_value(&line)));
+
+        let op = record::sock_op(Header::new("bind", "h", 0), &e, 7, None);
+        let line = serde_json::to_value(&op).unwrap();
+        assert_eq!(norm(op.keys()), norm(Keys::from_value(&line)));
+
+        let x = Exit {
+            h: Header::new("exit", "h", 0),
+            netns: 7,
+            actor: Actor::from_event(&e, None),
+        };
+        let line = serde_json::to_value(&x).unwrap();
+        assert_eq!(norm(x.keys()), norm(Keys::from_value(&line)));
+
+        let web = container("web", "99c0b70358a8");
+        let d = Docker {
+            event: "die",
+            container: Some(&web),
+            pid: Some(5),
+            ..Default::default()
+        };
+        let mut line = serde_json::to_value(&d).unwrap();
+        line["type"] = "docker".into();
+        assert_eq!(norm(d.keys()), norm(Keys::from_value(&line)));
+    }
+
+    #[test]
+    fn unknown_type_and_cause_stay_named_as_such() {
+        let k = Keys::from_value(&json!({"type":"conflict","cause":"martian"}));
+        assert_eq!(k.cause, Some("unknown"));
+        assert_eq!(Keys::from_value(&json!({"type":"nope"})).ty, "unknown");
+    }
+}
