@@ -149,36 +149,16 @@ pub fn rfc3339(wall_ns: i128) -> String {
 /// Length of an `rfc3339` string (years 0000-9999).
 pub const RFC3339_LEN: usize = 30;
 
-/// `rfc3339`, written digit by digit into a fixed buffer: every record carries one, and
-/// `format!` with padded fields cost more than the rest of a small record.
+/// `rfc3339` into a fixed buffer, without an allocation: humantime's formatter (which
+/// writes the digits itself) on the instant, clamped to what `SystemTime` and four year
+/// digits hold (1970 to 2554).
 pub fn rfc3339_into(wall_ns: i128, b: &mut [u8; RFC3339_LEN]) {
-    // i64 nanoseconds last until 2262; 128-bit division is a library call.
-    let w = wall_ns.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
-    let secs = w.div_euclid(1_000_000_000);
-    let nanos = w.rem_euclid(1_000_000_000) as u32;
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400) as u32;
-    let (y, m, d) = civil_from_days(days);
-    let digits = |b: &mut [u8], mut v: u32| {
-        for c in b.iter_mut().rev() {
-            *c = b'0' + (v % 10) as u8;
-            v /= 10;
-        }
-    };
-    digits(&mut b[0..4], y.clamp(0, 9999) as u32);
-    b[4] = b'-';
-    digits(&mut b[5..7], m);
-    b[7] = b'-';
-    digits(&mut b[8..10], d);
-    b[10] = b'T';
-    digits(&mut b[11..13], sod / 3600);
-    b[13] = b':';
-    digits(&mut b[14..16], (sod / 60) % 60);
-    b[16] = b':';
-    digits(&mut b[17..19], sod % 60);
-    b[19] = b'.';
-    digits(&mut b[20..29], nanos);
-    b[29] = b'Z';
+    use std::io::Write;
+    let ns = u64::try_from(wall_ns.clamp(0, i128::from(u64::MAX))).unwrap_or(0);
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns);
+    let mut w = &mut b[..];
+    // 30 bytes is exactly the formatted length, so this cannot fail.
+    let _ = write!(w, "{}", humantime::format_rfc3339_nanos(t));
 }
 
 /// `rfc3339_into` for a stream of instants close together, as records are: the date and time
@@ -206,21 +186,6 @@ impl TsCache {
         }
         &self.b
     }
-}
-
-/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
-/// (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 /// RFC 3339 `ts` (as portwatch writes it) to wall-clock ns; None when unparsable.

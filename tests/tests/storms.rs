@@ -657,20 +657,9 @@ fn unwritten(lines: &[Value]) -> u64 {
 /// `2026-11-25T08:31:31.123456789Z` as nanoseconds since the epoch.
 fn rfc3339_ns(v: &Value) -> i128 {
     let s = v.as_str().unwrap_or_else(|| panic!("not a timestamp: {v}"));
-    let num = |r: std::ops::Range<usize>| -> i64 { s[r].parse().unwrap() };
-    let (y, m, d) = (num(0..4), num(5..7), num(8..10));
-    // Days from civil (H. Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + num(11..13) * 3600 + num(14..16) * 60 + num(17..19);
-    let frac = &s[20..s.len() - 1];
-    let nanos: i64 = format!("{frac:0<9}").parse().unwrap();
-    i128::from(secs) * 1_000_000_000 + i128::from(nanos)
+    let t = humantime::parse_rfc3339(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap();
+    i128::try_from(d.as_nanos()).unwrap()
 }
 
 fn netns_fd(ns: &NetNs) -> File {

@@ -107,19 +107,9 @@ fn wall_ns() -> i128 {
 
 /// A record's `ts` (`2026-11-25T09:34:25.231639983Z`) in ns since the epoch.
 fn ts_ns(ts: &str) -> Option<i128> {
-    let n = |r: std::ops::Range<usize>| ts.get(r)?.parse::<i64>().ok();
-    let (y, m, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
-    let (hh, mm, ss) = (n(11..13)?, n(14..16)?, n(17..19)?);
-    let frac = ts.get(20..ts.len() - 1)?;
-    let nanos: i64 = format!("{frac:0<9}").get(..9)?.parse().ok()?;
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some((i128::from(days * 86_400 + hh * 3600 + mm * 60 + ss)) * 1_000_000_000 + i128::from(nanos))
+    let t = humantime::parse_rfc3339(ts).ok()?;
+    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i128::try_from(d.as_nanos()).ok()
 }
 
 /// A release agent, its records with their arrival times.

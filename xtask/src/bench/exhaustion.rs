@@ -75,18 +75,9 @@ struct Seen {
 
 /// `2026-11-25T08:31:31.123456789Z` as nanoseconds since the epoch.
 fn rfc3339_ns(s: &str) -> Option<i128> {
-    let num = |a: usize, b: usize| s.get(a..b)?.parse::<i64>().ok();
-    let (y, m, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
-    // Days from civil (H. Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    let secs = days * 86_400 + num(11, 13)? * 3600 + num(14, 16)? * 60 + num(17, 19)?;
-    let frac = s.get(20..s.len().checked_sub(1)?)?;
-    let nanos: i64 = format!("{frac:0<9}").get(..9)?.parse().ok()?;
-    Some(i128::from(secs) * 1_000_000_000 + i128::from(nanos))
+    let t = humantime::parse_rfc3339(s).ok()?;
+    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i128::try_from(d.as_nanos()).ok()
 }
 
 /// The storm's namespace: every port of RANGE held by a connection to 127.0.0.1:DST_PORT.
