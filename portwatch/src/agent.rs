@@ -52,14 +52,10 @@ fn resolve_group(g: &str) -> Result<u32> {
     if let Ok(n) = g.parse() {
         return Ok(n);
     }
-    let c = std::ffi::CString::new(g).map_err(|_| Error::UnknownGroup(g.into()))?;
-    // SAFETY: getgrnam with a valid C string; the result is read before any other call.
-    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
-    if gr.is_null() {
-        return Err(Error::UnknownGroup(g.into()));
+    match nix::unistd::Group::from_name(g) {
+        Ok(Some(gr)) => Ok(gr.gid.as_raw()),
+        _ => Err(Error::UnknownGroup(g.into())),
     }
-    // SAFETY: non-null pointer from getgrnam.
-    Ok(unsafe { (*gr).gr_gid })
 }
 
 /// The agent's nice value. Storms from any user, on a 2-core host, starved a

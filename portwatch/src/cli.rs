@@ -223,7 +223,9 @@ impl RunArgs {
         }
         self.log_file.clone().or_else(|| {
             // SAFETY: no preconditions.
-            (unsafe { libc::geteuid() } == 0).then(|| PathBuf::from(DEFAULT_LOG))
+            nix::unistd::geteuid()
+                .is_root()
+                .then(|| PathBuf::from(DEFAULT_LOG))
         })
     }
 }

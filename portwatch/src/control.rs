@@ -6,10 +6,11 @@
 //! group. The protocol is JSON lines: the client sends one request line, the agent answers
 //! with JSON lines. Nothing listens on the network.
 
+use nix::fcntl::{Flock, FlockArg};
 use std::{
     fs::File,
     io::{Read, Seek, Write},
-    os::{fd::AsRawFd, unix::fs::PermissionsExt},
+    os::unix::fs::PermissionsExt,
     path::Path,
     sync::Arc,
     time::Duration,
@@ -33,7 +34,7 @@ pub use crate::protocol::{socket_path, Filter, PortRow, Request, DEFAULT_RUNTIME
 /// Held for the agent's lifetime: `flock` on `<runtime-dir>/portwatch.pid`, which holds the
 /// agent's pid so a second agent can name it.
 pub struct InstanceLock {
-    _file: File,
+    _file: Flock<File>,
 }
 
 pub fn lock_instance(runtime_dir: &Path) -> Result<InstanceLock> {
@@ -41,22 +42,24 @@ pub fn lock_instance(runtime_dir: &Path) -> Result<InstanceLock> {
     std::fs::create_dir_all(runtime_dir).map_err(io("creating the runtime directory"))?;
     let _ = std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(0o755));
     let path = runtime_dir.join("portwatch.pid");
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(&path)
         .map_err(io("opening the instance lock file"))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let mut s = String::new();
-        let _ = f.read_to_string(&mut s);
-        return Err(Error::AlreadyRunning {
-            pid: s.trim().to_string(),
-            lock: path,
-        });
-    }
+    let mut f = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => locked,
+        Err((mut f, _)) => {
+            let mut s = String::new();
+            let _ = f.read_to_string(&mut s);
+            return Err(Error::AlreadyRunning {
+                pid: s.trim().to_string(),
+                lock: path,
+            });
+        }
+    };
     let _ = f.set_len(0);
     let _ = f.rewind();
     let _ = writeln!(f, "{}", std::process::id());
@@ -67,9 +70,8 @@ pub fn lock_instance(runtime_dir: &Path) -> Result<InstanceLock> {
 pub fn running_agent(runtime_dir: &Path) -> Option<String> {
     let path = runtime_dir.join("portwatch.pid");
     let f = File::open(path).ok()?;
-    // SAFETY: flock on an fd we own; a shared non-blocking probe released on close.
-    let free = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
-    if free {
+    // A shared non-blocking probe, released at once.
+    if Flock::lock(f, FlockArg::LockSharedNonblock).is_ok() {
         return None;
     }
     std::fs::read_to_string(runtime_dir.join("portwatch.pid"))

@@ -41,30 +41,22 @@ pub fn ip(family: u16, a: &[u8; 16]) -> IpAddr {
 
 /// Symbolic name of a (positive) errno, as scripts expect to match on it.
 pub fn errno_name(e: i32) -> &'static str {
-    match e {
-        1 => "EPERM",
-        9 => "EBADF",
-        11 => "EAGAIN",
-        12 => "ENOMEM",
-        13 => "EACCES",
-        14 => "EFAULT",
-        22 => "EINVAL",
-        24 => "EMFILE",
-        88 => "ENOTSOCK",
-        93 => "EPROTONOSUPPORT",
-        95 => "EOPNOTSUPP",
-        97 => "EAFNOSUPPORT",
-        98 => "EADDRINUSE",
-        99 => "EADDRNOTAVAIL",
-        105 => "ENOBUFS",
-        106 => "EISCONN",
-        110 => "ETIMEDOUT",
-        111 => "ECONNREFUSED",
-        113 => "EHOSTUNREACH",
-        114 => "EALREADY",
-        115 => "EINPROGRESS",
-        _ => "EOTHER",
-    }
+    // nix names every Linux errno by its Debug form; the names are made once, as the
+    // `&'static str` records carry.
+    static NAMES: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    let names = NAMES.get_or_init(|| {
+        (0..=133)
+            .map(|n| match nix::errno::Errno::from_raw(n) {
+                nix::errno::Errno::UnknownErrno => "EOTHER",
+                known => &*Box::leak(format!("{known:?}").into_boxed_str()),
+            })
+            .collect()
+    });
+    usize::try_from(e)
+        .ok()
+        .and_then(|i| names.get(i))
+        .copied()
+        .unwrap_or("EOTHER")
 }
 
 /// FIN_WAIT2 -> CLOSE or CLOSING -> CLOSE: how `inet_sock_set_state` shows a socket entering
@@ -233,6 +225,23 @@ mod tests {
         );
         (e.old_state, e.new_state) = (6, 7);
         assert!(!record_time_wait(&e), "its end is no entry");
+    }
+
+    #[test]
+    fn errno_names() {
+        for (n, name) in [
+            (98, "EADDRINUSE"),
+            (99, "EADDRNOTAVAIL"),
+            (13, "EACCES"),
+            (11, "EAGAIN"),
+            (95, "EOPNOTSUPP"),
+            (133, "EHWPOISON"),
+            (0, "EOTHER"),
+            (-98, "EOTHER"),
+            (4096, "EOTHER"),
+        ] {
+            assert_eq!(errno_name(n), name, "{n}");
+        }
     }
 
     #[test]

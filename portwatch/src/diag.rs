@@ -15,7 +15,7 @@ use std::{
     io::{self, Read},
     mem::size_of,
     net::{IpAddr, SocketAddr, SocketAddrV6},
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    os::unix::fs::MetadataExt,
     path::PathBuf,
     sync::Arc,
 };
@@ -315,13 +315,9 @@ where
     let worker = std::thread::Builder::new()
         .name("pw-netns".into())
         .spawn(move || -> io::Result<T> {
-            // SAFETY: `file` is an open namespace file for the duration of the call; setns
-            // only changes this thread, which exits when `f` returns.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::other(format!(
-                    "entering it: {}",
-                    io::Error::last_os_error()
-                )));
+            // setns changes only this thread, which exits when `f` returns.
+            if let Err(e) = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET) {
+                return Err(io::Error::other(format!("entering it: {e}")));
             }
             drop(file);
             f()
@@ -633,7 +629,7 @@ mod tests {
     use super::*;
     use std::{
         net::{Ipv4Addr, Ipv6Addr, TcpListener, TcpStream, UdpSocket},
-        os::fd::FromRawFd,
+        os::fd::{AsRawFd, FromRawFd},
         path::Path,
         process::Command,
         time::{Duration, Instant},
@@ -705,9 +701,8 @@ mod tests {
             let file = File::open(self.path()).unwrap();
             std::thread::scope(|s| {
                 s.spawn(|| {
-                    // SAFETY: valid namespace fd; only this scoped thread changes namespace.
-                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
+                    // Only this scoped thread changes namespace.
+                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
                     f()
                 })
                 .join()
@@ -740,7 +735,7 @@ mod tests {
         assert_eq!(e.netns, ns.inode);
         assert_eq!(e.remote, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
         // SAFETY: geteuid has no preconditions.
-        assert_eq!(e.uid, unsafe { libc::geteuid() });
+        assert_eq!(e.uid, nix::unistd::geteuid().as_raw());
         assert_eq!(e.v6only, None, "only AF_INET6 sockets carry v6only");
         let owners = socket_owners();
         let o = owners.get(&inode).expect("listener has no owner");
@@ -748,7 +743,7 @@ mod tests {
         let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
         assert_eq!(&*o.comm, comm.trim_end());
         // SAFETY: geteuid has no preconditions.
-        assert_eq!(o.uid, unsafe { libc::geteuid() });
+        assert_eq!(o.uid, nix::unistd::geteuid().as_raw());
     }
 
     #[test]

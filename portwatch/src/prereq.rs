@@ -34,8 +34,7 @@ pub fn check_privileges() -> Result<()> {
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
         return Ok(());
     }
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid();
     let mut have = vec![format!("uid {euid}")];
     have.push(
         if has(CAP_BPF) {
@@ -113,22 +112,14 @@ pub fn ensure_tracefs() -> Result<Tracefs> {
             });
         }
     }
-    let target = c"/sys/kernel/tracing";
-    // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            c"nodev".as_ptr(),
-            target.as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(Error::Tracefs {
-            source: std::io::Error::last_os_error(),
-        });
-    }
+    nix::mount::mount(
+        Some("nodev"),
+        TRACEFS,
+        Some("tracefs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| Error::Tracefs { source: e.into() })?;
     Ok(Tracefs {
         path: TRACEFS.into(),
         mounted_by_us: true,

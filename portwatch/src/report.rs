@@ -1457,8 +1457,7 @@ fn gather_journal(b: &mut Bundle, cx: &Ctx<'_>) {
 }
 
 fn euid() -> u32 {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() }
+    nix::unistd::geteuid().as_raw()
 }
 
 fn gather_docker(b: &mut Bundle, cx: &Ctx<'_>) {

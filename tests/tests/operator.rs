@@ -710,3 +710,41 @@ fn packaging_outputs() {
     let unit = std::fs::read_to_string(unit).expect("systemd unit");
     assert!(unit.contains("ExecStart=/usr/local/bin/portwatch run"));
 }
+
+/// `--group NAME`: the control socket belongs to that group (looked up by name), mode 0660;
+/// an unknown group stops the agent before it starts, with an error that says what to give.
+#[test]
+fn group_owns_the_control_socket_and_an_unknown_group_is_refused() {
+    use std::os::unix::fs::MetadataExt;
+    let groups = std::fs::read_to_string("/etc/group").unwrap();
+    let (name, gid) = groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let gid: u32 = f.nth(1)?.parse().ok()?;
+            (gid != 0).then(|| (name.to_string(), gid))
+        })
+        .next()
+        .expect("a group other than root in /etc/group");
+    let rt = tempdir("group");
+    let rts = rt.to_str().unwrap();
+    let agent = Agent::start(&["--runtime-dir", rts, "--group", &name]);
+    let meta = std::fs::metadata(rt.join("portwatch.sock")).unwrap();
+    assert_eq!(meta.gid(), gid, "socket group, for --group {name}");
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    drop(agent);
+
+    let rt = tempdir("nogroup");
+    let out = pw()
+        .args(["run", "--no-log-file", "--runtime-dir", rt.to_str().unwrap()])
+        .args(["--group", "pw-no-such-group"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown group 'pw-no-such-group'") && err.contains("/etc/group"),
+        "{err}"
+    );
+}
