@@ -658,8 +658,7 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path, verbose: 
         })
     };
     let release = crate::prereq::kernel_release();
-    let kernel_ok =
-        crate::prereq::parse_release(&release).is_some_and(|v| v >= crate::prereq::MIN_KERNEL);
+    let kernel_ok = crate::prereq::kernel_version().is_some_and(crate::prereq::supported);
     add(
         "kernel",
         kernel_ok,

@@ -1,5 +1,6 @@
 //! Start-up prerequisites: privileges, kernel BTF and the tracefs mount.
 
+use aya::util::KernelVersion;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -64,23 +65,25 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Major and minor of a kernel release string (`5.10.0-32-cloud-amd64` -> (5, 10)).
-pub fn parse_release(release: &str) -> Option<(u32, u32)> {
-    let mut it = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty());
-    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+/// The running kernel's version as aya reads it (the release, with the real patch level
+/// that Debian and Ubuntu put in /proc/version); None when it cannot be parsed.
+pub fn kernel_version() -> Option<KernelVersion> {
+    KernelVersion::current().ok()
 }
 
 /// The oldest kernel portwatch runs on: the ring buffer map came in 5.8.
-pub const MIN_KERNEL: (u32, u32) = (5, 8);
+pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 8, 0);
+
+pub fn supported(v: KernelVersion) -> bool {
+    v >= MIN_KERNEL
+}
 
 /// Refuse a kernel older than [`MIN_KERNEL`] with one line, before the verifier would
 /// refuse it with a dump. An unparsable release is let through: the load then decides.
 pub fn check_kernel() -> Result<()> {
     let release = kernel_release();
-    match parse_release(&release) {
-        Some(v) if v < MIN_KERNEL => Err(Error::KernelTooOld { release }),
+    match kernel_version() {
+        Some(v) if !supported(v) => Err(Error::KernelTooOld { release }),
         _ => Ok(()),
     }
 }
@@ -131,13 +134,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kernel_releases_parse() {
-        assert_eq!(parse_release("5.10.0-32-cloud-amd64"), Some((5, 10)));
-        assert_eq!(parse_release("6.12.117+deb13-cloud-amd64"), Some((6, 12)));
-        assert_eq!(parse_release("5.4.0"), Some((5, 4)));
-        assert!(parse_release("5.4.0").unwrap() < MIN_KERNEL);
-        assert!(parse_release("5.8.0").unwrap() >= MIN_KERNEL);
-        assert_eq!(parse_release("garbage"), None);
+    fn kernel_versions_against_the_minimum() {
+        assert!(!supported(KernelVersion::new(5, 4, 0)));
+        assert!(!supported(KernelVersion::new(5, 7, 255)));
+        assert!(supported(KernelVersion::new(5, 8, 0)));
+        assert!(supported(KernelVersion::new(5, 10, 240)));
+        assert!(supported(KernelVersion::new(7, 2, 0)));
+        let here = kernel_version().expect("this kernel's version parses");
+        assert!(supported(here), "{here}");
     }
 
     #[test]

@@ -504,7 +504,7 @@ struct Hooks {
 fn verifier() -> std::result::Result<(Vec<VerifierVerdict>, Vec<String>), String> {
     use crate::prereq;
     let release = prereq::kernel_release();
-    if prereq::parse_release(&release).is_none_or(|v| v < prereq::MIN_KERNEL) {
+    if prereq::kernel_version().is_none_or(|v| !prereq::supported(v)) {
         return Err(format!(
             "Linux {release} is older than 5.8, so the programs were not loaded"
         ));

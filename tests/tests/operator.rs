@@ -737,7 +737,12 @@ fn group_owns_the_control_socket_and_an_unknown_group_is_refused() {
 
     let rt = tempdir("nogroup");
     let out = pw()
-        .args(["run", "--no-log-file", "--runtime-dir", rt.to_str().unwrap()])
+        .args([
+            "run",
+            "--no-log-file",
+            "--runtime-dir",
+            rt.to_str().unwrap(),
+        ])
         .args(["--group", "pw-no-such-group"])
         .output()
         .unwrap();
