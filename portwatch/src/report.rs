@@ -10,7 +10,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    ffi::CStr,
     fs::{File, OpenOptions},
     io::{BufRead, IsTerminal, Read, Write},
     os::unix::fs::OpenOptionsExt,
@@ -406,21 +405,15 @@ struct Uname {
 }
 
 fn uname() -> Option<Uname> {
-    // SAFETY: uname fills the zeroed struct; its fields are NUL-terminated C strings.
-    unsafe {
-        let mut u: libc::utsname = std::mem::zeroed();
-        if libc::uname(&mut u) != 0 {
-            return None;
-        }
-        let s = |f: &[libc::c_char]| CStr::from_ptr(f.as_ptr()).to_string_lossy().into_owned();
-        Some(Uname {
-            sysname: s(&u.sysname),
-            nodename: s(&u.nodename),
-            release: s(&u.release),
-            version: s(&u.version),
-            machine: s(&u.machine),
-        })
-    }
+    let u = nix::sys::utsname::uname().ok()?;
+    let s = |f: &std::ffi::OsStr| f.to_string_lossy().into_owned();
+    Some(Uname {
+        sysname: s(u.sysname()),
+        nodename: s(u.nodename()),
+        release: s(u.release()),
+        version: s(u.version()),
+        machine: s(u.machine()),
+    })
 }
 
 fn read_trim(path: &str) -> Option<String> {
