@@ -232,7 +232,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if !problems.is_empty() {
         let reason = problems
             .iter()
-            .map(|p| p.to_string())
+            .map(std::string::ToString::to_string)
             .collect::<Vec<_>>()
             .join("; ");
         let netns_note = if netns_in_kernel {
@@ -549,7 +549,7 @@ fn diag_loop(
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    std::thread::sleep(Duration::from_millis(50))
+                    std::thread::sleep(Duration::from_millis(50));
                 }
             }
         }

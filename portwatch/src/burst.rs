@@ -221,7 +221,7 @@ fn absorb(slot: &mut Option<Summary>, e: &Event, k: Kind, netns: u32, wall: i128
                 kind: k,
                 netns,
                 span: Span::single(wall),
-            })
+            });
         }
     }
 }
@@ -250,7 +250,7 @@ mod tests {
         let mut written = 0;
         let mut sums = Vec::new();
         for i in 0..n {
-            let (v, s) = b.offer(e, Kind::Bind, 1, t0 + i as i128 * step);
+            let (v, s) = b.offer(e, Kind::Bind, 1, t0 + i128::from(i) * step);
             written += u64::from(v == Verdict::Write);
             sums.extend(s);
         }
@@ -285,12 +285,12 @@ mod tests {
         let e = fail(10, 8080);
         // 40,000 failures over 8 s, with ticks every 100 ms in between.
         let n = 40_000u64;
-        let step = 8 * S / n as i128;
+        let step = 8 * S / i128::from(n);
         let mut written = 0;
         let mut records = 0;
         let mut total = 0;
         for i in 0..n {
-            let t = i as i128 * step;
+            let t = i128::from(i) * step;
             let (v, s) = b.offer(&e, Kind::Bind, 1, t);
             if v == Verdict::Write {
                 written += 1;

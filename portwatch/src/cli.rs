@@ -401,7 +401,7 @@ mod tests {
         for sc in Cli::command().get_subcommands() {
             let help = sc
                 .get_after_help()
-                .map(|h| h.to_string())
+                .map(std::string::ToString::to_string)
                 .unwrap_or_default();
             assert!(help.contains("Example"), "{} has no example", sc.get_name());
         }

@@ -199,7 +199,7 @@ async fn handle(
             w.write_all(msg.as_bytes()).await?;
             return Ok(());
         }
-        Ok(Ok(0)) | Ok(Err(_)) => return Ok(()),
+        Ok(Ok(0) | Err(_)) => return Ok(()),
         Ok(Ok(n)) if n as u64 >= MAX_REQUEST_BYTES && !line.ends_with('\n') => {
             let msg = refuse(format!(
                 "request too long: at most {MAX_REQUEST_BYTES} bytes in one line ending in \\n"
@@ -262,7 +262,7 @@ async fn handle(
                                     Err(_) => break,
                                 }
                             }
-                            w.write_all(&batch).await?
+                            w.write_all(&batch).await?;
                         }
                         None => break,
                     },
@@ -381,7 +381,7 @@ mod tests {
         assert_eq!(running_agent(&d), Some(std::process::id().to_string()));
         match lock_instance(&d) {
             Err(Error::AlreadyRunning { pid, .. }) => {
-                assert_eq!(pid, std::process::id().to_string())
+                assert_eq!(pid, std::process::id().to_string());
             }
             other => panic!("{:?}", other.map(|_| ())),
         }

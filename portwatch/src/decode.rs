@@ -109,7 +109,7 @@ fn clock_ns(id: libc::clockid_t) -> i128 {
     };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(id, &mut ts) };
-    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
 }
 
 impl Clock {
@@ -122,7 +122,7 @@ impl Clock {
     }
 
     pub fn wall_ns(&self, mono_ns: u64) -> i128 {
-        mono_ns as i128 + self.offset_ns
+        i128::from(mono_ns) + self.offset_ns
     }
 
     pub fn now_wall_ns() -> i128 {

@@ -680,7 +680,7 @@ fn state_of(s: Option<ContainerStateStatusEnum>) -> State {
         Some(ContainerStateStatusEnum::PAUSED) => State::Paused,
         Some(ContainerStateStatusEnum::RESTARTING) => State::Restarting,
         Some(ContainerStateStatusEnum::REMOVING) => State::Removing,
-        Some(ContainerStateStatusEnum::EXITED) | Some(ContainerStateStatusEnum::STOPPING) => {
+        Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::STOPPING) => {
             State::Exited
         }
         Some(ContainerStateStatusEnum::DEAD) => State::Dead,

@@ -123,7 +123,7 @@ impl Metrics {
     }
 
     pub fn set_docker_connected(&self, up: bool) {
-        self.docker_connected.set(up as i64);
+        self.docker_connected.set(i64::from(up));
     }
 
     pub fn set_reconcile(&self, sockets: usize, took: std::time::Duration) {

@@ -44,7 +44,7 @@ pub enum Overlap {
 fn canon(a: IpAddr) -> IpAddr {
     match a {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(a),
-        v4 => v4,
+        v4 @ IpAddr::V4(_) => v4,
     }
 }
 

@@ -655,7 +655,7 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path, verbose: 
             ok,
             detail,
             fix: fix.into(),
-        })
+        });
     };
     let release = crate::prereq::kernel_release();
     let kernel_ok = crate::prereq::kernel_version().is_some_and(crate::prereq::supported);

@@ -529,7 +529,9 @@ pub fn verify(cfg: &LoadConfig<'_>) -> Result<(Vec<Verdict>, Vec<String>)> {
         if program == STATE_TRACEPOINT_PROGRAM {
             continue;
         }
-        let (result, log) = match tracepoint_program(&mut ebpf, program).and_then(|p| p.load()) {
+        let (result, log) = match tracepoint_program(&mut ebpf, program)
+            .and_then(aya::programs::TracePoint::load)
+        {
             Ok(()) => (Ok(()), None),
             Err(e) => (Err(one_line(&e)), full_log(&e)),
         };
@@ -700,7 +702,7 @@ fn load_state(
         // A tp_btf program is of the "tracing" type, which some kernels reject (or lack BTF
         // for): then the raw tracepoint, which needs neither, does the same work.
         match btf
-            .map_err(|e| e.clone())
+            .map_err(std::clone::Clone::clone)
             .and_then(|b| load_btf_state(ebpf, b))
         {
             Ok(()) => return Ok((BTF_STATE_PROGRAM, StateKind::Btf)),
@@ -713,7 +715,7 @@ fn load_state(
         let p: &mut RawTracePoint = ebpf
             .program_mut(RAW_STATE_PROGRAM)
             .ok_or(aya::programs::ProgramError::UnexpectedProgramType)
-            .and_then(|p| p.try_into())
+            .and_then(std::convert::TryInto::try_into)
             .map_err(load_err(RAW_STATE_PROGRAM, "raw_tracepoint"))?;
         p.load()
             .map_err(load_err(RAW_STATE_PROGRAM, "raw_tracepoint"))?;
@@ -722,7 +724,7 @@ fn load_state(
     let p: &mut TracePoint = ebpf
         .program_mut("inet_sock_set_state")
         .ok_or(aya::programs::ProgramError::UnexpectedProgramType)
-        .and_then(|p| p.try_into())
+        .and_then(std::convert::TryInto::try_into)
         .map_err(load_err("inet_sock_set_state", "sock"))?;
     p.load().map_err(load_err("inet_sock_set_state", "sock"))?;
     Ok(("inet_sock_set_state", StateKind::Classic))

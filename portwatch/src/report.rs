@@ -871,7 +871,7 @@ fn network_facts(n: Network, secrets: &mut BTreeSet<String>) -> NetworkFacts {
         id: n.id,
         driver: n.driver,
         scope: n.scope,
-        created: n.created.map(|c| c.to_string()),
+        created: n.created,
         internal: n.internal,
         attachable: n.attachable,
         enable_ipv6: n.enable_ipv6,

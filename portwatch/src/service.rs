@@ -294,7 +294,7 @@ mod tests {
         let mut s = Services::default();
         let mut written = 0;
         for i in 0..100u64 {
-            let t = i as i128 * S / 100;
+            let t = i128::from(i) * S / 100;
             if s.open(key(80), svc(100 + i as u32, 1000 + i, t)).is_some() {
                 written += 1;
             }

@@ -61,7 +61,7 @@ impl From<Addr> for SocketAddr {
     fn from(a: Addr) -> SocketAddr {
         match a.ip {
             IpAddr::V6(v6) => SocketAddr::V6(SocketAddrV6::new(v6, a.port, 0, a.scope)),
-            v4 => SocketAddr::new(v4, a.port),
+            v4 @ IpAddr::V4(_) => SocketAddr::new(v4, a.port),
         }
     }
 }
@@ -110,7 +110,7 @@ impl Entry {
             (_, TCP_LISTEN) => "LISTEN",
             (_, TCP_TIME_WAIT) => "TIME_WAIT",
             (_, TCP_CLOSE) => "BOUND",
-            (_, s) => crate::decode::tcp_state_name(s as u16),
+            (_, s) => crate::decode::tcp_state_name(u16::from(s)),
         }
     }
 
@@ -399,7 +399,7 @@ pub struct Attempt<'a> {
 pub fn fmt_addr(a: IpAddr, port: u16) -> String {
     match a {
         IpAddr::V6(v6) => format!("[{v6}]:{port}"),
-        v4 => format!("{v4}:{port}"),
+        v4 @ IpAddr::V4(_) => format!("{v4}:{port}"),
     }
 }
 

@@ -245,7 +245,7 @@ impl Agent {
     pub fn dump(&self) -> String {
         self.snapshot()
             .iter()
-            .map(|v| v.to_string())
+            .map(std::string::ToString::to_string)
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -332,7 +332,7 @@ pub fn socket(addr: &SocketAddr, ty: i32, reuseaddr: bool) -> OwnedFd {
 }
 
 pub fn set_v6only(fd: &OwnedFd, on: bool) {
-    let v: libc::c_int = on as _;
+    let v: libc::c_int = on.into();
     // SAFETY: setsockopt on an fd we own.
     unsafe {
         libc::setsockopt(

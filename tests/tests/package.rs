@@ -576,7 +576,7 @@ fn container_image_run_as_documented_names_host_processes_and_containers() {
     args.retain(|x| x != "-d");
     let i = args.iter().position(|x| x == "--name").expect("--name");
     args[i + 1] = name.clone();
-    for x in args.iter_mut() {
+    for x in &mut args {
         if let Some(rest) = x.strip_prefix("/var/log/portwatch:") {
             *x = format!("{}:{rest}", log.display());
         } else if let Some(rest) = x.strip_prefix("/run/portwatch:") {
@@ -1063,7 +1063,7 @@ fn compose_file_matches_the_documented_docker_run() {
             ),
             "-v" => assert!(has(&format!("- {value}")), "volume {value}"),
             image if image.starts_with("portwatch:") => {
-                assert!(has(&format!("image: {image}")), "image {image}")
+                assert!(has(&format!("image: {image}")), "image {image}");
             }
             other => panic!("compose_file_matches_the_documented_docker_run knows no {other}"),
         }

@@ -87,7 +87,7 @@ impl Shm {
     }
 
     fn set(&self, i: usize, v: i64) {
-        self.at(i).store(v, SeqCst)
+        self.at(i).store(v, SeqCst);
     }
 
     fn add(&self, i: usize, v: i64) {
@@ -431,8 +431,8 @@ impl Latency {
                         None => missing.push(s.addr.clone()),
                     }
                 }
-                ms.sort_by(|a, b| a.total_cmp(b));
-                after_kernel_ms.sort_by(|a, b| a.total_cmp(b));
+                ms.sort_by(f64::total_cmp);
+                after_kernel_ms.sort_by(f64::total_cmp);
                 return Latency {
                     ms,
                     after_kernel_ms,

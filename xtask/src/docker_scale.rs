@@ -134,7 +134,10 @@ impl Agent {
         let out = child.stdout.take().expect("piped");
         let l2 = lines.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
+            for line in BufReader::new(out)
+                .lines()
+                .map_while(std::result::Result::ok)
+            {
                 if let Ok(mut v) = serde_json::from_str::<Value>(&line) {
                     // When it was read, to set against the record's own time.
                     v["_read_ns"] = Value::from(wall_ns() as i64);
@@ -324,7 +327,7 @@ fn measure(bin: &Path, e: &Engine, n: u64, parallel: usize) -> Result<String> {
         .filter(|(_, v)| is_start(v))
         .filter_map(|(_, v)| {
             let ts = ts_ns(v["ts"].as_str()?)?;
-            Some((v["_read_ns"].as_i64()? as i128 - ts) as f64 / 1e6)
+            Some((i128::from(v["_read_ns"].as_i64()?) - ts) as f64 / 1e6)
         })
         .collect();
     lag.sort_by(f64::total_cmp);
@@ -377,7 +380,7 @@ fn measure(bin: &Path, e: &Engine, n: u64, parallel: usize) -> Result<String> {
          | fresh agent RSS after sync (median of 3) | {:.0} KiB ({:.1} KiB per container over the first agent's empty RSS) |\n",
         e.cli,
         String::from_utf8_lossy(&server.stdout).trim(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         per(rss1 as f64, rss0 as f64),
         median(to_connected),
         median(ready_to_connected),

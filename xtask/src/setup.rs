@@ -224,7 +224,7 @@ fn bpf_linker() -> Result<()> {
     let major = llvm.split('.').next().unwrap_or_default().to_string();
     let lib = std::fs::read_dir(sysroot.join("lib"))
         .with_context(|| format!("reading {}", sysroot.join("lib").display()))?
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|n| n.starts_with("libLLVM.so") || n.starts_with("libLLVM-"))
         .with_context(|| format!("no libLLVM in {}/lib", sysroot.display()))?;

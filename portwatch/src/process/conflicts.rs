@@ -248,7 +248,7 @@ impl Processor {
     pub(super) fn hold(
         &mut self,
         c: &Pending,
-        publishing: &Option<(Arc<Container>, &'static str)>,
+        publishing: Option<&(Arc<Container>, &'static str)>,
         dst: Option<SocketAddr>,
     ) -> bool {
         if self.stop_seen.is_some() || !self.request(c.netns, &c.e, dst, dst.is_none()) {
@@ -256,7 +256,7 @@ impl Processor {
         }
         self.held.push(Held {
             c: c.clone(),
-            publishing: publishing.clone(),
+            publishing: publishing.cloned(),
             deadline: Instant::now() + FRESH_WAIT,
         });
         true
@@ -277,7 +277,7 @@ impl Processor {
         let mut fresh = fresh;
         if k == Kind::Connect && fresh.as_ref().is_none_or(|f| f.counts.is_none()) {
             let dst = SocketAddr::new(decode::ip(e.family, &e.raddr), e.rport);
-            if fresh.is_none() && self.hold(&c, &publishing, Some(dst)) {
+            if fresh.is_none() && self.hold(&c, publishing.as_ref(), Some(dst)) {
                 return;
             }
             // No re-read of its own can be had (the agent is stopping, or it came too
@@ -342,7 +342,7 @@ impl Processor {
                     .any(|h| h.pid.is_none() && h.state != "TIME_WAIT" && h.via.is_none());
                 if (a.cause == "unknown" || ownerless)
                     && fresh.is_none()
-                    && self.hold(&c, &publishing, None)
+                    && self.hold(&c, publishing.as_ref(), None)
                 {
                     return;
                 }

@@ -83,7 +83,7 @@ impl Processor {
                 self.docker.upsert(container.clone());
                 match containers::parse_start_error(&error) {
                     Some(StartError::Allocated { ip, port }) => {
-                        self.publish_conflict(&container, ip, port, &error, ts_ns)
+                        self.publish_conflict(&container, ip, port, &error, ts_ns);
                     }
                     Some(StartError::InUse { ip, port }) => {
                         self.recent_in_use

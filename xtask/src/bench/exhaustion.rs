@@ -337,7 +337,7 @@ pub(super) fn exhaustion_storm_phase(s: &Settings, rep: &mut Report) -> Result<E
             (a != 0).then(|| (a - s0) as f64 / 1e6)
         })
         .collect();
-    lat_ms.sort_by(|a, b| a.total_cmp(b));
+    lat_ms.sort_by(f64::total_cmp);
     let r = ExhaustResult {
         window_s,
         failures: counts.failed.load(Relaxed),

@@ -204,7 +204,7 @@ pub(super) fn latency_cost_phase(
             (a != 0).then(|| (a - s0) as f64 / 1e6)
         })
         .collect();
-    lat_ms.sort_by(|a, b| a.total_cmp(b));
+    lat_ms.sort_by(f64::total_cmp);
     let r = LatencyResult {
         attach: attach_res,
         sent,

@@ -273,7 +273,7 @@ impl Churn {
                             failed[i].0.fetch_add(1, Relaxed);
                             return;
                         }
-                        client_loop(port, pacer, &stop, &done[i].0, &failed[i].0, deadline)
+                        client_loop(port, pacer, &stop, &done[i].0, &failed[i].0, deadline);
                     })?,
             );
         }
@@ -352,7 +352,7 @@ fn accept_loop(lfd: i32, deadline: Instant) {
         match errno() {
             libc::EINTR | libc::ECONNABORTED | libc::EAGAIN => {}
             libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
-                thread::sleep(Duration::from_millis(1))
+                thread::sleep(Duration::from_millis(1));
             }
             _ => break, // EINVAL after shutdown(): we are done.
         }

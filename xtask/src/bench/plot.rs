@@ -316,7 +316,7 @@ pub(super) fn write_sweep_png(path: &Path, sw: &SweepResult) -> Result<()> {
         .enumerate()
         .filter_map(|(i, r)| r.map(|r| (i, r)))
         .collect();
-    let max_i = sw.rates.iter().position(|r| r.is_none());
+    let max_i = sw.rates.iter().position(std::option::Option::is_none);
     let x_hi = paced.iter().map(|p| p.1).fold(0.0, f64::max);
     if x_hi <= 0.0 || sw.samples.is_empty() {
         bail!("no paced rates");

@@ -389,7 +389,7 @@ fn render_sweep(m: &mut String, s: &Settings, sw: &SweepResult, noisy: &mut Vec<
     let none_max = none_i.and_then(|n| {
         sw.rates
             .iter()
-            .position(|r| r.is_none())
+            .position(std::option::Option::is_none)
             .map(|ri| sw.samples[ri][n].rate)
     });
     let (mut noisy_pts, mut failed, mut other_max) = (0, 0u64, 0.0f64);

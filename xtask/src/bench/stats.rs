@@ -69,7 +69,8 @@ impl LineStats {
         match record_type(line) {
             "conflict" => {
                 if let Some(p) = port {
-                    if line.contains("\"op\":\"bind\"") && json_u64(line, "port") == Some(p as u64)
+                    if line.contains("\"op\":\"bind\"")
+                        && json_u64(line, "port") == Some(u64::from(p))
                     {
                         l.conflicts_bind += record_count(line);
                     }
@@ -154,7 +155,7 @@ pub(super) fn median_ci(v: &[f64]) -> Option<(f64, f64, f64)> {
         return None;
     }
     let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
+    v.sort_by(f64::total_cmp);
     // cdf[j] = P(B <= j)
     let mut cdf = Vec::with_capacity(n + 1);
     let (mut c, mut acc) = (1.0f64, 0.0f64);
@@ -174,7 +175,7 @@ pub(super) fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
-    v.sort_by(|a, b| a.total_cmp(b));
+    v.sort_by(f64::total_cmp);
     let n = v.len();
     Some(if n % 2 == 1 {
         v[n / 2]

@@ -94,7 +94,7 @@ pub(super) fn bind_storm_phase(s: &Settings, rep: &mut Report) -> Result<Vec<Sto
         let until = t0 + s.window;
         let workers: Vec<JoinHandle<StormCount>> = (0..threads)
             .map(|i| {
-                let per = rate.map(|r| r / threads as f64);
+                let per = rate.map(|r| r / f64::from(threads));
                 thread::Builder::new()
                     .name(format!("bench-storm{i}"))
                     .spawn(move || storm_worker(port, per, ok_binds, until))

@@ -54,7 +54,7 @@ impl Host {
             kernel: cmd("uname", &["-r"]),
             cpu,
             cores: thread::available_parallelism()
-                .map(|n| n.get())
+                .map(std::num::NonZero::get)
                 .unwrap_or(0),
             load_start: read_loadavg(),
         }
