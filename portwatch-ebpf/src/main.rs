@@ -250,7 +250,7 @@ unsafe fn read_ptr(base: u64, off: u32) -> Option<u64> {
         return None;
     }
     // SAFETY: bpf_probe_read_kernel tolerates bad addresses (it returns an error).
-    unsafe { bpf_probe_read_kernel((base + off as u64) as *const u64).ok() }
+    unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const u64).ok() }
 }
 
 /// Network namespace inode of the current task: task->nsproxy->net_ns->ns.inum.
@@ -271,7 +271,7 @@ fn current_netns(o: &Offsets) -> u32 {
         if net == 0 {
             return 0;
         }
-        bpf_probe_read_kernel((net + o.net_inum as u64) as *const u32).unwrap_or(0)
+        bpf_probe_read_kernel((net + u64::from(o.net_inum)) as *const u32).unwrap_or(0)
     }
 }
 
@@ -289,7 +289,7 @@ fn sock_netns(o: &Offsets, sk: u64) -> u32 {
         if net == 0 {
             return 0;
         }
-        bpf_probe_read_kernel((net + o.net_inum as u64) as *const u32).unwrap_or(0)
+        bpf_probe_read_kernel((net + u64::from(o.net_inum)) as *const u32).unwrap_or(0)
     }
 }
 
@@ -314,7 +314,7 @@ fn sock_of_fd(o: &Offsets, fd: i32) -> u64 {
             return 0;
         }
         let max: u32 =
-            bpf_probe_read_kernel((fdt + o.fdt_max_fds as u64) as *const u32).unwrap_or(0);
+            bpf_probe_read_kernel((fdt + u64::from(o.fdt_max_fds)) as *const u32).unwrap_or(0);
         if fd as u32 >= max {
             return 0;
         }
@@ -333,13 +333,13 @@ unsafe fn read_ptr0(base: u64, off: u32) -> u64 {
         return 0;
     }
     // SAFETY: bpf_probe_read_kernel tolerates bad addresses (it returns an error).
-    unsafe { bpf_probe_read_kernel((base + off as u64) as *const u64).unwrap_or(0) }
+    unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const u64).unwrap_or(0) }
 }
 
 #[inline(always)]
 fn sock_proto(o: &Offsets, sk: u64) -> u16 {
     // SAFETY: bpf_probe_read_kernel.
-    unsafe { bpf_probe_read_kernel((sk + o.sk_protocol as u64) as *const u16).unwrap_or(0) }
+    unsafe { bpf_probe_read_kernel((sk + u64::from(o.sk_protocol)) as *const u16).unwrap_or(0) }
 }
 
 /// Fill the fields every event carries, from the current task.
@@ -482,7 +482,7 @@ unsafe fn read_sockaddr_kernel(kaddr: u64) -> Option<(u16, u16, [u8; 16])> {
 
 #[inline(always)]
 fn fd_key(tgid: u32, fd: i32) -> u64 {
-    ((tgid as u64) << 32) | (fd as u32 as u64)
+    (u64::from(tgid) << 32) | u64::from(fd as u32)
 }
 
 // ---- bind ----
@@ -661,14 +661,16 @@ fn report_listen(ret: i64, fd: i32, sk: u64, by_sock: bool) -> Result<u32, u32> 
         // Bound before portwatch started, or implicitly by listen(): ask the socket.
         // SAFETY: bpf_probe_read_kernel.
         unsafe {
-            e.family = bpf_probe_read_kernel((sk + o.skc_family as u64) as *const u16).unwrap_or(0);
-            e.port = bpf_probe_read_kernel((sk + o.skc_num as u64) as *const u16).unwrap_or(0);
+            e.family =
+                bpf_probe_read_kernel((sk + u64::from(o.skc_family)) as *const u16).unwrap_or(0);
+            e.port = bpf_probe_read_kernel((sk + u64::from(o.skc_num)) as *const u16).unwrap_or(0);
             if e.family == AF_INET6 {
-                e.addr = bpf_probe_read_kernel((sk + o.skc_v6_rcv_saddr as u64) as *const [u8; 16])
-                    .unwrap_or([0; 16]);
+                e.addr =
+                    bpf_probe_read_kernel((sk + u64::from(o.skc_v6_rcv_saddr)) as *const [u8; 16])
+                        .unwrap_or([0; 16]);
             } else {
                 let a: [u8; 4] =
-                    bpf_probe_read_kernel((sk + o.skc_rcv_saddr as u64) as *const [u8; 4])
+                    bpf_probe_read_kernel((sk + u64::from(o.skc_rcv_saddr)) as *const [u8; 4])
                         .unwrap_or([0; 4]);
                 e.addr[0] = a[0];
                 e.addr[1] = a[1];
@@ -865,11 +867,14 @@ fn try_set_state(ctx: &TracePointContext) -> Result<u32, u32> {
     if proto != IPPROTO_TCP {
         return Ok(0);
     }
+    // SAFETY: as above, bpf_probe_read at the format file's offsets.
     let old: i32 = unsafe { ctx.read_at(so.oldstate as usize) }.map_err(|_| 1u32)?;
+    // SAFETY: as above.
     let new: i32 = unsafe { ctx.read_at(so.newstate as usize) }.map_err(|_| 1u32)?;
     if !state_interesting(m, old, new) {
         return Ok(0);
     }
+    // SAFETY: as above.
     let sport: u16 = unsafe { ctx.read_at(so.sport as usize) }.map_err(|_| 1u32)?;
     if !port_wanted(sport) {
         return Ok(0);
@@ -975,7 +980,7 @@ fn try_set_state_raw(ctx: &RawTracePointContext) -> Result<(), i64> {
     let o = offsets();
     // SAFETY: every read of the socket goes through bpf_probe_read_kernel.
     unsafe {
-        let rd16 = |off: u32| bpf_probe_read_kernel((sk + off as u64) as *const u16);
+        let rd16 = |off: u32| bpf_probe_read_kernel((sk + u64::from(off)) as *const u16);
         if rd16(o.sk_protocol)? != IPPROTO_TCP {
             return Ok(());
         }
@@ -987,14 +992,15 @@ fn try_set_state_raw(ctx: &RawTracePointContext) -> Result<(), i64> {
         e.family = rd16(o.skc_family)?;
         e.rport = u16::from_be(rd16(o.skc_dport)?);
         if e.family == AF_INET6 {
-            e.addr = bpf_probe_read_kernel((sk + o.skc_v6_rcv_saddr as u64) as *const [u8; 16])
+            e.addr = bpf_probe_read_kernel((sk + u64::from(o.skc_v6_rcv_saddr)) as *const [u8; 16])
                 .unwrap_or([0; 16]);
-            e.raddr = bpf_probe_read_kernel((sk + o.skc_v6_daddr as u64) as *const [u8; 16])
+            e.raddr = bpf_probe_read_kernel((sk + u64::from(o.skc_v6_daddr)) as *const [u8; 16])
                 .unwrap_or([0; 16]);
         } else {
-            let s: [u8; 4] = bpf_probe_read_kernel((sk + o.skc_rcv_saddr as u64) as *const [u8; 4])
-                .unwrap_or([0; 4]);
-            let d: [u8; 4] = bpf_probe_read_kernel((sk + o.skc_daddr as u64) as *const [u8; 4])
+            let s: [u8; 4] =
+                bpf_probe_read_kernel((sk + u64::from(o.skc_rcv_saddr)) as *const [u8; 4])
+                    .unwrap_or([0; 4]);
+            let d: [u8; 4] = bpf_probe_read_kernel((sk + u64::from(o.skc_daddr)) as *const [u8; 4])
                 .unwrap_or([0; 4]);
             e.addr[..4].copy_from_slice(&s);
             e.raddr[..4].copy_from_slice(&d);
@@ -1086,7 +1092,7 @@ pub fn tr_bind_enter(ctx: FEntryContext) -> u32 {
 #[fexit(function = "__sys_bind")]
 pub fn tr_bind_exit(ctx: FExitContext) -> u32 {
     let ret: i32 = ctx.arg(3);
-    match exit_bind(ret as i64, true) {
+    match exit_bind(i64::from(ret), true) {
         Ok(v) | Err(v) => v,
     }
 }
@@ -1153,7 +1159,7 @@ pub fn tr_listen_enter(ctx: FEntryContext) -> u32 {
 #[fexit(function = "__sys_listen")]
 pub fn tr_listen_exit(ctx: FExitContext) -> u32 {
     let ret: i32 = ctx.arg(2);
-    match exit_listen(ret as i64, true) {
+    match exit_listen(i64::from(ret), true) {
         Ok(v) | Err(v) => v,
     }
 }
@@ -1176,7 +1182,7 @@ pub fn tr_listen_socket_exit(ctx: FExitContext) -> u32 {
     if sk == 0 {
         return 0;
     }
-    match report_listen(ret as i64, -1, sk, true) {
+    match report_listen(i64::from(ret), -1, sk, true) {
         Ok(v) | Err(v) => v,
     }
 }
@@ -1191,7 +1197,7 @@ pub fn tr_connect_exit(ctx: FExitContext) -> u32 {
     }
     let fd: i32 = ctx.arg(0);
     let uaddr: u64 = ctx.arg(1);
-    match connect_failed(ret as i64, fd, uaddr) {
+    match connect_failed(i64::from(ret), fd, uaddr) {
         Ok(v) | Err(v) => v,
     }
 }
@@ -1265,7 +1271,8 @@ fn tw_event(sk: u64, ns: u32, old: i32, new: i32) {
     let o = offsets();
     // SAFETY: every read goes through bpf_probe_read_kernel.
     unsafe {
-        let rd16 = |off: u32| bpf_probe_read_kernel((sk + off as u64) as *const u16).unwrap_or(0);
+        let rd16 =
+            |off: u32| bpf_probe_read_kernel((sk + u64::from(off)) as *const u16).unwrap_or(0);
         let sport = rd16(o.skc_num);
         if !port_wanted(sport) {
             return;
@@ -1274,14 +1281,15 @@ fn tw_event(sk: u64, ns: u32, old: i32, new: i32) {
         e.family = rd16(o.skc_family);
         e.rport = u16::from_be(rd16(o.skc_dport));
         if e.family == AF_INET6 {
-            e.addr = bpf_probe_read_kernel((sk + o.skc_v6_rcv_saddr as u64) as *const [u8; 16])
+            e.addr = bpf_probe_read_kernel((sk + u64::from(o.skc_v6_rcv_saddr)) as *const [u8; 16])
                 .unwrap_or([0; 16]);
-            e.raddr = bpf_probe_read_kernel((sk + o.skc_v6_daddr as u64) as *const [u8; 16])
+            e.raddr = bpf_probe_read_kernel((sk + u64::from(o.skc_v6_daddr)) as *const [u8; 16])
                 .unwrap_or([0; 16]);
         } else {
-            let s: [u8; 4] = bpf_probe_read_kernel((sk + o.skc_rcv_saddr as u64) as *const [u8; 4])
-                .unwrap_or([0; 4]);
-            let d: [u8; 4] = bpf_probe_read_kernel((sk + o.skc_daddr as u64) as *const [u8; 4])
+            let s: [u8; 4] =
+                bpf_probe_read_kernel((sk + u64::from(o.skc_rcv_saddr)) as *const [u8; 4])
+                    .unwrap_or([0; 4]);
+            let d: [u8; 4] = bpf_probe_read_kernel((sk + u64::from(o.skc_daddr)) as *const [u8; 4])
                 .unwrap_or([0; 4]);
             e.addr[..4].copy_from_slice(&s);
             e.raddr[..4].copy_from_slice(&d);
