@@ -160,6 +160,13 @@ pub(super) fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Resu
     if peers.bpftrace {
         cfgs.insert(1, Cfg::Floor);
     }
+    if s.baseline.is_some() {
+        let at = cfgs
+            .iter()
+            .position(|c| *c == Cfg::PwDefault)
+            .map_or(1, |i| i + 1);
+        cfgs.insert(at, Cfg::PwBaseline);
+    }
     let mut res = ChurnResult {
         samples: cfgs.iter().map(|_| Vec::new()).collect(),
         lost: vec![0; cfgs.len()],

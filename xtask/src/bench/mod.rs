@@ -105,6 +105,10 @@ pub struct BenchArgs {
     /// default-mode cost), cost (the --all-events cost).
     #[arg(long, value_enum, value_name = "PART")]
     only: Vec<Part>,
+    /// Another portwatch binary (an older release build, say), run in default mode beside
+    /// this build in every churn round, so a before/after comparison shares one run's noise.
+    #[arg(long, value_name = "PATH")]
+    baseline: Option<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -158,12 +162,31 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let _ = fs::remove_file(&agent);
     fs::copy(&built, &agent)
         .with_context(|| format!("copying {} to {}", built.display(), agent.display()))?;
+    let baseline = match &args.baseline {
+        Some(b) => {
+            let copy = dir.join("portwatch-baseline");
+            let _ = fs::remove_file(&copy);
+            fs::copy(b, &copy).with_context(|| {
+                format!(
+                    "copying the --baseline binary {} (give a portwatch build)",
+                    b.display()
+                )
+            })?;
+            Some(copy)
+        }
+        None => None,
+    };
     let cfg = Settings {
         window: Duration::from_secs(secs),
         rounds: args.rounds.unwrap_or(if args.quick { 1 } else { 3 }),
         clients: args.clients as usize,
         keep_logs: args.keep_logs,
         agent_args: agent_args(&agent, &dir),
+        baseline_args: baseline
+            .as_deref()
+            .map(|b| agent_args(b, &dir))
+            .unwrap_or_default(),
+        baseline,
         dir,
         agent,
     };
@@ -313,6 +336,9 @@ struct Settings {
     agent: PathBuf,
     /// Added to every `portwatch run`.
     agent_args: Vec<std::ffi::OsString>,
+    /// `--baseline`: the other build, and what its `run` takes.
+    baseline: Option<PathBuf>,
+    baseline_args: Vec<std::ffi::OsString>,
 }
 
 /// Options the bench adds to `portwatch run`, when this build of the agent has them:

@@ -232,6 +232,7 @@ pub(super) fn write_churn_png(path: &Path, churn: &ChurnResult) -> Result<()> {
         let name = match c {
             Cfg::None => "NO TRACER",
             Cfg::PwDefault => "PORTWATCH",
+            Cfg::PwBaseline => "BASELINE",
             Cfg::PwAll => "PORTWATCH ALL",
             Cfg::Bpftrace => "BPFTRACE",
             Cfg::Floor => "FLOOR",
@@ -277,6 +278,9 @@ const MARKERS: [Marker; 5] = [
 fn style(c: Cfg) -> ([u8; 3], Marker) {
     if c == Cfg::Floor {
         return ([150, 150, 150], MARKERS[0]);
+    }
+    if c == Cfg::PwBaseline {
+        return ([20, 60, 120], MARKERS[1]);
     }
     let k = CONFIGS.iter().position(|&x| x == c).unwrap_or(0);
     (COLORS[k], MARKERS[k])
@@ -490,6 +494,7 @@ pub(super) fn write_sweep_png(path: &Path, sw: &SweepResult) -> Result<()> {
         let name = match c {
             Cfg::None => "NO TRACER",
             Cfg::PwDefault => "PORTWATCH (DEFAULT)",
+            Cfg::PwBaseline => "PORTWATCH BASELINE",
             Cfg::PwAll => "PORTWATCH --ALL-EVENTS",
             Cfg::Bpftrace => "BPFTRACE",
             Cfg::Floor => "FLOOR",

@@ -1,5 +1,6 @@
 //! Report: what every phase adds to as it runs, and results.md rendered from all of it.
 
+use std::process::Command;
 use std::{fmt::Write as _, time::Duration};
 
 use super::{
@@ -144,6 +145,18 @@ fn render_header(m: &mut String, s: &Settings, host: &Host, load_end: &str) {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    if let Some(b) = &s.baseline {
+        let version = Command::new(b)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let _ = writeln!(
+            m,
+            "| baseline | `--baseline` build ({version}), default mode, in every churn round \
+             beside this build |"
+        );
+    }
 }
 
 /// Section 1 of results.md: loopback TCP churn at the maximum rate.

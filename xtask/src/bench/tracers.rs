@@ -181,6 +181,8 @@ pub(super) enum Cfg {
     /// bpftrace with FLOOR_SCRIPT (churn only).
     Floor,
     PwDefault,
+    /// `--baseline`: another build of portwatch, default mode (churn only).
+    PwBaseline,
     PwAll,
     Bpftrace,
     Tcpstates,
@@ -200,6 +202,7 @@ impl Cfg {
             Cfg::None => "no-tracer",
             Cfg::Floor => "syscall-tp-floor",
             Cfg::PwDefault => "portwatch-default",
+            Cfg::PwBaseline => "portwatch-baseline",
             Cfg::PwAll => "portwatch-all-events",
             Cfg::Bpftrace => "bpftrace",
             Cfg::Tcpstates => "tcpstates",
@@ -210,13 +213,14 @@ impl Cfg {
             Cfg::None => "no tracer",
             Cfg::Floor => "floor: syscall entry and exit tracepoints, never firing (bpftrace)",
             Cfg::PwDefault => "portwatch (default)",
+            Cfg::PwBaseline => "portwatch (default), --baseline build",
             Cfg::PwAll => "portwatch --all-events",
             Cfg::Bpftrace => "bpftrace (same tracepoints, same facts)",
             Cfg::Tcpstates => "libbpf-tools tcpstates",
         }
     }
     pub(super) fn is_agent(self) -> bool {
-        matches!(self, Cfg::PwDefault | Cfg::PwAll)
+        matches!(self, Cfg::PwDefault | Cfg::PwBaseline | Cfg::PwAll)
     }
 }
 
@@ -252,12 +256,17 @@ impl Tracer {
         let mut runtime_dir = None;
         let mut c = match cfg {
             Cfg::None => bail!("no tracer to spawn"),
-            Cfg::PwDefault | Cfg::PwAll => {
-                let mut c = Command::new(&s.agent);
+            Cfg::PwDefault | Cfg::PwBaseline | Cfg::PwAll => {
+                let (bin, args) = match (cfg, &s.baseline) {
+                    (Cfg::PwBaseline, Some(b)) => (b, &s.baseline_args),
+                    (Cfg::PwBaseline, None) => bail!("no --baseline binary given"),
+                    _ => (&s.agent, &s.agent_args),
+                };
+                let mut c = Command::new(bin);
                 c.arg("run");
                 // A runtime dir per start: the single-instance lock of an agent that is still
                 // detaching must not refuse the next one.
-                let mut args = s.agent_args.iter();
+                let mut args = args.iter();
                 while let Some(a) = args.next() {
                     c.arg(a);
                     if a == "--runtime-dir" {
@@ -372,7 +381,9 @@ impl Tracer {
         loop {
             if let Ok(text) = fs::read_to_string(&self.out) {
                 let found = text.lines().find(|l| match self.cfg {
-                    Cfg::PwDefault | Cfg::PwAll => l.contains("\"event\":\"ready\""),
+                    Cfg::PwDefault | Cfg::PwBaseline | Cfg::PwAll => {
+                        l.contains("\"event\":\"ready\"")
+                    }
                     Cfg::Bpftrace | Cfg::Floor => *l == "ready",
                     Cfg::Tcpstates => l.starts_with("SKADDR"),
                     Cfg::None => true,
