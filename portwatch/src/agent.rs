@@ -21,17 +21,19 @@ use tokio::{
 };
 
 use crate::{
-    btf,
     cli::RunArgs,
     control,
-    decode::{self, Clock},
-    diag, docker,
+    engines::docker,
     error::{Error, Result},
     heap,
-    metrics::{self, Metrics},
-    prereq, probes,
+    host::diag,
+    kernel::btf,
+    kernel::decode::{self, Clock},
+    kernel::prereq,
+    kernel::probes,
+    output::metrics::{self, Metrics},
+    output::sink::{self, Output},
     process::{self, AgentRecord, Msg, SnapshotBuilder, KINDS},
-    sink::{self, Output},
 };
 
 /// Bounded queue between the drain and the processing thread, in batches. Batches are as

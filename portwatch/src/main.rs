@@ -1,40 +1,27 @@
 //! portwatch: who held this port when my bind failed, why, and what to do about it.
 //!
-//! Modules in the order an event travels: prereq/btf/probes (load and attach), decode
-//! (kernel bytes to values), diag/table/enrich (the port table and /proc), process
-//! (attribution and records), record (the JSON schema), sink (stdout and the log file),
-//! control/metrics (attach, ports and Prometheus), agent (the pipeline that ties them).
-//! Operator commands: ops (attach, ports, check, doctor), tail, history and report.
+//! Folders in the order an event travels (docs/architecture.md has the stage map):
+//! `kernel` (prerequisites, BTF, the programs, decoding their events), `host` (sock_diag
+//! and /proc), `state` (the port table, bursts, service ports), `engines` (Docker and
+//! Podman), `process` (the processing thread: attribution, correlation, TIME_WAIT and
+//! fan-out), `output` (the record schema, keys, sink, metrics), `control` (the socket and
+//! its protocol), and `agent`, which wires them. `cli` holds the arguments and the
+//! operator commands: ops (attach, ports, check, doctor), tail, history and report.
 
 mod agent;
-mod btf;
-mod burst;
 mod cli;
-mod containers;
 mod control;
-mod decode;
-mod diag;
-mod docker;
-mod enrich;
+mod engines;
 mod error;
 mod heap;
-mod history;
-mod keys;
-mod metrics;
+mod host;
+mod kernel;
 mod model;
-mod ops;
-mod prereq;
-mod probes;
+mod output;
 mod process;
-mod protocol;
-mod reach;
-mod record;
-mod report;
-mod rows;
-mod service;
-mod sink;
-mod table;
-mod tail;
+mod state;
+
+use cli::{history, ops, report, tail};
 
 use std::process::ExitCode;
 

@@ -1,5 +1,6 @@
-//! The few types every stage shares: a socket's protocol, its owner, and how two bound
-//! addresses overlap. Nothing here depends on another module of the agent.
+//! The few types every stage shares: a socket's protocol, its owner, how two bound
+//! addresses overlap, and how a container is named. Nothing here depends on another
+//! module of the agent.
 
 use std::{net::IpAddr, sync::Arc};
 
@@ -74,4 +75,20 @@ pub fn overlap(
             (a6.is_unspecified() && attempt_v6only != Some(true)).then_some(Overlap::DualStack)
         }
     }
+}
+
+/// How a container is named in records. Shared (`Arc`) so attaching it to a record costs no
+/// allocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContainerRef {
+    /// The first 12 hex digits, as `docker ps` shows.
+    pub id: Box<str>,
+    /// `docker` or `podman`: the engine that runs it.
+    pub engine: &'static str,
+    pub name: Box<str>,
+    pub image: Box<str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compose_project: Option<Box<str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compose_service: Option<Box<str>>,
 }

@@ -28,21 +28,19 @@ mod time_wait;
 pub use snapshot::{Snapshot, SnapshotBuilder};
 use snapshot::{TwCounts, DEFAULT_PORT_RANGE};
 
-pub use reachability::Published;
-
 use crate::{
-    burst::{Bursts, Span, Verdict},
-    containers::{self, Container, DockerMsg, Index, StartError},
-    decode::{self, Clock},
-    diag,
-    enrich::ProcCache,
-    keys::{Keyed, Keys},
-    metrics::Metrics,
-    protocol::{Filter, PortRow},
-    record::{self, Header},
-    service::{self, Services},
-    sink::{LogEvent, Output},
-    table::{self, Attempt, Entry, Owner, Placement, PortTable, Proto},
+    control::protocol::{Filter, PortRow, Query},
+    engines::containers::{self, Container, DockerMsg, Index, StartError},
+    host::diag,
+    host::enrich::ProcCache,
+    kernel::decode::{self, Clock},
+    output::keys::{Keyed, Keys},
+    output::metrics::Metrics,
+    output::record::{self, Header},
+    output::sink::{LogEvent, Output},
+    state::burst::{Bursts, Span, Verdict},
+    state::service::{self, Services},
+    state::table::{self, Attempt, Entry, Owner, Placement, PortTable, Proto},
 };
 
 /// How long a failed docker-proxy/dockerd bind waits for the daemon to say which container
@@ -62,27 +60,8 @@ pub enum Msg {
     },
     /// One namespace's sockets from sock_diag, for reconciliation and TIME_WAIT records.
     Snapshot(Box<Snapshot>),
-    /// `portwatch attach`: replay the matching recent past, then stream live records.
-    Attach {
-        filter: Filter,
-        since_s: u64,
-        live: mpsc::Sender<Arc<[u8]>>,
-        replay: oneshot::Sender<Vec<Arc<[u8]>>>,
-    },
-    /// `portwatch ports`: the current port table.
-    Ports {
-        filter: Filter,
-        reply: oneshot::Sender<Vec<PortRow>>,
-    },
-    Status {
-        reply: oneshot::Sender<serde_json::Value>,
-    },
-    /// `check P`: the containers publishing host port P, and whether their mapping reaches
-    /// a listener.
-    Published {
-        port: u16,
-        reply: oneshot::Sender<Vec<Published>>,
-    },
+    /// From the control socket: attach, ports, status, published.
+    Control(Query),
     /// SIGHUP: reopen the log file.
     Reopen,
     /// From the Docker thread: the container index and lifecycle.
@@ -98,6 +77,18 @@ pub enum Msg {
         as_of: i128,
     },
     Stop,
+}
+
+impl From<Query> for Msg {
+    fn from(q: Query) -> Self {
+        Msg::Control(q)
+    }
+}
+
+impl From<DockerMsg> for Msg {
+    fn from(m: DockerMsg) -> Self {
+        Msg::Docker(m)
+    }
 }
 
 /// A namespace re-read asked for by the processing thread (`Processor::request`). The
@@ -776,9 +767,34 @@ impl Processor {
         keys
     }
 
+    /// A control-socket request, answered on the channel it carries.
+    fn query(&mut self, q: Query) {
+        match q {
+            Query::Attach {
+                filter,
+                since_s,
+                live,
+                replay,
+            } => {
+                self.recheck_reach(filter.port);
+                self.attach(filter, since_s, live, replay);
+            }
+            Query::Ports { filter, reply } => {
+                let _ = reply.send(self.ports(&filter));
+                self.recheck_reach(filter.port);
+            }
+            Query::Published { port, reply } => {
+                let _ = reply.send(self.published_answer(port));
+            }
+            Query::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
     fn ports(&mut self, filter: &Filter) -> Vec<PortRow> {
         let docker = &mut self.docker;
-        crate::rows::table_rows(&self.table, filter, &mut |ns, e| place(docker, ns, e))
+        crate::control::rows::table_rows(&self.table, filter, &mut |ns, e| place(docker, ns, e))
     }
 
     fn status(&self) -> serde_json::Value {
@@ -1035,25 +1051,7 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
                     crate::heap::trim();
                 }
             }
-            Msg::Attach {
-                filter,
-                since_s,
-                live,
-                replay,
-            } => {
-                p.recheck_reach(filter.port);
-                p.attach(filter, since_s, live, replay);
-            }
-            Msg::Ports { filter, reply } => {
-                let _ = reply.send(p.ports(&filter));
-                p.recheck_reach(filter.port);
-            }
-            Msg::Published { port, reply } => {
-                let _ = reply.send(p.published_answer(port));
-            }
-            Msg::Status { reply } => {
-                let _ = reply.send(p.status());
-            }
+            Msg::Control(q) => p.query(q),
             Msg::Reopen => {
                 // What came before the signal belongs to the old file.
                 p.flush();

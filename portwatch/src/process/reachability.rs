@@ -1,34 +1,18 @@
-//! When published ports are judged reachable or not (`crate::reach` is the judgement):
+//! When published ports are judged reachable or not (`crate::engines::reach` is the judgement):
 //! a few seconds after a container starts, after each re-read of its namespace, and again
 //! whenever a client asks (`check P`, `ports`, `attach`).
 
 use std::{net::IpAddr, path::PathBuf, time::Instant};
 
-use serde::Serialize;
-
 use super::{FreshRequest, Processor};
 use crate::{
-    containers::{Container, PortMap},
-    decode::Clock,
-    diag, reach, record,
-    table::{self, Proto},
+    engines::containers::{Container, PortMap},
+    engines::reach::{self, Published},
+    host::diag,
+    kernel::decode::Clock,
+    output::record,
+    state::table::{self, Proto},
 };
-
-/// One published port as `check P` reports it.
-#[derive(Debug, Serialize)]
-pub struct Published {
-    pub container: String,
-    pub proto: &'static str,
-    pub host_ip: IpAddr,
-    pub host_port: u16,
-    pub container_port: u16,
-    pub reachable: bool,
-    /// What listens on the container port inside (when unreachable), possibly nothing.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub listening: Option<Vec<reach::Listening>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hint: Option<String>,
-}
 
 impl Processor {
     /// Containers whose check is due: ask for a re-read of their namespace; the check runs

@@ -4,8 +4,8 @@
 use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use crate::{
-    diag,
-    table::{self, NsSockets, Owner, Proto},
+    host::diag,
+    state::table::{self, NsSockets, Owner, Proto},
 };
 
 /// One namespace's sock_diag dump, prepared by `Snapshot::new` on the thread that took it

@@ -97,7 +97,7 @@ impl Metrics {
     }
 
     /// Count one written record, by the keys it was written with.
-    pub fn record(&self, k: &crate::keys::Keys) {
+    pub fn record(&self, k: &crate::output::keys::Keys) {
         self.record_type(k.ty);
         match k.ty {
             "conflict" => {
@@ -207,7 +207,7 @@ pub fn serve(addr: SocketAddr, m: Arc<Metrics>) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::Keys;
+    use crate::output::keys::Keys;
 
     #[test]
     fn counts_by_type_and_cause() {

@@ -16,7 +16,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::containers::ContainerRef;
+use crate::model::ContainerRef;
 pub use crate::model::{overlap, Overlap, Owner, Proto};
 
 pub const TCP_TIME_WAIT: u8 = 6;
@@ -89,7 +89,7 @@ const _: () = assert!(std::mem::size_of::<Entry>() == 80);
 impl Entry {
     /// A socket as sock_diag reported it, with the owner the /proc scan found for it;
     /// since is unknown.
-    pub fn from_diag(d: &crate::diag::SockEntry, owner: Option<Arc<Owner>>) -> Entry {
+    pub fn from_diag(d: &crate::host::diag::SockEntry, owner: Option<Arc<Owner>>) -> Entry {
         Entry {
             proto: d.proto,
             local: d.local.into(),
@@ -110,7 +110,7 @@ impl Entry {
             (_, TCP_LISTEN) => "LISTEN",
             (_, TCP_TIME_WAIT) => "TIME_WAIT",
             (_, TCP_CLOSE) => "BOUND",
-            (_, s) => crate::decode::tcp_state_name(u16::from(s)),
+            (_, s) => crate::kernel::decode::tcp_state_name(u16::from(s)),
         }
     }
 
@@ -182,7 +182,7 @@ impl NsSockets {
     /// All of a dump at once; `owners` maps a socket inode to the process holding it.
     pub fn build(
         netns: u32,
-        entries: &[crate::diag::SockEntry],
+        entries: &[crate::host::diag::SockEntry],
         owners: &dyn Fn(u64) -> Option<Arc<Owner>>,
         wall_ns: i128,
     ) -> NsSockets {
@@ -195,7 +195,11 @@ impl NsSockets {
     }
 
     /// One socket of the dump, as it is read.
-    pub fn push(&mut self, d: &crate::diag::SockEntry, owners: &dyn Fn(u64) -> Option<Arc<Owner>>) {
+    pub fn push(
+        &mut self,
+        d: &crate::host::diag::SockEntry,
+        owners: &dyn Fn(u64) -> Option<Arc<Owner>>,
+    ) {
         if d.proto == Proto::Tcp && d.state == TCP_TIME_WAIT {
             let exp = self.wall_ns + i128::from(d.expires_ms) * 1_000_000;
             let b = self.tw.entry((self.netns, d.local.port())).or_default();
@@ -547,7 +551,7 @@ impl PortTable {
             if let Some(b) = self.ports.get_mut(&(netns, Proto::Tcp, port)) {
                 b.retain(|x| !(x.state == TCP_LISTEN && (x.sk == e.sk || x.local == e.local)));
             }
-        } else if crate::decode::enters_time_wait(old.into(), new.into()) {
+        } else if crate::kernel::decode::enters_time_wait(old.into(), new.into()) {
             if e.sk != 0 {
                 if let Some(b) = self.ports.get_mut(&(netns, Proto::Tcp, port)) {
                     b.retain(|x| !(x.state != TCP_TIME_WAIT && x.sk == e.sk));
@@ -746,7 +750,7 @@ impl PortTable {
                 addr: x.local.ip(),
                 port: x.local.port(),
                 overlap: ov,
-                since: (x.since_ns != 0).then(|| crate::decode::rfc3339(x.since_ns.into())),
+                since: (x.since_ns != 0).then(|| crate::kernel::decode::rfc3339(x.since_ns.into())),
                 count: None,
                 expires_in_s: None,
                 via: p.as_ref().and_then(|p| p.via),
@@ -942,7 +946,7 @@ impl PortTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diag::SockEntry;
+    use crate::host::diag::SockEntry;
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()

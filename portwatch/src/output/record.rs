@@ -7,8 +7,8 @@ use portwatch_common::{Event, Kind};
 use serde::Serialize;
 
 use crate::{
-    containers::{CgroupMode, Container, ContainerRef, Network, PortMap},
-    decode::{self, errno_name, family_name, ip, proto_name, tcp_state_name},
+    engines::containers::{CgroupMode, Container, ContainerRef, Network, PortMap},
+    kernel::decode::{self, errno_name, family_name, ip, proto_name, tcp_state_name},
 };
 
 pub const SCHEMA_VERSION: u8 = 1;
@@ -99,10 +99,10 @@ pub struct Conflict<'a> {
     pub netns: u32,
     pub fd: i32,
     pub actor: Actor<'a>,
-    pub holders: Vec<crate::table::Holder>,
+    pub holders: Vec<crate::state::table::Holder>,
     pub cause: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub overlap: Option<crate::table::Overlap>,
+    pub overlap: Option<crate::state::table::Overlap>,
     /// connect EADDRNOTAVAIL: the destination and how taken its local ports are.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub destination: Option<Destination>,
@@ -296,10 +296,10 @@ pub struct PublishConflict<'a> {
     /// The namespace ports are published in: the host's.
     pub netns: u32,
     pub actor: ContainerActor,
-    pub holders: Vec<crate::table::Holder>,
+    pub holders: Vec<crate::state::table::Holder>,
     pub cause: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub overlap: Option<crate::table::Overlap>,
+    pub overlap: Option<crate::state::table::Overlap>,
     pub hint: String,
     /// The daemon's own words (`State.Error`).
     pub docker_error: String,
@@ -371,7 +371,7 @@ pub struct Docker<'a> {
     pub container_port: Option<u16>,
     /// `unreachable`: what does listen on the container port inside (possibly nothing).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub listening: Option<Vec<crate::reach::Listening>>,
+    pub listening: Option<Vec<crate::engines::reach::Listening>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hint: Option<String>,
 }
@@ -569,7 +569,7 @@ mod tests {
             let mut fast = b"left alone".to_vec();
             write_tcp_state(
                 &mut fast,
-                crate::decode::rfc3339(wall).as_bytes(),
+                crate::kernel::decode::rfc3339(wall).as_bytes(),
                 serde_json::to_string(host).unwrap().as_bytes(),
                 &e,
             );

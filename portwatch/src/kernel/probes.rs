@@ -167,7 +167,7 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
             Ok(plan) => (Family::Trampoline, None, plan),
             Err(reason) if choice == HookChoice::Trampoline => {
                 return Err(Error::NoTrampolines {
-                    release: crate::prereq::kernel_release(),
+                    release: crate::kernel::prereq::kernel_release(),
                     reason,
                 })
             }
@@ -327,7 +327,8 @@ fn try_trampolines(ebpf: &mut Ebpf, btf: &Btf, attach: bool) -> std::result::Res
         .iter()
         .flat_map(|h| h.functions.iter().copied())
         .collect();
-    let arity = crate::btf::function_arity(Path::new(crate::prereq::BTF_PATH), &names)?;
+    let arity =
+        crate::kernel::btf::function_arity(Path::new(crate::kernel::prereq::BTF_PATH), &names)?;
     let mut plan = Plan::default();
     let mut tw_loaded = 0;
     for (i, h) in TRAMPOLINES.iter().enumerate() {
@@ -990,7 +991,7 @@ pub(crate) fn attach_error(
     if matches!(source, aya::programs::ProgramError::LoadError { .. }) {
         return Error::Rejected {
             program,
-            release: crate::prereq::kernel_release(),
+            release: crate::kernel::prereq::kernel_release(),
             reason: one_line(&source),
             log: full_log(&source).unwrap_or_default(),
         };

@@ -6,6 +6,9 @@
 //! group. The protocol is JSON lines: the client sends one request line, the agent answers
 //! with JSON lines. Nothing listens on the network.
 
+pub mod protocol;
+pub mod rows;
+
 use nix::fcntl::{Flock, FlockArg};
 use std::{
     fs::File,
@@ -22,12 +25,11 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::{
-    error::{Error, Result},
-    process::Msg,
-};
+use crate::error::{Error, Result};
 
-pub use crate::protocol::{socket_path, Filter, PortRow, Request, DEFAULT_RUNTIME_DIR};
+pub use crate::control::protocol::{
+    socket_path, Filter, PortRow, Query, Request, DEFAULT_RUNTIME_DIR,
+};
 
 // ---- single instance ----
 
@@ -136,7 +138,13 @@ pub const MAX_REQUEST_BYTES: u64 = 8 * 1024;
 /// A client that connects and sends no request within this is closed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Msg>, group: Option<u32>) {
+/// Serve the control socket until the runtime ends. Requests go to the processing thread as
+/// `Query`s, on whatever message type its queue carries.
+pub async fn serve<M: From<Query> + Send + 'static>(
+    listener: UnixListener,
+    tx: mpsc::Sender<M>,
+    group: Option<u32>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -170,9 +178,9 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Msg>, group: Option<
 /// Bytes an attach client is sent per write at most (a few hundred lines).
 const ATTACH_BATCH: usize = 64 * 1024;
 
-async fn handle(
+async fn handle<M: From<Query>>(
     stream: UnixStream,
-    tx: mpsc::Sender<Msg>,
+    tx: mpsc::Sender<M>,
     group: Option<u32>,
 ) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
@@ -186,130 +194,129 @@ async fn handle(
         w.write_all(format!("{msg}\n").as_bytes()).await?;
         return Ok(());
     }
-    let mut line = String::new();
     let mut r = BufReader::new(r.take(MAX_REQUEST_BYTES));
-    let n = tokio::time::timeout(REQUEST_TIMEOUT, r.read_line(&mut line)).await;
-    let refuse = |why: String| serde_json::json!({ "error": why }).to_string() + "\n";
-    match n {
-        Err(_) => {
-            let msg = refuse(format!(
-                "no request within {} s; send one JSON line right after connecting",
-                REQUEST_TIMEOUT.as_secs()
-            ));
+    let req = match read_request(&mut r).await {
+        Ok(Some(req)) => req,
+        Ok(None) => return Ok(()),
+        Err(why) => {
+            let msg = serde_json::json!({ "error": why }).to_string() + "\n";
             w.write_all(msg.as_bytes()).await?;
-            return Ok(());
-        }
-        Ok(Ok(0) | Err(_)) => return Ok(()),
-        Ok(Ok(n)) if n as u64 >= MAX_REQUEST_BYTES && !line.ends_with('\n') => {
-            let msg = refuse(format!(
-                "request too long: at most {MAX_REQUEST_BYTES} bytes in one line ending in \\n"
-            ));
-            w.write_all(msg.as_bytes()).await?;
-            return Ok(());
-        }
-        Ok(Ok(_)) => {}
-    }
-    let req: Request = match serde_json::from_str(&line) {
-        Ok(r) => r,
-        Err(e) => {
-            let msg = serde_json::json!({"error": format!("bad request: {e}")});
-            w.write_all(format!("{msg}\n").as_bytes()).await?;
             return Ok(());
         }
     };
     match req {
-        Request::Attach { filter, since_s } => {
-            let (live_tx, mut live_rx) = mpsc::channel::<Arc<[u8]>>(4096);
-            let (reply_tx, reply_rx) = oneshot::channel();
-            if tx
-                .send(Msg::Attach {
-                    filter,
-                    since_s,
-                    live: live_tx,
-                    replay: reply_tx,
-                })
-                .await
-                .is_err()
-            {
-                return Ok(());
-            }
-            let Ok(replay) = reply_rx.await else {
-                return Ok(());
-            };
-            let mut batch = Vec::with_capacity(ATTACH_BATCH);
-            for l in replay {
-                batch.extend_from_slice(&l);
-                if batch.len() >= ATTACH_BATCH {
-                    w.write_all(&batch).await?;
-                    batch.clear();
-                }
-            }
-            w.write_all(&batch).await?;
-            // Watch the client's side too: when it hangs up, stop promptly.
-            let mut sink = [0u8; 64];
-            let mut r = r.into_inner();
-            loop {
-                tokio::select! {
-                    l = live_rx.recv() => match l {
-                        Some(l) => {
-                            // One write for whatever is queued, not one per line: a busy
-                            // host makes tens of thousands of lines a second per client.
-                            batch.clear();
-                            batch.extend_from_slice(&l);
-                            while batch.len() < ATTACH_BATCH {
-                                match live_rx.try_recv() {
-                                    Ok(l) => batch.extend_from_slice(&l),
-                                    Err(_) => break,
-                                }
-                            }
-                            w.write_all(&batch).await?;
-                        }
-                        None => break,
-                    },
-                    n = tokio::io::AsyncReadExt::read(&mut r, &mut sink) => {
-                        if matches!(n, Ok(0) | Err(_)) { break; }
-                    }
-                }
-            }
-        }
+        Request::Attach { filter, since_s } => attach(tx, filter, since_s, r, w).await,
         Request::Ports { filter } => {
-            let (reply_tx, reply_rx) = oneshot::channel();
-            if tx
-                .send(Msg::Ports {
-                    filter,
-                    reply: reply_tx,
-                })
-                .await
-                .is_ok()
-            {
-                if let Ok(rows) = reply_rx.await {
-                    let v = serde_json::json!({ "ports": rows });
-                    w.write_all(format!("{v}\n").as_bytes()).await?;
-                }
-            }
+            let rows = ask(&tx, |reply| Query::Ports { filter, reply }).await;
+            answer(
+                &mut w,
+                rows.map(|rows| serde_json::json!({ "ports": rows })),
+            )
+            .await
         }
         Request::Published { port } => {
-            let (reply_tx, reply_rx) = oneshot::channel();
-            if tx
-                .send(Msg::Published {
-                    port,
-                    reply: reply_tx,
-                })
-                .await
-                .is_ok()
-            {
-                if let Ok(v) = reply_rx.await {
-                    let v = serde_json::json!({ "published": v });
-                    w.write_all(format!("{v}\n").as_bytes()).await?;
-                }
-            }
+            let v = ask(&tx, |reply| Query::Published { port, reply }).await;
+            answer(&mut w, v.map(|v| serde_json::json!({ "published": v }))).await
         }
         Request::Status => {
-            let (reply_tx, reply_rx) = oneshot::channel();
-            if tx.send(Msg::Status { reply: reply_tx }).await.is_ok() {
-                if let Ok(v) = reply_rx.await {
-                    w.write_all(format!("{v}\n").as_bytes()).await?;
+            let v = ask(&tx, |reply| Query::Status { reply }).await;
+            answer(&mut w, v).await
+        }
+    }
+}
+
+/// One JSON request line, read within REQUEST_TIMEOUT and MAX_REQUEST_BYTES. None: the
+/// client hung up; Err: why it is refused.
+async fn read_request<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+) -> std::result::Result<Option<Request>, String> {
+    let mut line = String::new();
+    match tokio::time::timeout(REQUEST_TIMEOUT, r.read_line(&mut line)).await {
+        Err(_) => Err(format!(
+            "no request within {} s; send one JSON line right after connecting",
+            REQUEST_TIMEOUT.as_secs()
+        )),
+        Ok(Ok(0) | Err(_)) => Ok(None),
+        Ok(Ok(n)) if n as u64 >= MAX_REQUEST_BYTES && !line.ends_with('\n') => Err(format!(
+            "request too long: at most {MAX_REQUEST_BYTES} bytes in one line ending in \\n"
+        )),
+        Ok(Ok(_)) => serde_json::from_str(&line)
+            .map(Some)
+            .map_err(|e| format!("bad request: {e}")),
+    }
+}
+
+/// Ask the processing thread and wait for its answer; None if it is gone.
+async fn ask<M: From<Query>, T>(
+    tx: &mpsc::Sender<M>,
+    q: impl FnOnce(oneshot::Sender<T>) -> Query,
+) -> Option<T> {
+    let (reply_tx, reply_rx) = oneshot::channel();
+    tx.send(q(reply_tx).into()).await.ok()?;
+    reply_rx.await.ok()
+}
+
+async fn answer(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    v: Option<serde_json::Value>,
+) -> std::io::Result<()> {
+    match v {
+        Some(v) => w.write_all(format!("{v}\n").as_bytes()).await,
+        None => Ok(()),
+    }
+}
+
+/// `attach`: the replay, then live records until either side hangs up.
+async fn attach<M: From<Query>>(
+    tx: mpsc::Sender<M>,
+    filter: Filter,
+    since_s: u64,
+    r: BufReader<tokio::io::Take<tokio::net::unix::OwnedReadHalf>>,
+    mut w: tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<()> {
+    let (live_tx, mut live_rx) = mpsc::channel::<Arc<[u8]>>(4096);
+    let Some(replay) = ask(&tx, |replay| Query::Attach {
+        filter,
+        since_s,
+        live: live_tx,
+        replay,
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    let mut batch = Vec::with_capacity(ATTACH_BATCH);
+    for l in replay {
+        batch.extend_from_slice(&l);
+        if batch.len() >= ATTACH_BATCH {
+            w.write_all(&batch).await?;
+            batch.clear();
+        }
+    }
+    w.write_all(&batch).await?;
+    // Watch the client's side too: when it hangs up, stop promptly.
+    let mut sink = [0u8; 64];
+    let mut r = r.into_inner();
+    loop {
+        tokio::select! {
+            l = live_rx.recv() => match l {
+                Some(l) => {
+                    // One write for whatever is queued, not one per line: a busy
+                    // host makes tens of thousands of lines a second per client.
+                    batch.clear();
+                    batch.extend_from_slice(&l);
+                    while batch.len() < ATTACH_BATCH {
+                        match live_rx.try_recv() {
+                            Ok(l) => batch.extend_from_slice(&l),
+                            Err(_) => break,
+                        }
+                    }
+                    w.write_all(&batch).await?;
                 }
+                None => break,
+            },
+            n = tokio::io::AsyncReadExt::read(&mut r, &mut sink) => {
+                if matches!(n, Ok(0) | Err(_)) { break; }
             }
         }
     }

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::{containers::PortMap, table::Proto};
+use crate::{engines::containers::PortMap, state::table::Proto};
 
 /// A socket listening (TCP) or bound (UDP) on the container port, inside the container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -54,7 +54,7 @@ pub fn hint(container: &str, pm: &PortMap, listening: &[Listening], comm: Option
             "{} in {container} listens on {} only, which published traffic cannot reach; make \
              it listen on {}",
             comm.unwrap_or("the service"),
-            crate::table::fmt_addr(l.addr, l.port),
+            crate::state::table::fmt_addr(l.addr, l.port),
             if l.addr.is_ipv4() {
                 format!("0.0.0.0:{c}")
             } else {
@@ -65,7 +65,7 @@ pub fn hint(container: &str, pm: &PortMap, listening: &[Listening], comm: Option
             "{} in {container} listens on {} only, not on the address published traffic \
              arrives at; make it listen on 0.0.0.0:{c}",
             comm.unwrap_or("the service"),
-            crate::table::fmt_addr(l.addr, l.port),
+            crate::state::table::fmt_addr(l.addr, l.port),
         ),
         None => format!(
             "nothing in {container} listens on {proto} port {c}, which host port {} is \
@@ -73,6 +73,22 @@ pub fn hint(container: &str, pm: &PortMap, listening: &[Listening], comm: Option
             pm.host_port
         ),
     }
+}
+
+/// One published port as `check P` reports it.
+#[derive(Debug, Serialize)]
+pub struct Published {
+    pub container: String,
+    pub proto: &'static str,
+    pub host_ip: IpAddr,
+    pub host_port: u16,
+    pub container_port: u16,
+    pub reachable: bool,
+    /// What listens on the container port inside (when unreachable), possibly nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listening: Option<Vec<Listening>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
 }
 
 #[cfg(test)]

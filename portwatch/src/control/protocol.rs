@@ -31,12 +31,12 @@ impl Filter {
 
     /// Does a record (one JSON object read back) match? See `matches_keys`.
     pub fn matches(&self, v: &Value) -> bool {
-        self.is_empty() || self.matches_keys(&crate::keys::Keys::from_value(v))
+        self.is_empty() || self.matches_keys(&crate::output::keys::Keys::from_value(v))
     }
 
     /// Does a record match, by its keys? Agent, lost and missed records always do: an
     /// attached user must learn about lost events and the agent's state whatever the filter.
-    pub fn matches_keys(&self, k: &crate::keys::Keys) -> bool {
+    pub fn matches_keys(&self, k: &crate::output::keys::Keys) -> bool {
         if self.is_empty() || matches!(k.ty, "agent" | "lost" | "missed") {
             return true;
         }
@@ -47,7 +47,7 @@ impl Filter {
             return false;
         }
         if let Some(c) = &self.container {
-            let is = |n: &crate::keys::Named| {
+            let is = |n: &crate::output::keys::Named| {
                 &*n.name == c.as_str() || (!c.is_empty() && n.id.starts_with(c.as_str()))
             };
             if !k.containers.iter().any(is) {
@@ -104,7 +104,7 @@ pub struct PortRow {
 
 impl PortRow {
     /// The container and staleness parts of a row, from where its owner stands.
-    pub fn placed(p: Option<crate::table::Placement>) -> PortRow {
+    pub fn placed(p: Option<crate::state::table::Placement>) -> PortRow {
         PortRow {
             proto: String::new(),
             addr: String::new(),
@@ -121,4 +121,30 @@ impl PortRow {
             stale: p.and_then(|p| p.stale.then_some(true)),
         }
     }
+}
+/// What the control server asks the processing thread, which answers on the channel each
+/// request carries. The server only knows this type; the processing thread's own message
+/// wraps it (`From<Query>`), so the control stage does not depend on the processing one.
+pub enum Query {
+    /// `portwatch attach`: replay the matching recent past, then stream live records.
+    Attach {
+        filter: Filter,
+        since_s: u64,
+        live: tokio::sync::mpsc::Sender<std::sync::Arc<[u8]>>,
+        replay: tokio::sync::oneshot::Sender<Vec<std::sync::Arc<[u8]>>>,
+    },
+    /// `portwatch ports`: the current port table.
+    Ports {
+        filter: Filter,
+        reply: tokio::sync::oneshot::Sender<Vec<PortRow>>,
+    },
+    Status {
+        reply: tokio::sync::oneshot::Sender<Value>,
+    },
+    /// `check P`: the containers publishing host port P, and whether their mapping reaches
+    /// a listener.
+    Published {
+        port: u16,
+        reply: tokio::sync::oneshot::Sender<Vec<crate::engines::reach::Published>>,
+    },
 }

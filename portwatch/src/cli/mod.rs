@@ -1,10 +1,15 @@
 //! Command line: one subcommand per user task. Doc comments are the help text.
 
+pub mod history;
+pub mod ops;
+pub mod report;
+pub mod tail;
+
 use std::{net::IpAddr, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{control::DEFAULT_RUNTIME_DIR, sink::DEFAULT_LOG};
+use crate::{control::DEFAULT_RUNTIME_DIR, output::sink::DEFAULT_LOG};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -151,8 +156,8 @@ pub struct RunArgs {
     /// on the kernel functions behind them; only those calls pay), `tracepoint` (the
     /// syscall tracepoints; every syscall on the host pays a little), or `auto`: trampolines
     /// where the kernel allows them, else tracepoints.
-    #[arg(long, value_enum, value_name = "FAMILY", default_value_t = crate::probes::HookChoice::Auto, env = "PORTWATCH_HOOKS")]
-    pub hooks: crate::probes::HookChoice,
+    #[arg(long, value_enum, value_name = "FAMILY", default_value_t = crate::kernel::probes::HookChoice::Auto, env = "PORTWATCH_HOOKS")]
+    pub hooks: crate::kernel::probes::HookChoice,
 
     /// Only watch these ports (repeatable, at most 16). Filtered in the kernel.
     #[arg(long = "port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
@@ -264,10 +269,10 @@ pub struct HistoryArgs {
     pub path: Option<PathBuf>,
     /// Only what overlaps the time from this (a duration ago like 1d or 90m, or an RFC 3339
     /// time).
-    #[arg(long, value_name = "WHEN", value_parser = crate::decode::parse_when)]
+    #[arg(long, value_name = "WHEN", value_parser = crate::kernel::decode::parse_when)]
     pub since: Option<i128>,
     /// Only what overlaps the time up to this (same forms as --since).
-    #[arg(long, value_name = "WHEN", value_parser = crate::decode::parse_when)]
+    #[arg(long, value_name = "WHEN", value_parser = crate::kernel::decode::parse_when)]
     pub until: Option<i128>,
     /// Only this protocol.
     #[arg(long, value_parser = ["tcp", "udp"])]

@@ -28,12 +28,13 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
+    cli::history,
+    cli::tail,
     cli::ReportArgs,
     control::{self, Filter, Request},
-    decode::{rfc3339, Clock},
-    docker::{self, Endpoint},
+    engines::docker::{self, Endpoint},
     error::{Error, Result},
-    history, tail,
+    kernel::decode::{rfc3339, Clock},
 };
 
 /// Names of environment variables and labels whose values never leave the host: a name
@@ -495,7 +496,7 @@ struct Hooks {
 /// Load every program `run` would load into the verifier and unload it again, as doctor
 /// does; the one-line reasons are what a kernel-support bug report needs.
 fn verifier() -> std::result::Result<(Vec<VerifierVerdict>, Vec<String>), String> {
-    use crate::prereq;
+    use crate::kernel::prereq;
     let release = prereq::kernel_release();
     if prereq::kernel_version().is_none_or(|v| !prereq::supported(v)) {
         return Err(format!(
@@ -516,16 +517,16 @@ fn verifier() -> std::result::Result<(Vec<VerifierVerdict>, Vec<String>), String
         .map(Path::new)
         .find(|p| p.join("events").is_dir())
         .ok_or("not checked: tracefs is not mounted (`portwatch run` mounts it itself)")?;
-    let (offsets, _) = crate::btf::resolve(btf);
-    let cfg = crate::probes::LoadConfig {
+    let (offsets, _) = crate::kernel::btf::resolve(btf);
+    let cfg = crate::kernel::probes::LoadConfig {
         tracefs,
         offsets,
         all_events: false,
         ports: &[],
         ringbuf_size: 4 << 20,
-        hooks: crate::probes::HookChoice::Tracepoint,
+        hooks: crate::kernel::probes::HookChoice::Tracepoint,
     };
-    let (verdicts, notes) = crate::probes::verify(&cfg).map_err(|e| e.to_string())?;
+    let (verdicts, notes) = crate::kernel::probes::verify(&cfg).map_err(|e| e.to_string())?;
     Ok((
         verdicts
             .into_iter()
@@ -1221,7 +1222,7 @@ fn gather_host(b: &mut Bundle, cx: &Ctx<'_>) {
             port: cx.a.port,
             euid: euid(),
             uname: uname(),
-            kernel_btf: Path::new(crate::prereq::BTF_PATH).exists(),
+            kernel_btf: Path::new(crate::kernel::prereq::BTF_PATH).exists(),
             ip_local_port_range: read_trim("/proc/sys/net/ipv4/ip_local_port_range"),
             ip_local_reserved_ports: read_trim("/proc/sys/net/ipv4/ip_local_reserved_ports"),
         },
@@ -1274,7 +1275,7 @@ fn gather_ports(b: &mut Bundle, cx: &Ctx<'_>, agent: bool) {
         pid: None,
         container: None,
     };
-    match crate::ops::rows(&cx.a.runtime_dir, &filter) {
+    match crate::cli::ops::rows(&cx.a.runtime_dir, &filter) {
         Ok((rows, source)) => {
             let from = if source == "agent" {
                 "from the running agent"

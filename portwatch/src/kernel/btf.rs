@@ -206,7 +206,7 @@ mod tests {
     /// Reads the running kernel's BTF; every Linux this agent supports has it.
     #[test]
     fn resolves_on_this_kernel() {
-        let p = Path::new(crate::prereq::BTF_PATH);
+        let p = Path::new(crate::kernel::prereq::BTF_PATH);
         assert!(
             p.exists(),
             "{} missing: this kernel has no BTF",

@@ -15,11 +15,11 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
+    cli::ops::{human, Style},
+    cli::tail,
     cli::HistoryArgs,
-    decode::Clock,
     error::{Error, Result},
-    ops::{human, Style},
-    tail,
+    kernel::decode::Clock,
 };
 
 /// One line of the timeline.
@@ -265,7 +265,7 @@ pub fn run(a: &HistoryArgs) -> Result<u8> {
     let path = a
         .path
         .clone()
-        .unwrap_or_else(|| PathBuf::from(crate::sink::DEFAULT_LOG));
+        .unwrap_or_else(|| PathBuf::from(crate::output::sink::DEFAULT_LOG));
     if !path.exists() {
         return Err(Error::Io {
             what: "opening the log",
@@ -361,7 +361,7 @@ pub fn run(a: &HistoryArgs) -> Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::parse_when;
+    use crate::kernel::decode::parse_when;
     use serde_json::json;
 
     fn port(ev: &str, ts: &str, pid: u64, extra: Value) -> Value {

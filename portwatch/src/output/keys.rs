@@ -10,9 +10,11 @@ use portwatch_common::{Event, Kind};
 use serde_json::Value;
 
 use crate::{
-    containers::ContainerRef,
-    record::{Actor, Conflict, Docker, Exit, Lost, Port, PortActor, PublishConflict, SockOp},
-    table::Holder,
+    engines::containers::ContainerRef,
+    output::record::{
+        Actor, Conflict, Docker, Exit, Lost, Port, PortActor, PublishConflict, SockOp,
+    },
+    state::table::Holder,
 };
 
 /// A container as a filter sees it: by name, or by a prefix of its id.
@@ -156,7 +158,7 @@ impl Keys {
             k.ports.extend(port(&m["host_port"]));
         }
         if k.ty == "conflict" {
-            k.cause = crate::keys::CAUSES
+            k.cause = crate::output::keys::CAUSES
                 .iter()
                 .find(|c| v["cause"] == **c)
                 .copied()
@@ -324,7 +326,7 @@ mod tests {
     /// and a docker lifecycle record.
     #[test]
     fn typed_keys_equal_the_keys_of_the_written_line() {
-        use crate::record::{self, Header};
+        use crate::output::record::{self, Header};
         let mut e = Event::zeroed();
         e.kind = portwatch_common::kind::BIND;
         e.ret = -98;
@@ -344,7 +346,7 @@ mod tests {
             proto: "tcp",
             addr: "0.0.0.0".parse().unwrap(),
             port: 8080,
-            overlap: crate::table::Overlap::Wildcard,
+            overlap: crate::state::table::Overlap::Wildcard,
             since: None,
             count: None,
             expires_in_s: None,

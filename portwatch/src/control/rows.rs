@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 
 use crate::{
-    decode::Clock,
-    protocol::{Filter, PortRow},
-    table::{Entry, Placement, PortTable},
+    control::protocol::{Filter, PortRow},
+    kernel::decode::Clock,
+    state::table::{Entry, Placement, PortTable},
 };
 
 /// The table as `ports` rows: the sockets `filter` selects, each placed (container, stale)

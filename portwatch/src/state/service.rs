@@ -14,7 +14,7 @@
 
 use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
-use crate::table::{Owner, Proto};
+use crate::state::table::{Owner, Proto};
 
 /// How long a close waits for a reopen before it is written.
 pub const FLAP_NS: i128 = 1_000_000_000;

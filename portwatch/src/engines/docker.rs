@@ -34,13 +34,12 @@ use futures_util::{stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    containers::{
+    engines::containers::{
         port_map, CgroupMode, Connected, Container, ContainerRef, DockerMsg, Lifecycle, Network,
         PortMap, State, COMPOSE_PROJECT, COMPOSE_SERVICE,
     },
-    decode::Clock,
     error::{DockerError, Error},
-    process::Msg,
+    kernel::decode::Clock,
 };
 
 pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
@@ -217,9 +216,10 @@ impl Inspector {
     }
 }
 
-struct Join {
+struct Join<M> {
     ep: Endpoint,
-    tx: mpsc::Sender<Msg>,
+    /// The processing thread's queue, whatever its message type: it takes `DockerMsg`s.
+    tx: mpsc::Sender<M>,
     view: HashMap<Box<str>, Tracked>,
     /// A sync has completed before: the next one reports what changed meanwhile.
     synced_once: bool,
@@ -231,7 +231,11 @@ struct Join {
 
 /// Runs until `stop` turns true. Owns a current-thread runtime, so nothing here shares a
 /// thread with the ring-buffer drain.
-pub fn run(ep: Endpoint, tx: mpsc::Sender<Msg>, stop: watch::Receiver<bool>) {
+pub fn run<M: From<DockerMsg> + Send>(
+    ep: Endpoint,
+    tx: mpsc::Sender<M>,
+    stop: watch::Receiver<bool>,
+) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -257,9 +261,9 @@ pub fn run(ep: Endpoint, tx: mpsc::Sender<Msg>, stop: watch::Receiver<bool>) {
     rt.block_on(j.run(stop));
 }
 
-impl Join {
+impl<M: From<DockerMsg> + Send> Join<M> {
     async fn send(&self, m: DockerMsg) -> bool {
-        self.tx.send(Msg::Docker(m)).await.is_ok()
+        self.tx.send(m.into()).await.is_ok()
     }
 
     async fn run(&mut self, mut stop: watch::Receiver<bool>) {
@@ -863,7 +867,7 @@ mod tests {
         assert_eq!(cgroup_paths(v1_only), (None, Some("/docker/abc")));
     }
 
-    fn join() -> Join {
+    fn join() -> Join<DockerMsg> {
         let (tx, _rx) = mpsc::channel(1);
         Join {
             ep: Endpoint::Unix(DEFAULT_HOST.into()),
@@ -886,7 +890,7 @@ mod tests {
     }
 
     fn c(digit: char, name: &str, state: State) -> Arc<Container> {
-        let mut c = crate::containers::tests::container(digit, name, state);
+        let mut c = crate::engines::containers::tests::container(digit, name, state);
         if state.is_live() {
             c.published = vec![port_map("80/tcp", Some("0.0.0.0"), Some("8080")).unwrap()];
         }

@@ -14,10 +14,10 @@ use serde_json::Value;
 use crate::{
     cli::{AttachArgs, CheckArgs, PortsArgs},
     control::{self, Filter, PortRow, Request},
-    decode::Clock,
-    diag,
     error::{Error, Result},
-    table::{self, Attempt, NsSockets, PortTable, Proto},
+    host::diag,
+    kernel::decode::Clock,
+    state::table::{self, Attempt, NsSockets, PortTable, Proto},
 };
 
 // ---- rendering ----
@@ -225,7 +225,7 @@ fn snapshot_table() -> (PortTable, usize) {
 
 fn table_rows(t: &PortTable, filter: &Filter) -> Vec<PortRow> {
     // No engine to ask: no container names.
-    crate::rows::table_rows(t, filter, &mut |_, _| None)
+    crate::control::rows::table_rows(t, filter, &mut |_, _| None)
 }
 
 /// Rows from the running agent, or from a snapshot of our own when none runs.
@@ -438,7 +438,7 @@ fn trial_bind(proto: Proto, addr: SocketAddr) -> std::io::Result<()> {
 fn own_netns() -> u32 {
     std::fs::read_link("/proc/self/ns/net")
         .ok()
-        .and_then(|l| crate::enrich::parse_ns_link(&l.to_string_lossy()))
+        .and_then(|l| crate::host::enrich::parse_ns_link(&l.to_string_lossy()))
         .unwrap_or(0)
 }
 
@@ -657,22 +657,23 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path, verbose: 
             fix: fix.into(),
         });
     };
-    let release = crate::prereq::kernel_release();
-    let kernel_ok = crate::prereq::kernel_version().is_some_and(crate::prereq::supported);
+    let release = crate::kernel::prereq::kernel_release();
+    let kernel_ok =
+        crate::kernel::prereq::kernel_version().is_some_and(crate::kernel::prereq::supported);
     add(
         "kernel",
         kernel_ok,
         format!("Linux {release}"),
         "portwatch needs Linux 5.8 or newer (ring buffer maps, CAP_BPF)",
     );
-    let btf = Path::new(crate::prereq::BTF_PATH).exists();
+    let btf = Path::new(crate::kernel::prereq::BTF_PATH).exists();
     add(
         "btf",
         btf,
-        crate::prereq::BTF_PATH.into(),
+        crate::kernel::prereq::BTF_PATH.into(),
         "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
     );
-    let priv_ok = crate::prereq::check_privileges().is_ok();
+    let priv_ok = crate::kernel::prereq::check_privileges().is_ok();
     add(
         "privileges",
         priv_ok,
@@ -695,7 +696,7 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path, verbose: 
             .unwrap_or_else(|| "not mounted".into()),
         "mount -t tracefs nodev /sys/kernel/tracing (portwatch run does this itself as root)",
     );
-    for (_, cat, tp) in crate::probes::PROGRAMS {
+    for (_, cat, tp) in crate::kernel::probes::PROGRAMS {
         let ok = tracefs.is_some_and(|t| t.join("events").join(cat).join(tp).join("id").exists());
         add(
             &format!("tracepoint {cat}:{tp}"),
@@ -713,18 +714,18 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path, verbose: 
     let mut degraded = Vec::new();
     let mut logs = Vec::new();
     if priv_ok && btf && kernel_ok {
-        let (offsets, _) = crate::btf::resolve(Path::new(crate::prereq::BTF_PATH));
-        let cfg = crate::probes::LoadConfig {
+        let (offsets, _) = crate::kernel::btf::resolve(Path::new(crate::kernel::prereq::BTF_PATH));
+        let cfg = crate::kernel::probes::LoadConfig {
             tracefs: tracefs.unwrap_or(Path::new("/sys/kernel/tracing")),
             offsets,
             all_events: false,
             ports: &[],
             ringbuf_size: 4 << 20,
-            hooks: crate::probes::HookChoice::Tracepoint,
+            hooks: crate::kernel::probes::HookChoice::Tracepoint,
         };
         // What the kernel offers for bind/listen/connect/close: trampolines are loaded (on
         // the functions its BTF names) and unloaded; either family works, so this informs.
-        let offer = crate::probes::offer(&cfg);
+        let offer = crate::kernel::probes::offer(&cfg);
         let detail = match &offer.trampoline {
             Ok(functions) => format!(
                 "trampoline (fentry/fexit) available: `run` attaches {}",
@@ -737,7 +738,7 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path, verbose: 
         };
         add("hooks", true, detail, "");
         let trampoline_notes = offer.notes;
-        match crate::probes::verify(&cfg) {
+        match crate::kernel::probes::verify(&cfg) {
             Ok((verdicts, notes)) => {
                 for v in verdicts {
                     let ok = v.result.is_ok();
@@ -870,7 +871,7 @@ mod tests {
             row("TIME_WAIT", 80),
             row("TIME_WAIT", 81),
         ];
-        crate::rows::fold_time_wait(&mut rows);
+        crate::control::rows::fold_time_wait(&mut rows);
         assert_eq!(rows.len(), 3);
         let tw80 = rows
             .iter()

@@ -17,21 +17,7 @@ use serde::{Serialize, Serializer};
 
 use crate::model::Proto;
 
-/// How a container is named in records. Shared (`Arc`) so attaching it to a record costs no
-/// allocation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ContainerRef {
-    /// The first 12 hex digits, as `docker ps` shows.
-    pub id: Box<str>,
-    /// `docker` or `podman`: the engine that runs it.
-    pub engine: &'static str,
-    pub name: Box<str>,
-    pub image: Box<str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub compose_project: Option<Box<str>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub compose_service: Option<Box<str>>,
-}
+pub use crate::model::ContainerRef;
 
 pub const COMPOSE_PROJECT: &str = "com.docker.compose.project";
 pub const COMPOSE_SERVICE: &str = "com.docker.compose.service";

@@ -13,12 +13,12 @@ use std::{
 use serde_json::Value;
 
 use crate::{
+    cli::ops::{human, Style},
     cli::TailArgs,
     control::Filter,
-    decode::Clock,
     error::{Error, Result},
-    ops::{human, Style},
-    sink::rotated,
+    kernel::decode::Clock,
+    output::sink::rotated,
 };
 
 struct Printer {
@@ -31,7 +31,7 @@ struct Printer {
     shown: u64,
 }
 
-pub(crate) use crate::decode::ts_ns;
+pub(crate) use crate::kernel::decode::ts_ns;
 
 impl Printer {
     fn line(&mut self, out: &mut impl Write, line: &str) -> std::io::Result<()> {
@@ -113,7 +113,7 @@ pub fn run(a: &TailArgs) -> Result<()> {
     let path = a
         .path
         .clone()
-        .unwrap_or_else(|| PathBuf::from(crate::sink::DEFAULT_LOG));
+        .unwrap_or_else(|| PathBuf::from(crate::output::sink::DEFAULT_LOG));
     if !path.exists() && !a.follow {
         return Err(Error::Io {
             what: "opening the log",
@@ -242,7 +242,10 @@ mod tests {
     fn parses_our_timestamps() {
         let t = ts_ns("2026-11-25T08:31:31.123456789Z").unwrap();
         assert_eq!(t, 1_795_595_491i128 * 1_000_000_000 + 123_456_789);
-        assert_eq!(crate::decode::rfc3339(t), "2026-11-25T08:31:31.123456789Z");
+        assert_eq!(
+            crate::kernel::decode::rfc3339(t),
+            "2026-11-25T08:31:31.123456789Z"
+        );
         assert_eq!(
             ts_ns("2026-11-25T08:31:31.123456Z").unwrap() % 1_000_000_000,
             123_456_000
