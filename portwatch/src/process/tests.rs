@@ -1,0 +1,108 @@
+use super::*;
+
+fn sock(local: &str, remote: &str, state: u8, inode: u64) -> diag::SockEntry {
+    diag::SockEntry {
+        netns: 1,
+        proto: Proto::Tcp,
+        local: local.parse().unwrap(),
+        remote: remote.parse().unwrap(),
+        state,
+        inode,
+        uid: 0,
+        expires_ms: 30_000,
+        v6only: None,
+    }
+}
+
+/// The counts come from the table's buckets plus the TIME_WAIT remotes kept aside,
+/// as they used to come from the raw dump.
+#[test]
+fn time_wait_counts_from_a_streamed_snapshot() {
+    let tw = table::TCP_TIME_WAIT;
+    let dst = "10.0.0.9:443";
+    let entries = [
+        // A server on 8080 (not ephemeral) and one on 40000 (ephemeral, but listened on).
+        sock("0.0.0.0:8080", "0.0.0.0:0", table::TCP_LISTEN, 1),
+        sock("0.0.0.0:40000", "0.0.0.0:0", table::TCP_LISTEN, 2),
+        sock("10.0.0.1:8080", "10.0.0.5:50001", tw, 0),
+        sock("10.0.0.1:8080", "10.0.0.5:50002", tw, 0),
+        sock("10.0.0.1:40000", "10.0.0.5:50003", tw, 0),
+        // Client side toward dst: two in use, one in TIME_WAIT.
+        sock("10.0.0.1:41000", dst, 1, 3),
+        sock("10.0.0.1:41001", dst, 1, 4),
+        sock("10.0.0.1:41002", dst, tw, 0),
+    ];
+    let ns = diag::Namespace {
+        inode: 1,
+        path: "/proc/self/ns/net".into(),
+    };
+    let s = Snapshot::new(ns, &entries, Arc::default(), None, true, 0);
+    assert_eq!(s.len(), entries.len());
+    let c = &s.counts;
+    assert_eq!(c.total, 4);
+    assert_eq!(c.by_local, HashMap::from([(8080, 2), (40000, 1)]));
+    let d: (IpAddr, u16) = ("10.0.0.9".parse().unwrap(), 443);
+    assert_eq!(c.by_remote, HashMap::from([(d, 1)]));
+    assert_eq!(c.to_dst, HashMap::from([(d, 3)]));
+    // Not reported (start-up): nothing counted, nothing kept aside.
+    let ns = s.ns.clone();
+    let quiet = Snapshot::new(ns, &entries, Arc::default(), None, false, 0);
+    assert_eq!(quiet.counts.total, 0);
+}
+
+/// A server on an ephemeral-range port closed its accepted connections first, then its
+/// listener stopped: the TIME_WAIT sockets are its port's, not 3,000 client ports'.
+#[test]
+fn time_wait_on_a_stopped_server_port_counts_under_that_port() {
+    let tw = table::TCP_TIME_WAIT;
+    let mut entries: Vec<diag::SockEntry> = (0..3000u32)
+        .map(|i| {
+            let client = format!("127.0.0.1:{}", 33000 + i);
+            sock("127.0.0.1:45000", &client, tw, 0)
+        })
+        .collect();
+    // A real client in TIME_WAIT toward one peer stays a client.
+    entries.push(sock("10.0.0.1:41002", "10.0.0.9:443", tw, 0));
+    let ns = diag::Namespace {
+        inode: 1,
+        path: "/proc/self/ns/net".into(),
+    };
+    let s = Snapshot::new(ns, &entries, Arc::default(), None, true, 0);
+    assert_eq!(s.counts.by_local, HashMap::from([(45000, 3000)]));
+    let d: (IpAddr, u16) = ("10.0.0.9".parse().unwrap(), 443);
+    assert_eq!(s.counts.by_remote, HashMap::from([(d, 1)]));
+}
+
+/// `entered` comes from the TIME_WAIT sockets' remaining time: 60 s minus it is how long
+/// each has been in TIME_WAIT.
+#[test]
+fn time_wait_entries_from_the_timers() {
+    let tw = table::TCP_TIME_WAIT;
+    let mut entries = Vec::new();
+    // Remaining 59.95 s, 59.0 s, 55.0 s, 50.05 s and 10 s: in TIME_WAIT for 0.05 s, 1 s,
+    // 5 s, 9.95 s and 50 s. The 0 ms one (timer just firing) is 60 s old.
+    for (i, left) in [59_950u32, 59_000, 55_000, 50_050, 10_000, 0]
+        .iter()
+        .enumerate()
+    {
+        let mut d = sock("10.0.0.1:8080", &format!("10.0.0.5:{}", 50000 + i), tw, 0);
+        d.expires_ms = *left;
+        entries.push(d);
+    }
+    let ns = diag::Namespace {
+        inode: 1,
+        path: "/proc/self/ns/net".into(),
+    };
+    let s = Snapshot::new(ns, &entries, Arc::default(), None, true, 0);
+    let a = &s.counts.ages;
+    assert_eq!(a.younger_than(0), 0);
+    assert_eq!(a.younger_than(100), 1);
+    assert_eq!(a.younger_than(1_100), 2);
+    assert_eq!(
+        a.younger_than(10_000),
+        4,
+        "the usual 10 s between two records"
+    );
+    assert_eq!(a.younger_than(60_000), 5);
+    assert_eq!(a.younger_than(u64::MAX), 6, "never past the end");
+}
