@@ -21,7 +21,7 @@ mod output;
 mod process;
 mod state;
 
-use cli::{history, ops, report, tail};
+use cli::{attach::attach, check::check, doctor::doctor, history, ports::ports, report, tail};
 
 use std::process::ExitCode;
 
@@ -44,11 +44,11 @@ fn main() -> ExitCode {
         }
         cli::Command::Tail(a) => tail::run(&a).map(|()| 0).map_err(Into::into),
         cli::Command::History(a) => history::run(&a).map_err(Into::into),
-        cli::Command::Attach(a) => ops::attach(&a).map(|()| 0).map_err(Into::into),
-        cli::Command::Ports(a) => ops::ports(&a).map(|()| 0).map_err(Into::into),
-        cli::Command::Check(a) => ops::check(&a).map_err(Into::into),
+        cli::Command::Attach(a) => attach(&a).map(|()| 0).map_err(Into::into),
+        cli::Command::Ports(a) => ports(&a).map(|()| 0).map_err(Into::into),
+        cli::Command::Check(a) => check(&a).map_err(Into::into),
         cli::Command::Report(a) => report::run(&a).map(|()| 0).map_err(Into::into),
-        cli::Command::Doctor(a) => Ok(ops::doctor(
+        cli::Command::Doctor(a) => Ok(doctor(
             &a.runtime_dir,
             &a.log_file,
             &a.docker_socket,

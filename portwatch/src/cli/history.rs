@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
-    cli::ops::{human, Style},
+    cli::render::{human, Style},
     cli::tail,
     cli::HistoryArgs,
     error::{Error, Result},

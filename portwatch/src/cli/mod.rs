@@ -1,7 +1,11 @@
 //! Command line: one subcommand per user task. Doc comments are the help text.
 
+pub mod attach;
+pub mod check;
+pub mod doctor;
 pub mod history;
-pub mod ops;
+pub mod ports;
+pub mod render;
 pub mod report;
 pub mod tail;
 

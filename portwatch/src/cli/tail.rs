@@ -13,7 +13,7 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    cli::ops::{human, Style},
+    cli::render::{human, Style},
     cli::TailArgs,
     control::Filter,
     error::{Error, Result},

@@ -1275,7 +1275,7 @@ fn gather_ports(b: &mut Bundle, cx: &Ctx<'_>, agent: bool) {
         pid: None,
         container: None,
     };
-    match crate::cli::ops::rows(&cx.a.runtime_dir, &filter) {
+    match crate::cli::ports::rows(&cx.a.runtime_dir, &filter) {
         Ok((rows, source)) => {
             let from = if source == "agent" {
                 "from the running agent"
