@@ -624,8 +624,21 @@ fn serve_fresh(
 fn fresh_read(r: process::FreshRequest) -> process::Fresh {
     let as_of = Clock::now_wall_ns();
     let netns = r.ns.inode;
-    let (entries, range) = match diag::dump_with_range(&r.ns) {
-        Ok(e) => e,
+    let dumped = diag::dump_with_range(&r.ns)
+        .map(|d| (r.ns, d))
+        .or_else(|first| {
+            // The thread whose path was given may be gone; the namespace may not be. The inode
+            // is checked on the way in, so a reused path cannot lead elsewhere.
+            match r.alt {
+                Some(path) => {
+                    let alt = diag::Namespace { inode: netns, path };
+                    diag::dump_with_range(&alt).map(|d| (alt, d))
+                }
+                None => Err(first),
+            }
+        });
+    let (ns, (entries, range)) = match dumped {
+        Ok(x) => x,
         Err(e) => {
             return process::Fresh {
                 netns,
@@ -638,14 +651,14 @@ fn fresh_read(r: process::FreshRequest) -> process::Fresh {
     let no_source = r
         .dsts
         .iter()
-        .filter(|d| diag::source_available(&r.ns, **d).ok() == Some(false))
+        .filter(|d| diag::source_available(&ns, **d).ok() == Some(false))
         .copied()
         .collect();
     let snapshot = r.sockets.then(|| {
         // Owners of sockets the table did not know: one /proc walk, only on this miss path.
         let owners = Arc::new(diag::socket_owners());
         Box::new(process::Snapshot::new(
-            r.ns, &entries, owners, None, false, as_of,
+            ns, &entries, owners, None, false, as_of,
         ))
     });
     process::Fresh {

@@ -195,6 +195,57 @@ fn ephemeral_exhaustion_counts_ports_toward_the_destination() {
     assert!(c["hint"].as_str().unwrap().contains("40000-40001"), "{c}");
 }
 
+/// The client that fails is gone before the namespace is re-read (it exits at once, as a
+/// failing client usually does): the counts still come, through the namespace's own path.
+#[test]
+fn ephemeral_exhaustion_is_counted_after_the_client_exits() {
+    let ns = NetNs::new("eph3");
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40001");
+    let port = test_port(29);
+    let (to, other) = (
+        format!("127.0.0.1:{port}"),
+        format!("127.0.0.1:{}", port + 1),
+    );
+    // Every local port toward both destinations taken, by sockets that outlive their thread.
+    let (a, b) = (to.clone(), other.clone());
+    let held = ns.run(move || {
+        let mut held = Vec::new();
+        for d in [&a, &b] {
+            let l = std::net::TcpListener::bind(d).unwrap();
+            let c: Vec<_> = (0..2)
+                .map(|_| std::net::TcpStream::connect(d).unwrap())
+                .collect();
+            held.push((l, c));
+        }
+        held
+    });
+    let agent = Agent::start(&[]);
+    let (a, b) = (to.clone(), other.clone());
+    let err = ns.run(move || {
+        // A failure toward the other destination: its namespace is re-read at once, so the
+        // next re-read of it waits out the 250 ms between two.
+        let _ = std::net::TcpStream::connect(&b).unwrap_err();
+        std::thread::sleep(Duration::from_millis(100));
+        // A thread of its own fails toward `to` and ends 50 ms later: its /proc task path
+        // is there when the agent asks for the re-read, and gone when the re-read is made.
+        std::thread::spawn(move || {
+            let e = std::net::TcpStream::connect(&a).unwrap_err();
+            std::thread::sleep(Duration::from_millis(50));
+            e
+        })
+        .join()
+        .unwrap()
+    });
+    assert_eq!(err.raw_os_error(), Some(libc::EADDRNOTAVAIL), "{err}");
+    let c = agent.wait_for("connect conflict", |v| {
+        v["op"] == "connect" && v["port"] == port
+    });
+    assert_eq!(c["cause"], "ephemeral_exhausted", "{c}");
+    assert_eq!(c["destination"]["in_use"], 2, "{c}");
+    assert!(c.get("reason").is_none(), "{c}");
+    drop(held);
+}
+
 /// TIME_WAIT counted per namespace must match `ss -tan state time-wait` within 2 %.
 #[test]
 fn time_wait_counts_match_ss() {

@@ -97,6 +97,10 @@ impl From<DockerMsg> for Msg {
 #[derive(Debug)]
 pub struct FreshRequest {
     pub ns: diag::Namespace,
+    /// Another way into the same namespace (the path the agent last read it by), for when
+    /// `ns` is a thread's path and the thread has exited before the re-read: a client that
+    /// fails and exits at once is the common case.
+    pub alt: Option<PathBuf>,
     /// Destinations to count local ports toward (connect `EADDRNOTAVAIL`).
     pub dsts: Vec<SocketAddr>,
     /// Also rebuild the namespace's sockets with their owners (a conflict whose holder the
@@ -109,6 +113,7 @@ impl FreshRequest {
     pub fn sockets_of(ns: diag::Namespace) -> FreshRequest {
         FreshRequest {
             ns,
+            alt: None,
             dsts: Vec::new(),
             sockets: true,
         }
@@ -121,6 +126,9 @@ impl FreshRequest {
             }
         }
         self.sockets |= other.sockets;
+        if self.alt.is_none() {
+            self.alt = other.alt;
+        }
     }
 }
 
@@ -654,8 +662,14 @@ impl Processor {
         let Some(ns) = self.ns_path(netns, e) else {
             return false;
         };
+        let alt = self
+            .ns_paths
+            .get(&netns)
+            .filter(|p| **p != ns.path)
+            .cloned();
         let req = FreshRequest {
             ns,
+            alt,
             dsts: dst.into_iter().collect(),
             sockets,
         };
