@@ -6,7 +6,10 @@ mod verify;
 
 use state::*;
 use trampoline::*;
-pub use verify::{full_log, offer, one_line, verifier_reason, verify, Offer, Verdict};
+#[cfg(test)]
+use verify::verifier_reason;
+pub use verify::{full_log, offer, one_line, verify};
+use verify::{raw_state_possible, tracepoint_program};
 
 use std::path::Path;
 
@@ -68,7 +71,6 @@ impl Family {
         }
     }
 }
-
 
 pub struct LoadConfig<'a> {
     pub tracefs: &'a Path,
@@ -198,7 +200,6 @@ pub fn load(cfg: &LoadConfig<'_>) -> Result<Probes> {
     })
 }
 
-
 /// Parse the embedded object and create its maps, with the loader's globals set. Nothing is
 /// loaded into the verifier yet.
 fn open(cfg: &LoadConfig<'_>) -> Result<Ebpf> {
@@ -233,7 +234,6 @@ fn open(cfg: &LoadConfig<'_>) -> Result<Ebpf> {
         .map_max_entries("BULK", cfg.ringbuf_size)
         .load(EBPF_OBJECT)?)
 }
-
 
 impl Probes {
     /// Detach and unload every program, all at once. Each tracepoint detach waits for an RCU
@@ -412,7 +412,6 @@ fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
     };
     (rc == 0).then_some(info.recursion_misses)
 }
-
 
 /// A failure to load or attach a program. A verifier rejection becomes one line with
 /// the verifier's reason instead of its whole instruction trace.

@@ -6,7 +6,6 @@ use super::*;
 /// The classic tracepoint program for TCP state changes, the last fallback of the hook.
 pub(super) const STATE_TRACEPOINT_PROGRAM: &str = "inet_sock_set_state";
 
-
 /// Which program type carries the state-change hook.
 #[derive(Clone, Copy)]
 pub(super) enum StateKind {
@@ -39,7 +38,10 @@ pub(super) struct StateHook {
 }
 
 impl StateHook {
-    pub(super) fn attach(&mut self, ebpf: &mut Ebpf) -> std::result::Result<(), aya::programs::ProgramError> {
+    pub(super) fn attach(
+        &mut self,
+        ebpf: &mut Ebpf,
+    ) -> std::result::Result<(), aya::programs::ProgramError> {
         if self.link.is_some() {
             return Ok(());
         }
@@ -58,7 +60,10 @@ impl StateHook {
         Ok(())
     }
 
-    pub(super) fn detach(&mut self, ebpf: &mut Ebpf) -> std::result::Result<(), aya::programs::ProgramError> {
+    pub(super) fn detach(
+        &mut self,
+        ebpf: &mut Ebpf,
+    ) -> std::result::Result<(), aya::programs::ProgramError> {
         let Some(link) = self.link.take() else {
             return Ok(());
         };

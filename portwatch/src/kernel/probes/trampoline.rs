@@ -72,7 +72,11 @@ pub(super) struct Plan {
 /// Load (and with `attach`, attach) the trampoline family's programs on the functions this
 /// kernel's BTF names with the expected parameter count. An `Err` says why the family
 /// cannot run here; whatever of it had loaded is unloaded again.
-pub(super) fn trampolines(ebpf: &mut Ebpf, btf: &Btf, attach: bool) -> std::result::Result<Plan, String> {
+pub(super) fn trampolines(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    attach: bool,
+) -> std::result::Result<Plan, String> {
     let r = try_trampolines(ebpf, btf, attach);
     if r.is_err() {
         unload_trampolines(
@@ -83,7 +87,11 @@ pub(super) fn trampolines(ebpf: &mut Ebpf, btf: &Btf, attach: bool) -> std::resu
     r
 }
 
-pub(super) fn try_trampolines(ebpf: &mut Ebpf, btf: &Btf, attach: bool) -> std::result::Result<Plan, String> {
+pub(super) fn try_trampolines(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    attach: bool,
+) -> std::result::Result<Plan, String> {
     // Kernels without BPF trampolines refuse every fentry/fexit program: find out with one
     // before parsing the BTF for the others' signatures.
     let first = &TRAMPOLINES[0];
