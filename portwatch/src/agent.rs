@@ -84,15 +84,29 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-pub async fn run(args: RunArgs) -> Result<()> {
-    let started = Instant::now();
+/// What `run` checks and opens before loading anything. Each failure here is a start-up
+/// error that says what to do, before any program is in the kernel.
+struct Prepared {
+    btf_path: std::path::PathBuf,
+    tracefs: prereq::Tracefs,
+    /// One agent per host: a second one would double every record and fight over the
+    /// socket.
+    _instance: control::InstanceLock,
+    group: Option<u32>,
+    log: Option<sink::LogFile>,
+    metrics: Option<Arc<Metrics>>,
+    control: tokio::net::UnixListener,
+    host: String,
+    docker_eps: Vec<docker::Endpoint>,
+}
+
+fn prepare(args: &RunArgs) -> Result<Prepared> {
     prereq::check_kernel()?;
     prereq::check_privileges()?;
     boost_priority();
     let btf_path = prereq::check_btf()?;
     let tracefs = prereq::ensure_tracefs()?;
-    // One agent per host: a second one would double every record and fight over the socket.
-    let _instance = control::lock_instance(&args.runtime_dir)?;
+    let instance = control::lock_instance(&args.runtime_dir)?;
     let group = args.group.as_deref().map(resolve_group).transpose()?;
     // An unwritable log path given at start is a configuration error; later failures (disk
     // full, directory removed) are counted and survived.
@@ -111,109 +125,33 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
         None => None,
     };
-    let control = control::bind(&args.runtime_dir, group)?;
-    let host = args.host.clone().unwrap_or_else(hostname);
-    let docker_eps = if args.no_docker {
-        Vec::new()
-    } else {
-        docker::endpoints(&args.docker_host)?
-    };
+    Ok(Prepared {
+        btf_path,
+        tracefs,
+        _instance: instance,
+        group,
+        log,
+        metrics,
+        control: control::bind(&args.runtime_dir, group)?,
+        host: args.host.clone().unwrap_or_else(hostname),
+        docker_eps: if args.no_docker {
+            Vec::new()
+        } else {
+            docker::endpoints(&args.docker_host)?
+        },
+    })
+}
 
-    let (offsets, problems) = if args.no_btf_offsets {
-        (
-            portwatch_common::Offsets::default(),
-            vec![btf::Unresolved("disabled by --no-btf-offsets".into())],
-        )
-    } else {
-        btf::resolve(&btf_path)
-    };
-    let netns_in_kernel = offsets.netns_ok == 1;
-
-    let mut probes = probes::load(&probes::LoadConfig {
-        tracefs: &tracefs.path,
-        offsets,
-        all_events: args.all_events,
-        ports: &args.ports,
-        ringbuf_size: args.ringbuf_size,
-        hooks: args.hooks,
-    })?;
-    let (ring, mut bulk) = probes.take_events()?;
-    let tw_counts = probes.take_time_wait_counts();
-    // Parsing BTF (ours and aya's) peaked at tens of MB, all freed by now.
-    crate::heap::trim();
-
-    let (tx, rx) = mpsc::channel::<Msg>(QUEUE);
-    let agent_lost: Arc<[AtomicU64; KINDS]> = Arc::new(Default::default());
-
-    let attach_clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let stopping = Arc::new(AtomicBool::new(false));
-    let (fresh_tx, fresh_rx) = std::sync::mpsc::channel::<process::FreshRequest>();
-    let writer = {
-        let cfg = process::Config {
-            host: host.clone(),
-            all_events: args.all_events,
-            netns_from_proc: !netns_in_kernel,
-            pressure_pct: args.pressure_pct,
-            top: 10,
-            window_s: args.window.as_secs(),
-            metrics,
-            attach_clients: attach_clients.clone(),
-            fresh: fresh_tx,
-            stopping: stopping.clone(),
-        };
-        std::thread::Builder::new()
-            .name("portwatch-writer".into())
-            .spawn(move || process::run(rx, Output::new(log), cfg, started))
-            .map_err(|source| Error::Io {
-                what: "starting the processing thread",
-                source,
-            })?
-    };
-
-    // sock_diag: the start-up snapshot of every namespace (holders that predate the agent),
-    // then a reconciliation and TIME_WAIT summary every --tw-interval seconds. It runs on
-    // its own thread: a dump of 100k sockets must not stall the ring-buffer drain.
-    let stop_diag = Arc::new(AtomicBool::new(false));
-    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
-    let diag_thread = {
-        let tx = tx.clone();
-        let stop = stop_diag.clone();
-        let interval = Duration::from_secs(args.tw_interval);
-        std::thread::Builder::new()
-            .name("portwatch-diag".into())
-            .spawn(move || diag_loop(tx, fresh_rx, interval, stop, first_tx, tw_counts))
-            .map_err(|source| Error::Io {
-                what: "starting the sock_diag thread",
-                source,
-            })?
-    };
-    let _ = first_rx.await;
-
-    let send = |m: Msg| {
-        let tx = tx.clone();
-        async move {
-            // The writer only stops after Stop, so this cannot fail before then.
-            let _ = tx.send(m).await;
-        }
-    };
-
-    // Before `ready`: a supervisor (or a test) that signals the agent as soon as it says it
-    // is ready must reach these handlers, not the default action, which for SIGHUP and
-    // SIGTERM ends the process without its `stopped` record.
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|source| Error::Io {
-        what: "installing the SIGINT handler",
-        source,
-    })?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|source| Error::Io {
-        what: "installing the SIGTERM handler",
-        source,
-    })?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(|source| Error::Io {
-        what: "installing the SIGHUP handler",
-        source,
-    })?;
-
-    send(Msg::Agent(Box::new(AgentRecord {
+/// `ready`, then a `degraded` record for each thing that did not come up as it should.
+fn startup_records(
+    args: &RunArgs,
+    probes: &probes::Probes,
+    tracefs_mounted: bool,
+    netns_in_kernel: bool,
+    problems: &[btf::Unresolved],
+    started: Instant,
+) -> Vec<AgentRecord> {
+    let mut out = vec![AgentRecord {
         event: "ready",
         version: Some(env!("CARGO_PKG_VERSION")),
         pid: Some(std::process::id()),
@@ -225,12 +163,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ports: Some(args.ports.clone()),
         ringbuf_bytes: Some(args.ringbuf_size),
         netns_source: Some(if netns_in_kernel { "kernel" } else { "procfs" }),
-        tracefs_mounted: Some(tracefs.mounted_by_us),
+        tracefs_mounted: Some(tracefs_mounted),
         startup_ms: Some(started.elapsed().as_millis() as u64),
         log_file: args.log_path(),
         ..Default::default()
-    })))
-    .await;
+    }];
+    let degraded = |reason: String| AgentRecord {
+        event: "degraded",
+        reason: Some(reason),
+        ..Default::default()
+    };
     if !problems.is_empty() {
         let reason = problems
             .iter()
@@ -243,82 +185,158 @@ pub async fn run(args: RunArgs) -> Result<()> {
             "; network namespaces are read from /proc/<pid>/ns/net instead (slower, and empty \
              for processes that already exited)"
         };
-        send(Msg::Agent(Box::new(AgentRecord {
-            event: "degraded",
-            reason: Some(format!("kernel offsets unresolved: {reason}{netns_note}")),
-            ..Default::default()
-        })))
-        .await;
+        out.push(degraded(format!(
+            "kernel offsets unresolved: {reason}{netns_note}"
+        )));
     }
-    for note in probes.notes() {
-        send(Msg::Agent(Box::new(AgentRecord {
-            event: "degraded",
-            reason: Some(note.clone()),
-            ..Default::default()
-        })))
-        .await;
-    }
+    out.extend(probes.notes().iter().cloned().map(degraded));
+    out
+}
 
-    // Docker: its own thread and runtime, started after `ready` so that stays the first
-    // line. Without a daemon it says so once and retries; a slow daemon can delay container
-    // names, never the records themselves.
-    let (stop_docker, stop_docker_rx) = tokio::sync::watch::channel(false);
-    let mut docker_threads = Vec::new();
-    for ep in docker_eps {
-        let (tx, stop) = (tx.clone(), stop_docker_rx.clone());
-        docker_threads.push(
-            std::thread::Builder::new()
-                .name("portwatch-docker".into())
-                .spawn(move || docker::run(ep, tx, stop))
-                .map_err(|source| Error::Io {
-                    what: "starting the Docker thread",
-                    source,
-                })?,
-        );
-    }
-    tokio::spawn(control::serve(control, tx.clone(), group));
+/// Docker: a thread and runtime per engine. Without a daemon each says so once and
+/// retries; a slow daemon can delay container names, never the records themselves.
+fn spawn_docker(
+    eps: Vec<docker::Endpoint>,
+    tx: &mpsc::Sender<Msg>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<std::thread::JoinHandle<()>>> {
+    eps.into_iter()
+        .map(|ep| {
+            let (tx, stop) = (tx.clone(), stop.clone());
+            spawn_named(
+                "portwatch-docker",
+                "starting the Docker thread",
+                move || {
+                    docker::run(ep, tx, stop);
+                },
+            )
+        })
+        .collect()
+}
 
-    // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns it, and it is
-    // only used for readiness (epoll), never read or closed behind tokio's back.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(|e| Error::Io {
-            what: "registering the ring buffer with the event loop",
-            source: e.into_parts().1,
-        })?;
+/// Events lost since the last `lost` record: the kernel's (ring buffer full, or runs the
+/// kernel skipped) and the agent's (queue full).
+struct LostCounter {
+    agent: Arc<[AtomicU64; KINDS]>,
+    last_kernel: [u64; KINDS],
+    last_agent: [u64; KINDS],
+}
 
-    let mut lost_tick = tokio::time::interval(Duration::from_millis(args.lost_interval_ms));
-    lost_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_kernel = [0u64; KINDS];
-    let mut last_agent = [0u64; KINDS];
-
-    let mut check_lost = |probes: &probes::Probes| -> Option<Msg> {
+impl LostCounter {
+    fn check(&mut self, probes: &probes::Probes) -> Option<Msg> {
         let full = probes.lost_counts();
         let skipped = probes.skipped_counts();
         let k: [u64; KINDS] = std::array::from_fn(|i| full[i] + skipped[i]);
-        let a: [u64; KINDS] = std::array::from_fn(|i| agent_lost[i].load(Ordering::Relaxed));
-        let dk: [u64; KINDS] = std::array::from_fn(|i| k[i].saturating_sub(last_kernel[i]));
-        let da: [u64; KINDS] = std::array::from_fn(|i| a[i] - last_agent[i]);
-        last_kernel = k;
-        last_agent = a;
+        let a: [u64; KINDS] = std::array::from_fn(|i| self.agent[i].load(Ordering::Relaxed));
+        let dk: [u64; KINDS] = std::array::from_fn(|i| k[i].saturating_sub(self.last_kernel[i]));
+        let da: [u64; KINDS] = std::array::from_fn(|i| a[i] - self.last_agent[i]);
+        self.last_kernel = k;
+        self.last_agent = a;
         (dk.iter().chain(da.iter()).any(|&x| x > 0)).then_some(Msg::Lost {
             kernel: dk,
             agent: da,
         })
-    };
+    }
+}
 
+/// The two ring buffers (prompt events, and the storm ring read with most of the queue
+/// kept free) and the batches being gathered from each.
+struct Rings {
+    ring: AsyncFd<RingBuf<MapData>>,
+    bulk: RingBuf<MapData>,
+    scratch: Vec<Event>,
+    bulk_scratch: Vec<Event>,
+    /// The storm ring still held events when its last drain stopped.
+    bulk_left: bool,
+}
+
+impl Rings {
+    fn drain_bulk(&mut self, tx: &mpsc::Sender<Msg>) {
+        self.bulk_left = drain(&mut self.bulk, tx, &mut self.bulk_scratch, BULK_ROOM);
+    }
+
+    fn drain_both(&mut self, tx: &mpsc::Sender<Msg>) {
+        drain(self.ring.get_mut(), tx, &mut self.scratch, 0);
+        self.drain_bulk(tx);
+    }
+
+    /// At stop, after the programs are gone: everything left goes to the processing thread
+    /// within DRAIN_AT_STOP, and what cannot is counted as lost, never silent.
+    async fn drain_at_stop(&mut self, tx: &mpsc::Sender<Msg>, lost: &[AtomicU64; KINDS]) {
+        const DRAIN_AT_STOP: Duration = Duration::from_millis(200);
+        let give_up = tokio::time::Instant::now() + DRAIN_AT_STOP;
+        while drain(self.ring.get_mut(), tx, &mut self.scratch, 0)
+            | drain(&mut self.bulk, tx, &mut self.bulk_scratch, 0)
+        {
+            if tokio::time::Instant::now() >= give_up {
+                let lose = |ev: &Event| {
+                    lost[(ev.kind as usize).min(KINDS - 1)].fetch_add(1, Ordering::Relaxed);
+                };
+                self.scratch
+                    .drain(..)
+                    .chain(self.bulk_scratch.drain(..))
+                    .for_each(|ev| lose(&ev));
+                for r in [self.ring.get_mut(), &mut self.bulk] {
+                    while let Some(item) = r.next() {
+                        if let Some(ev) = decode::event_from_bytes(&item) {
+                            lose(&ev);
+                        }
+                    }
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+fn signals() -> Result<[tokio::signal::unix::Signal; 3]> {
+    let install = |kind: SignalKind, what: &'static str| {
+        signal(kind).map_err(|source| Error::Io { what, source })
+    };
+    Ok([
+        install(SignalKind::interrupt(), "installing the SIGINT handler")?,
+        install(SignalKind::terminate(), "installing the SIGTERM handler")?,
+        install(SignalKind::hangup(), "installing the SIGHUP handler")?,
+    ])
+}
+
+/// A named thread, or the start-up error that says which could not start.
+fn spawn_named<T: Send + 'static>(
+    name: &str,
+    what: &'static str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<std::thread::JoinHandle<T>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|source| Error::Io { what, source })
+}
+
+/// The event loop: drain the rings (on wakeup, and every DRAIN_MS for events submitted
+/// without one), count losses, turn the state hook on while clients are attached, reopen
+/// the log on SIGHUP; returns on SIGINT or SIGTERM.
+async fn watch(
+    args: &RunArgs,
+    probes: &mut probes::Probes,
+    rings: &mut Rings,
+    lost: &mut LostCounter,
+    tx: &mpsc::Sender<Msg>,
+    attach_clients: &std::sync::atomic::AtomicUsize,
+    signals: [&mut tokio::signal::unix::Signal; 3],
+) -> Result<()> {
+    let mut lost_tick = tokio::time::interval(Duration::from_millis(args.lost_interval_ms));
+    lost_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Events that need no prompt handling are submitted without a wakeup (see the kernel
     // side's emit()); this tick collects them.
     let mut drain_tick = tokio::time::interval(Duration::from_millis(DRAIN_MS));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut scratch: Vec<Event> = Vec::new();
-    let mut bulk_scratch: Vec<Event> = Vec::new();
-    let mut bulk_left = false;
     let mut state_hook_failed = false;
+    let [sigint, sigterm, sighup] = signals;
     loop {
         tokio::select! {
             _ = drain_tick.tick() => {
-                drain(ring.get_mut(), &tx, &mut scratch, 0);
-                bulk_left = drain(&mut bulk, &tx, &mut bulk_scratch, BULK_ROOM);
+                rings.drain_both(tx);
                 // Coalescing windows and held conflicts are timed on the processing thread;
                 // a full queue means it is busy, and the next tick will do.
                 let _ = tx.try_send(Msg::Tick);
@@ -334,81 +352,216 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     }
                 }
             }
-            guard = ring.readable_mut() => {
+            guard = rings.ring.readable_mut() => {
                 let mut guard = guard.map_err(|source| Error::Io { what: "waiting on the ring buffer", source })?;
-                drain(guard.get_inner_mut(), &tx, &mut scratch, 0);
+                drain(guard.get_inner_mut(), tx, &mut rings.scratch, 0);
                 guard.clear_ready();
-                bulk_left = drain(&mut bulk, &tx, &mut bulk_scratch, BULK_ROOM);
+                // Field by field: the guard still borrows the prompt ring.
+                rings.bulk_left = drain(&mut rings.bulk, tx, &mut rings.bulk_scratch, BULK_ROOM);
             }
-            _ = tokio::time::sleep(Duration::from_millis(1)), if bulk_left => {
-                bulk_left = drain(&mut bulk, &tx, &mut bulk_scratch, BULK_ROOM);
+            _ = tokio::time::sleep(Duration::from_millis(1)), if rings.bulk_left => {
+                rings.drain_bulk(tx);
             }
             _ = lost_tick.tick() => {
-                if let Some(m) = check_lost(&probes) { send(m).await; }
+                if let Some(m) = lost.check(probes) { let _ = tx.send(m).await; }
             }
-            _ = sighup.recv() => send(Msg::Reopen).await,
+            _ = sighup.recv() => { let _ = tx.send(Msg::Reopen).await; }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
     }
+    Ok(())
+}
 
+/// The threads `run` started, and the flags that stop them.
+struct Threads {
+    stopping: Arc<AtomicBool>,
+    stop_diag: Arc<AtomicBool>,
+    stop_docker: tokio::sync::watch::Sender<bool>,
+    diag: std::thread::JoinHandle<()>,
+    docker: Vec<std::thread::JoinHandle<()>>,
+    writer: std::thread::JoinHandle<()>,
+}
+
+async fn shutdown(
+    t: Threads,
+    mut probes: probes::Probes,
+    mut rings: Rings,
+    mut lost: LostCounter,
+    tx: mpsc::Sender<Msg>,
+) {
     // Shutdown, bounded to well under a second whatever the backlog: the processing thread
     // is told at once, works on for STOP_GRACE and counts what is left (`unwritten` in
     // `stopped`); the ring buffer is drained for at most DRAIN_AT_STOP and what stays in it
     // is counted as lost; the sock_diag and Docker threads get JOIN_AT_STOP each (a dump
     // in progress is abandoned with the process).
-    const DRAIN_AT_STOP: Duration = Duration::from_millis(200);
     const JOIN_AT_STOP: Duration = Duration::from_millis(150);
-    stopping.store(true, Ordering::Relaxed);
-    stop_diag.store(true, Ordering::Relaxed);
-    let _ = stop_docker.send(true);
+    t.stopping.store(true, Ordering::Relaxed);
+    t.stop_diag.store(true, Ordering::Relaxed);
+    let _ = t.stop_docker.send(true);
     // Programs first, so that nothing reaches the ring buffer after its last drain: what
     // is in it then is everything, written or counted.
     probes.unload_programs();
-    let give_up = tokio::time::Instant::now() + DRAIN_AT_STOP;
-    while drain(ring.get_mut(), &tx, &mut scratch, 0) | drain(&mut bulk, &tx, &mut bulk_scratch, 0)
-    {
-        if tokio::time::Instant::now() >= give_up {
-            // Counted, never silent: what is left could not be handed over in time.
-            let lose = |ev: &Event| {
-                agent_lost[(ev.kind as usize).min(KINDS - 1)].fetch_add(1, Ordering::Relaxed);
-            };
-            scratch
-                .drain(..)
-                .chain(bulk_scratch.drain(..))
-                .for_each(|ev| lose(&ev));
-            for r in [ring.get_mut(), &mut bulk] {
-                while let Some(item) = r.next() {
-                    if let Some(ev) = decode::event_from_bytes(&item) {
-                        lose(&ev);
-                    }
-                }
-            }
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    if let Some(m) = check_lost(&probes) {
-        send(m).await;
+    rings.drain_at_stop(&tx, &lost.agent).await;
+    if let Some(m) = lost.check(&probes) {
+        let _ = tx.send(m).await;
     }
     let _ = tokio::time::timeout(
         JOIN_AT_STOP,
-        tokio::task::spawn_blocking(move || diag_thread.join()),
+        tokio::task::spawn_blocking(move || t.diag.join()),
     )
     .await;
-    if !docker_threads.is_empty() {
+    if !t.docker.is_empty() {
         let all = tokio::task::spawn_blocking(move || {
-            for t in docker_threads {
-                let _ = t.join();
+            for h in t.docker {
+                let _ = h.join();
             }
         });
         let _ = tokio::time::timeout(JOIN_AT_STOP, all).await;
     }
-    send(Msg::Stop).await;
+    let _ = tx.send(Msg::Stop).await;
     drop(tx);
-    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-    drop(ring);
+    let _ = tokio::task::spawn_blocking(move || t.writer.join()).await;
+    drop(rings);
     drop(probes);
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    let started = Instant::now();
+    let prep = prepare(&args)?;
+    let (offsets, problems) = if args.no_btf_offsets {
+        (
+            portwatch_common::Offsets::default(),
+            vec![btf::Unresolved("disabled by --no-btf-offsets".into())],
+        )
+    } else {
+        btf::resolve(&prep.btf_path)
+    };
+    let netns_in_kernel = offsets.netns_ok == 1;
+    let mut probes = probes::load(&probes::LoadConfig {
+        tracefs: &prep.tracefs.path,
+        offsets,
+        all_events: args.all_events,
+        ports: &args.ports,
+        ringbuf_size: args.ringbuf_size,
+        hooks: args.hooks,
+    })?;
+    let (ring, bulk) = probes.take_events()?;
+    let tw_counts = probes.take_time_wait_counts();
+    // Parsing BTF (ours and aya's) peaked at tens of MB, all freed by now.
+    crate::heap::trim();
+
+    let (tx, rx) = mpsc::channel::<Msg>(QUEUE);
+    let attach_clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (fresh_tx, fresh_rx) = std::sync::mpsc::channel::<process::FreshRequest>();
+    let cfg = process::Config {
+        host: prep.host.clone(),
+        all_events: args.all_events,
+        netns_from_proc: !netns_in_kernel,
+        pressure_pct: args.pressure_pct,
+        top: 10,
+        window_s: args.window.as_secs(),
+        metrics: prep.metrics.clone(),
+        attach_clients: attach_clients.clone(),
+        fresh: fresh_tx,
+        stopping: stopping.clone(),
+    };
+    let out = Output::new(prep.log);
+    let writer = spawn_named(
+        "portwatch-writer",
+        "starting the processing thread",
+        move || {
+            process::run(rx, out, cfg, started);
+        },
+    )?;
+
+    // sock_diag: the start-up snapshot of every namespace (holders that predate the agent),
+    // then a reconciliation and TIME_WAIT summary every --tw-interval seconds. It runs on
+    // its own thread: a dump of 100k sockets must not stall the ring-buffer drain.
+    let stop_diag = Arc::new(AtomicBool::new(false));
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    let diag_thread = {
+        let (tx, stop) = (tx.clone(), stop_diag.clone());
+        let interval = Duration::from_secs(args.tw_interval);
+        spawn_named(
+            "portwatch-diag",
+            "starting the sock_diag thread",
+            move || {
+                diag_loop(tx, fresh_rx, interval, stop, first_tx, tw_counts);
+            },
+        )?
+    };
+    let _ = first_rx.await;
+
+    // Before `ready`: a supervisor (or a test) that signals the agent as soon as it says it
+    // is ready must reach these handlers, not the default action, which for SIGHUP and
+    // SIGTERM ends the process without its `stopped` record.
+    let signals = signals()?;
+    let records = startup_records(
+        &args,
+        &probes,
+        prep.tracefs.mounted_by_us,
+        netns_in_kernel,
+        &problems,
+        started,
+    );
+    for r in records {
+        // The writer only stops after Stop, so this cannot fail before then.
+        let _ = tx.send(Msg::Agent(Box::new(r))).await;
+    }
+
+    // Docker and the control socket after `ready`, so that stays the first line.
+    let (stop_docker, stop_docker_rx) = tokio::sync::watch::channel(false);
+    let docker_threads = spawn_docker(prep.docker_eps, &tx, &stop_docker_rx)?;
+    tokio::spawn(control::serve(prep.control, tx.clone(), prep.group));
+
+    // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns it, and it is
+    // only used for readiness (epoll), never read or closed behind tokio's back.
+    let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| Error::Io {
+            what: "registering the ring buffer with the event loop",
+            source: e.into_parts().1,
+        })?;
+    let mut rings = Rings {
+        ring,
+        bulk,
+        scratch: Vec::new(),
+        bulk_scratch: Vec::new(),
+        bulk_left: false,
+    };
+    let mut lost = LostCounter {
+        agent: Arc::new(Default::default()),
+        last_kernel: [0; KINDS],
+        last_agent: [0; KINDS],
+    };
+    let [mut sigint, mut sigterm, mut sighup] = signals;
+    watch(
+        &args,
+        &mut probes,
+        &mut rings,
+        &mut lost,
+        &tx,
+        &attach_clients,
+        [&mut sigint, &mut sigterm, &mut sighup],
+    )
+    .await?;
+
+    shutdown(
+        Threads {
+            stopping,
+            stop_diag,
+            stop_docker,
+            diag: diag_thread,
+            docker: docker_threads,
+            writer,
+        },
+        probes,
+        rings,
+        lost,
+        tx,
+    )
+    .await;
     Ok(())
 }
 

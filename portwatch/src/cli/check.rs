@@ -13,6 +13,7 @@ use crate::{
     control::{self, Request},
     error::{Error, Result},
     kernel::decode::Clock,
+    state::table::PortTable,
     state::table::{self, Attempt, Proto},
 };
 
@@ -84,156 +85,185 @@ fn local_port_range() -> (u16, u16) {
 }
 
 /// Exit code: 0 free, 1 taken.
-pub fn check(a: &CheckArgs) -> Result<u8> {
-    let proto = if a.proto == "udp" {
-        Proto::Udp
-    } else {
-        Proto::Tcp
-    };
-    let addr: IpAddr = a.addr;
-    let (t, _) = snapshot_table();
-    let netns = own_netns();
-    let now = Clock::now_wall_ns();
-    let ephemeral = local_port_range();
-    let in_ephemeral = |p: u16| ephemeral.0 <= p && p <= ephemeral.1;
-    let verdict = |port: u16| -> (bool, Option<table::Attribution>) {
-        let free = trial_bind(proto, SocketAddr::new(addr, port)).is_ok();
+/// What a check looks at: this namespace's table and port range, at one moment.
+struct Probe {
+    proto: Proto,
+    addr: IpAddr,
+    table: PortTable,
+    netns: u32,
+    now: i128,
+    ephemeral: (u16, u16),
+}
+
+impl Probe {
+    fn proto_name(&self) -> &'static str {
+        if self.proto == Proto::Tcp {
+            "tcp"
+        } else {
+            "udp"
+        }
+    }
+
+    fn in_ephemeral(&self, p: u16) -> bool {
+        self.ephemeral.0 <= p && p <= self.ephemeral.1
+    }
+
+    /// Free for a service (a trial bind succeeds and no TIME_WAIT socket is on it), and
+    /// the attribution when it is not.
+    fn verdict(&self, port: u16) -> (bool, Option<table::Attribution>) {
+        let free = trial_bind(self.proto, SocketAddr::new(self.addr, port)).is_ok();
         let attempt = Attempt {
-            netns,
-            proto,
-            addr,
+            netns: self.netns,
+            proto: self.proto,
+            addr: self.addr,
             port,
             op_listen: false,
-            actor_pid: 0,
             actor_sk: 0,
-            now_ns: now,
-            proto_name: if proto == Proto::Tcp { "tcp" } else { "udp" },
+            now_ns: self.now,
+            proto_name: self.proto_name(),
             publishing: None,
-            ephemeral,
+            ephemeral: self.ephemeral,
         };
-        let at = t.attribute(&attempt);
+        let at = self.table.attribute(&attempt);
         // TIME_WAIT counts as taken for suggestions even when SO_REUSEADDR would get past it.
         let tw = at.holders.iter().any(|h| h.state == "TIME_WAIT");
         (free && !tw, (!free || tw).then_some(at))
+    }
+}
+
+pub fn check(a: &CheckArgs) -> Result<u8> {
+    let probe = Probe {
+        proto: if a.proto == "udp" {
+            Proto::Udp
+        } else {
+            Proto::Tcp
+        },
+        addr: a.addr,
+        table: snapshot_table().0,
+        netns: own_netns(),
+        now: Clock::now_wall_ns(),
+        ephemeral: local_port_range(),
     };
     let mut out = std::io::stdout().lock();
-    let code = match a.port {
-        Some(port) => {
-            let (free, at) = verdict(port);
-            let proto_s = if proto == Proto::Tcp { "tcp" } else { "udp" };
-            let target = SocketAddr::new(addr, port);
-            let published = published(&a.runtime_dir, port, proto_s);
-            if a.json {
-                let v = serde_json::json!({
-                    "published": published,
-                    "port": port, "proto": proto_s, "addr": addr, "free": free,
-                    "in_ephemeral_range": in_ephemeral(port),
-                    "ephemeral_range": [ephemeral.0, ephemeral.1],
-                    "holders": at.as_ref().map(|a| &a.holders),
-                    "cause": at.as_ref().map(|a| a.cause),
-                    "overlap": at.as_ref().and_then(|a| a.overlap),
-                    "hint": at.as_ref().map(|a| a.hint.clone()),
-                });
-                let _ = writeln!(out, "{v}");
-            } else if free {
-                let _ = writeln!(out, "{proto_s} {target} is free: a bind would succeed now");
-            } else if let Some(at) = &at {
-                let _ = writeln!(out, "{proto_s} {target} is taken: cause {}", at.cause);
-                for h in &at.holders {
-                    let v = serde_json::to_value(h).unwrap_or_default();
-                    let _ = writeln!(
-                        out,
-                        "  held by {} {} {}{}",
-                        if who(&v).is_empty() {
-                            "-".to_string()
-                        } else {
-                            who(&v)
-                        },
-                        h.state,
-                        SocketAddr::new(h.addr, h.port),
-                        h.count
-                            .map(|n| format!(
-                                " x{n}, first expires in {} s",
-                                h.expires_in_s.unwrap_or(0)
-                            ))
-                            .unwrap_or_default()
-                    );
-                }
-                if !at.hint.is_empty() {
-                    let _ = writeln!(out, "  hint: {}", at.hint);
-                } else if let Some(r) = &at.reason {
-                    let _ = writeln!(out, "  {r}");
-                }
-            }
-            if !a.json {
-                for p in published.iter().flatten() {
-                    let mapping = format!(
-                        "{} publishes {} to {}/{}",
-                        p["container"].as_str().unwrap_or("-"),
-                        SocketAddr::new(
-                            p["host_ip"]
-                                .as_str()
-                                .and_then(|s| s.parse().ok())
-                                .unwrap_or(addr),
-                            port
-                        ),
-                        p["container_port"],
-                        p["proto"].as_str().unwrap_or(proto_s),
-                    );
-                    if p["reachable"] == true {
-                        let _ = writeln!(out, "  {mapping}: a listener inside answers");
-                    } else {
-                        let _ = writeln!(
-                            out,
-                            "  unreachable: {mapping}, but nothing there listens where published \
-                             traffic arrives\n  hint: {}",
-                            p["hint"].as_str().unwrap_or_default()
-                        );
-                    }
-                }
-            }
-            if !a.json && in_ephemeral(port) {
-                let _ = writeln!(
-                    out,
-                    "  warning: {port} lies in this host's ip_local_port_range ({}-{}): an \
-                     outbound connection may take it as its source port before the service \
-                     binds it. Reserve it: sysctl -w net.ipv4.ip_local_reserved_ports={port}",
-                    ephemeral.0, ephemeral.1
-                );
-            }
-            u8::from(!free)
-        }
-        None => 0,
-    };
+    let code = a.port.map_or(0, |port| one_port(&mut out, a, &probe, port));
     if let Some(n) = a.suggest {
-        let (lo, hi) = a.range.unwrap_or((1024, 65535));
-        let mut found = Vec::new();
-        // Ports outside the ephemeral range first: an outbound connection cannot take those
-        // as its source port.
-        let order = (lo..=hi)
-            .filter(|p| !in_ephemeral(*p))
-            .chain((lo..=hi).filter(|p| in_ephemeral(*p)));
-        for p in order {
-            if found.len() >= n {
-                break;
-            }
-            if verdict(p).0 {
-                found.push(p);
-            }
-        }
-        if a.json {
-            let _ = writeln!(out, "{}", serde_json::json!({ "free": found }));
-        } else {
-            for p in &found {
-                let _ = writeln!(out, "{p}");
-            }
-        }
-        if found.len() < n {
-            eprintln!("portwatch: only {} free ports in {lo}-{hi}", found.len());
+        if !suggest(&mut out, a, &probe, n) {
             return Ok(1);
         }
     }
     Ok(code)
+}
+
+/// `check PORT`: free or taken (holders, cause, hint), the containers publishing it, and a
+/// warning when it lies in the ephemeral range. Returns the exit status.
+fn one_port(out: &mut impl Write, a: &CheckArgs, probe: &Probe, port: u16) -> u8 {
+    let (free, at) = probe.verdict(port);
+    let proto_s = probe.proto_name();
+    let published = published(&a.runtime_dir, port, proto_s);
+    let (lo, hi) = probe.ephemeral;
+    if a.json {
+        let v = serde_json::json!({
+            "published": published,
+            "port": port, "proto": proto_s, "addr": probe.addr, "free": free,
+            "in_ephemeral_range": probe.in_ephemeral(port),
+            "ephemeral_range": [lo, hi],
+            "holders": at.as_ref().map(|a| &a.holders),
+            "cause": at.as_ref().map(|a| a.cause),
+            "overlap": at.as_ref().and_then(|a| a.overlap),
+            "hint": at.as_ref().map(|a| a.hint.clone()),
+        });
+        let _ = writeln!(out, "{v}");
+        return u8::from(!free);
+    }
+    let target = SocketAddr::new(probe.addr, port);
+    if free {
+        let _ = writeln!(out, "{proto_s} {target} is free: a bind would succeed now");
+    } else if let Some(at) = &at {
+        print_taken(out, proto_s, target, at);
+    }
+    for p in published.iter().flatten() {
+        print_published(out, p, target, proto_s);
+    }
+    if probe.in_ephemeral(port) {
+        let _ = writeln!(
+            out,
+            "  warning: {port} lies in this host's ip_local_port_range ({lo}-{hi}): an \
+             outbound connection may take it as its source port before the service binds it. \
+             Reserve it: sysctl -w net.ipv4.ip_local_reserved_ports={port}"
+        );
+    }
+    u8::from(!free)
+}
+
+fn print_taken(out: &mut impl Write, proto_s: &str, target: SocketAddr, at: &table::Attribution) {
+    let _ = writeln!(out, "{proto_s} {target} is taken: cause {}", at.cause);
+    for h in &at.holders {
+        let v = serde_json::to_value(h).unwrap_or_default();
+        let who = who(&v);
+        let tw = h
+            .count
+            .map(|n| format!(" x{n}, first expires in {} s", h.expires_in_s.unwrap_or(0)))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  held by {} {} {}{tw}",
+            if who.is_empty() { "-" } else { &who },
+            h.state,
+            SocketAddr::new(h.addr, h.port),
+        );
+    }
+    if !at.hint.is_empty() {
+        let _ = writeln!(out, "  hint: {}", at.hint);
+    } else if let Some(r) = &at.reason {
+        let _ = writeln!(out, "  {r}");
+    }
+}
+
+/// One container publishing the port, as the agent judged it.
+fn print_published(out: &mut impl Write, p: &Value, target: SocketAddr, proto_s: &str) {
+    let host_ip = p["host_ip"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(target.ip());
+    let mapping = format!(
+        "{} publishes {} to {}/{}",
+        p["container"].as_str().unwrap_or("-"),
+        SocketAddr::new(host_ip, target.port()),
+        p["container_port"],
+        p["proto"].as_str().unwrap_or(proto_s),
+    );
+    if p["reachable"] == true {
+        let _ = writeln!(out, "  {mapping}: a listener inside answers");
+    } else {
+        let _ = writeln!(
+            out,
+            "  unreachable: {mapping}, but nothing there listens where published traffic \
+             arrives\n  hint: {}",
+            p["hint"].as_str().unwrap_or_default()
+        );
+    }
+}
+
+/// `--suggest N`: free ports in the range, those outside the ephemeral range first (an
+/// outbound connection cannot take them as its source port). False if fewer were found.
+fn suggest(out: &mut impl Write, a: &CheckArgs, probe: &Probe, n: usize) -> bool {
+    let (lo, hi) = a.range.unwrap_or((1024, 65535));
+    let order = (lo..=hi)
+        .filter(|p| !probe.in_ephemeral(*p))
+        .chain((lo..=hi).filter(|p| probe.in_ephemeral(*p)));
+    let found: Vec<u16> = order.filter(|p| probe.verdict(*p).0).take(n).collect();
+    if a.json {
+        let _ = writeln!(out, "{}", serde_json::json!({ "free": found }));
+    } else {
+        for p in &found {
+            let _ = writeln!(out, "{p}");
+        }
+    }
+    if found.len() < n {
+        eprintln!("portwatch: only {} free ports in {lo}-{hi}", found.len());
+        return false;
+    }
+    true
 }
 
 /// What the running agent knows of containers publishing `port` (`proto` only): each

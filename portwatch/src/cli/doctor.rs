@@ -2,9 +2,11 @@
 
 use std::path::Path;
 
-use crate::control::{self};
-
-use crate::cli::render::Style;
+use crate::{
+    cli::render::Style,
+    control,
+    kernel::{btf, prereq, probes},
+};
 
 struct Check {
     name: String,
@@ -13,37 +15,72 @@ struct Check {
     fix: String,
 }
 
-pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path, verbose: bool) -> u8 {
-    let mut checks = Vec::new();
-    let mut add = |name: &str, ok: bool, detail: String, fix: &str| {
-        checks.push(Check {
+#[derive(Default)]
+struct Checks {
+    all: Vec<Check>,
+    /// Verifier logs of rejected programs, for `--verbose`.
+    logs: Vec<(&'static str, String)>,
+    /// What works, but not as it should (printed as WARN).
+    degraded: Vec<String>,
+}
+
+impl Checks {
+    fn add(&mut self, name: &str, ok: bool, detail: String, fix: &str) {
+        self.all.push(Check {
             name: name.into(),
             ok,
             detail,
             fix: fix.into(),
         });
-    };
-    let release = crate::kernel::prereq::kernel_release();
-    let kernel_ok =
-        crate::kernel::prereq::kernel_version().is_some_and(crate::kernel::prereq::supported);
-    add(
+    }
+}
+
+/// What the kernel and this host offer, before anything is loaded.
+struct Host<'a> {
+    kernel_ok: bool,
+    btf: bool,
+    privileged: bool,
+    tracefs: Option<&'a Path>,
+}
+
+pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path, verbose: bool) -> u8 {
+    let mut c = Checks::default();
+    let host = host_checks(&mut c);
+    if host.privileged && host.btf && host.kernel_ok {
+        program_checks(&mut c, host.tracefs);
+    } else {
+        c.add(
+            "programs",
+            false,
+            "not loaded: needs root, kernel BTF and Linux 5.8+".into(),
+            "fix the checks above, then run doctor again",
+        );
+    }
+    local_checks(&mut c, runtime_dir, log_path);
+    print(&c, docker_sock, verbose)
+}
+
+fn host_checks(c: &mut Checks) -> Host<'static> {
+    let release = prereq::kernel_release();
+    let kernel_ok = prereq::kernel_version().is_some_and(prereq::supported);
+    c.add(
         "kernel",
         kernel_ok,
         format!("Linux {release}"),
         "portwatch needs Linux 5.8 or newer (ring buffer maps, CAP_BPF)",
     );
-    let btf = Path::new(crate::kernel::prereq::BTF_PATH).exists();
-    add(
+    let btf = Path::new(prereq::BTF_PATH).exists();
+    c.add(
         "btf",
         btf,
-        crate::kernel::prereq::BTF_PATH.into(),
+        prereq::BTF_PATH.into(),
         "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
     );
-    let priv_ok = crate::kernel::prereq::check_privileges().is_ok();
-    add(
+    let privileged = prereq::check_privileges().is_ok();
+    c.add(
         "privileges",
-        priv_ok,
-        if priv_ok {
+        privileged,
+        if privileged {
             "CAP_BPF+CAP_PERFMON or root".into()
         } else {
             "not root".into()
@@ -54,96 +91,77 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path, verbose: 
         .into_iter()
         .map(Path::new)
         .find(|p| p.join("events").is_dir());
-    add(
+    c.add(
         "tracefs",
         tracefs.is_some(),
-        tracefs
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "not mounted".into()),
+        tracefs.map_or_else(|| "not mounted".into(), |p| p.display().to_string()),
         "mount -t tracefs nodev /sys/kernel/tracing (portwatch run does this itself as root)",
     );
-    for (_, cat, tp) in crate::kernel::probes::PROGRAMS {
+    for (_, cat, tp) in probes::PROGRAMS {
         let ok = tracefs.is_some_and(|t| t.join("events").join(cat).join(tp).join("id").exists());
-        add(
+        c.add(
             &format!("tracepoint {cat}:{tp}"),
             ok,
-            if ok {
-                "present".into()
-            } else {
-                "missing".into()
-            },
+            if ok { "present" } else { "missing" }.into(),
             "mount tracefs; a kernel without this tracepoint is not supported",
         );
     }
-    // A tracepoint that exists proves nothing if the verifier rejects the program for it:
-    // load every program `run` would load, with the same globals, then unload it.
-    let mut degraded = Vec::new();
-    let mut logs = Vec::new();
-    if priv_ok && btf && kernel_ok {
-        let (offsets, _) = crate::kernel::btf::resolve(Path::new(crate::kernel::prereq::BTF_PATH));
-        let cfg = crate::kernel::probes::LoadConfig {
-            tracefs: tracefs.unwrap_or(Path::new("/sys/kernel/tracing")),
-            offsets,
-            all_events: false,
-            ports: &[],
-            ringbuf_size: 4 << 20,
-            hooks: crate::kernel::probes::HookChoice::Tracepoint,
-        };
-        // What the kernel offers for bind/listen/connect/close: trampolines are loaded (on
-        // the functions its BTF names) and unloaded; either family works, so this informs.
-        let offer = crate::kernel::probes::offer(&cfg);
-        let detail = match &offer.trampoline {
-            Ok(functions) => format!(
-                "trampoline (fentry/fexit) available: `run` attaches {}",
-                functions.join(", ")
-            ),
-            Err(why) => format!(
-                "tracepoint only: trampolines unavailable ({why}); `run` attaches the \
-                 syscall tracepoints"
-            ),
-        };
-        add("hooks", true, detail, "");
-        let trampoline_notes = offer.notes;
-        match crate::kernel::probes::verify(&cfg) {
-            Ok((verdicts, notes)) => {
-                for v in verdicts {
-                    let ok = v.result.is_ok();
-                    if let Some(log) = v.log {
-                        logs.push((v.program, log));
-                    }
-                    add(
-                        &format!("program {}", v.program),
-                        ok,
-                        v.result
-                            .err()
-                            .unwrap_or_else(|| "accepted by the verifier".into()),
-                        "portwatch run cannot start on this kernel; report it with this output",
-                    );
-                }
-                degraded = notes;
-                degraded.extend(trampoline_notes);
-            }
-            Err(e) => add(
-                "programs",
-                false,
-                e.to_string(),
-                "portwatch run cannot start on this kernel; report it with this output",
-            ),
-        }
-    } else {
-        add(
-            "programs",
-            false,
-            "not loaded: needs root, kernel BTF and Linux 5.8+".into(),
-            "fix the checks above, then run doctor again",
-        );
+    Host {
+        kernel_ok,
+        btf,
+        privileged,
+        tracefs,
     }
-    let docker = std::os::unix::net::UnixStream::connect(docker_sock).is_ok();
-    let docker_detail = if docker {
-        docker_sock.display().to_string()
-    } else {
-        format!("{} (optional)", docker_sock.display())
+}
+
+/// A tracepoint that exists proves nothing if the verifier rejects the program for it:
+/// load every program `run` would load, with the same globals, then unload it.
+fn program_checks(c: &mut Checks, tracefs: Option<&Path>) {
+    const REPORT: &str = "portwatch run cannot start on this kernel; report it with this output";
+    let (offsets, _) = btf::resolve(Path::new(prereq::BTF_PATH));
+    let cfg = probes::LoadConfig {
+        tracefs: tracefs.unwrap_or(Path::new("/sys/kernel/tracing")),
+        offsets,
+        all_events: false,
+        ports: &[],
+        ringbuf_size: 4 << 20,
+        hooks: probes::HookChoice::Tracepoint,
     };
+    // What the kernel offers for bind/listen/connect/close: trampolines are loaded (on the
+    // functions its BTF names) and unloaded; either family works, so this informs.
+    let offer = probes::offer(&cfg);
+    let detail = match &offer.trampoline {
+        Ok(functions) => format!(
+            "trampoline (fentry/fexit) available: `run` attaches {}",
+            functions.join(", ")
+        ),
+        Err(why) => format!(
+            "tracepoint only: trampolines unavailable ({why}); `run` attaches the syscall \
+             tracepoints"
+        ),
+    };
+    c.add("hooks", true, detail, "");
+    match probes::verify(&cfg) {
+        Ok((verdicts, notes)) => {
+            for v in verdicts {
+                if let Some(log) = v.log {
+                    c.logs.push((v.program, log));
+                }
+                let ok = v.result.is_ok();
+                let detail = v
+                    .result
+                    .err()
+                    .unwrap_or_else(|| "accepted by the verifier".into());
+                c.add(&format!("program {}", v.program), ok, detail, REPORT);
+            }
+            c.degraded = notes;
+            c.degraded.extend(offer.notes);
+        }
+        Err(e) => c.add("programs", false, e.to_string(), REPORT),
+    }
+}
+
+fn local_checks(c: &mut Checks, runtime_dir: &Path, log_path: &Path) {
     let dir = log_path.parent().unwrap_or(Path::new("/"));
     let log_ok = std::fs::create_dir_all(dir).is_ok()
         && std::fs::OpenOptions::new()
@@ -151,61 +169,52 @@ pub fn doctor(runtime_dir: &Path, log_path: &Path, docker_sock: &Path, verbose: 
             .append(true)
             .open(log_path)
             .is_ok();
-    add(
+    c.add(
         "log path",
         log_ok,
         log_path.display().to_string(),
         "make the directory writable by root or pass --log-file",
     );
     let agent = control::running_agent(runtime_dir);
-    add(
+    c.add(
         "agent",
         agent.is_some(),
-        agent
-            .map(|p| format!("running, pid {p}"))
-            .unwrap_or_else(|| "not running".into()),
+        agent.map_or_else(|| "not running".into(), |p| format!("running, pid {p}")),
         "start it: sudo portwatch run (or systemctl start portwatch)",
     );
+}
+
+/// PASS/FAIL per check, the verifier logs, WARN lines; the exit status is 1 if any failed.
+fn print(c: &Checks, docker_sock: &Path, verbose: bool) -> u8 {
     let st = Style::for_stdout();
-    // Docker is optional: without it records only lack container names, so it warns.
-    let warn = (!docker).then_some((
-        docker_detail,
-        "start dockerd to get container names on records",
-    ));
     let mut failed = 0;
-    for c in &checks {
-        let mark = if c.ok {
-            st.paint("32", "PASS")
-        } else {
-            st.paint("31", "FAIL")
-        };
+    for c in &c.all {
         if c.ok {
-            println!("{mark} {:<36} {}", c.name, c.detail);
+            println!("{} {:<36} {}", st.paint("32", "PASS"), c.name, c.detail);
         } else {
             failed += 1;
+            let mark = st.paint("31", "FAIL");
             println!("{mark} {:<36} {} -- fix: {}", c.name, c.detail, c.fix);
         }
     }
     if verbose {
-        for (program, log) in &logs {
+        for (program, log) in &c.logs {
             println!("--- verifier log of {program} ---\n{}", log.trim_end());
         }
-    } else if !logs.is_empty() {
+    } else if !c.logs.is_empty() {
         println!("(run `portwatch doctor --verbose` for the verifier's whole log)");
     }
-    for note in &degraded {
-        println!("{} {:<36} {note}", st.paint("33", "WARN"), "degraded");
+    let warn = st.paint("33", "WARN");
+    for note in &c.degraded {
+        println!("{warn} {:<36} {note}", "degraded");
     }
-    if let Some((detail, fix)) = warn {
-        println!(
-            "{} {:<36} {detail} -- fix: {fix}",
-            st.paint("33", "WARN"),
-            "docker socket"
-        );
+    // Docker is optional: without it records only lack container names, so it warns.
+    if std::os::unix::net::UnixStream::connect(docker_sock).is_ok() {
+        let pass = st.paint("32", "PASS");
+        println!("{pass} {:<36} {}", "docker socket", docker_sock.display());
     } else {
         println!(
-            "{} {:<36} {}",
-            st.paint("32", "PASS"),
+            "{warn} {:<36} {} (optional) -- fix: start dockerd to get container names on records",
             "docker socket",
             docker_sock.display()
         );

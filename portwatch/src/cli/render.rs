@@ -57,47 +57,7 @@ pub fn human(v: &Value, st: &Style) -> String {
     };
     let ty = v["type"].as_str().unwrap_or("?");
     let body = match ty {
-        "conflict" => {
-            let holders: Vec<String> = v["holders"]
-                .as_array()
-                .map(|hs| {
-                    hs.iter()
-                        .map(|h| match h["count"].as_u64() {
-                            Some(n) => format!("{n}x TIME_WAIT"),
-                            None => format!(
-                                "{} {} {}",
-                                who(h),
-                                h["state"].as_str().unwrap_or(""),
-                                addr_port(h)
-                            ),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            format!(
-                "{}{} {} {} {} by {} netns {} cause={}{}{}",
-                st.paint("1;31", "CONFLICT"),
-                match v["count"].as_u64() {
-                    Some(n) if n > 1 => format!(" x{n}"),
-                    _ => String::new(),
-                },
-                v["op"].as_str().unwrap_or(""),
-                v["proto"].as_str().unwrap_or(""),
-                st.paint("1", &addr_port(v)),
-                who(&v["actor"]),
-                v["netns"],
-                st.paint("33", v["cause"].as_str().unwrap_or("")),
-                if holders.is_empty() {
-                    String::new()
-                } else {
-                    format!(" held by {}", holders.join(", "))
-                },
-                match v["hint"].as_str() {
-                    Some(h) if !h.is_empty() => format!(" -- {h}"),
-                    _ => String::new(),
-                }
-            )
-        }
+        "conflict" => conflict_line(v, st),
         "bind" | "listen" | "connect" | "close" => format!(
             "{} {} {} {} by {} netns {}",
             st.paint("36", ty),
@@ -184,6 +144,50 @@ pub fn human(v: &Value, st: &Style) -> String {
         _ => v.to_string(),
     };
     format!("{} {body}", st.paint("2", &t))
+}
+
+/// `CONFLICT x3 bind tcp 0.0.0.0:8080 by pid 42 (nginx) netns 4026531840 cause=listener
+/// held by ... -- hint`.
+fn conflict_line(v: &Value, st: &Style) -> String {
+    let holders: Vec<String> = v["holders"]
+        .as_array()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| match h["count"].as_u64() {
+                    Some(n) => format!("{n}x TIME_WAIT"),
+                    None => format!(
+                        "{} {} {}",
+                        who(h),
+                        h["state"].as_str().unwrap_or(""),
+                        addr_port(h)
+                    ),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "{}{} {} {} {} by {} netns {} cause={}{}{}",
+        st.paint("1;31", "CONFLICT"),
+        match v["count"].as_u64() {
+            Some(n) if n > 1 => format!(" x{n}"),
+            _ => String::new(),
+        },
+        v["op"].as_str().unwrap_or(""),
+        v["proto"].as_str().unwrap_or(""),
+        st.paint("1", &addr_port(v)),
+        who(&v["actor"]),
+        v["netns"],
+        st.paint("33", v["cause"].as_str().unwrap_or("")),
+        if holders.is_empty() {
+            String::new()
+        } else {
+            format!(" held by {}", holders.join(", "))
+        },
+        match v["hint"].as_str() {
+            Some(h) if !h.is_empty() => format!(" -- {h}"),
+            _ => String::new(),
+        }
+    )
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The control protocol: what a client may ask the agent (JSON lines, one request per
 //! connection) and the rows it gets back. Shared by the server (`control`), the processing
-//! thread that answers, and the clients (`ops`, `tail`).
+//! thread that answers, and the clients (`cli`).
 
 use std::path::{Path, PathBuf};
 

@@ -244,6 +244,15 @@ impl Processor {
         self.held.extend(again);
     }
 
+    /// Command lines of holders the table knew without one, read now (comm-checked).
+    pub(super) fn fill_cmdlines(&mut self, holders: &mut [table::Holder]) {
+        for h in holders {
+            if let (Some(pid), Some(comm), None) = (h.pid, &h.comm, &h.cmdline) {
+                h.cmdline = self.procs.cmdline(pid, pid, comm);
+            }
+        }
+    }
+
     /// Hold a conflict until its namespace is re-read; false if no re-read can be asked.
     pub(super) fn hold(
         &mut self,
@@ -320,7 +329,6 @@ impl Processor {
                     addr: decode::ip(e.family, &e.addr),
                     port: e.port,
                     op_listen: k == Kind::Listen,
-                    actor_pid: e.pid,
                     actor_sk: e.sk,
                     now_ns: wall,
                     proto_name: r.proto,
@@ -347,28 +355,8 @@ impl Processor {
                     return;
                 }
                 let mut a = a;
-                for h in &mut a.holders {
-                    if let (Some(pid), Some(comm), None) = (h.pid, &h.comm, &h.cmdline) {
-                        h.cmdline = self.procs.cmdline(pid, pid, comm);
-                    }
-                }
-                r.holders = a.holders;
-                r.cause = a.cause;
-                r.overlap = a.overlap;
-                if !a.hint.is_empty() || r.hint.is_empty() {
-                    r.hint = a.hint;
-                }
-                if a.cause != "unknown" {
-                    r.reason = None;
-                } else if r.reason.is_none() || e.ret == -98 {
-                    r.reason = a.reason;
-                    if let Some(why) = fresh.as_ref().and_then(|f| f.failed.as_ref()) {
-                        r.reason = Some(format!(
-                            "{}; {why}",
-                            r.reason.as_deref().unwrap_or("no holder is known")
-                        ));
-                    }
-                }
+                self.fill_cmdlines(&mut a.holders);
+                take_attribution(&mut r, a, e, fresh.as_ref());
             }
         } else if let Some(f) = &fresh {
             apply_counts(&mut r, e, f);
@@ -377,5 +365,33 @@ impl Processor {
         r.h.host = &host;
         self.emit(&r);
         self.cfg.host = host;
+    }
+}
+
+/// The table's attribution into the first-pass record: holders, cause and overlap; its hint
+/// unless it has none and the record does; its reason when the cause stays unknown (with
+/// why no re-read could be had).
+fn take_attribution(
+    r: &mut record::Conflict<'_>,
+    a: table::Attribution,
+    e: &Event,
+    fresh: Option<&Freshness>,
+) {
+    r.holders = a.holders;
+    r.cause = a.cause;
+    r.overlap = a.overlap;
+    if !a.hint.is_empty() || r.hint.is_empty() {
+        r.hint = a.hint;
+    }
+    if a.cause != "unknown" {
+        r.reason = None;
+    } else if r.reason.is_none() || e.ret == -98 {
+        r.reason = a.reason;
+        if let Some(why) = fresh.and_then(|f| f.failed.as_ref()) {
+            r.reason = Some(format!(
+                "{}; {why}",
+                r.reason.as_deref().unwrap_or("no holder is known")
+            ));
+        }
     }
 }

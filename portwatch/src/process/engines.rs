@@ -114,111 +114,20 @@ impl Processor {
     ) {
         // The daemon can report one refused start more than once (the start error and the
         // container's state both carry it): one failure, one record.
-        let now = Instant::now();
-        self.recent_published
-            .retain(|(.., t)| now.duration_since(*t) < Duration::from_secs(10));
-        let key = (b.full_id.to_string(), ip, port);
-        if self
-            .recent_published
-            .iter()
-            .any(|(id, i, p, _)| (id, i, p) == (&key.0, &key.1, &key.2))
-        {
+        if self.published_recently(&b.full_id, ip, port) {
             return;
         }
-        self.recent_published.push((key.0, ip, port, now));
         let proto = b
             .bindings
             .iter()
             .find(|p| p.host_port <= port && port <= p.host_port_end)
             .map_or(Proto::Tcp, |p| p.proto);
-        let proto_name = proto.name();
-        let netns = self.docker.host_netns();
-        let attempt = Attempt {
-            netns,
-            proto,
-            addr: ip,
-            port,
-            op_listen: false,
-            actor_pid: 0,
-            actor_sk: 0,
-            now_ns: ts_ns,
-            proto_name,
-            publishing: Some(&b.r.name),
-            ephemeral: self.port_range(netns),
-        };
         let publisher = self
             .docker
             .publisher(proto, ip, port)
             .map(|(c, p)| (c.clone(), *p));
-        let docker = &mut self.docker;
-        let a = self
-            .table
-            .attribute_with(&attempt, &mut |x| place(docker, netns, x));
-        let mut holders: Vec<table::Holder> = a
-            .holders
-            .into_iter()
-            .filter(|h| {
-                h.via.is_some()
-                    && publisher
-                        .as_ref()
-                        .is_some_and(|(c, _)| h.container.as_ref() == Some(&c.r))
-            })
-            .collect();
-        if holders.is_empty() {
-            // No socket (e.g. --userland-proxy=false with a daemon before 28): the port is
-            // dockerd's allocation alone.
-            if let Some((c, p)) = &publisher {
-                holders.push(table::Holder {
-                    pid: None,
-                    comm: None,
-                    cmdline: None,
-                    uid: None,
-                    state: "PUBLISHED",
-                    proto: proto_name,
-                    addr: p.host_ip,
-                    port,
-                    overlap: table::overlap(ip, None, p.host_ip, None)
-                        .unwrap_or(table::Overlap::Exact),
-                    since: None,
-                    count: None,
-                    expires_in_s: None,
-                    container: Some(c.r.clone()),
-                    via: Some("dockerd"),
-                    container_port: Some(p.container_port),
-                    stale: None,
-                });
-            }
-        }
-        for h in &mut holders {
-            if let (Some(pid), Some(comm), None) = (h.pid, &h.comm, &h.cmdline) {
-                h.cmdline = self.procs.cmdline(pid, pid, comm);
-            }
-        }
-        let target = table::fmt_addr(ip, port);
-        let (hint, reason) = match &publisher {
-            Some((a, p)) => (
-                format!(
-                    "container {} ({}, {}) already publishes {} -> {}; {} stop {}, or \
-                     publish {} on another host port",
-                    a.r.name,
-                    a.r.image,
-                    a.r.id,
-                    table::fmt_addr(p.host_ip, port),
-                    p.target(),
-                    a.r.engine,
-                    a.r.name,
-                    b.r.name
-                ),
-                None,
-            ),
-            None => (
-                format!("publish {} on another host port", b.r.name),
-                Some(format!(
-                    "no running container in the index publishes {proto_name} {target}; it \
-                     may have stopped since"
-                )),
-            ),
-        };
+        let holders = self.publish_holders(b, proto, ip, port, ts_ns, publisher.as_ref());
+        let (hint, reason) = publish_hint(b, publisher.as_ref(), proto.name(), ip, port);
         let overlap = holders.first().map(|h| h.overlap);
         let host = std::mem::take(&mut self.cfg.host);
         let h = Header::new("conflict", &host, ts_ns);
@@ -229,11 +138,11 @@ impl Processor {
             h,
             op: "docker_publish",
             error: "port_already_allocated",
-            proto: proto_name,
+            proto: proto.name(),
             family: if ip.is_ipv4() { "ipv4" } else { "ipv6" },
             addr: ip,
             port,
-            netns,
+            netns: self.docker.host_netns(),
             actor: record::ContainerActor {
                 container: b.r.clone(),
             },
@@ -246,5 +155,117 @@ impl Processor {
         };
         self.emit(&r);
         self.cfg.host = host;
+    }
+
+    /// Was this refusal (container, address, port) reported in the last 10 s? Records it.
+    fn published_recently(&mut self, full_id: &str, ip: IpAddr, port: u16) -> bool {
+        let now = Instant::now();
+        self.recent_published
+            .retain(|(.., t)| now.duration_since(*t) < Duration::from_secs(10));
+        if self
+            .recent_published
+            .iter()
+            .any(|(id, i, p, _)| (id.as_str(), *i, *p) == (full_id, ip, port))
+        {
+            return true;
+        }
+        self.recent_published
+            .push((full_id.to_string(), ip, port, now));
+        false
+    }
+
+    /// The sockets that hold the port for the publishing container, or, with none (no
+    /// userland proxy before Docker 28), the daemon's allocation itself.
+    fn publish_holders(
+        &mut self,
+        b: &Container,
+        proto: Proto,
+        ip: IpAddr,
+        port: u16,
+        ts_ns: i128,
+        publisher: Option<&(Arc<Container>, PortMap)>,
+    ) -> Vec<table::Holder> {
+        let netns = self.docker.host_netns();
+        let attempt = Attempt {
+            netns,
+            proto,
+            addr: ip,
+            port,
+            op_listen: false,
+            actor_sk: 0,
+            now_ns: ts_ns,
+            proto_name: proto.name(),
+            publishing: Some(&b.r.name),
+            ephemeral: self.port_range(netns),
+        };
+        let docker = &mut self.docker;
+        let a = self
+            .table
+            .attribute_with(&attempt, &mut |x| place(docker, netns, x));
+        let mut holders: Vec<table::Holder> = a
+            .holders
+            .into_iter()
+            .filter(|h| {
+                h.via.is_some()
+                    && publisher.is_some_and(|(c, _)| h.container.as_ref() == Some(&c.r))
+            })
+            .collect();
+        if let (true, Some((c, p))) = (holders.is_empty(), publisher) {
+            holders.push(table::Holder {
+                pid: None,
+                comm: None,
+                cmdline: None,
+                uid: None,
+                state: "PUBLISHED",
+                proto: proto.name(),
+                addr: p.host_ip,
+                port,
+                overlap: table::overlap(ip, None, p.host_ip, None).unwrap_or(table::Overlap::Exact),
+                since: None,
+                count: None,
+                expires_in_s: None,
+                container: Some(c.r.clone()),
+                via: Some("dockerd"),
+                container_port: Some(p.container_port),
+                stale: None,
+            });
+        }
+        self.fill_cmdlines(&mut holders);
+        holders
+    }
+}
+
+/// The hint (and, when no publisher is known, the reason) of a `docker_publish` conflict.
+fn publish_hint(
+    b: &Container,
+    publisher: Option<&(Arc<Container>, PortMap)>,
+    proto_name: &str,
+    ip: IpAddr,
+    port: u16,
+) -> (String, Option<String>) {
+    match publisher {
+        Some((a, p)) => (
+            format!(
+                "container {} ({}, {}) already publishes {} -> {}; {} stop {}, or publish {} \
+                 on another host port",
+                a.r.name,
+                a.r.image,
+                a.r.id,
+                table::fmt_addr(p.host_ip, port),
+                p.target(),
+                a.r.engine,
+                a.r.name,
+                b.r.name
+            ),
+            None,
+        ),
+        None => (
+            format!("publish {} on another host port", b.r.name),
+            Some(format!(
+                "no running container in the index publishes {proto_name} {}; it may have \
+                 stopped since",
+                table::fmt_addr(ip, port)
+            )),
+        ),
     }
 }

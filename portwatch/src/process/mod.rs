@@ -19,18 +19,27 @@ use tokio::sync::{mpsc, oneshot};
 
 mod conflicts;
 mod engines;
+mod events;
+mod msg;
 mod output;
+mod queries;
 mod reachability;
+mod records;
 mod services;
 mod snapshot;
 mod time_wait;
+
+pub use msg::{count_toward, Fresh, FreshData, FreshRequest, Msg, KINDS};
+use queries::place;
+pub use records::AgentRecord;
+use records::{top_n, Busiest, Ephemeral, Line, PortCount, Pressure, RemoteCount, TimeWait};
 
 pub use snapshot::{Snapshot, SnapshotBuilder};
 use snapshot::{TwCounts, DEFAULT_PORT_RANGE};
 
 use crate::{
     control::protocol::{Filter, PortRow, Query},
-    engines::containers::{self, Container, DockerMsg, Index, StartError},
+    engines::containers::{self, Container, DockerMsg, Index, PortMap, StartError},
     host::diag,
     host::enrich::ProcCache,
     kernel::decode::{self, Clock},
@@ -46,209 +55,6 @@ use crate::{
 /// How long a failed docker-proxy/dockerd bind waits for the daemon to say which container
 /// failed to start. The daemon's event for it comes within milliseconds.
 const PUBLISH_WAIT: Duration = Duration::from_secs(2);
-
-pub const KINDS: usize = kind::COUNT as usize;
-
-/// What the processing thread receives.
-pub enum Msg {
-    /// A batch of kernel events, in ring-buffer order.
-    Events(Vec<Event>),
-    Agent(Box<AgentRecord>),
-    Lost {
-        kernel: [u64; KINDS],
-        agent: [u64; KINDS],
-    },
-    /// One namespace's sockets from sock_diag, for reconciliation and TIME_WAIT records.
-    Snapshot(Box<Snapshot>),
-    /// From the control socket: attach, ports, status, published.
-    Control(Query),
-    /// SIGHUP: reopen the log file.
-    Reopen,
-    /// From the Docker thread: the container index and lifecycle.
-    Docker(DockerMsg),
-    /// From the sock_diag thread: a namespace re-read that conflicts asked for.
-    Fresh(Box<Fresh>),
-    /// A tenth of a second passed: close coalescing windows, release held records.
-    Tick,
-    /// The sock_diag thread's pass that began at `as_of` (wall ns) found these namespaces:
-    /// any other is gone.
-    Namespaces {
-        live: Vec<u32>,
-        as_of: i128,
-    },
-    Stop,
-}
-
-impl From<Query> for Msg {
-    fn from(q: Query) -> Self {
-        Msg::Control(q)
-    }
-}
-
-impl From<DockerMsg> for Msg {
-    fn from(m: DockerMsg) -> Self {
-        Msg::Docker(m)
-    }
-}
-
-/// A namespace re-read asked for by the processing thread (`Processor::request`). The
-/// sock_diag thread serves these, so no dump or /proc walk runs on the processing thread;
-/// requests for one namespace that arrive while one is queued are merged into it.
-#[derive(Debug)]
-pub struct FreshRequest {
-    pub ns: diag::Namespace,
-    /// Another way into the same namespace (the path the agent last read it by), for when
-    /// `ns` is a thread's path and the thread has exited before the re-read: a client that
-    /// fails and exits at once is the common case.
-    pub alt: Option<PathBuf>,
-    /// Destinations to count local ports toward (connect `EADDRNOTAVAIL`).
-    pub dsts: Vec<SocketAddr>,
-    /// Also rebuild the namespace's sockets with their owners (a conflict whose holder the
-    /// table does not know); needs a walk of /proc.
-    pub sockets: bool,
-}
-
-impl FreshRequest {
-    /// A re-read of a namespace's sockets, with their owners.
-    pub fn sockets_of(ns: diag::Namespace) -> FreshRequest {
-        FreshRequest {
-            ns,
-            alt: None,
-            dsts: Vec::new(),
-            sockets: true,
-        }
-    }
-
-    pub fn merge(&mut self, other: FreshRequest) {
-        for d in other.dsts {
-            if !self.dsts.contains(&d) {
-                self.dsts.push(d);
-            }
-        }
-        self.sockets |= other.sockets;
-        if self.alt.is_none() {
-            self.alt = other.alt;
-        }
-    }
-}
-
-/// The answer to a `FreshRequest`.
-pub struct Fresh {
-    pub netns: u32,
-    /// Wall-clock ns when the dump was taken: what the counts describe.
-    pub as_of: i128,
-    /// `Err`: why the namespace could not be read (it may be gone).
-    pub result: std::result::Result<FreshData, String>,
-}
-
-pub struct FreshData {
-    pub snapshot: Option<Box<Snapshot>>,
-    /// (destination, in use, TIME_WAIT) for each requested destination.
-    pub counts: Vec<(SocketAddr, u32, u32)>,
-    pub range: Option<(u16, u16)>,
-    /// Destinations the namespace has no source address for (`diag::source_available`).
-    pub no_source: Vec<SocketAddr>,
-}
-
-/// Count the local TCP ports toward each destination, from a dump.
-pub fn count_toward(
-    entries: &[diag::SockEntry],
-    dsts: &[SocketAddr],
-) -> Vec<(SocketAddr, u32, u32)> {
-    let mut out: Vec<(SocketAddr, u32, u32)> = dsts.iter().map(|d| (*d, 0, 0)).collect();
-    for s in entries {
-        if s.proto != diag::Proto::Tcp {
-            continue;
-        }
-        if let Some(c) = out.iter_mut().find(|c| c.0 == s.remote) {
-            if s.state == table::TCP_TIME_WAIT {
-                c.2 += 1;
-            } else {
-                c.1 += 1;
-            }
-        }
-    }
-    out
-}
-
-/// `type: "agent"`: lifecycle of the agent itself.
-#[derive(Debug, Serialize, Default)]
-pub struct AgentRecord {
-    pub event: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub version: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mode: Option<&'static str>,
-    /// `ready`: the hook family attached, `trampoline` or `tracepoint`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hooks: Option<&'static str>,
-    /// `ready`: why `--hooks auto` fell back to the tracepoints.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hooks_why: Option<String>,
-    /// `ready`: the kernel functions the trampoline programs are on, as program@function.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub functions: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub programs: Option<Vec<&'static str>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ports: Option<Vec<u16>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ringbuf_bytes: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub netns_source: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tracefs_mounted: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub startup_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_file: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub table_size: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub namespaces: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub records: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lost_total: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_write_errors: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub drift_healed: Option<u64>,
-    /// `stopped`: records not written because the agent was stopping with a backlog.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub unwritten: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub failed_records: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub uptime_s: Option<f64>,
-}
-
-#[derive(Serialize)]
-struct Line<'a, T: Serialize> {
-    #[serde(flatten)]
-    h: Header<'a>,
-    #[serde(flatten)]
-    body: T,
-}
-
-impl<T: Serialize + Keyed> Keyed for Line<'_, T> {
-    fn keys(&self) -> Keys {
-        Keys {
-            ty: self.h.ty,
-            ..self.body.keys()
-        }
-    }
-}
-
-impl Keyed for AgentRecord {
-    fn keys(&self) -> Keys {
-        Keys::of("agent")
-    }
-}
 
 pub struct Config {
     pub host: String,
@@ -393,6 +199,8 @@ struct Processor {
     /// Published ports found unreachable: (full id, proto, host port), written once until
     /// they heal.
     unreachable: std::collections::HashSet<(Box<str>, Proto, u16)>,
+    /// Events since the monotonic/wall offset was last re-read.
+    since_clock: u32,
 }
 
 /// How long after a container starts its published ports are checked: its service needs a
@@ -441,47 +249,6 @@ struct PendingBind {
     via: &'static str,
     deadline: Instant,
     span: Span,
-}
-
-/// Where a socket's owner stands in Docker: a published port held by docker-proxy/dockerd
-/// for a container, or a process inside a container.
-fn place(docker: &mut Index, netns: u32, x: &Entry) -> Option<Placement> {
-    let owner = x.owner.as_ref();
-    if let Some(via) = owner.and_then(|o| containers::docker_binder(&o.comm)) {
-        if netns == docker.host_netns() {
-            let (ip, port) = (x.local.ip(), x.local.port());
-            if let Some((c, p)) = docker.publisher(x.proto, ip, port) {
-                return Some(Placement {
-                    container: Some(c.r.clone()),
-                    via: Some(via),
-                    container_port: Some(p.container_port),
-                    stale: false,
-                });
-            }
-            // A binder holding a published port that no container the engines know runs
-            // or starts with: left behind by a daemon that died or lost track (moby#20486,
-            // #36591). Only said while an engine is connected, which knows every container;
-            // the podman CLI only passes the socket on, so it is never the one left.
-            if via != "podman" && docker.connected() && !docker.claims(x.proto, ip, port) {
-                let cip = owner
-                    .and_then(|o| o.cmdline.as_deref())
-                    .and_then(|c| containers::proxy_args(c).0);
-                return Some(Placement {
-                    container: cip.and_then(|ip| docker.by_ip(ip)).map(|c| c.r.clone()),
-                    via: Some(via),
-                    container_port: None,
-                    stale: true,
-                });
-            }
-        }
-    }
-    let c = docker.container_of(owner.map_or(0, |o| o.pid), netns, 0)?;
-    Some(Placement {
-        container: Some(c.r.clone()),
-        via: None,
-        container_port: None,
-        stale: false,
-    })
 }
 
 /// connect `EADDRNOTAVAIL`: how many local ports toward the destination were taken (in use
@@ -540,94 +307,6 @@ fn proto_of(p: u16) -> Option<Proto> {
 }
 
 impl Processor {
-    fn owner_of(&mut self, e: &Event) -> Arc<Owner> {
-        let comm = decode::comm(&e.comm);
-        let cmdline = self.procs.cmdline(e.pid, e.tid, &comm);
-        self.table.owner(e.pid, &comm, cmdline, e.uid)
-    }
-
-    /// Keep the port table current from one kernel event.
-    fn update_table(&mut self, e: &Event, k: Kind, netns: u32, wall: i128) {
-        let local = SocketAddr::new(decode::ip(e.family, &e.addr), e.port);
-        let remote = SocketAddr::new(decode::ip(e.family, &e.raddr), e.rport);
-        let entry = |state: u8, owner: Option<Arc<Owner>>, proto: Proto| Entry {
-            proto,
-            local: local.into(),
-            remote: remote.into(),
-            state,
-            inode: 0,
-            sk: e.sk,
-            owner,
-            since_ns: wall as i64,
-            v6only: None,
-        };
-        match k {
-            Kind::Bind if e.ret == 0 => {
-                if let Some(p) = proto_of(e.proto) {
-                    let o = self.owner_of(e);
-                    self.table
-                        .on_bind(netns, entry(table::TCP_CLOSE, Some(o.clone()), p));
-                    // A UDP socket bound to an explicit port serves on it; port 0 asks the
-                    // kernel for an ephemeral one, which is a client's.
-                    if p == Proto::Udp && e.port != 0 {
-                        self.service_open(netns, p, local, e, o, wall);
-                    }
-                }
-            }
-            Kind::Listen if e.ret == 0 => {
-                let o = self.owner_of(e);
-                self.table
-                    .on_listen(netns, entry(table::TCP_LISTEN, Some(o.clone()), Proto::Tcp));
-                if e.port != 0 {
-                    self.service_open(netns, Proto::Tcp, local, e, o, wall);
-                }
-            }
-            Kind::Close => {
-                if let Some(p) = proto_of(e.proto) {
-                    self.table.on_close(netns, p, e.port, e.sk, e.pid);
-                    self.services.close(netns, p, e.port, e.sk, e.pid, wall);
-                }
-            }
-            Kind::Exit => {
-                // Its sockets close after this event, and a child may share them: a re-read
-                // of each namespace where it served (on the sock_diag thread) decides.
-                for ns in self.services.namespaces_of(e.pid) {
-                    self.request(ns, e, None, true);
-                }
-                self.table.on_exit(e.pid);
-                self.recent_exits.push_back((e.pid, wall));
-                while self.recent_exits.len() > 4096
-                    || self
-                        .recent_exits
-                        .front()
-                        .is_some_and(|(_, t)| wall - t > 30_000_000_000)
-                {
-                    self.recent_exits.pop_front();
-                }
-                self.procs.forget(e.pid);
-                self.docker.forget_pid(e.pid);
-            }
-            Kind::TcpState => {
-                let (old, new) = (e.old_state as u8, e.new_state as u8);
-                let en = entry(table::TCP_TIME_WAIT, None, Proto::Tcp);
-                self.table.on_tcp_state(netns, &en, old, new);
-            }
-            _ => {}
-        }
-    }
-
-    /// Drop what the table and the trackers keep about namespaces that are gone.
-    fn prune(&mut self, live: &[u32], as_of: i128) {
-        let live: std::collections::HashSet<u32> = live.iter().copied().collect();
-        let dropped = self.table.prune_namespaces(&live, as_of);
-        for ns in dropped {
-            self.services.check(ns, as_of, &|_, _| false);
-        }
-        self.ns_paths.retain(|n, _| live.contains(n));
-        self.port_ranges.retain(|n, _| live.contains(n));
-        self.last_counts.retain(|(n, _), _| live.contains(n));
-    }
-
     fn port_range(&self, netns: u32) -> (u16, u16) {
         self.port_ranges
             .get(&netns)
@@ -679,432 +358,176 @@ impl Processor {
         self.in_flight.entry(netns).or_insert_with(Instant::now);
         true
     }
-
-    /// Whether an event would have produced a log record (for the shutdown count).
-    fn would_write(&self, e: &Event) -> bool {
-        match Kind::try_from(e.kind) {
-            Ok(k) => self.cfg.all_events || record::is_conflict(e, k),
-            Err(_) => false,
-        }
-    }
-
-    fn event(&mut self, e: &Event) {
-        let Ok(k) = Kind::try_from(e.kind) else {
-            self.unknown_kinds += 1;
-            return;
-        };
-        let wall = self.clock.wall_ns(e.ts_ns);
-        let netns = if e.netns == 0 && self.cfg.netns_from_proc && e.pid != 0 && k != Kind::TcpState
-        {
-            self.procs.netns(e.pid)
-        } else {
-            e.netns
-        };
-        self.update_table(e, k, netns, wall);
-        if record::is_conflict(e, k) {
-            self.conflict(e, k, netns, wall);
-            return;
-        }
-        self.push_window(WinItem::Raw(wall, *e, netns));
-        let live = !self.subs.is_empty();
-        if !self.cfg.all_events && !live {
-            return;
-        }
-        let Some(keys) = self.format_verbose(e, k, netns, wall, live) else {
-            return;
-        };
-        if self.cfg.all_events {
-            let buf = std::mem::take(&mut self.buf);
-            self.out.write_line(&buf);
-            self.buf = buf;
-            if let Some(m) = &self.cfg.metrics {
-                m.record_type(k.name());
-            }
-        }
-        if live {
-            let line: Arc<[u8]> = Arc::from(&self.buf[..]);
-            self.publish(&line, &keys);
-        }
-    }
-
-    /// Encode a verbose (bind, listen, connect, close, exit, tcp_state) record into buf, and
-    /// say its keys (only when `keyed`: they are for attached clients, and `--all-events`
-    /// alone should not pay for them); None if it could not be encoded.
-    fn format_verbose(
-        &mut self,
-        e: &Event,
-        k: Kind,
-        netns: u32,
-        wall: i128,
-        keyed: bool,
-    ) -> Option<Keys> {
-        let keys_of = |r: &dyn Keyed| if keyed { r.keys() } else { Keys::default() };
-        let host = std::mem::take(&mut self.cfg.host);
-        self.buf.clear();
-        let keys = match k {
-            Kind::Bind | Kind::Listen | Kind::Connect | Kind::Close => {
-                let comm = decode::comm(&e.comm);
-                let cmdline = self.procs.cmdline(e.pid, e.tid, &comm);
-                let mut r = record::sock_op(Header::new(k.name(), &host, wall), e, netns, cmdline);
-                r.actor.container = self.container_ref(e, netns);
-                serde_json::to_writer(&mut self.buf, &r)
-                    .is_ok()
-                    .then(|| keys_of(&r))
-            }
-            Kind::Exit => {
-                let mut actor = record::Actor::from_event(e, None);
-                actor.container = self.container_ref(e, netns);
-                let r = record::Exit {
-                    h: Header::new("exit", &host, wall),
-                    netns,
-                    actor,
-                };
-                serde_json::to_writer(&mut self.buf, &r)
-                    .is_ok()
-                    .then(|| keys_of(&r))
-            }
-            Kind::TcpState => {
-                let ts = self.ts_cache.format(wall);
-                record::write_tcp_state(&mut self.buf, ts, &self.host_json, e);
-                Some(if keyed {
-                    Keys::of_event(e, k, None)
-                } else {
-                    Keys::default()
-                })
-            }
-        };
-        self.cfg.host = host;
-        self.buf.push(b'\n');
-        if keys.is_none() {
-            self.failed_encodes += 1;
-        }
-        keys
-    }
-
-    /// A control-socket request, answered on the channel it carries.
-    fn query(&mut self, q: Query) {
-        match q {
-            Query::Attach {
-                filter,
-                since_s,
-                live,
-                replay,
-            } => {
-                self.recheck_reach(filter.port);
-                self.attach(filter, since_s, live, replay);
-            }
-            Query::Ports { filter, reply } => {
-                let _ = reply.send(self.ports(&filter));
-                self.recheck_reach(filter.port);
-            }
-            Query::Published { port, reply } => {
-                let _ = reply.send(self.published_answer(port));
-            }
-            Query::Status { reply } => {
-                let _ = reply.send(self.status());
-            }
-        }
-    }
-
-    fn ports(&mut self, filter: &Filter) -> Vec<PortRow> {
-        let docker = &mut self.docker;
-        crate::control::rows::table_rows(&self.table, filter, &mut |ns, e| place(docker, ns, e))
-    }
-
-    fn status(&self) -> serde_json::Value {
-        serde_json::json!({
-            "pid": std::process::id(),
-            "version": env!("CARGO_PKG_VERSION"),
-            "uptime_s": self.started.elapsed().as_secs(),
-            "table_size": self.table.len(),
-            "records": self.out.lines,
-            "lost_total": self.lost_total,
-            "log_write_errors": self.out.log_errors(),
-            "attached": self.subs.len(),
-            "drift_healed": self.table.drift_healed,
-            "last_reconcile": {
-                "sockets": self.last_reconcile.0,
-                "ms": self.last_reconcile.1.as_secs_f64() * 1000.0,
-            },
-            "rss_kb": std::fs::read_to_string("/proc/self/status").ok().and_then(|st| {
-                st.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            }),
-            // Against rss_kb: RSS growing while heap.in_use_kb stays flat is the allocator
-            // holding freed memory, not a collection growing.
-            "heap": crate::heap::usage(),
-            "window": { "items": self.window.len(), "bytes": self.window_bytes },
-            // Failures being coalesced, and conflicts waiting for a namespace re-read.
-            "bursts": { "active": self.bursts.len(), "absorbed": self.bursts.held() },
-            "held_conflicts": self.held.len(),
-            "services": { "open": self.services.len(), "restarts_coalesced": self.services.coalesced },
-            "unknown_kinds": self.unknown_kinds,
-            "failed_encodes": self.failed_encodes,
-        })
-    }
-
-    fn lost(&mut self, kernel: [u64; KINDS], agent: [u64; KINDS]) {
-        let mut by_kind = BTreeMap::new();
-        for kd in Kind::ALL {
-            let i = kd.raw() as usize;
-            let n = kernel[i] + agent[i];
-            if n > 0 {
-                by_kind.insert(kd.name(), n);
-            }
-        }
-        let k: u64 = kernel.iter().sum();
-        let a: u64 = agent.iter().sum();
-        self.lost_total += k + a;
-        let host = std::mem::take(&mut self.cfg.host);
-        let r = record::Lost {
-            h: Header::new("lost", &host, Clock::now_wall_ns()),
-            count: k + a,
-            kernel: k,
-            agent: a,
-            by_kind,
-            total: self.lost_total,
-        };
-        self.emit(&r);
-        self.cfg.host = host;
-    }
 }
 
-trait Counted {
-    fn count(&self) -> u64;
-}
-
-#[derive(Serialize)]
-struct PortCount {
-    port: u16,
-    count: u64,
-}
-impl Counted for PortCount {
-    fn count(&self) -> u64 {
-        self.count
-    }
-}
-
-#[derive(Serialize)]
-struct RemoteCount {
-    addr: IpAddr,
-    port: u16,
-    count: u64,
-}
-impl Counted for RemoteCount {
-    fn count(&self) -> u64 {
-        self.count
-    }
-}
-
-/// The `n` largest, largest first; the record stays bounded however many ports there are.
-fn top_n<T: Counted>(it: impl Iterator<Item = T>, n: usize) -> Vec<T> {
-    let mut v: Vec<T> = it.collect();
-    v.sort_by_key(|b| std::cmp::Reverse(b.count()));
-    v.truncate(n);
-    v
-}
-
-#[derive(Serialize)]
-struct Busiest {
-    addr: IpAddr,
-    port: u16,
-    in_use: u64,
-    pct: f64,
-}
-
-#[derive(Serialize)]
-struct Ephemeral {
-    range: [u16; 2],
-    busiest: Option<Busiest>,
-}
-
-/// `type: "time_wait"`.
-#[derive(Serialize)]
-struct TimeWait {
-    netns: u32,
-    total: u64,
-    entered: u64,
-    expired: u64,
-    /// What counted `entered` and `expired`: `events` (the kernel's TIME_WAIT hooks, exact)
-    /// or `dumps` (derived from two sock_diag dumps and the sockets' timers). `total` is
-    /// always the dump's.
-    counted_by: &'static str,
-    by_local_port: Vec<PortCount>,
-    by_remote: Vec<RemoteCount>,
-    ephemeral: Ephemeral,
-}
-
-impl Keyed for TimeWait {
-    fn keys(&self) -> Keys {
-        Keys {
-            netns: self.netns,
-            total: self.total,
-            ..Keys::of("time_wait")
-        }
-    }
-}
-
-/// `type: "pressure"`.
-#[derive(Serialize)]
-struct Pressure {
-    netns: u32,
-    addr: IpAddr,
-    port: u16,
-    in_use: u64,
-    range: [u16; 2],
-    pct: f64,
-    threshold_pct: f64,
-    hint: String,
-}
-
-impl Keyed for Pressure {
-    fn keys(&self) -> Keys {
-        Keys {
-            ports: vec![self.port],
-            netns: self.netns,
-            ..Keys::of("pressure")
-        }
-    }
-}
-
+/// The processing thread: messages in queue order, each handled to completion and its
+/// records written before the next.
 pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Instant) {
-    let host_json = serde_json::to_vec(&cfg.host).unwrap_or_else(|_| b"\"\"".to_vec());
-    let mut p = Processor {
-        out,
-        cfg,
-        clock: Clock::now(),
-        procs: ProcCache::new("/proc", 4096),
-        table: PortTable::default(),
-        ns_paths: HashMap::new(),
-        tw: HashMap::new(),
-        buf: Vec::with_capacity(1024),
-        ts_cache: decode::TsCache::default(),
-        host_json,
-        lost_total: 0,
-        unknown_kinds: 0,
-        failed_encodes: 0,
-        window: std::collections::VecDeque::new(),
-        window_bytes: 0,
-        subs: Vec::new(),
-        started,
-        last_reconcile: (0, std::time::Duration::ZERO),
-        docker: Index::new(
-            std::fs::metadata("/proc/self/ns/net")
-                .ok()
-                .and_then(|m| u32::try_from(m.ino()).ok())
-                .unwrap_or(0),
-            "/proc",
-        ),
-        pending: Vec::new(),
-        recent_in_use: Vec::new(),
-        bursts: Bursts::default(),
-        held: Vec::new(),
-        in_flight: HashMap::new(),
-        stop_seen: None,
-        unwritten: 0,
-        services: Services::default(),
-        port_ranges: HashMap::new(),
-        recent_published: Vec::new(),
-        ready_sent: false,
-        recent_exits: std::collections::VecDeque::new(),
-        last_counts: HashMap::new(),
-        reach_due: Vec::new(),
-        reach_wait: Vec::new(),
-        unreachable: std::collections::HashSet::new(),
-    };
-    let mut since_clock = 0u32;
+    let mut p = Processor::new(out, cfg, started);
     while let Some(m) = rx.blocking_recv() {
+        let go_on = p.handle(m);
+        p.flush();
+        if !go_on {
+            break;
+        }
+    }
+}
+
+impl Processor {
+    fn new(out: Output, cfg: Config, started: Instant) -> Processor {
+        let host_json = serde_json::to_vec(&cfg.host).unwrap_or_else(|_| b"\"\"".to_vec());
+        Processor {
+            out,
+            cfg,
+            clock: Clock::now(),
+            procs: ProcCache::new("/proc", 4096),
+            table: PortTable::default(),
+            ns_paths: HashMap::new(),
+            tw: HashMap::new(),
+            buf: Vec::with_capacity(1024),
+            ts_cache: decode::TsCache::default(),
+            host_json,
+            lost_total: 0,
+            unknown_kinds: 0,
+            failed_encodes: 0,
+            window: std::collections::VecDeque::new(),
+            window_bytes: 0,
+            subs: Vec::new(),
+            started,
+            last_reconcile: (0, std::time::Duration::ZERO),
+            docker: Index::new(
+                std::fs::metadata("/proc/self/ns/net")
+                    .ok()
+                    .and_then(|m| u32::try_from(m.ino()).ok())
+                    .unwrap_or(0),
+                "/proc",
+            ),
+            pending: Vec::new(),
+            recent_in_use: Vec::new(),
+            bursts: Bursts::default(),
+            held: Vec::new(),
+            in_flight: HashMap::new(),
+            stop_seen: None,
+            unwritten: 0,
+            services: Services::default(),
+            port_ranges: HashMap::new(),
+            recent_published: Vec::new(),
+            ready_sent: false,
+            recent_exits: std::collections::VecDeque::new(),
+            last_counts: HashMap::new(),
+            reach_due: Vec::new(),
+            reach_wait: Vec::new(),
+            unreachable: std::collections::HashSet::new(),
+            since_clock: 0,
+        }
+    }
+
+    /// One message, dispatched to the stage that owns it. False after `Stop`.
+    fn handle(&mut self, m: Msg) -> bool {
         match m {
-            Msg::Events(batch) => {
-                // Re-read the monotonic/wall offset now and then: NTP slews the wall clock.
-                since_clock += batch.len() as u32;
-                if since_clock >= 10_000 {
-                    p.clock = Clock::now();
-                    since_clock = 0;
-                }
-                if p.cfg.stopping.load(std::sync::atomic::Ordering::Relaxed) {
-                    let seen = *p.stop_seen.get_or_insert_with(Instant::now);
-                    if seen.elapsed() >= STOP_GRACE {
-                        // Shutdown is bounded: the rest is counted, not processed.
-                        p.unwritten += batch.iter().filter(|e| p.would_write(e)).count() as u64;
-                        continue;
-                    }
-                }
-                for e in &batch {
-                    p.event(e);
-                }
-            }
-            Msg::Fresh(f) => p.fresh(*f),
-            Msg::Namespaces { live, as_of } => p.prune(&live, as_of),
+            Msg::Events(batch) => self.events(&batch),
+            Msg::Fresh(f) => self.fresh(*f),
+            Msg::Namespaces { live, as_of } => self.prune(&live, as_of),
             Msg::Tick => {
-                p.reach_tick();
-                p.flush_services(false);
-                p.flush_bursts(false);
-                p.flush_pending(false);
+                self.reach_tick();
+                self.flush_services(false);
+                self.flush_bursts(false);
+                self.flush_pending(false);
             }
-            Msg::Agent(mut r) => {
-                if r.event == "ready" {
-                    r.table_size = Some(p.table.len());
-                    r.namespaces = Some(p.ns_paths.len());
-                }
-                let ready = r.event == "ready";
-                p.emit_line("agent", Clock::now_wall_ns(), *r);
-                if ready && !p.ready_sent {
-                    p.ready_sent = true;
-                    p.open_existing(None, Clock::now_wall_ns());
-                }
-            }
-            Msg::Lost { kernel, agent } => p.lost(kernel, agent),
+            Msg::Agent(r) => self.agent_record(*r),
+            Msg::Lost { kernel, agent } => self.lost(kernel, agent),
             Msg::Snapshot(mut s) => {
                 let big = s.len() >= crate::heap::TRIM_AFTER_SOCKETS;
-                p.snapshot(&mut s);
+                self.snapshot(&mut s);
                 // The replaced entries and the snapshot are freed now: give them back.
                 drop(s);
                 if big {
                     crate::heap::trim();
                 }
             }
-            Msg::Control(q) => p.query(q),
-            Msg::Reopen => {
-                // What came before the signal belongs to the old file.
-                p.flush();
-                if let Some(l) = &mut p.out.log {
-                    l.reopen();
-                    // The new file's first line says why it starts here; it also tells a
-                    // log rotator the agent has let go of the old one.
-                    let r = AgentRecord {
-                        event: "log_reopened",
-                        log_file: Some(l.path().to_path_buf()),
-                        ..Default::default()
-                    };
-                    p.emit_line("agent", Clock::now_wall_ns(), r);
-                }
-            }
-            Msg::Docker(m) => p.docker_msg(m),
+            Msg::Control(q) => self.query(q),
+            Msg::Reopen => self.reopen(),
+            Msg::Docker(m) => self.docker_msg(m),
             Msg::Stop => {
-                // What coalescing and re-reads still hold is written now, as it stands.
-                p.flush_bursts(true);
-                p.flush_pending(true);
-                p.flush_services(true);
-                // Everything before the stop is written first, so the counts below are final.
-                p.flush();
-                let r = AgentRecord {
-                    event: "stopped",
-                    records: Some(p.out.lines),
-                    lost_total: Some(p.lost_total),
-                    log_write_errors: Some(p.out.log_errors()),
-                    drift_healed: Some(p.table.drift_healed),
-                    unwritten: Some(p.unwritten),
-                    uptime_s: Some((started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0),
-                    ..Default::default()
-                };
-                p.emit_line("agent", Clock::now_wall_ns(), r);
-                p.flush();
-                break;
+                self.stop();
+                return false;
             }
         }
-        p.flush();
+        true
+    }
+
+    /// A batch of kernel events, unless the agent has been stopping for longer than
+    /// STOP_GRACE: then they are only counted.
+    fn events(&mut self, batch: &[Event]) {
+        // Re-read the monotonic/wall offset now and then: NTP slews the wall clock.
+        self.since_clock += batch.len() as u32;
+        if self.since_clock >= 10_000 {
+            self.clock = Clock::now();
+            self.since_clock = 0;
+        }
+        if self.cfg.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            let seen = *self.stop_seen.get_or_insert_with(Instant::now);
+            if seen.elapsed() >= STOP_GRACE {
+                // Shutdown is bounded: the rest is counted, not processed.
+                self.unwritten += batch.iter().filter(|e| self.would_write(e)).count() as u64;
+                return;
+            }
+        }
+        for e in batch {
+            self.event(e);
+        }
+    }
+
+    fn agent_record(&mut self, mut r: AgentRecord) {
+        if r.event == "ready" {
+            r.table_size = Some(self.table.len());
+            r.namespaces = Some(self.ns_paths.len());
+        }
+        let ready = r.event == "ready";
+        self.emit_line("agent", Clock::now_wall_ns(), r);
+        if ready && !self.ready_sent {
+            self.ready_sent = true;
+            self.open_existing(None, Clock::now_wall_ns());
+        }
+    }
+
+    /// SIGHUP: the log file is reopened, and its first line says why.
+    fn reopen(&mut self) {
+        // What came before the signal belongs to the old file.
+        self.flush();
+        if let Some(l) = &mut self.out.log {
+            l.reopen();
+            // The new file's first line says why it starts here; it also tells a log
+            // rotator the agent has let go of the old one.
+            let r = AgentRecord {
+                event: "log_reopened",
+                log_file: Some(l.path().to_path_buf()),
+                ..Default::default()
+            };
+            self.emit_line("agent", Clock::now_wall_ns(), r);
+        }
+    }
+
+    /// `Stop`: what coalescing and re-reads still hold is written as it stands, then the
+    /// `stopped` record with the final counts.
+    fn stop(&mut self) {
+        self.flush_bursts(true);
+        self.flush_pending(true);
+        self.flush_services(true);
+        // Everything before the stop is written first, so the counts below are final.
+        self.flush();
+        let r = AgentRecord {
+            event: "stopped",
+            records: Some(self.out.lines),
+            lost_total: Some(self.lost_total),
+            log_write_errors: Some(self.out.log_errors()),
+            stdout_write_errors: Some(self.out.stdout_errors),
+            drift_healed: Some(self.table.drift_healed),
+            unwritten: Some(self.unwritten),
+            uptime_s: Some((self.started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0),
+            ..Default::default()
+        };
+        self.emit_line("agent", Clock::now_wall_ns(), r);
     }
 }
 

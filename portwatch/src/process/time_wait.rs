@@ -107,34 +107,7 @@ impl Processor {
         let had = st.last_total > 0;
         st.last_total = total;
         st.last_wall_ns = Some(s.wall_ns);
-        // Pressure: once per crossing of the threshold, re-armed when it falls below.
-        let threshold = self.cfg.pressure_pct;
-        let mut pressure = Vec::new();
-        for ((a, p), n) in &to_dst {
-            let pct = *n as f64 * 100.0 / size;
-            if pct >= threshold {
-                if st.pressured.insert((*a, *p)) {
-                    pressure.push(Pressure {
-                        netns,
-                        addr: *a,
-                        port: *p,
-                        in_use: *n,
-                        range: [range.0, range.1],
-                        pct: (pct * 10.0).round() / 10.0,
-                        threshold_pct: threshold,
-                        hint: format!(
-                            "{n} of {} local ports toward {} are taken; connects to it will fail \
-                             with EADDRNOTAVAIL soon: reuse connections or widen \
-                             net.ipv4.ip_local_port_range",
-                            size as u64,
-                            SocketAddr::new(*a, *p)
-                        ),
-                    });
-                }
-            } else {
-                st.pressured.remove(&(*a, *p));
-            }
-        }
+        let pressure = pressure_records(st, netns, range, &to_dst, self.cfg.pressure_pct);
         if total > 0 || had {
             let top = self.cfg.top;
             let r = TimeWait {
@@ -166,4 +139,42 @@ impl Processor {
             self.emit_line("pressure", s.wall_ns, p);
         }
     }
+}
+
+/// `pressure` records: a destination taking at least `threshold` % of the namespace's
+/// ephemeral range, once per crossing, re-armed when it falls below.
+fn pressure_records(
+    st: &mut TwState,
+    netns: u32,
+    range: (u16, u16),
+    to_dst: &HashMap<(IpAddr, u16), u64>,
+    threshold: f64,
+) -> Vec<Pressure> {
+    let size = f64::from(range.1.saturating_sub(range.0)) + 1.0;
+    let mut out = Vec::new();
+    for ((a, p), n) in to_dst {
+        let pct = *n as f64 * 100.0 / size;
+        if pct < threshold {
+            st.pressured.remove(&(*a, *p));
+            continue;
+        }
+        if st.pressured.insert((*a, *p)) {
+            out.push(Pressure {
+                netns,
+                addr: *a,
+                port: *p,
+                in_use: *n,
+                range: [range.0, range.1],
+                pct: (pct * 10.0).round() / 10.0,
+                threshold_pct: threshold,
+                hint: format!(
+                    "{n} of {} local ports toward {} are taken; connects to it will fail with \
+                     EADDRNOTAVAIL soon: reuse connections or widen net.ipv4.ip_local_port_range",
+                    size as u64,
+                    SocketAddr::new(*a, *p)
+                ),
+            });
+        }
+    }
+    out
 }

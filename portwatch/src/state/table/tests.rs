@@ -54,7 +54,6 @@ fn attempt(addr: &str, port: u16, proto: Proto) -> Attempt<'static> {
         addr: addr.parse().unwrap(),
         port,
         op_listen: false,
-        actor_pid: 99,
         actor_sk: 0,
         now_ns: 0,
         proto_name: if proto == Proto::Tcp { "tcp" } else { "udp" },
