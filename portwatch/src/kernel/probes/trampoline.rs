@@ -116,35 +116,23 @@ pub(super) fn try_trampolines(
     let mut plan = Plan::default();
     let mut tw_loaded = 0;
     for (i, h) in TRAMPOLINES.iter().enumerate() {
-        let Some(function) = h
-            .functions
-            .iter()
-            .find(|f| arity.get(**f) == Some(&h.params))
-        else {
-            let why = match h
-                .functions
-                .iter()
-                .find_map(|f| arity.get(*f).map(|n| (f, n)))
-            {
-                Some((f, n)) => format!("{f} takes {n} parameters here, not {}", h.params),
-                None => format!(
-                    "the kernel's BTF has no function {}",
-                    h.functions.join(" or ")
-                ),
-            };
-            if h.required {
-                return Err(why);
+        let function = match function_for(h, &arity) {
+            Ok(f) => f,
+            Err(why) => {
+                if h.required {
+                    return Err(why);
+                }
+                // The io_uring variants exist from 6.11 on; before, there is nothing to miss.
+                // Without the TIME_WAIT hooks the counts come from the dumps: say so.
+                if TIME_WAIT_HOOKS.contains(&h.program) {
+                    plan.notes.push(format!(
+                        "{}: not attached ({why}): TIME_WAIT entries and expiries are derived \
+                         from sock_diag dumps",
+                        h.program
+                    ));
+                }
+                continue;
             }
-            // The io_uring variants exist from 6.11 on; before, there is nothing to miss.
-            // Without the TIME_WAIT hooks the counts come from the dumps: say so.
-            if TIME_WAIT_HOOKS.contains(&h.program) {
-                plan.notes.push(format!(
-                    "{}: not attached ({why}): TIME_WAIT entries and expiries are derived \
-                     from sock_diag dumps",
-                    h.program
-                ));
-            }
-            continue;
         };
         if h.program == TIME_WAIT_HOOKS[1] && tw_loaded == 0 {
             // Its partner did not load: counting entries without exits would be wrong.
@@ -253,4 +241,32 @@ pub(super) fn load_trampoline(
         }
     }
     Ok(())
+}
+
+/// The first of the hook's kernel functions whose parameter count in this kernel's BTF is
+/// the one the program was written for; else why none is.
+fn function_for(
+    h: &Hook,
+    arity: &std::collections::HashMap<String, usize>,
+) -> std::result::Result<&'static str, String> {
+    if let Some(f) = h
+        .functions
+        .iter()
+        .find(|f| arity.get(**f) == Some(&h.params))
+    {
+        return Ok(f);
+    }
+    Err(
+        match h
+            .functions
+            .iter()
+            .find_map(|f| arity.get(*f).map(|n| (f, n)))
+        {
+            Some((f, n)) => format!("{f} takes {n} parameters here, not {}", h.params),
+            None => format!(
+                "the kernel's BTF has no function {}",
+                h.functions.join(" or ")
+            ),
+        },
+    )
 }
