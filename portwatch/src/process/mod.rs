@@ -20,6 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 mod conflicts;
 mod engines;
 mod events;
+#[cfg(test)]
+mod golden;
 mod msg;
 mod output;
 mod queries;
