@@ -106,3 +106,39 @@ fn time_wait_entries_from_the_timers() {
     assert_eq!(a.younger_than(60_000), 5);
     assert_eq!(a.younger_than(u64::MAX), 6, "never past the end");
 }
+
+/// TIME_WAIT analytics without a kernel: a destination past the threshold is reported once
+/// per crossing, and again only after it fell below.
+#[test]
+fn pressure_is_reported_once_per_crossing() {
+    let mut st = TwState::default();
+    let dst: IpAddr = "10.0.0.5".parse().unwrap();
+    let range = (40000, 40099); // 100 ports
+    let at = |n: u64| HashMap::from([((dst, 5432), n)]);
+    let run = |st: &mut TwState, n| time_wait::pressure_records(st, 7, range, &at(n), 50.0);
+    let first = run(&mut st, 60);
+    assert_eq!(first.len(), 1);
+    assert_eq!(
+        (first[0].in_use, first[0].pct, first[0].range),
+        (60, 60.0, [40000, 40099])
+    );
+    assert!(first[0]
+        .hint
+        .contains("60 of 100 local ports toward 10.0.0.5:5432"));
+    assert!(run(&mut st, 70).is_empty(), "still above: no second record");
+    assert!(
+        run(&mut st, 10).is_empty(),
+        "below: re-armed, nothing to say"
+    );
+    assert_eq!(run(&mut st, 55).len(), 1, "crossed again");
+}
+
+/// The busiest first, at most `n`.
+#[test]
+fn top_n_keeps_the_largest_counts() {
+    let ports = [(80, 3), (443, 9), (8080, 1), (22, 5)]
+        .into_iter()
+        .map(|(port, count)| PortCount { port, count });
+    let top: Vec<u16> = top_n(ports, 2).iter().map(|p| p.port).collect();
+    assert_eq!(top, vec![443, 22]);
+}

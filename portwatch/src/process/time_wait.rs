@@ -143,7 +143,7 @@ impl Processor {
 
 /// `pressure` records: a destination taking at least `threshold` % of the namespace's
 /// ephemeral range, once per crossing, re-armed when it falls below.
-fn pressure_records(
+pub(super) fn pressure_records(
     st: &mut TwState,
     netns: u32,
     range: (u16, u16),
