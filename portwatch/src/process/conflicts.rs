@@ -18,7 +18,7 @@ impl Processor {
                 if self.subs.is_empty() {
                     return;
                 }
-                if let Some(keys) = self.format_verbose(e, k, netns, wall, true) {
+                if let Some(keys) = self.format_verbose(e, k, netns, wall, self.any_filter()) {
                     let line: Arc<[u8]> = Arc::from(&self.buf[..]);
                     self.publish(&line, &keys);
                 }

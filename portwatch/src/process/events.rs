@@ -122,7 +122,7 @@ impl Processor {
         if !self.cfg.all_events && !live {
             return;
         }
-        let Some(keys) = self.format_verbose(e, k, netns, wall, live) else {
+        let Some(keys) = self.format_verbose(e, k, netns, wall, live && self.any_filter()) else {
             return;
         };
         if self.cfg.all_events {
@@ -140,8 +140,9 @@ impl Processor {
     }
 
     /// Encode a verbose (bind, listen, connect, close, exit, tcp_state) record into buf, and
-    /// say its keys (only when `keyed`: they are for attached clients, and `--all-events`
-    /// alone should not pay for them); None if it could not be encoded.
+    /// say its keys (only when `keyed`: they are for attached clients that filter, and
+    /// neither `--all-events` nor an unfiltered client should pay for them on every event);
+    /// None if it could not be encoded.
     pub(super) fn format_verbose(
         &mut self,
         e: &Event,

@@ -95,6 +95,12 @@ impl Processor {
         self.window.push_back(item);
     }
 
+    /// Whether any attached client filters: only then are a verbose event's keys worth
+    /// building (an empty filter matches without looking at them).
+    pub(super) fn any_filter(&self) -> bool {
+        self.subs.iter().any(|s| !s.filter.is_empty())
+    }
+
     /// Send a line to every attached client whose filter matches. A client that does not
     /// keep up loses lines (counted, and told how many) instead of slowing the agent.
     pub(super) fn publish(&mut self, line: &Arc<[u8]>, keys: &Keys) {
@@ -174,7 +180,7 @@ impl Processor {
                     let Ok(k) = Kind::try_from(e.kind) else {
                         continue;
                     };
-                    if let Some(keys) = self.format_verbose(&e, k, ns, w, true) {
+                    if let Some(keys) = self.format_verbose(&e, k, ns, w, !filter.is_empty()) {
                         if filter.matches_keys(&keys) {
                             out.push(Arc::from(&self.buf[..]));
                         }
