@@ -156,7 +156,8 @@ pub(super) fn serve_fresh(
 pub(super) fn fresh_read(r: process::FreshRequest) -> process::Fresh {
     let as_of = Clock::now_wall_ns();
     let netns = r.ns.inode;
-    let dumped = diag::dump_with_range(&r.ns)
+    let dsts = r.dsts.clone();
+    let dumped = diag::dump_with_sources(&r.ns, dsts.clone())
         .map(|d| (r.ns, d))
         .or_else(|first| {
             // The thread whose path was given may be gone; the namespace may not be. The inode
@@ -164,12 +165,12 @@ pub(super) fn fresh_read(r: process::FreshRequest) -> process::Fresh {
             match r.alt {
                 Some(path) => {
                     let alt = diag::Namespace { inode: netns, path };
-                    diag::dump_with_range(&alt).map(|d| (alt, d))
+                    diag::dump_with_sources(&alt, dsts).map(|d| (alt, d))
                 }
                 None => Err(first),
             }
         });
-    let (ns, (entries, range)) = match dumped {
+    let (ns, diag::NsRead { entries, range, no_source }) = match dumped {
         Ok(x) => x,
         Err(e) => {
             return process::Fresh {
@@ -180,12 +181,6 @@ pub(super) fn fresh_read(r: process::FreshRequest) -> process::Fresh {
         }
     };
     let counts = process::count_toward(&entries, &r.dsts);
-    let no_source = r
-        .dsts
-        .iter()
-        .filter(|d| diag::source_available(&ns, **d).ok() == Some(false))
-        .copied()
-        .collect();
     let snapshot = r.sockets.then(|| {
         // Owners of sockets the table did not know: one /proc walk, only on this miss path.
         let owners = Arc::new(diag::socket_owners());

@@ -102,7 +102,7 @@ pub struct FreshData {
     /// (destination, in use, TIME_WAIT) for each requested destination.
     pub counts: Vec<(SocketAddr, u32, u32)>,
     pub range: Option<(u16, u16)>,
-    /// Destinations the namespace has no source address for (`diag::source_available`).
+    /// Destinations the namespace has no source address for (`diag::NsRead::no_source`).
     pub no_source: Vec<SocketAddr>,
 }
 

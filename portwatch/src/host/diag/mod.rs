@@ -225,14 +225,30 @@ pub fn local_port_range(ns: &Namespace) -> io::Result<(u16, u16)> {
     in_namespace(ns, "reading ip_local_port_range", local_port_range_here)
 }
 
-/// `dump` and `local_port_range` from one entry into the namespace, so that the range is
-/// there whenever the sockets are: a second entry can find the namespace's path gone.
-/// The range is `None` only when the sysctl itself cannot be read.
-pub fn dump_with_range(ns: &Namespace) -> io::Result<(Vec<SockEntry>, Option<PortRange>)> {
+/// One re-read of a namespace: its sockets, its ephemeral range, and which of `dsts` it has
+/// no source address for. All three are taken inside one entry into the namespace, so a
+/// path that stops leading there (its thread exited) cannot leave the dump without the
+/// probes.
+pub struct NsRead {
+    pub entries: Vec<SockEntry>,
+    pub range: Option<PortRange>,
+    /// Destinations the namespace has no source address for (see [`source_available_here`]).
+    pub no_source: Vec<std::net::SocketAddr>,
+}
+
+pub fn dump_with_sources(ns: &Namespace, dsts: Vec<std::net::SocketAddr>) -> io::Result<NsRead> {
     let inode = ns.inode;
     in_namespace(ns, "sock_diag dump", move || {
         let entries = dump_here(inode, Vec::new())?;
-        Ok((entries, local_port_range_here().ok()))
+        let no_source = dsts
+            .into_iter()
+            .filter(|d| source_available_here(*d).ok() == Some(false))
+            .collect();
+        Ok(NsRead {
+            entries,
+            range: local_port_range_here().ok(),
+            no_source,
+        })
     })
 }
 
@@ -250,29 +266,27 @@ fn local_port_range_here() -> io::Result<(u16, u16)> {
     }
 }
 
+/// Whether the namespace this thread is in has a source address for `dst`: a UDP connect()
+/// picks the route and source address the way TCP's does, without sending anything, and
+/// fails with EADDRNOTAVAIL exactly when there is none (e.g. ::1 not configured). That tells
+/// a connect's EADDRNOTAVAIL apart: no source address, or no free port.
+fn source_available_here(dst: std::net::SocketAddr) -> io::Result<bool> {
+    let any: std::net::SocketAddr = if dst.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let s = std::net::UdpSocket::bind(any)?;
+    match s.connect(dst) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Runs `f` in namespace `ns`: on the calling thread when it already is there, else on a
 /// dedicated thread that enters it first and exits afterwards. Errors name the action and
 /// the namespace.
-/// Whether the namespace has a source address for `dst`: a UDP connect() picks the route
-/// and source address the way TCP's does, without sending anything, and fails with
-/// EADDRNOTAVAIL exactly when there is none (e.g. ::1 not configured). That tells a connect's
-/// EADDRNOTAVAIL apart: no source address, or no free port.
-pub fn source_available(ns: &Namespace, dst: std::net::SocketAddr) -> io::Result<bool> {
-    in_namespace(ns, "probing a source address", move || {
-        let any: std::net::SocketAddr = if dst.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let s = std::net::UdpSocket::bind(any)?;
-        match s.connect(dst) {
-            Ok(()) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(false),
-            Err(e) => Err(e),
-        }
-    })
-}
-
 fn in_namespace<T, F>(ns: &Namespace, what: &str, f: F) -> io::Result<T>
 where
     T: Send + 'static,
