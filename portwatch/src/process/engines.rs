@@ -43,12 +43,14 @@ impl Processor {
                 reason,
                 ts_ns,
             } => {
-                // No start failure will be reported now: write what was held back.
+                // No start failure will be reported now: write the proxy binds held back for
+                // one. Conflicts waiting for a namespace re-read keep waiting: that is not
+                // the daemon's to end.
                 self.docker.connected.remove(&endpoint);
                 if let Some(m) = &self.cfg.metrics {
                     m.set_docker_connected(self.docker.connected());
                 }
-                self.flush_pending(true);
+                self.release_pending(|_| true, None);
                 let r = record::Docker {
                     event: "unavailable",
                     endpoint: Some(&endpoint),

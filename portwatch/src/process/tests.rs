@@ -142,3 +142,70 @@ fn top_n_keeps_the_largest_counts() {
     let top: Vec<u16> = top_n(ports, 2).iter().map(|p| p.port).collect();
     assert_eq!(top, vec![443, 22]);
 }
+
+fn processor() -> (Processor, std::sync::mpsc::Receiver<FreshRequest>) {
+    let (fresh, requests) = std::sync::mpsc::channel();
+    let cfg = Config {
+        host: "lab1".into(),
+        all_events: false,
+        netns_from_proc: false,
+        pressure_pct: 90.0,
+        top: 5,
+        window_s: 0,
+        metrics: None,
+        attach_clients: Arc::default(),
+        fresh,
+        stopping: Arc::default(),
+    };
+    (Processor::new(Output::new(None), cfg, Instant::now()), requests)
+}
+
+/// A connect's EADDRNOTAVAIL waits for its namespace's re-read. The daemon going away (said
+/// once per outage, so it can arrive at any moment after start) ends the wait for held
+/// proxy binds only: the conflict keeps waiting and gets its counts.
+#[test]
+fn docker_going_away_does_not_end_a_wait_for_a_namespace_re_read() {
+    let (mut p, requests) = processor();
+    let mut e = Event::zeroed();
+    e.kind = portwatch_common::kind::CONNECT;
+    e.ret = -libc::EADDRNOTAVAIL;
+    e.pid = std::process::id();
+    e.tid = nix::unistd::gettid().as_raw().cast_unsigned();
+    e.family = portwatch_common::AF_INET6;
+    e.proto = IPPROTO_TCP;
+    e.rport = 53;
+    e.raddr = std::net::Ipv6Addr::LOCALHOST.octets();
+    let c = Pending {
+        e,
+        k: Kind::Connect,
+        netns: 7,
+        wall: 1,
+        cmdline: None,
+        span: Span {
+            count: 1,
+            first_ns: 1,
+            last_ns: 1,
+        },
+    };
+    p.emit_conflict(c, None, None);
+    assert_eq!(p.held.len(), 1, "a connect waits for its counts");
+    let asked = requests.try_recv().expect("a re-read was asked for");
+    assert_eq!(asked.dsts, ["[::1]:53".parse().unwrap()]);
+    p.docker_msg(DockerMsg::Unavailable {
+        endpoint: "unix:///var/run/docker.sock".into(),
+        reason: "connection refused".into(),
+        ts_ns: 1,
+    });
+    assert_eq!(p.held.len(), 1, "the daemon's outage is not the namespace's answer");
+    p.fresh(Fresh {
+        netns: 7,
+        as_of: 2,
+        result: Ok(FreshData {
+            snapshot: None,
+            counts: vec![(asked.dsts[0], 0, 0)],
+            range: Some((32768, 60999)),
+            no_source: asked.dsts.clone(),
+        }),
+    });
+    assert!(p.held.is_empty(), "the re-read ends the wait");
+}
