@@ -74,10 +74,23 @@ fn listener() -> table::Holder {
     }
 }
 
+/// The agent's line is the contract, and the typed schema every reader uses
+/// (`portwatch_schema::Record`) reads it and writes the same bytes back: no field it does not
+/// know, none it drops or reorders.
 fn same(got: &str, want: &str) {
     assert_eq!(
         got, want,
         "schema v1 changed: update docs/schema.md and bump `v` if a field was renamed or dropped"
+    );
+    let typed = portwatch_schema::Record::parse(got).unwrap_or_else(|e| panic!("{e}: {got}"));
+    assert!(
+        !matches!(typed.body, portwatch_schema::Body::Unknown),
+        "a type the schema crate does not know: {got}"
+    );
+    assert_eq!(
+        serde_json::to_string(&typed).unwrap(),
+        got,
+        "portwatch-schema reads this record differently from how the agent writes it"
     );
 }
 
