@@ -26,6 +26,14 @@ macro_rules! names {
                 }
             }
 
+            /// The name, if this version knows it: `'static`, for labels and tables.
+            pub fn known(&self) -> Option<&'static str> {
+                match self {
+                    $($name::$v => Some($s),)*
+                    $name::Other(_) => None,
+                }
+            }
+
             /// The known name for `s`, else `Other`.
             pub fn parse(s: &str) -> Self {
                 match s {

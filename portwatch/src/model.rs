@@ -32,14 +32,8 @@ pub struct Owner {
     pub uid: u32,
 }
 
-/// How a holder's address overlaps the attempted one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Overlap {
-    Exact,
-    Wildcard,
-    DualStack,
-}
+/// How a holder's address overlaps the attempted one: the schema's own type.
+pub use portwatch_schema::Overlap;
 
 /// IPv4-mapped IPv6 addresses compare as the IPv4 they carry.
 fn canon(a: IpAddr) -> IpAddr {

@@ -168,7 +168,7 @@ fn one_port(out: &mut impl Write, a: &CheckArgs, probe: &Probe, port: u16) -> u8
             "in_ephemeral_range": probe.in_ephemeral(port),
             "ephemeral_range": [lo, hi],
             "holders": at.as_ref().map(|a| &a.holders),
-            "cause": at.as_ref().map(|a| a.cause),
+            "cause": at.as_ref().map(|a| a.cause.clone()),
             "overlap": at.as_ref().and_then(|a| a.overlap),
             "hint": at.as_ref().map(|a| a.hint.clone()),
         });

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use portwatch_common::{Event, Kind};
+use portwatch_schema::Cause;
 use serde_json::Value;
 
 use crate::{
@@ -44,7 +45,7 @@ pub struct Keys {
     pub pids: Vec<u32>,
     pub containers: Vec<Named>,
     /// `conflict`: the cause.
-    pub cause: Option<&'static str>,
+    pub cause: Option<Cause>,
     /// `conflict`: the failures it stands for; `lost`: the events lost.
     pub count: u64,
     /// `time_wait`: the namespace and its TIME_WAIT total.
@@ -158,11 +159,11 @@ impl Keys {
             k.ports.extend(port(&m["host_port"]));
         }
         if k.ty == "conflict" {
-            k.cause = crate::output::keys::CAUSES
-                .iter()
-                .find(|c| v["cause"] == **c)
-                .copied()
-                .or(Some("unknown"));
+            // A name this version does not know counts as `unknown`, as the agent's own do.
+            k.cause = Some(match v["cause"].as_str().map(Cause::parse) {
+                Some(Cause::Other(_)) | None => Cause::Unknown,
+                Some(c) => c,
+            });
         }
         k.count = v["count"].as_u64().unwrap_or(0);
         k.netns = v["netns"]
@@ -173,20 +174,6 @@ impl Keys {
         k
     }
 }
-
-/// Every `cause` a conflict record may carry (docs/schema.md).
-pub const CAUSES: &[&str] = &[
-    "listener",
-    "bound",
-    "ephemeral_collision",
-    "time_wait",
-    "docker_published",
-    "docker_stale",
-    "port_already_allocated",
-    "ephemeral_exhausted",
-    "address_unavailable",
-    "unknown",
-];
 
 /// A record that can say its keys.
 pub trait Keyed {
@@ -202,7 +189,7 @@ impl Keyed for Conflict<'_> {
         }
         k.actor(&self.actor);
         k.holders(&self.holders);
-        k.cause = Some(self.cause);
+        k.cause = Some(self.cause.clone());
         k.count = self.count;
         k.netns = self.netns;
         k
@@ -215,7 +202,7 @@ impl Keyed for PublishConflict<'_> {
         k.ports.push(self.port);
         k.container(Some(&self.actor.container));
         k.holders(&self.holders);
-        k.cause = Some(self.cause);
+        k.cause = Some(self.cause.clone());
         k.count = self.count;
         k.netns = self.netns;
         k
@@ -294,7 +281,7 @@ mod tests {
         assert_eq!(k.ports, vec![8080, 8081]);
         assert_eq!(k.pids, vec![1, 2]);
         assert_eq!(k.containers.len(), 2);
-        assert_eq!(k.cause, Some("listener"));
+        assert_eq!(k.cause, Some(Cause::Listener));
         assert_eq!((k.count, k.netns), (3, 7));
     }
 
@@ -355,7 +342,7 @@ mod tests {
             container_port: None,
             stale: None,
         });
-        c.cause = "listener";
+        c.cause = Cause::Listener;
         c.count = 4;
         let line = serde_json::to_value(&c).unwrap();
         assert_eq!(norm(c.keys()), norm(Keys::from_value(&line)));
@@ -387,7 +374,7 @@ mod tests {
     #[test]
     fn unknown_type_and_cause_stay_named_as_such() {
         let k = Keys::from_value(&json!({"type":"conflict","cause":"martian"}));
-        assert_eq!(k.cause, Some("unknown"));
+        assert_eq!(k.cause, Some(Cause::Unknown));
         assert_eq!(Keys::from_value(&json!({"type":"nope"})).ty, "unknown");
     }
 }

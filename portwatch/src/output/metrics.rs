@@ -7,6 +7,7 @@ use std::{
     sync::{atomic::AtomicU64, Arc},
 };
 
+use portwatch_schema::Cause;
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -103,7 +104,11 @@ impl Metrics {
             "conflict" => {
                 // A record stands for `count` identical failures (coalesced bursts).
                 self.conflicts
-                    .get_or_create(&[("cause", k.cause.unwrap_or("unknown"))])
+                    .get_or_create(&[(
+                        "cause",
+                        // Known names only: a label's values stay bounded.
+                        k.cause.as_ref().and_then(Cause::known).unwrap_or("unknown"),
+                    )])
                     .inc_by(k.count.max(1));
             }
             "lost" => {

@@ -348,7 +348,7 @@ impl Processor {
                     .holders
                     .iter()
                     .any(|h| h.pid.is_none() && h.state != "TIME_WAIT" && h.via.is_none());
-                if (a.cause == "unknown" || ownerless)
+                if (a.cause == Cause::Unknown || ownerless)
                     && fresh.is_none()
                     && self.hold(&c, publishing.as_ref(), None)
                 {
@@ -378,12 +378,13 @@ fn take_attribution(
     fresh: Option<&Freshness>,
 ) {
     r.holders = a.holders;
+    let known = a.cause != Cause::Unknown;
     r.cause = a.cause;
     r.overlap = a.overlap;
     if !a.hint.is_empty() || r.hint.is_empty() {
         r.hint = a.hint;
     }
-    if a.cause != "unknown" {
+    if known {
         r.reason = None;
     } else if r.reason.is_none() || e.ret == -98 {
         r.reason = a.reason;

@@ -107,7 +107,7 @@ fn conflict_bind() {
     );
     r.actor.container = Some(web());
     r.holders.push(listener());
-    r.cause = "listener";
+    r.cause = Cause::Listener;
     r.overlap = Some(Overlap::Wildcard);
     r.hint = "pid 17 (python3) listens on 0.0.0.0:8080; stop it or bind another port".into();
     r.reason = None;
@@ -155,7 +155,7 @@ fn conflict_docker_publish() {
         first_ts: h.ts.clone(),
         last_ts: h.ts.clone(),
         h,
-        op: "docker_publish",
+        op: Op::DockerPublish,
         error: "port_already_allocated",
         proto: "tcp",
         family: "ipv4",
@@ -164,7 +164,7 @@ fn conflict_docker_publish() {
         netns: NS,
         actor: ContainerActor { container: web() },
         holders: vec![holder],
-        cause: "port_already_allocated",
+        cause: Cause::PortAlreadyAllocated,
         overlap: Some(Overlap::Exact),
         hint: "container web1 already publishes 0.0.0.0:8080 -> 80/tcp".into(),
         docker_error: "Bind for 0.0.0.0:8080 failed: port is already allocated".into(),

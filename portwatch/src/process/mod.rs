@@ -14,6 +14,7 @@ use std::{
 };
 
 use portwatch_common::{kind, Event, Kind, IPPROTO_TCP, IPPROTO_UDP};
+use portwatch_schema::{Cause, Op};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -281,7 +282,7 @@ fn apply_counts(r: &mut record::Conflict<'_>, e: &Event, f: &Freshness) {
         // taken after the failure, when the connections may be gone); whether the namespace
         // has a source address for the destination can.
         if f.no_source {
-            r.cause = "address_unavailable";
+            r.cause = Cause::AddressUnavailable;
             r.hint = format!(
                 "connect to {dst} failed with EADDRNOTAVAIL, but only {} of {n} local ports \
                  ({lo}-{hi}) toward it are taken: this is not port exhaustion. The namespace \

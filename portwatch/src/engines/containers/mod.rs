@@ -125,19 +125,8 @@ impl Container {
     }
 }
 
-/// Whether the kernel's cgroup id can name a container on this host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CgroupMode {
-    /// Only cgroup2 (`/sys/fs/cgroup` is cgroup2): every process has a v2 cgroup.
-    V2,
-    /// v1 controllers plus cgroup2 at another mount point (e.g. `/sys/fs/cgroup/unified`):
-    /// runc also places containers there, so the v2 id still names them.
-    Hybrid,
-    /// No cgroup2 mounted: the kernel's cgroup id is the root's for every process, and
-    /// containers are matched by network namespace and /proc/<pid>/cgroup instead.
-    V1,
-}
+/// Whether the kernel's cgroup id can name a container on this host: the schema's type.
+pub use portwatch_schema::CgroupMode;
 
 /// A connection state change, lifecycle change or start failure from the Docker thread.
 #[derive(Debug)]

@@ -4,6 +4,7 @@
 use std::{borrow::Cow, net::IpAddr, sync::Arc};
 
 use portwatch_common::{Event, Kind};
+pub use portwatch_schema::{Cause, Op};
 use serde::Serialize;
 
 use crate::{
@@ -88,7 +89,7 @@ pub struct Destination {
 pub struct Conflict<'a> {
     #[serde(flatten)]
     pub h: Header<'a>,
-    pub op: &'static str,
+    pub op: Op,
     pub error: &'static str,
     pub errno: i32,
     pub proto: &'static str,
@@ -100,7 +101,7 @@ pub struct Conflict<'a> {
     pub fd: i32,
     pub actor: Actor<'a>,
     pub holders: Vec<crate::state::table::Holder>,
-    pub cause: &'static str,
+    pub cause: Cause,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub overlap: Option<crate::state::table::Overlap>,
     /// connect EADDRNOTAVAIL: the destination and how taken its local ports are.
@@ -287,7 +288,7 @@ pub struct Lost<'a> {
 pub struct PublishConflict<'a> {
     #[serde(flatten)]
     pub h: Header<'a>,
-    pub op: &'static str,
+    pub op: Op,
     pub error: &'static str,
     pub proto: &'static str,
     pub family: &'static str,
@@ -297,7 +298,7 @@ pub struct PublishConflict<'a> {
     pub netns: u32,
     pub actor: ContainerActor,
     pub holders: Vec<crate::state::table::Holder>,
-    pub cause: &'static str,
+    pub cause: Cause,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub overlap: Option<crate::state::table::Overlap>,
     pub hint: String,
@@ -402,6 +403,16 @@ impl<'a> Docker<'a> {
     }
 }
 
+/// A conflict's `op` for the syscall that failed.
+pub fn op_of(k: Kind) -> Op {
+    match k {
+        Kind::Bind => Op::Bind,
+        Kind::Listen => Op::Listen,
+        Kind::Connect => Op::Connect,
+        other => Op::Other(other.name().to_owned()),
+    }
+}
+
 pub fn is_conflict(e: &Event, k: Kind) -> bool {
     match k {
         Kind::Bind | Kind::Listen => e.ret < 0,
@@ -414,17 +425,17 @@ pub fn is_conflict(e: &Event, k: Kind) -> bool {
 }
 
 /// The first-pass explanation for a conflict with no attribution.
-pub fn unattributed(op: Kind, errno: i32, port: u16) -> (&'static str, String, Option<String>) {
+pub fn unattributed(op: Kind, errno: i32, port: u16) -> (Cause, String, Option<String>) {
     match (op, errno) {
         (Kind::Connect, 99) => (
-            "ephemeral_exhausted",
+            Cause::EphemeralExhausted,
             "no free local port toward this destination; widen net.ipv4.ip_local_port_range or \
              reuse connections"
                 .into(),
             None,
         ),
         (_, 13) if port < 1024 => (
-            "unknown",
+            Cause::Unknown,
             format!(
                 "port {port} is privileged: run as root or grant CAP_NET_BIND_SERVICE, or use a \
                  port above 1023"
@@ -432,21 +443,21 @@ pub fn unattributed(op: Kind, errno: i32, port: u16) -> (&'static str, String, O
             Some("EACCES: privileged port".into()),
         ),
         (_, 99) => (
-            "unknown",
+            Cause::Unknown,
             "the address is not assigned to any interface in this network namespace; bind \
              0.0.0.0 or an existing address"
                 .into(),
             Some("EADDRNOTAVAIL: address not local".into()),
         ),
         (_, 22) => (
-            "unknown",
+            Cause::Unknown,
             "the socket is already bound (or the address is invalid); create a new socket \
              for each bind"
                 .into(),
             Some("EINVAL: socket already bound or bad address".into()),
         ),
         _ => (
-            "unknown",
+            Cause::Unknown,
             String::new(),
             Some("no holder is known for this address".into()),
         ),
@@ -473,7 +484,7 @@ pub fn conflict<'a>(
         first_ts: ts.clone(),
         last_ts: ts,
         h,
-        op: k.name(),
+        op: op_of(k),
         error: errno_name(errno),
         errno,
         proto: proto_name(e.proto),

@@ -5,7 +5,8 @@
 use std::net::{IpAddr, SocketAddr};
 
 use super::{
-    fmt_addr, overlap, Attempt, Attribution, Entry, Holder, Overlap, Placement, PortTable, Proto,
+    fmt_addr, overlap, Attempt, Attribution, Cause, Entry, Holder, Overlap, Placement, PortTable,
+    Proto,
     TCP_LISTEN, TCP_TIME_WAIT,
 };
 
@@ -193,7 +194,7 @@ fn who(h: &Holder) -> String {
     w
 }
 
-type Explained = (&'static str, String, Option<String>);
+type Explained = (Cause, String, Option<String>);
 
 /// The one cause, in order of what decides it: a stale binder, a published port, a
 /// listener, an ephemeral collision, a bound socket, TIME_WAIT, or nothing known.
@@ -232,7 +233,7 @@ fn explain(
             c.engine,
             c.name
         );
-        return ("docker_published", hint, None);
+        return (Cause::DockerPublished, hint, None);
     }
     if let (true, Some(h)) = (f.listener, top) {
         let hint = format!(
@@ -240,7 +241,7 @@ fn explain(
             who(h),
             fmt_addr(h.addr, h.port)
         );
-        return ("listener", hint, None);
+        return (Cause::Listener, hint, None);
     }
     if let Some((h, peer)) = collision {
         let (lo, hi) = a.ephemeral;
@@ -254,7 +255,7 @@ fn explain(
             fmt_addr(h.addr, h.port),
             h.port
         );
-        return ("ephemeral_collision", hint, None);
+        return (Cause::EphemeralCollision, hint, None);
     }
     if let (true, Some(h)) = (f.bound, f.holders.first()) {
         let hint = format!(
@@ -264,7 +265,7 @@ fn explain(
             fmt_addr(h.addr, h.port),
             h.state
         );
-        return ("bound", hint, None);
+        return (Cause::Bound, hint, None);
     }
     let target = fmt_addr(a.addr, a.port);
     if let Some(h) = tw_holder {
@@ -275,14 +276,14 @@ fn explain(
             if n == 1 { "" } else { "s" },
             h.expires_in_s.unwrap_or(60)
         );
-        return ("time_wait", hint, None);
+        return (Cause::TimeWait, hint, None);
     }
     let reason = format!(
         "no socket in network namespace {} holds {} {target} (the holder may have gone \
          already)",
         a.netns, a.proto_name
     );
-    ("unknown", String::new(), Some(reason))
+    (Cause::Unknown, String::new(), Some(reason))
 }
 
 /// A binder (docker-proxy, conmon, dockerd) holding a published port no container claims.
@@ -302,5 +303,5 @@ fn stale(h: &Holder) -> Explained {
         h.via.unwrap_or("a proxy"),
         fmt_addr(h.addr, h.port),
     );
-    ("docker_stale", hint, None)
+    (Cause::DockerStale, hint, None)
 }

@@ -17,6 +17,7 @@ use std::{
 use serde::Serialize;
 
 use crate::model::ContainerRef;
+pub use portwatch_schema::Cause;
 pub use crate::model::{overlap, Overlap, Owner, Proto};
 
 pub const TCP_TIME_WAIT: u8 = 6;
@@ -210,7 +211,7 @@ pub struct Placement {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attribution {
     pub holders: Vec<Holder>,
-    pub cause: &'static str,
+    pub cause: Cause,
     pub overlap: Option<Overlap>,
     pub hint: String,
     pub reason: Option<String>,
