@@ -170,7 +170,14 @@ pub(super) fn fresh_read(r: process::FreshRequest) -> process::Fresh {
                 None => Err(first),
             }
         });
-    let (ns, diag::NsRead { entries, range, no_source }) = match dumped {
+    let (
+        ns,
+        diag::NsRead {
+            entries,
+            range,
+            no_source,
+        },
+    ) = match dumped {
         Ok(x) => x,
         Err(e) => {
             return process::Fresh {

@@ -13,7 +13,7 @@ use crate::{
     error::{Error, Result},
 };
 
-use crate::cli::render::{human, Style};
+use crate::cli::render::{human_line, Style};
 
 pub fn attach(a: &AttachArgs) -> Result<()> {
     let filter = Filter {
@@ -67,7 +67,7 @@ pub fn attach(a: &AttachArgs) -> Result<()> {
         let ok = if a.json {
             out.write_all(line.as_bytes())
         } else {
-            writeln!(out, "{}", human(&v, &st))
+            writeln!(out, "{}", human_line(&line, &st))
         };
         if ok.and_then(|_| out.flush()).is_err() {
             break; // stdout closed (e.g. piped into head)

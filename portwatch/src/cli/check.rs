@@ -198,8 +198,11 @@ fn one_port(out: &mut impl Write, a: &CheckArgs, probe: &Probe, port: u16) -> u8
 fn print_taken(out: &mut impl Write, proto_s: &str, target: SocketAddr, at: &table::Attribution) {
     let _ = writeln!(out, "{proto_s} {target} is taken: cause {}", at.cause);
     for h in &at.holders {
-        let v = serde_json::to_value(h).unwrap_or_default();
-        let who = who(&v);
+        let who = who(
+            h.pid,
+            h.comm.as_deref(),
+            h.container.as_ref().map(|c| &*c.name),
+        );
         let tw = h
             .count
             .map(|n| format!(" x{n}, first expires in {} s", h.expires_in_s.unwrap_or(0)))

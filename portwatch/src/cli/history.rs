@@ -8,11 +8,12 @@
 use std::{
     collections::HashMap,
     io::{BufRead, Write},
+    net::IpAddr,
     path::PathBuf,
 };
 
+use portwatch_schema::{Body, Port, PortActor, PortEvent, Proto, Record};
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::{
     cli::render::{human, Style},
@@ -34,7 +35,7 @@ pub enum Item {
         addr: String,
         port: u16,
         netns: u64,
-        actor: Value,
+        actor: Option<Box<PortActor>>,
         #[serde(skip_serializing_if = "Option::is_none")]
         restarts: Option<u64>,
         /// `close` or `gone` when it ended.
@@ -48,7 +49,7 @@ pub enum Item {
         seconds: f64,
     },
     /// A conflict on the port: the record as logged.
-    Conflict { ts: String, record: Value },
+    Conflict { ts: String, record: Box<Record> },
 }
 
 impl Item {
@@ -61,61 +62,57 @@ impl Item {
 }
 
 /// Holdings keyed by what identifies one socket's time on the port.
-type OpenKey = (String, String, u64, Option<u64>);
+type OpenKey = (Proto, IpAddr, u32, Option<u32>);
+
+fn key(p: &Port) -> OpenKey {
+    (
+        p.proto.clone(),
+        p.addr,
+        p.netns,
+        p.actor.as_ref().map(|a| a.pid),
+    )
+}
+
+/// One holding: from its open (or the close's `since`, when the open was rotated out) to
+/// `to`.
+fn held(open: &(String, Port), to: Option<String>, close: Option<&Port>) -> Item {
+    let last = close.unwrap_or(&open.1);
+    Item::Held {
+        from: close
+            .and_then(|c| c.since.clone())
+            .unwrap_or_else(|| open.0.clone()),
+        to,
+        proto: last.proto.to_string(),
+        addr: last.addr.to_string(),
+        port: last.port,
+        netns: u64::from(last.netns),
+        actor: last.actor.clone().map(Box::new),
+        restarts: close.and_then(|c| c.restarts).filter(|r| *r > 0),
+        ended_by: close.and_then(|c| c.reason.clone()),
+    }
+}
 
 /// Build the timeline of `port` from records in log order.
 pub fn timeline(
-    records: impl Iterator<Item = Value>,
+    records: impl Iterator<Item = Record>,
     port: u16,
     proto: Option<&str>,
     since_ns: Option<i128>,
     until_ns: Option<i128>,
 ) -> Vec<Item> {
-    let mut open: HashMap<OpenKey, Value> = HashMap::new();
+    let mut open: HashMap<OpenKey, (String, Port)> = HashMap::new();
     let mut items = Vec::new();
-    let key = |v: &Value| -> OpenKey {
-        (
-            v["proto"].as_str().unwrap_or("").to_string(),
-            v["addr"].as_str().unwrap_or("").to_string(),
-            v["netns"].as_u64().unwrap_or(0),
-            v["actor"]["pid"].as_u64(),
-        )
-    };
-    let held = |open: &Value, to: Option<String>, close: Option<&Value>| {
-        let last = close.unwrap_or(open);
-        Item::Held {
-            from: close
-                .and_then(|c| c["since"].as_str())
-                .or(open["ts"].as_str())
-                .unwrap_or("")
-                .to_string(),
-            to,
-            proto: last["proto"].as_str().unwrap_or("").to_string(),
-            addr: last["addr"].as_str().unwrap_or("").to_string(),
-            port: last["port"].as_u64().unwrap_or(0) as u16,
-            netns: last["netns"].as_u64().unwrap_or(0),
-            actor: last["actor"].clone(),
-            restarts: close
-                .and_then(|c| c["restarts"].as_u64())
-                .filter(|r| *r > 0),
-            ended_by: close.and_then(|c| c["reason"].as_str()).map(str::to_string),
-        }
-    };
-    for v in records {
-        if v["port"].as_u64() != Some(u64::from(port)) {
-            continue;
-        }
-        if proto.is_some_and(|p| v["proto"].as_str() != Some(p)) {
-            continue;
-        }
-        match (v["type"].as_str(), v["event"].as_str()) {
-            (Some("port"), Some("open")) => {
-                open.insert(key(&v), v);
-            }
-            (Some("port"), Some("close")) => {
+    for r in records {
+        let ts = r.ts().to_string();
+        match r.body {
+            Body::Port(p) if p.port == port && proto.is_none_or(|x| p.proto == x) => {
+                if p.event == PortEvent::Open {
+                    open.insert(key(&p), (ts, p));
+                    continue;
+                }
                 // A close whose pid differs from the open (a restart coalesced into it)
                 // still ends the same holding: match by address without the pid then.
-                let k = key(&v);
+                let k = key(&p);
                 let o = open.remove(&k).or_else(|| {
                     let k2 = open
                         .keys()
@@ -123,13 +120,15 @@ pub fn timeline(
                         .cloned()?;
                     open.remove(&k2)
                 });
-                let to = v["ts"].as_str().map(str::to_string);
-                items.push(held(o.as_ref().unwrap_or(&v), to, Some(&v)));
+                let this = (ts.clone(), p);
+                items.push(held(o.as_ref().unwrap_or(&this), Some(ts), Some(&this.1)));
             }
-            (Some("conflict"), _) => items.push(Item::Conflict {
-                ts: v["ts"].as_str().unwrap_or("").to_string(),
-                record: v,
-            }),
+            Body::Conflict(ref c) if c.port == port && proto.is_none_or(|x| c.proto == x) => {
+                items.push(Item::Conflict {
+                    ts,
+                    record: Box::new(r),
+                });
+            }
             _ => {}
         }
     }
@@ -219,13 +218,14 @@ fn render(i: &Item, st: &Style, now_ns: i128) -> String {
             restarts,
             ended_by,
         } => {
-            let who = match (actor["comm"].as_str(), actor["pid"].as_u64()) {
-                (Some(c), Some(p)) => format!("{c}[{p}]"),
-                _ => "an unknown process".into(),
+            let who = match actor {
+                Some(a) => format!("{}[{}]", a.comm, a.pid),
+                None => "an unknown process".into(),
             };
-            let container = actor["container"]["name"]
-                .as_str()
-                .map(|c| format!(" in container {c}"))
+            let container = actor
+                .as_ref()
+                .and_then(|a| a.container.as_ref())
+                .map(|c| format!(" in container {}", c.name))
                 .unwrap_or_default();
             let start = tail::ts_ns(from).unwrap_or(now_ns);
             let stop = to.as_deref().and_then(tail::ts_ns).unwrap_or(now_ns);
@@ -308,9 +308,9 @@ pub fn run(a: &HistoryArgs) -> Result<u8> {
             if !l.windows(needle.len()).any(|w| w == needle.as_bytes()) {
                 continue;
             }
-            match serde_json::from_slice::<Value>(&l) {
-                Ok(v) if v.is_object() => records.push(v),
-                _ => malformed += 1,
+            match serde_json::from_slice::<Record>(&l) {
+                Ok(r) => records.push(r),
+                Err(_) => malformed += 1,
             }
         }
     }
@@ -364,20 +364,32 @@ mod tests {
     use crate::kernel::decode::parse_when;
     use serde_json::json;
 
-    fn port(ev: &str, ts: &str, pid: u64, extra: Value) -> Value {
-        let mut v = json!({"v":1,"type":"port","event":ev,"ts":ts,"proto":"tcp","family":"ipv4",
-            "addr":"0.0.0.0","port":8080,"netns":1,"actor":{"pid":pid,"comm":"nginx"}});
+    fn port(ev: &str, ts: &str, pid: u64, extra: serde_json::Value) -> Record {
+        let mut v = json!({"v":1,"type":"port","event":ev,"ts":ts,"host":"h","proto":"tcp",
+            "family":"ipv4","addr":"0.0.0.0","port":8080,"netns":1,
+            "actor":{"pid":pid,"comm":"nginx","cmdline":null,"uid":0}});
         for (k, x) in extra.as_object().unwrap() {
             v[k] = x.clone();
         }
-        v
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn conflict(ts: &str) -> Record {
+        serde_json::from_value(
+            json!({"v":1,"type":"conflict","ts":ts,"host":"h","op":"bind",
+            "error":"EADDRINUSE","errno":98,"proto":"tcp","family":"ipv4","addr":"0.0.0.0",
+            "port":8080,"netns":1,"fd":3,"actor":{"pid":12,"tid":12,"comm":"py","uid":0,
+            "cmdline":null,"cgroup_id":1},"holders":[],"cause":"unknown","hint":"","count":1,
+            "first_ts":ts,"last_ts":ts}),
+        )
+        .unwrap()
     }
 
     #[test]
     fn holdings_conflicts_and_gaps_in_order() {
         let recs = vec![
             port("open", "2026-11-30T03:00:00.000000000Z", 10, json!({})),
-            json!({"type":"conflict","ts":"2026-11-30T03:05:00.000000000Z","port":8080,"proto":"tcp","op":"bind"}),
+            conflict("2026-11-30T03:05:00.000000000Z"),
             port(
                 "close",
                 "2026-11-30T03:10:00.000000000Z",
@@ -386,7 +398,13 @@ mod tests {
             ),
             port("open", "2026-11-30T03:12:00.000000000Z", 11, json!({})),
             // Another port: ignored.
-            json!({"type":"port","event":"open","ts":"2026-11-30T03:01:00.000000000Z","port":9090,"proto":"tcp"}),
+            {
+                let mut r = port("open", "2026-11-30T03:01:00.000000000Z", 13, json!({}));
+                if let Body::Port(p) = &mut r.body {
+                    p.port = 9090;
+                }
+                r
+            },
         ];
         let t = timeline(recs.into_iter(), 8080, None, None, None);
         let kinds: Vec<&str> = t
@@ -405,7 +423,7 @@ mod tests {
         match &t[3] {
             Item::Held { to, actor, .. } => {
                 assert_eq!(*to, None, "still held at the end of the log");
-                assert_eq!(actor["pid"], 11);
+                assert_eq!(actor.as_ref().map(|a| a.pid), Some(11));
             }
             _ => unreachable!(),
         }

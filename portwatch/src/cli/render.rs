@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 
-use serde_json::Value;
+use portwatch_schema::{Actor, Body, Conflict, ConflictActor, Record};
 
 pub struct Style {
     pub color: bool,
@@ -24,9 +24,8 @@ impl Style {
     }
 }
 
-fn addr_port(v: &Value) -> String {
-    let a = v["addr"].as_str().unwrap_or("?");
-    let p = &v["port"];
+fn addr_port(a: impl std::fmt::Display, p: u16) -> String {
+    let a = a.to_string();
     if a.contains(':') {
         format!("[{a}]:{p}")
     } else {
@@ -34,158 +33,189 @@ fn addr_port(v: &Value) -> String {
     }
 }
 
-pub(super) fn who(v: &Value) -> String {
-    let mut s = match (v["pid"].as_u64(), v["comm"].as_str()) {
+/// `comm[pid] (container)`, from what a record knows of a process.
+pub(super) fn who(pid: Option<u32>, comm: Option<&str>, container: Option<&str>) -> String {
+    let mut s = match (pid, comm) {
         (Some(p), Some(c)) => format!("{c}[{p}]"),
         (Some(p), None) => format!("pid {p}"),
         _ => String::new(),
     };
-    if let Some(c) = v["container"]["name"].as_str() {
+    if let Some(c) = container {
         s.push_str(&format!(" ({c})"));
     }
     s
 }
 
-/// One readable line for a record. Unknown types fall back to the raw JSON.
-pub fn human(v: &Value, st: &Style) -> String {
-    let ts = v["ts"].as_str().unwrap_or("");
+fn actor(a: &Actor) -> String {
+    who(
+        Some(a.pid),
+        Some(&a.comm),
+        a.container.as_ref().map(|c| &*c.name),
+    )
+}
+
+/// One readable line for a log line; a line the schema cannot read is shown as it is.
+pub fn human_line(line: &str, st: &Style) -> String {
+    match Record::parse(line) {
+        Ok(r) if !matches!(r.body, Body::Unknown) => human(&r, st),
+        _ => line.trim_end().to_string(),
+    }
+}
+
+/// One readable line for a record.
+pub fn human(r: &Record, st: &Style) -> String {
+    let ts = r.ts();
     // 2026-11-25T08:31:31.123456789Z -> 2026-11-25 08:31:31.123
     let t = if ts.len() >= 23 {
         format!("{} {}", &ts[..10], &ts[11..23])
     } else {
         ts.to_string()
     };
-    let ty = v["type"].as_str().unwrap_or("?");
-    let body = match ty {
-        "conflict" => conflict_line(v, st),
-        "bind" | "listen" | "connect" | "close" => format!(
+    let ty = r.ty();
+    let body = match &r.body {
+        Body::Conflict(c) => conflict_line(c, st),
+        Body::Bind(o) | Body::Listen(o) | Body::Connect(o) | Body::Close(o) => format!(
             "{} {} {} {} by {} netns {}",
-            st.paint("36", ty),
-            v["result"].as_str().unwrap_or(""),
-            v["proto"].as_str().unwrap_or(""),
-            addr_port(v),
-            who(&v["actor"]),
-            v["netns"]
+            st.paint("36", ty.as_str()),
+            o.result,
+            o.proto,
+            addr_port(o.addr, o.port),
+            actor(&o.actor),
+            o.netns
         ),
-        "port" => format!(
+        Body::Port(p) => format!(
             "{} {} {} {} by {} netns {}{}",
             st.paint("35", "port"),
-            v["event"].as_str().unwrap_or(""),
-            v["proto"].as_str().unwrap_or(""),
-            addr_port(v),
-            who(&v["actor"]),
-            v["netns"],
-            match v["held_s"].as_f64() {
-                Some(h) => format!(" held {h}s ({})", v["reason"].as_str().unwrap_or("")),
+            p.event,
+            p.proto,
+            addr_port(p.addr, p.port),
+            p.actor
+                .as_ref()
+                .map(|a| who(
+                    Some(a.pid),
+                    Some(&a.comm),
+                    a.container.as_ref().map(|c| &*c.name)
+                ))
+                .unwrap_or_default(),
+            p.netns,
+            match p.held_s {
+                Some(h) => format!(" held {h}s ({})", p.reason.as_deref().unwrap_or("")),
                 None => String::new(),
             }
         ),
-        "exit" => format!(
+        Body::Exit(x) => format!(
             "{} {} netns {}",
             st.paint("36", "exit"),
-            who(&v["actor"]),
-            v["netns"]
+            actor(&x.actor),
+            x.netns
         ),
-        "tcp_state" => format!(
+        Body::TcpState(t) => format!(
             "{} {} {} -> {} peer {}:{}",
             st.paint("36", "tcp_state"),
-            addr_port(v),
-            v["old_state"].as_str().unwrap_or(""),
-            v["new_state"].as_str().unwrap_or(""),
-            v["raddr"].as_str().unwrap_or(""),
-            v["rport"]
+            addr_port(t.addr, t.port),
+            t.old_state,
+            t.new_state,
+            t.raddr,
+            t.rport
         ),
-        "lost" => format!(
+        Body::Lost(l) => format!(
             "{} {} events (kernel {}, agent {}) {}",
             st.paint("1;35", "LOST"),
-            v["count"],
-            v["kernel"],
-            v["agent"],
-            v["by_kind"]
+            l.count,
+            l.kernel,
+            l.agent,
+            serde_json::to_string(&l.by_kind).unwrap_or_default()
         ),
-        "missed" => format!(
+        Body::Missed(m) => format!(
             "{} {} records (this client read too slowly)",
             st.paint("1;35", "MISSED"),
-            v["count"]
+            m.count
         ),
-        "time_wait" => format!(
+        Body::TimeWait(t) => format!(
             "{} netns {} total {} (+{} -{}) top ports {}",
             st.paint("33", "time_wait"),
-            v["netns"],
-            v["total"],
-            v["entered"],
-            v["expired"],
-            v["by_local_port"]
+            t.netns,
+            t.total,
+            t.entered,
+            t.expired,
+            serde_json::to_string(&t.by_local_port).unwrap_or_default()
         ),
-        "pressure" => format!(
+        Body::Pressure(p) => format!(
             "{} netns {} {}:{} {}% of ephemeral ports -- {}",
             st.paint("1;33", "PRESSURE"),
-            v["netns"],
-            v["addr"].as_str().unwrap_or(""),
-            v["port"],
-            v["pct"],
-            v["hint"].as_str().unwrap_or("")
+            p.netns,
+            p.addr,
+            p.port,
+            p.pct,
+            p.hint
         ),
-        "agent" => format!(
+        Body::Agent(a) => format!(
             "{} {}{}",
             st.paint("32", "agent"),
-            v["event"].as_str().unwrap_or(""),
-            v["reason"]
-                .as_str()
+            a.event,
+            a.reason
+                .as_deref()
                 .map(|r| format!(": {r}"))
                 .unwrap_or_default()
         ),
-        "docker" => format!(
+        Body::Docker(d) => format!(
             "{} {} {}",
             st.paint("34", "docker"),
-            v["event"].as_str().unwrap_or(""),
-            v["container"]["name"].as_str().unwrap_or("")
+            d.event,
+            d.container.as_ref().map_or("", |c| &c.name)
         ),
-        _ => v.to_string(),
+        Body::Unknown => serde_json::to_string(r).unwrap_or_default(),
     };
     format!("{} {body}", st.paint("2", &t))
 }
 
 /// `CONFLICT x3 bind tcp 0.0.0.0:8080 by pid 42 (nginx) netns 4026531840 cause=listener
 /// held by ... -- hint`.
-fn conflict_line(v: &Value, st: &Style) -> String {
-    let holders: Vec<String> = v["holders"]
-        .as_array()
-        .map(|hs| {
-            hs.iter()
-                .map(|h| match h["count"].as_u64() {
-                    Some(n) => format!("{n}x TIME_WAIT"),
-                    None => format!(
-                        "{} {} {}",
-                        who(h),
-                        h["state"].as_str().unwrap_or(""),
-                        addr_port(h)
-                    ),
-                })
-                .collect()
+fn conflict_line(c: &Conflict, st: &Style) -> String {
+    let holders: Vec<String> = c
+        .holders
+        .iter()
+        .map(|h| match h.count {
+            Some(n) => format!("{n}x TIME_WAIT"),
+            None => format!(
+                "{} {} {}",
+                who(
+                    h.pid,
+                    h.comm.as_deref(),
+                    h.container.as_ref().map(|c| &*c.name)
+                ),
+                h.state,
+                addr_port(h.addr, h.port)
+            ),
         })
-        .unwrap_or_default();
+        .collect();
+    let by = match &c.actor {
+        ConflictActor::Process(a) => actor(a),
+        ConflictActor::Container { container } => who(None, None, Some(&container.name)),
+    };
     format!(
         "{}{} {} {} {} by {} netns {} cause={}{}{}",
         st.paint("1;31", "CONFLICT"),
-        match v["count"].as_u64() {
-            Some(n) if n > 1 => format!(" x{n}"),
-            _ => String::new(),
+        if c.count > 1 {
+            format!(" x{}", c.count)
+        } else {
+            String::new()
         },
-        v["op"].as_str().unwrap_or(""),
-        v["proto"].as_str().unwrap_or(""),
-        st.paint("1", &addr_port(v)),
-        who(&v["actor"]),
-        v["netns"],
-        st.paint("33", v["cause"].as_str().unwrap_or("")),
+        c.op,
+        c.proto,
+        st.paint("1", &addr_port(c.addr, c.port)),
+        by,
+        c.netns,
+        st.paint("33", c.cause.as_str()),
         if holders.is_empty() {
             String::new()
         } else {
             format!(" held by {}", holders.join(", "))
         },
-        match v["hint"].as_str() {
-            Some(h) if !h.is_empty() => format!(" -- {h}"),
-            _ => String::new(),
+        if c.hint.is_empty() {
+            String::new()
+        } else {
+            format!(" -- {}", c.hint)
         }
     )
 }
@@ -196,16 +226,26 @@ mod tests {
 
     #[test]
     fn human_conflict_line() {
-        let v: Value = serde_json::from_str(
-            r#"{"ts":"2026-11-25T08:31:31.123456789Z","type":"conflict","op":"bind","proto":"tcp","addr":"127.0.0.1","port":8080,
-                "netns":1,"actor":{"pid":5,"comm":"py"},"cause":"listener","hint":"stop it",
-                "holders":[{"pid":4,"comm":"nginx","state":"LISTEN","addr":"0.0.0.0","port":8080}]}"#,
-        )
-        .unwrap();
-        let s = human(&v, &Style { color: false });
+        let line = r#"{"v":1,"ts":"2026-11-25T08:31:31.123456789Z","type":"conflict","host":"h","op":"bind","error":"EADDRINUSE","errno":98,"proto":"tcp","family":"ipv4","addr":"127.0.0.1","port":8080,
+                "netns":1,"fd":3,"actor":{"pid":5,"tid":5,"comm":"py","uid":0,"cmdline":null,"cgroup_id":1},"cause":"listener","hint":"stop it","count":1,"first_ts":"","last_ts":"",
+                "holders":[{"pid":4,"comm":"nginx","state":"LISTEN","proto":"tcp","addr":"0.0.0.0","port":8080,"overlap":"wildcard"}]}"#;
+        let s = human_line(line, &Style { color: false });
         assert_eq!(
             s,
             "2026-11-25 08:31:31.123 CONFLICT bind tcp 127.0.0.1:8080 by py[5] netns 1 cause=listener held by nginx[4] LISTEN 0.0.0.0:8080 -- stop it"
+        );
+    }
+
+    #[test]
+    fn a_line_the_schema_cannot_read_is_shown_as_it_is() {
+        let st = Style { color: false };
+        assert_eq!(
+            human_line("{\"type\":\"future\"}\n", &st),
+            "{\"type\":\"future\"}"
+        );
+        assert_eq!(
+            human_line("{\"type\":\"exit\"}", &st),
+            "{\"type\":\"exit\"}"
         );
     }
 }

@@ -13,7 +13,7 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    cli::render::{human, Style},
+    cli::render::{human_line, Style},
     cli::TailArgs,
     control::Filter,
     error::{Error, Result},
@@ -63,7 +63,7 @@ impl Printer {
         if self.json {
             writeln!(out, "{}", line.trim_end())
         } else {
-            writeln!(out, "{}", human(&v, &self.style))
+            writeln!(out, "{}", human_line(line, &self.style))
         }
     }
 

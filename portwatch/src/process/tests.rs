@@ -157,7 +157,10 @@ fn processor() -> (Processor, std::sync::mpsc::Receiver<FreshRequest>) {
         fresh,
         stopping: Arc::default(),
     };
-    (Processor::new(Output::new(None), cfg, Instant::now()), requests)
+    (
+        Processor::new(Output::new(None), cfg, Instant::now()),
+        requests,
+    )
 }
 
 /// A connect's EADDRNOTAVAIL waits for its namespace's re-read. The daemon going away (said
@@ -196,7 +199,11 @@ fn docker_going_away_does_not_end_a_wait_for_a_namespace_re_read() {
         reason: "connection refused".into(),
         ts_ns: 1,
     });
-    assert_eq!(p.held.len(), 1, "the daemon's outage is not the namespace's answer");
+    assert_eq!(
+        p.held.len(),
+        1,
+        "the daemon's outage is not the namespace's answer"
+    );
     p.fresh(Fresh {
         netns: 7,
         as_of: 2,

@@ -32,7 +32,7 @@ use bollard::{
     Docker,
 };
 use futures_util::{stream, StreamExt};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{
@@ -340,7 +340,10 @@ fn gather_log(b: &mut Bundle, cx: &Ctx<'_>) -> LogScan {
     }
     if let Some(p) = a.port {
         let items = history::timeline(
-            scan.history.iter().cloned(),
+            // Lines the typed schema cannot read are left out of the timeline.
+            scan.history
+                .iter()
+                .filter_map(|v| portwatch_schema::Record::deserialize(v).ok()),
             p,
             None,
             Some(cx.since_ns),

@@ -94,7 +94,7 @@ fn log_scan_keeps_the_window_and_the_port() {
     let new = "2026-11-30T03:00:00.000000000Z";
     let log = [
         rec(old, "agent", 0, ",\"event\":\"ready\",\"programs\":[\"a\"]"),
-        rec(old, "port", 8080, ",\"event\":\"open\",\"proto\":\"tcp\",\"addr\":\"0.0.0.0\",\"netns\":1,\"actor\":{\"pid\":5}"),
+        rec(old, "port", 8080, ",\"event\":\"open\",\"proto\":\"tcp\",\"family\":\"ipv4\",\"addr\":\"0.0.0.0\",\"netns\":1,\"actor\":{\"pid\":5,\"comm\":\"nginx\",\"cmdline\":null,\"uid\":0}"),
         rec(old, "conflict", 8080, ""),
         rec(new, "conflict", 8080, ""),
         rec(new, "conflict", 9090, ""),
@@ -112,7 +112,11 @@ fn log_scan_keeps_the_window_and_the_port() {
     assert_eq!(s.ready.as_ref().unwrap()["programs"][0], "a");
     // The open before the window still starts the holding that runs into it.
     assert_eq!(s.history.len(), 3);
-    let t = history::timeline(s.history.into_iter(), 8080, None, Some(since), None);
+    let typed = s
+        .history
+        .into_iter()
+        .filter_map(|v| serde_json::from_value(v).ok());
+    let t = history::timeline(typed, 8080, None, Some(since), None);
     assert!(
         matches!(t.first(), Some(history::Item::Held { .. })),
         "{t:?}"

@@ -6,8 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use super::{
     fmt_addr, overlap, Attempt, Attribution, Cause, Entry, Holder, Overlap, Placement, PortTable,
-    Proto,
-    TCP_LISTEN, TCP_TIME_WAIT,
+    Proto, TCP_LISTEN, TCP_TIME_WAIT,
 };
 
 /// What the sockets on the attempted port amount to, before a cause is chosen.

@@ -17,8 +17,8 @@ use std::{
 use serde::Serialize;
 
 use crate::model::ContainerRef;
-pub use portwatch_schema::Cause;
 pub use crate::model::{overlap, Overlap, Owner, Proto};
+pub use portwatch_schema::Cause;
 
 pub const TCP_TIME_WAIT: u8 = 6;
 pub const TCP_CLOSE: u8 = 7;
