@@ -47,7 +47,7 @@ impl Filter {
             return false;
         }
         if let Some(c) = &self.container {
-            let is = |n: &crate::output::keys::Named| {
+            let is = |n: &std::sync::Arc<crate::model::ContainerRef>| {
                 &*n.name == c.as_str() || (!c.is_empty() && n.id.starts_with(c.as_str()))
             };
             if !k.containers.iter().any(is) {

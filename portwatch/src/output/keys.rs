@@ -18,22 +18,6 @@ use crate::{
     state::table::Holder,
 };
 
-/// A container as a filter sees it: by name, or by a prefix of its id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Named {
-    pub name: Arc<str>,
-    pub id: Arc<str>,
-}
-
-impl From<&ContainerRef> for Named {
-    fn from(c: &ContainerRef) -> Self {
-        Named {
-            name: Arc::from(&*c.name),
-            id: Arc::from(&*c.id),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Keys {
     /// The record's `type`.
@@ -43,7 +27,8 @@ pub struct Keys {
     pub ports: Vec<u16>,
     /// The actor, the holders, a tcp_state's context pid, a container's init.
     pub pids: Vec<u32>,
-    pub containers: Vec<Named>,
+    /// Shared with the record (a filter matches by name or id prefix): no copy per record.
+    pub containers: Vec<Arc<ContainerRef>>,
     /// `conflict`: the cause.
     pub cause: Option<Cause>,
     /// `conflict`: the failures it stands for; `lost`: the events lost.
@@ -81,7 +66,7 @@ impl Keys {
 
     fn container(&mut self, c: Option<&Arc<ContainerRef>>) {
         if let Some(c) = c {
-            self.containers.push(Named::from(&**c));
+            self.containers.push(c.clone());
         }
     }
 
@@ -131,10 +116,19 @@ impl Keys {
         let port = |x: &Value| x.as_u64().and_then(|p| u16::try_from(p).ok());
         let pid = |x: &Value| x.as_u64().and_then(|p| u32::try_from(p).ok());
         let named = |x: &Value| {
-            Some(Named {
-                name: Arc::from(x["name"].as_str()?),
-                id: Arc::from(x["id"].as_str().unwrap_or("")),
-            })
+            let text = |k: &str| x[k].as_str().map(Box::<str>::from);
+            Some(Arc::new(ContainerRef {
+                id: text("id").unwrap_or_default(),
+                engine: if x["engine"] == "podman" {
+                    "podman"
+                } else {
+                    "docker"
+                },
+                name: text("name")?,
+                image: text("image").unwrap_or_default(),
+                compose_project: text("compose_project"),
+                compose_service: text("compose_service"),
+            }))
         };
         for p in [
             &v["port"],
@@ -259,7 +253,7 @@ impl Keyed for Docker<'_> {
             .extend(self.ports.into_iter().flatten().map(|m| m.host_port));
         k.pids.extend(self.pid);
         if let Some(c) = self.container {
-            k.containers.push(Named::from(c));
+            k.containers.push(c.clone());
         }
         k.netns = self.netns.unwrap_or(0);
         k

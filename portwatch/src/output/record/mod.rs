@@ -341,7 +341,7 @@ pub struct Docker<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub container: Option<&'a ContainerRef>,
+    pub container: Option<&'a Arc<ContainerRef>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
