@@ -180,6 +180,7 @@ impl Serialize for Record {
 }
 
 /// How a container is named in records.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerRef {
     /// The first 12 hex digits, as `docker ps` shows.
@@ -188,26 +189,24 @@ pub struct ContainerRef {
     pub engine: String,
     pub name: String,
     pub image: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compose_project: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compose_service: Option<String>,
 }
 
 /// The process that made the syscall.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Actor {
     pub pid: u32,
     pub tid: u32,
     pub comm: String,
     pub uid: u32,
-    /// None when the process was gone (or its pid reused) before it could be read.
+    /// None (`null`) when the process was gone (or its pid reused) before it could be read.
+    #[serialize_always]
     pub cmdline: Option<String>,
     pub cgroup_id: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerRef>,
     /// `docker-proxy` or `dockerd`: the container whose port it was publishing.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
 }
 
@@ -237,78 +236,64 @@ impl ConflictActor {
 }
 
 /// One entry of a conflict's `holders`.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comm: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
     pub state: SockState,
     pub proto: Proto,
     pub addr: IpAddr,
     pub port: u16,
     pub overlap: Overlap,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
     /// TIME_WAIT only: how many sockets this entry stands for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_in_s: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerRef>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_port: Option<u16>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale: Option<bool>,
 }
 
 /// connect `EADDRNOTAVAIL`: the destination and how taken its local ports were.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Destination {
     pub addr: IpAddr,
     pub port: u16,
     pub in_use: u32,
     pub time_wait: u32,
+    #[serialize_always]
     pub range: Option<[u16; 2]>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub as_of: Option<String>,
 }
 
 /// `type:"conflict"`: a bind/listen that failed, a connect that found no free port, or
 /// (`op:"docker_publish"`) a port the daemon refused to publish.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Conflict {
     pub op: Op,
     pub error: Error,
     /// Absent for `op:"docker_publish"`: no syscall failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errno: Option<i32>,
     pub proto: Proto,
     pub family: Family,
     pub addr: IpAddr,
     pub port: u16,
     pub netns: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fd: Option<i32>,
     pub actor: ConflictActor,
     pub holders: Vec<Holder>,
     pub cause: Cause,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overlap: Option<Overlap>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination: Option<Destination>,
     pub hint: String,
     /// `op:"docker_publish"`: the daemon's own words.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker_error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub count: u64,
     pub first_ts: String,
@@ -316,17 +301,19 @@ pub struct Conflict {
 }
 
 /// A `port` record's actor.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortActor {
     pub pid: u32,
     pub comm: String,
+    #[serialize_always]
     pub cmdline: Option<String>,
     pub uid: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerRef>,
 }
 
 /// `type:"port"`: a service port started or stopped being held.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Port {
     pub event: PortEvent,
@@ -335,21 +322,19 @@ pub struct Port {
     pub addr: IpAddr,
     pub port: u16,
     pub netns: u32,
+    /// None (`null`) when no process could be named.
+    #[serialize_always]
     pub actor: Option<PortActor>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub existing: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_s: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarts: Option<u64>,
     /// `close`: `close` or `gone`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 
 /// `type: "bind" | "listen" | "connect" | "close"`: one socket syscall (`--all-events`).
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SockOp {
     pub result: Error,
@@ -358,9 +343,7 @@ pub struct SockOp {
     pub family: Family,
     pub addr: IpAddr,
     pub port: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raddr: Option<IpAddr>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rport: Option<u16>,
     pub netns: u32,
     pub fd: i32,
@@ -410,9 +393,11 @@ pub struct Busiest {
     pub pct: f64,
 }
 
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ephemeral {
     pub range: [u16; 2],
+    #[serialize_always]
     pub busiest: Option<Busiest>,
 }
 
@@ -462,10 +447,10 @@ pub struct PortMap {
     pub container_port: u16,
 }
 
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Network {
     pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<IpAddr>,
 }
 
@@ -481,114 +466,68 @@ fn is_false(b: &bool) -> bool {
 }
 
 /// `type:"docker"`: the engines' connection and the containers' lifecycle.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Docker {
     pub event: DockerEvent,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_version: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_version: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub containers: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<CgroupMode>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerRef>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_id: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_path: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_mode: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub networks: Option<Vec<Network>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<PortMap>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i64>,
     /// It happened while the agent was not connected; found at the resync.
     #[serde(default, skip_serializing_if = "is_false")]
     pub missed: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proto: Option<Proto>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_ip: Option<IpAddr>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_port: Option<u16>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_port: Option<u16>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listening: Option<Vec<Listening>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hint: Option<String>,
 }
 
 /// `type:"agent"`: the agent's own lifecycle.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Agent {
     pub event: AgentEvent,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
     /// `ready`: `trampoline` or `tracepoint`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hooks: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hooks_why: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub functions: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub programs: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<u16>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ringbuf_bytes: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns_source: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracefs_mounted: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub startup_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_file: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table_size: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespaces: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub records: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost_total: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_write_errors: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdout_write_errors: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift_healed: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unwritten: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_records: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uptime_s: Option<f64>,
 }
 
