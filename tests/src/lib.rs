@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use portwatch_schema::{self as schema, Body, Record};
 use serde_json::Value;
 
 pub mod docker;
@@ -59,6 +60,10 @@ pub fn agent_bin() -> PathBuf {
 #[derive(Default)]
 struct Lines {
     lines: Vec<Value>,
+    /// The same lines read into the typed schema (the one `tail` and `history` use).
+    records: Vec<Record>,
+    /// Lines that are JSON but that the typed schema cannot read, with why.
+    untyped: Vec<String>,
     /// When each of `lines` was read from the agent's stdout, before any lock: what
     /// latency measurements time (a test thread contending for the lock must not count).
     read_at: Vec<std::time::SystemTime>,
@@ -79,6 +84,8 @@ static NEXT_RT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new
 
 pub struct Finished {
     pub lines: Vec<Value>,
+    /// `lines`, typed.
+    pub records: Vec<Record>,
     pub status: std::process::ExitStatus,
     pub stderr: String,
 }
@@ -137,6 +144,11 @@ impl Agent {
                     Ok(v) => {
                         g.lines.push(v);
                         g.read_at.push(at);
+                        match Record::parse(&line) {
+                            Ok(r) if !matches!(r.body, Body::Unknown) => g.records.push(r),
+                            Ok(_) => g.untyped.push(format!("unknown type: {line}")),
+                            Err(e) => g.untyped.push(format!("{e}: {line}")),
+                        }
                     }
                     Err(_) => g.raw_bad.push(line),
                 }
@@ -197,6 +209,28 @@ impl Agent {
         }
     }
 
+    /// First typed record (in order) matching `pred`, waiting up to 10 s.
+    pub fn wait_record(&self, what: &str, pred: impl Fn(&Record) -> bool) -> Record {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (m, cv) = &*self.shared;
+        let mut g = m.lock().unwrap();
+        loop {
+            if let Some(r) = g.records.iter().find(|r| pred(r)) {
+                return r.clone();
+            }
+            let now = Instant::now();
+            if now >= deadline || g.eof {
+                drop(g);
+                panic!(
+                    "no record matching {what} within 10 s; got:\n{}\nstderr:\n{}",
+                    self.dump(),
+                    self.stderr.lock().unwrap()
+                );
+            }
+            g = cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+
     pub fn wait_for(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         self.try_wait_for(Duration::from_secs(10), pred)
             .unwrap_or_else(|| {
@@ -242,6 +276,26 @@ impl Agent {
         self.shared.0.lock().unwrap().lines.clone()
     }
 
+    /// `snapshot`, typed: every record read so far.
+    pub fn snapshot_records(&self) -> Vec<Record> {
+        self.shared.0.lock().unwrap().records.clone()
+    }
+
+    /// The ready record (`ready`), typed.
+    pub fn ready_typed(&self) -> schema::Agent {
+        let g = self.shared.0.lock().unwrap();
+        g.records
+            .iter()
+            .find_map(|r| r.agent().filter(|a| a.event == schema::AgentEvent::Ready))
+            .cloned()
+            .unwrap_or_else(|| {
+                panic!(
+                    "the ready line does not read as a typed record: {:?}",
+                    g.untyped
+                )
+            })
+    }
+
     pub fn dump(&self) -> String {
         self.snapshot()
             .iter()
@@ -280,11 +334,18 @@ impl Agent {
             "agent wrote lines that are not JSON: {:?}",
             g.raw_bad
         );
+        assert!(
+            g.untyped.is_empty(),
+            "agent wrote lines the typed schema (portwatch-schema) cannot read: {:?}",
+            g.untyped
+        );
         let lines = std::mem::take(&mut g.lines);
+        let records = std::mem::take(&mut g.records);
         g.read_at.clear();
         drop(g);
         Finished {
             lines,
+            records,
             status,
             stderr: self.stderr.lock().unwrap().clone(),
         }
@@ -537,6 +598,11 @@ impl NetNs {
         format!("/var/run/netns/{}", self.name)
     }
 
+    /// The inode as records carry it (`netns` is a u32 there).
+    pub fn inode32(&self) -> u32 {
+        u32::try_from(self.inode()).expect("namespace inodes fit in 32 bits")
+    }
+
     pub fn inode(&self) -> u64 {
         netns_inode_of(&self.path())
     }
@@ -585,6 +651,26 @@ pub fn of_type<'a>(lines: &'a [Value], ty: &str, port: u16) -> Vec<&'a Value> {
     lines
         .iter()
         .filter(|v| v["type"] == ty && v["port"] == port)
+        .collect()
+}
+
+/// The `port` at a record's top level, for the types that have one (what `of_type` matches).
+pub fn port_of(r: &Record) -> Option<u16> {
+    match &r.body {
+        Body::Conflict(c) => Some(c.port),
+        Body::Port(p) => Some(p.port),
+        Body::Bind(s) | Body::Listen(s) | Body::Connect(s) | Body::Close(s) => Some(s.port),
+        Body::TcpState(t) => Some(t.port),
+        Body::Pressure(p) => Some(p.port),
+        _ => None,
+    }
+}
+
+/// `of_type`, typed: records of one type for one port.
+pub fn records_of(records: &[Record], ty: schema::Type, port: u16) -> Vec<&Record> {
+    records
+        .iter()
+        .filter(|r| r.ty() == ty && port_of(r) == Some(port))
         .collect()
 }
 
@@ -716,5 +802,34 @@ impl Drop for Arrivals {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// `Arrivals`, typed.
+pub struct RecordArrivals(Arrivals);
+
+impl Agent {
+    /// `watch_arrivals`, typed: lines the typed schema cannot read never match.
+    pub fn watch_record_arrivals(
+        &self,
+        pred: impl Fn(&Record) -> bool + Send + 'static,
+    ) -> RecordArrivals {
+        RecordArrivals(self.watch_arrivals(move |v| {
+            serde_json::from_value::<Record>(v.clone()).is_ok_and(|r| pred(&r))
+        }))
+    }
+}
+
+impl RecordArrivals {
+    /// What arrived so far: each record with its arrival time.
+    pub fn so_far(&self) -> Vec<(Record, std::time::SystemTime)> {
+        self.0
+            .so_far()
+            .into_iter()
+            .map(|(v, at)| {
+                let r = serde_json::from_value(v).expect("it was read as a record when it matched");
+                (r, at)
+            })
+            .collect()
     }
 }

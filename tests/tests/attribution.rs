@@ -1,7 +1,11 @@
 //! Who holds the port and why: conflicts attributed to real holder processes, in real
 //! namespaces, with each cause and overlap; TIME_WAIT counted against `ss`.
 
-use std::{net::SocketAddr, process::Command, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    process::Command,
+    time::Duration,
+};
 
 use portwatch_tests::*;
 use serde_json::Value;
@@ -18,8 +22,15 @@ fn fail_bind(addr: &str) {
     );
 }
 
-fn conflict_on(agent: &Agent, port: u16) -> Value {
-    agent.wait_for("conflict", |v| v["type"] == "conflict" && v["port"] == port)
+fn conflict_on(agent: &Agent, port: u16) -> Record {
+    agent.wait_record("conflict", |r| r.conflict().is_some_and(|c| c.port == port))
+}
+
+/// A record's line as the agent wrote it: only there is an absent field told from a null one.
+fn line_of(agent: &Agent, r: &Record) -> Value {
+    agent.wait_for("the record's own line", |v| {
+        serde_json::from_value::<Record>(v.clone()).is_ok_and(|x| x == *r)
+    })
 }
 
 #[test]
@@ -28,35 +39,36 @@ fn listener_started_before_the_agent_is_attributed() {
     // The holder predates the agent: only the start-up snapshot can know it.
     let h = Holder::start(HOLD, "tcp-listen", &format!("0.0.0.0:{port}"), None);
     let agent = Agent::start(&[]);
-    assert!(
-        agent.ready["table_size"].as_u64().unwrap() > 0,
-        "{}",
-        agent.ready
-    );
+    let ready = agent.ready_typed();
+    assert!(ready.table_size.is_some_and(|n| n > 0), "{ready:?}");
     fail_bind(&format!("127.0.0.1:{port}"));
-    let c = conflict_on(&agent, port);
-    assert_eq!(c["cause"], "listener", "{c}");
-    assert_eq!(c["overlap"], "wildcard", "{c}");
-    let holders = c["holders"].as_array().unwrap();
-    assert_eq!(holders.len(), 1, "{c}");
-    let hd = &holders[0];
-    assert_eq!(hd["pid"], h.pid(), "{c}");
-    assert_eq!(hd["comm"], "pw-hold");
-    assert_eq!(hd["state"], "LISTEN");
-    assert_eq!(hd["addr"], "0.0.0.0");
-    assert_eq!(hd["port"], port);
+    let r = conflict_on(&agent, port);
+    let c = r.conflict().unwrap();
+    assert_eq!(c.cause, schema::Cause::Listener, "{c:?}");
+    assert_eq!(c.overlap, Some(schema::Overlap::Wildcard), "{c:?}");
+    assert_eq!(c.holders.len(), 1, "{c:?}");
+    let hd = &c.holders[0];
+    assert_eq!(hd.pid, Some(h.pid()), "{c:?}");
+    assert_eq!(hd.comm.as_deref(), Some("pw-hold"));
+    assert_eq!(hd.state, schema::SockState::Listen);
+    assert_eq!(hd.addr, Ipv4Addr::UNSPECIFIED);
+    assert_eq!(hd.port, port);
     assert!(
-        hd["cmdline"].as_str().unwrap().contains("tcp-listen"),
-        "{c}"
+        hd.cmdline
+            .as_deref()
+            .is_some_and(|s| s.contains("tcp-listen")),
+        "{c:?}"
     );
     assert_eq!(
-        c["hint"],
+        c.hint,
         format!(
             "pid {} (pw-hold) listens on 0.0.0.0:{port}; stop it or bind another port",
             h.pid()
         )
     );
-    assert!(c.get("reason").is_none(), "{c}");
+    // Absent, not null: the typed record cannot tell the two apart.
+    let line = line_of(&agent, &r);
+    assert!(line.get("reason").is_none(), "{line}");
 }
 
 #[test]
@@ -67,15 +79,16 @@ fn bound_only_tcp_socket_started_after_the_agent() {
     // Let the holder's bind event reach the table before we collide with it.
     std::thread::sleep(Duration::from_millis(200));
     fail_bind(&format!("127.0.0.1:{port}"));
-    let c = conflict_on(&agent, port);
-    assert_eq!(c["cause"], "bound", "{c}");
-    assert_eq!(c["overlap"], "exact", "{c}");
-    let hd = &c["holders"][0];
-    assert_eq!(hd["pid"], h.pid(), "{c}");
-    assert_eq!(hd["state"], "BOUND");
+    let r = conflict_on(&agent, port);
+    let c = r.conflict().unwrap();
+    assert_eq!(c.cause, schema::Cause::Bound, "{c:?}");
+    assert_eq!(c.overlap, Some(schema::Overlap::Exact), "{c:?}");
+    let hd = &c.holders[0];
+    assert_eq!(hd.pid, Some(h.pid()), "{c:?}");
+    assert_eq!(hd.state, schema::SockState::Bound);
     assert!(
-        hd["since"].is_string(),
-        "seen bound by the agent, so since is known: {c}"
+        hd.since.is_some(),
+        "seen bound by the agent, so since is known: {c:?}"
     );
 }
 
@@ -91,11 +104,12 @@ fn udp_holder() {
         bind(&s, &a).unwrap_err().raw_os_error(),
         Some(libc::EADDRINUSE)
     );
-    let c = conflict_on(&agent, port);
-    assert_eq!(c["proto"], "udp");
-    assert_eq!(c["cause"], "bound", "{c}");
-    assert_eq!(c["holders"][0]["state"], "UDP");
-    assert_eq!(c["holders"][0]["pid"], h.pid());
+    let r = conflict_on(&agent, port);
+    let c = r.conflict().unwrap();
+    assert_eq!(c.proto, schema::Proto::Udp);
+    assert_eq!(c.cause, schema::Cause::Bound, "{c:?}");
+    assert_eq!(c.holders[0].state, schema::SockState::Udp);
+    assert_eq!(c.holders[0].pid, Some(h.pid()));
 }
 
 #[test]
@@ -104,11 +118,12 @@ fn dual_stack_listener_blocks_ipv4() {
     let h = Holder::start(HOLD, "tcp6-dual", &format!("[::]:{port}"), None);
     let agent = Agent::start(&[]);
     fail_bind(&format!("0.0.0.0:{port}"));
-    let c = conflict_on(&agent, port);
-    assert_eq!(c["cause"], "listener", "{c}");
-    assert_eq!(c["overlap"], "dual_stack", "{c}");
-    assert_eq!(c["holders"][0]["addr"], "::");
-    assert_eq!(c["holders"][0]["pid"], h.pid());
+    let r = conflict_on(&agent, port);
+    let c = r.conflict().unwrap();
+    assert_eq!(c.cause, schema::Cause::Listener, "{c:?}");
+    assert_eq!(c.overlap, Some(schema::Overlap::DualStack), "{c:?}");
+    assert_eq!(c.holders[0].addr, Ipv6Addr::UNSPECIFIED);
+    assert_eq!(c.holders[0].pid, Some(h.pid()));
 }
 
 #[test]
@@ -133,15 +148,16 @@ fn restart_without_reuseaddr_hits_time_wait() {
     std::thread::sleep(Duration::from_millis(300));
     // The restarted server, without SO_REUSEADDR.
     fail_bind(&addr);
-    let c = conflict_on(&agent, port);
-    assert_eq!(c["cause"], "time_wait", "{c}");
-    let holders = c["holders"].as_array().unwrap();
-    assert_eq!(holders.len(), 1, "TIME_WAIT sockets are one entry: {c}");
-    assert_eq!(holders[0]["state"], "TIME_WAIT");
-    assert_eq!(holders[0]["count"], 3, "{c}");
-    let exp = holders[0]["expires_in_s"].as_u64().unwrap();
-    assert!(exp > 0 && exp <= 60, "{c}");
-    assert!(c["hint"].as_str().unwrap().contains("SO_REUSEADDR"), "{c}");
+    let r = conflict_on(&agent, port);
+    let c = r.conflict().unwrap();
+    assert_eq!(c.cause, schema::Cause::TimeWait, "{c:?}");
+    let holders = &c.holders;
+    assert_eq!(holders.len(), 1, "TIME_WAIT sockets are one entry: {c:?}");
+    assert_eq!(holders[0].state, schema::SockState::TimeWait);
+    assert_eq!(holders[0].count, Some(3), "{c:?}");
+    let exp = holders[0].expires_in_s.expect("expires_in_s");
+    assert!(exp > 0 && exp <= 60, "{c:?}");
+    assert!(c.hint.contains("SO_REUSEADDR"), "{c:?}");
 }
 
 #[test]
@@ -154,12 +170,13 @@ fn conflict_inside_a_namespace_names_the_holder_there() {
     let _host = listener(&format!("127.0.0.1:{port}"));
     std::thread::sleep(Duration::from_millis(200));
     ns.run(move || fail_bind(&format!("127.0.0.1:{port}")));
-    let c = conflict_on(&agent, port);
-    assert_eq!(c["netns"], ns.inode());
-    assert_eq!(c["cause"], "listener", "{c}");
-    let holders = c["holders"].as_array().unwrap();
-    assert_eq!(holders.len(), 1, "only the holder in that namespace: {c}");
-    assert_eq!(holders[0]["pid"], h.pid());
+    let r = conflict_on(&agent, port);
+    let c = r.conflict().unwrap();
+    assert_eq!(c.netns, ns.inode32());
+    assert_eq!(c.cause, schema::Cause::Listener, "{c:?}");
+    let holders = &c.holders;
+    assert_eq!(holders.len(), 1, "only the holder in that namespace: {c:?}");
+    assert_eq!(holders[0].pid, Some(h.pid()));
 }
 
 #[test]
@@ -182,17 +199,16 @@ fn ephemeral_exhaustion_counts_ports_toward_the_destination() {
         // Hold them until the agent has looked.
         std::thread::sleep(Duration::from_millis(1500));
     });
-    let c = agent.wait_for("connect conflict", |v| {
-        v["op"] == "connect" && v["port"] == port
+    let r = agent.wait_record("connect conflict", |r| {
+        r.conflict()
+            .is_some_and(|c| c.op == schema::Op::Connect && c.port == port)
     });
-    assert_eq!(c["cause"], "ephemeral_exhausted", "{c}");
-    assert_eq!(c["destination"]["in_use"], 2, "{c}");
-    assert_eq!(
-        c["destination"]["range"],
-        serde_json::json!([40000, 40001]),
-        "{c}"
-    );
-    assert!(c["hint"].as_str().unwrap().contains("40000-40001"), "{c}");
+    let c = r.conflict().unwrap();
+    assert_eq!(c.cause, schema::Cause::EphemeralExhausted, "{c:?}");
+    let d = c.destination.as_ref().expect("destination");
+    assert_eq!(d.in_use, 2, "{c:?}");
+    assert_eq!(d.range, Some([40000, 40001]), "{c:?}");
+    assert!(c.hint.contains("40000-40001"), "{c:?}");
 }
 
 /// The client that fails is gone before the namespace is re-read (it exits at once, as a
@@ -237,12 +253,17 @@ fn ephemeral_exhaustion_is_counted_after_the_client_exits() {
         .unwrap()
     });
     assert_eq!(err.raw_os_error(), Some(libc::EADDRNOTAVAIL), "{err}");
-    let c = agent.wait_for("connect conflict", |v| {
-        v["op"] == "connect" && v["port"] == port
+    let r = agent.wait_record("connect conflict", |r| {
+        r.conflict()
+            .is_some_and(|c| c.op == schema::Op::Connect && c.port == port)
     });
-    assert_eq!(c["cause"], "ephemeral_exhausted", "{c}");
-    assert_eq!(c["destination"]["in_use"], 2, "{c}");
-    assert!(c.get("reason").is_none(), "{c}");
+    let c = r.conflict().unwrap();
+    assert_eq!(c.cause, schema::Cause::EphemeralExhausted, "{c:?}");
+    let d = c.destination.as_ref().expect("destination");
+    assert_eq!(d.in_use, 2, "{c:?}");
+    // Absent, not null: the typed record cannot tell the two apart.
+    let line = line_of(&agent, &r);
+    assert!(line.get("reason").is_none(), "{line}");
     drop(held);
 }
 
@@ -264,10 +285,14 @@ fn time_wait_counts_match_ss() {
         }
     });
     let agent = Agent::start(&["--tw-interval", "1"]);
-    let inode = ns.inode();
-    let rec = agent.wait_for("time_wait record", |v| {
-        v["type"] == "time_wait" && v["netns"] == inode && v["total"].as_u64().unwrap_or(0) > 0
-    });
+    let inode = ns.inode32();
+    let r = agent.wait_record(
+        "time_wait record",
+        |r| matches!(&r.body, Body::TimeWait(t) if t.netns == inode && t.total > 0),
+    );
+    let Body::TimeWait(rec) = &r.body else {
+        unreachable!("matched as a time_wait record")
+    };
     let out = Command::new("ip")
         .args([
             "netns",
@@ -281,16 +306,18 @@ fn time_wait_counts_match_ss() {
         .output()
         .unwrap();
     let ss = String::from_utf8_lossy(&out.stdout).lines().count() as f64;
-    let ours = rec["total"].as_f64().unwrap();
+    let ours = rec.total as f64;
     eprintln!("time_wait: portwatch {ours}, ss {ss}");
     assert!(ss >= 5000.0, "churn left only {ss} TIME_WAIT sockets");
     assert!(
         (ours - ss).abs() / ss <= 0.02,
-        "portwatch {ours} vs ss {ss}: {rec}"
+        "portwatch {ours} vs ss {ss}: {rec:?}"
     );
     // Client side: the destination shows in by_remote.
-    assert_eq!(rec["by_remote"][0]["port"], port, "{rec}");
-    assert!(rec["ephemeral"]["range"].is_array());
+    assert_eq!(rec.by_remote.first().map(|x| x.port), Some(port), "{rec:?}");
+    // The range is two ports by its type; a real one is in order.
+    let [lo, hi] = rec.ephemeral.range;
+    assert!(lo <= hi, "{rec:?}");
 }
 
 /// TIME_WAIT sockets made and killed while the agent runs. With the trampoline hooks the
@@ -304,7 +331,7 @@ fn time_wait_entries_and_exits_are_counted() {
     let port = test_port(71);
     const N: u64 = 5000;
     let agent = Agent::start(&["--tw-interval", "1"]);
-    let events = agent.ready["hooks"] == "trampoline";
+    let events = agent.ready_typed().hooks.as_deref() == Some("trampoline");
     ns.run(move || {
         use std::io::Read;
         let addr = format!("127.0.0.1:{port}");
@@ -319,15 +346,20 @@ fn time_wait_entries_and_exits_are_counted() {
             drop(s);
         }
     });
-    let inode = ns.inode();
-    let tw_records = |agent: &Agent| -> Vec<Value> {
+    let inode = ns.inode32();
+    let tw_records = |agent: &Agent| -> Vec<schema::TimeWait> {
         agent
-            .snapshot()
+            .snapshot_records()
             .into_iter()
-            .filter(|v| v["type"] == "time_wait" && v["netns"] == inode)
+            .filter_map(|r| match r.body {
+                Body::TimeWait(t) if t.netns == inode => Some(t),
+                _ => None,
+            })
             .collect()
     };
-    let sum = |recs: &[Value], k: &str| recs.iter().map(|r| r[k].as_u64().unwrap()).sum::<u64>();
+    let sum = |recs: &[schema::TimeWait], k: fn(&schema::TimeWait) -> u64| {
+        recs.iter().map(k).sum::<u64>()
+    };
     let ss_count = |args: &[&str]| -> u64 {
         let out = Command::new("ip")
             .args(["netns", "exec", &ns.name, "ss"])
@@ -342,7 +374,7 @@ fn time_wait_entries_and_exits_are_counted() {
         );
         String::from_utf8_lossy(&out.stdout).lines().count() as u64
     };
-    let until = |what: &str, done: &dyn Fn(&[Value]) -> bool| -> Vec<Value> {
+    let until = |what: &str, done: &dyn Fn(&[schema::TimeWait]) -> bool| -> Vec<schema::TimeWait> {
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         loop {
             let recs = tw_records(&agent);
@@ -360,24 +392,24 @@ fn time_wait_entries_and_exits_are_counted() {
     // ended (the second one after it).
     let before = tw_records(&agent).len();
     let recs = until("entries", &|r| {
-        r.len() >= before + 2 && sum(r, "entered") >= N * 98 / 100
+        r.len() >= before + 2 && sum(r, |t| t.entered) >= N * 98 / 100
     });
     let last = recs.last().unwrap().clone();
     let (entered, expired, total) = (
-        sum(&recs, "entered"),
-        sum(&recs, "expired"),
-        last["total"].as_u64().unwrap(),
+        sum(&recs, |t| t.entered),
+        sum(&recs, |t| t.expired),
+        last.total,
     );
     let ss = ss_count(&[]);
-    eprintln!("time_wait: entered {entered}, expired {expired}, total {total}, ss {ss}; {last}");
+    eprintln!("time_wait: entered {entered}, expired {expired}, total {total}, ss {ss}; {last:?}");
     assert_eq!(
-        last["counted_by"],
+        last.counted_by,
         if events { "events" } else { "dumps" },
-        "{last}"
+        "{last:?}"
     );
     assert!(
         total.abs_diff(ss) <= ss / 100,
-        "total {total} vs ss {ss}: {last}"
+        "total {total} vs ss {ss}: {last:?}"
     );
     if events {
         assert_eq!(entered, N, "one TIME_WAIT socket per connection: {recs:?}");
@@ -397,10 +429,10 @@ fn time_wait_entries_and_exits_are_counted() {
     }
     // Kill them all (SOCK_DESTROY, what `ss -K` sends): early exits, counted as expired.
     ss_count(&["-K"]);
-    let recs = until("exits", &|r| r.last().is_some_and(|l| l["total"] == 0));
-    let (entered, expired) = (sum(&recs, "entered"), sum(&recs, "expired"));
+    let recs = until("exits", &|r| r.last().is_some_and(|l| l.total == 0));
+    let (entered, expired) = (sum(&recs, |t| t.entered), sum(&recs, |t| t.expired));
     eprintln!(
-        "after ss -K: entered {entered}, expired {expired}; {}",
+        "after ss -K: entered {entered}, expired {expired}; {:?}",
         recs.last().unwrap()
     );
     if events {
@@ -423,7 +455,7 @@ fn pressure_comes_before_connects_fail() {
     let port = test_port(29);
     let agent = Agent::start(&["--tw-interval", "1"]);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let inode = ns.inode();
+    let inode = ns.inode32();
     let worker = std::thread::spawn({
         let name = ns.path();
         move || {
@@ -442,20 +474,24 @@ fn pressure_comes_before_connects_fail() {
             let _ = rx.recv_timeout(Duration::from_secs(15));
         }
     });
-    let p = agent.wait_for("pressure", |v| {
-        v["type"] == "pressure" && v["netns"] == inode
-    });
+    let r = agent.wait_record(
+        "pressure",
+        |r| matches!(&r.body, Body::Pressure(p) if p.netns == inode),
+    );
     tx.send(()).unwrap();
     worker.join().unwrap();
-    assert_eq!(p["port"], port, "{p}");
-    assert_eq!(p["in_use"], 6, "{p}");
-    assert!(p["pct"].as_f64().unwrap() >= 50.0, "{p}");
+    let Body::Pressure(p) = &r.body else {
+        unreachable!("matched as a pressure record")
+    };
+    assert_eq!(p.port, port, "{p:?}");
+    assert_eq!(p.in_use, 6, "{p:?}");
+    assert!(p.pct >= 50.0, "{p:?}");
     let done = agent.stop();
     assert!(
         !done
-            .lines
+            .records
             .iter()
-            .any(|v| v["type"] == "conflict" && v["port"] == port),
+            .any(|r| r.conflict().is_some_and(|c| c.port == port)),
         "no connect failed: the warning came first"
     );
 }

@@ -1,43 +1,67 @@
 //! Kernel-to-log pipeline, end to end: the real agent, real eBPF in the real kernel, real
 //! sockets making real conflicts. Run as root, one at a time (`cargo xtask test`).
 
-use std::{net::SocketAddr, process::Command, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    process::Command,
+    time::Duration,
+};
 
-use portwatch_tests::*;
+use portwatch_tests::{
+    schema::{AgentEvent, Error, Family, Op, Proto, Type},
+    *,
+};
 use serde_json::Value;
 
 fn me() -> u32 {
     std::process::id()
 }
 
-/// Common assertions on a conflict record made by this test process.
-fn check_conflict(c: &Value, op: &str, proto: &str, family: &str, addr: &str, port: u16, tid: u32) {
-    assert_eq!(c["v"], 1, "{c}");
-    assert_rfc3339(&c["ts"]);
-    assert!(c["host"].as_str().is_some_and(|h| !h.is_empty()), "{c}");
-    assert_eq!(c["op"], op, "{c}");
-    assert_eq!(c["error"], "EADDRINUSE", "{c}");
-    assert_eq!(c["errno"], 98, "{c}");
-    assert_eq!(c["proto"], proto, "{c}");
-    assert_eq!(c["family"], family, "{c}");
-    assert_eq!(c["addr"], addr, "{c}");
-    assert_eq!(c["port"], port, "{c}");
-    assert_eq!(c["netns"], host_netns(), "{c}");
-    assert_eq!(c["actor"]["pid"], me(), "{c}");
-    assert_eq!(c["actor"]["tid"], tid, "{c}");
-    assert_eq!(c["actor"]["uid"], 0, "{c}");
-    assert!(
-        c["actor"]["comm"].as_str().is_some_and(|s| !s.is_empty()),
-        "{c}"
-    );
-    let cmdline = c["actor"]["cmdline"]
-        .as_str()
-        .expect("cmdline of a live process");
+/// Common assertions on a conflict record made by this test process (its family is the one
+/// of `addr`).
+fn check_conflict(r: &Record, op: Op, proto: Proto, addr: &str, port: u16, tid: u32) {
+    let addr: IpAddr = addr.parse().unwrap();
+    let family = if addr.is_ipv4() {
+        Family::Ipv4
+    } else {
+        Family::Ipv6
+    };
+    let c = r.conflict().expect("a conflict record");
+    assert_eq!(r.v, 1, "{r:?}");
+    // A missing ts reads as null here, which fails as a string of the wrong form would.
+    assert_rfc3339(&r.ts.clone().into());
+    assert!(r.host.as_deref().is_some_and(|h| !h.is_empty()), "{r:?}");
+    assert_eq!(c.op, op, "{c:?}");
+    assert_eq!(c.error, Error::Eaddrinuse, "{c:?}");
+    assert_eq!(c.errno, Some(98), "{c:?}");
+    assert_eq!(c.proto, proto, "{c:?}");
+    assert_eq!(c.family, family, "{c:?}");
+    assert_eq!(c.addr, addr, "{c:?}");
+    assert_eq!(c.port, port, "{c:?}");
+    assert_eq!(u64::from(c.netns), host_netns(), "{c:?}");
+    let a = c.actor.process().expect("a process actor");
+    assert_eq!(a.pid, me(), "{c:?}");
+    assert_eq!(a.tid, tid, "{c:?}");
+    assert_eq!(a.uid, 0, "{c:?}");
+    assert!(!a.comm.is_empty(), "{c:?}");
+    let cmdline = a.cmdline.as_deref().expect("cmdline of a live process");
     assert!(
         cmdline.contains("pipeline"),
         "cmdline {cmdline:?} is not this test binary"
     );
-    assert!(c["holders"].is_array() && c["cause"].is_string() && c["hint"].is_string());
+    // holders and hint are there by the record's type; the cause is one the schema names.
+    assert!(c.cause.known().is_some(), "{c:?}");
+}
+
+/// The first conflict on `port`.
+fn conflict_on(agent: &Agent, what: &str, port: u16) -> Record {
+    agent.wait_record(what, |r| r.conflict().is_some_and(|c| c.port == port))
+}
+
+/// The record is the agent's `stopped`.
+fn is_stopped(r: Option<&Record>) -> bool {
+    r.and_then(Record::agent)
+        .is_some_and(|a| a.event == AgentEvent::Stopped)
 }
 
 #[test]
@@ -49,15 +73,13 @@ fn tcp_ipv4_loopback_conflict() {
     let s = socket(&a, SOCK_STREAM, false);
     let err = bind(&s, &a).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
-    let c = agent.wait_for("tcp v4 conflict", |v| {
-        v["type"] == "conflict" && v["port"] == port
-    });
-    check_conflict(&c, "bind", "tcp", "ipv4", "127.0.0.1", port, gettid());
+    let c = conflict_on(&agent, "tcp v4 conflict", port);
+    check_conflict(&c, Op::Bind, Proto::Tcp, "127.0.0.1", port, gettid());
     let done = agent.stop();
     assert!(done.status.success(), "{}", done.stderr);
     // Default mode: the successful bind and listen of the holder are not logged.
-    assert!(of_type(&done.lines, "bind", port).is_empty());
-    assert_eq!(done.lines.last().unwrap()["event"], "stopped");
+    assert!(records_of(&done.records, Type::Bind, port).is_empty());
+    assert!(is_stopped(done.records.last()), "{:?}", done.records.last());
 }
 
 #[test]
@@ -71,10 +93,8 @@ fn ipv6_loopback_conflict() {
         bind(&s, &a).unwrap_err().raw_os_error(),
         Some(libc::EADDRINUSE)
     );
-    let c = agent.wait_for("v6 conflict", |v| {
-        v["type"] == "conflict" && v["port"] == port
-    });
-    check_conflict(&c, "bind", "tcp", "ipv6", "::1", port, gettid());
+    let c = conflict_on(&agent, "v6 conflict", port);
+    check_conflict(&c, Op::Bind, Proto::Tcp, "::1", port, gettid());
 }
 
 #[test]
@@ -89,10 +109,8 @@ fn udp_conflict() {
         bind(&s, &a).unwrap_err().raw_os_error(),
         Some(libc::EADDRINUSE)
     );
-    let c = agent.wait_for("udp conflict", |v| {
-        v["type"] == "conflict" && v["port"] == port
-    });
-    check_conflict(&c, "bind", "udp", "ipv4", "127.0.0.1", port, gettid());
+    let c = conflict_on(&agent, "udp conflict", port);
+    check_conflict(&c, Op::Bind, Proto::Udp, "127.0.0.1", port, gettid());
 }
 
 #[test]
@@ -106,11 +124,9 @@ fn wildcard_held_specific_attempted() {
         bind(&s, &a).unwrap_err().raw_os_error(),
         Some(libc::EADDRINUSE)
     );
-    let c = agent.wait_for("wildcard conflict", |v| {
-        v["type"] == "conflict" && v["port"] == port
-    });
+    let c = conflict_on(&agent, "wildcard conflict", port);
     // What was *attempted* is reported, not the holder's wildcard.
-    check_conflict(&c, "bind", "tcp", "ipv4", "127.0.0.1", port, gettid());
+    check_conflict(&c, Op::Bind, Proto::Tcp, "127.0.0.1", port, gettid());
 }
 
 #[test]
@@ -128,13 +144,11 @@ fn listen_time_conflict() {
         listen(&s2).unwrap_err().raw_os_error(),
         Some(libc::EADDRINUSE)
     );
-    let c = agent.wait_for("listen conflict", |v| {
-        v["type"] == "conflict" && v["port"] == port
-    });
-    check_conflict(&c, "listen", "tcp", "ipv4", "127.0.0.1", port, gettid());
+    let c = conflict_on(&agent, "listen conflict", port);
+    check_conflict(&c, Op::Listen, Proto::Tcp, "127.0.0.1", port, gettid());
     let done = agent.stop();
     // Both binds succeeded: the only conflict is the listen.
-    let conflicts = of_type(&done.lines, "conflict", port);
+    let conflicts = records_of(&done.records, Type::Conflict, port);
     assert_eq!(conflicts.len(), 1, "{conflicts:?}");
 }
 
@@ -163,39 +177,40 @@ fn same_port_in_two_namespaces_is_no_conflict() {
         }
     });
     assert_eq!(err, Some(libc::EADDRINUSE));
-    agent.wait_for("conflict in ns A", |v| {
-        v["type"] == "conflict" && v["port"] == port
-    });
+    conflict_on(&agent, "conflict in ns A", port);
     let done = agent.stop();
     drop((fa, fb));
-    let binds = of_type(&done.lines, "bind", port);
-    let ok: Vec<_> = binds.iter().filter(|v| v["result"] == "ok").collect();
+    let binds = records_of(&done.records, Type::Bind, port);
+    let ok: Vec<&schema::SockOp> = binds
+        .iter()
+        .filter_map(|r| r.sock_op())
+        .filter(|s| s.result == Error::Ok)
+        .collect();
     assert_eq!(ok.len(), 2, "two successful binds expected: {binds:?}");
     let host = host_netns();
     let (ia, ib) = (ns_a.inode(), ns_b.inode());
     assert_ne!(ia, ib);
     assert!(ia != host && ib != host);
-    let bind_a = ok
-        .iter()
-        .find(|v| v["actor"]["tid"] == tid_a)
-        .expect("bind in A");
-    let bind_b = ok
-        .iter()
-        .find(|v| v["actor"]["tid"] == tid_b)
-        .expect("bind in B");
-    assert_eq!(bind_a["netns"], ia);
-    assert_eq!(bind_b["netns"], ib);
-    let conflicts = of_type(&done.lines, "conflict", port);
+    let bind_a = ok.iter().find(|s| s.actor.tid == tid_a).expect("bind in A");
+    let bind_b = ok.iter().find(|s| s.actor.tid == tid_b).expect("bind in B");
+    assert_eq!(u64::from(bind_a.netns), ia);
+    assert_eq!(u64::from(bind_b.netns), ib);
+    let conflicts = records_of(&done.records, Type::Conflict, port);
     assert_eq!(conflicts.len(), 1, "only the deliberate one: {conflicts:?}");
-    assert_eq!(conflicts[0]["netns"], ia);
-    assert_eq!(conflicts[0]["actor"]["tid"], tid_c);
+    let c = conflicts[0].conflict().unwrap();
+    assert_eq!(u64::from(c.netns), ia);
+    assert_eq!(c.actor.process().map(|a| a.tid), Some(tid_c));
     // --all-events also shows the listens and the LISTEN state changes in each namespace.
-    let listens = of_type(&done.lines, "listen", port);
+    let listens = records_of(&done.records, Type::Listen, port);
     assert_eq!(listens.len(), 2, "{listens:?}");
-    let states: Vec<_> = of_type(&done.lines, "tcp_state", port)
+    let states: Vec<u64> = records_of(&done.records, Type::TcpState, port)
         .into_iter()
-        .filter(|v| v["new_state"] == "LISTEN")
-        .map(|v| v["netns"].as_u64().unwrap())
+        .filter_map(|r| match &r.body {
+            Body::TcpState(t) if t.new_state == schema::SockState::Listen => {
+                Some(u64::from(t.netns))
+            }
+            _ => None,
+        })
         .collect();
     assert!(states.contains(&ia) && states.contains(&ib), "{states:?}");
 }
@@ -237,27 +252,31 @@ fn ring_buffer_overflow_is_counted_exactly() {
     let done = agent.stop();
     assert!(done.status.success(), "{}", done.stderr);
     // Identical failures are coalesced: each record stands for `count` of them.
-    let records = of_type(&done.lines, "conflict", port);
+    let records = records_of(&done.records, Type::Conflict, port);
+    // Every conflict record carries its count: the type says so.
     let received: u64 = records
         .iter()
-        .map(|c| c["count"].as_u64().expect("conflict records carry count"))
+        .filter_map(|r| r.conflict())
+        .map(|c| c.count)
         .sum();
-    let lost_records: Vec<_> = done.lines.iter().filter(|v| v["type"] == "lost").collect();
+    let lost_records: Vec<&schema::Lost> = done
+        .records
+        .iter()
+        .filter_map(|r| match &r.body {
+            Body::Lost(l) => Some(l),
+            _ => None,
+        })
+        .collect();
     let lost: u64 = lost_records
         .iter()
-        .map(|v| v["by_kind"]["bind"].as_u64().unwrap_or(0))
+        .map(|l| l.by_kind.get("bind").copied().unwrap_or(0))
         .sum();
     for l in &lost_records {
-        assert_eq!(
-            l["count"].as_u64().unwrap(),
-            l["kernel"].as_u64().unwrap() + l["agent"].as_u64().unwrap(),
-            "{l}"
-        );
+        assert_eq!(l.count, l.kernel + l.agent, "{l:?}");
     }
-    let stopped = done.lines.last().unwrap();
-    let unwritten = stopped["unwritten"]
-        .as_u64()
-        .expect("stopped has unwritten");
+    let last = done.records.last().unwrap();
+    let stopped = last.agent().unwrap_or_else(|| panic!("{last:?}"));
+    let unwritten = stopped.unwritten.expect("stopped has unwritten");
     eprintln!(
         "generated {generated}, received {received} in {} records, lost {lost}, unwritten \
          {unwritten}",
@@ -272,8 +291,8 @@ fn ring_buffer_overflow_is_counted_exactly() {
         received + lost + unwritten,
         "generated = the records' counts + lost + unwritten"
     );
-    assert_eq!(stopped["event"], "stopped");
-    assert_eq!(stopped["lost_total"], lost);
+    assert_eq!(stopped.event, AgentEvent::Stopped);
+    assert_eq!(stopped.lost_total, Some(lost));
 }
 
 #[test]
@@ -286,17 +305,27 @@ fn log_file_gets_the_same_lines() {
     let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let s = socket(&a, SOCK_STREAM, false);
     let _ = bind(&s, &a);
-    agent.wait_for("conflict", |v| v["type"] == "conflict" && v["port"] == port);
+    conflict_on(&agent, "conflict", port);
     let done = agent.stop_with(libc::SIGTERM);
     assert!(done.status.success(), "SIGTERM exits 0: {}", done.stderr);
-    let file: Vec<Value> = std::fs::read_to_string(&log)
-        .unwrap()
+    let text = std::fs::read_to_string(&log).unwrap();
+    // The same JSON, key for key: compared as values, where absent and null differ.
+    let file: Vec<Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).expect("log line is JSON"))
         .collect();
     assert_eq!(file, done.lines, "log file and stdout differ");
-    assert_eq!(file.first().unwrap()["event"], "ready");
-    assert_eq!(file.last().unwrap()["event"], "stopped");
+    let typed: Vec<Record> = text
+        .lines()
+        .map(|l| Record::parse(l).unwrap_or_else(|e| panic!("log line {l}: {e}")))
+        .collect();
+    assert_eq!(typed, done.records, "log file and stdout differ");
+    let first = typed.first().and_then(Record::agent);
+    assert!(
+        first.is_some_and(|a| a.event == AgentEvent::Ready),
+        "{first:?}"
+    );
+    assert!(is_stopped(typed.last()), "{:?}", typed.last());
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -389,14 +418,15 @@ fn mounts_tracefs_when_missing() {
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
     let agent = Agent::start_cmd(&mut cmd);
-    assert_eq!(agent.ready["tracefs_mounted"], true, "{}", agent.ready);
+    let ready = agent.ready_typed();
+    assert_eq!(ready.tracefs_mounted, Some(true), "{ready:?}");
     // And it works: a conflict still comes through.
     let port = test_port(9);
     let _holder = listener(&format!("127.0.0.1:{port}"));
     let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let s = socket(&a, SOCK_STREAM, false);
     let _ = bind(&s, &a);
-    agent.wait_for("conflict", |v| v["type"] == "conflict" && v["port"] == port);
+    conflict_on(&agent, "conflict", port);
     assert!(agent.stop().status.success());
 }
 
@@ -404,22 +434,17 @@ fn mounts_tracefs_when_missing() {
 fn netns_falls_back_to_procfs() {
     let port = test_port(10);
     let agent = Agent::start(&["--no-btf-offsets"]);
-    assert_eq!(agent.ready["netns_source"], "procfs");
-    agent.wait_for("degraded notice", |v| {
-        v["type"] == "agent" && v["event"] == "degraded"
-    });
+    assert_eq!(agent.ready_typed().netns_source.as_deref(), Some("procfs"));
+    let is_degraded = |r: &Record| r.agent().is_some_and(|a| a.event == AgentEvent::Degraded);
+    agent.wait_record("degraded notice", is_degraded);
     let _holder = listener(&format!("127.0.0.1:{port}"));
     let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let s = socket(&a, SOCK_STREAM, false);
     let _ = bind(&s, &a);
-    let c = agent.wait_for("conflict", |v| v["type"] == "conflict" && v["port"] == port);
-    assert_eq!(c["netns"], host_netns());
+    let r = conflict_on(&agent, "conflict", port);
+    assert_eq!(r.netns().map(u64::from), Some(host_netns()));
     let done = agent.stop();
-    let degraded = done
-        .lines
-        .iter()
-        .filter(|v| v["event"] == "degraded")
-        .count();
+    let degraded = done.records.iter().filter(|r| is_degraded(r)).count();
     assert_eq!(degraded, 1, "said once");
 }
 
@@ -443,18 +468,24 @@ fn bad_sockaddr_and_unix_binds_are_ignored() {
     let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let s = socket(&a, SOCK_STREAM, false);
     let _ = bind(&s, &a);
-    agent.wait_for("conflict", |v| v["type"] == "conflict" && v["port"] == port);
+    conflict_on(&agent, "conflict", port);
     let done = agent.stop();
     drop(sock);
-    let mine: Vec<_> = done
-        .lines
+    let mine: Vec<&Record> = done
+        .records
         .iter()
-        .filter(|v| v["type"] == "bind" || v["type"] == "conflict")
-        .filter(|v| v["actor"]["pid"] == me())
+        .filter(|r| {
+            let pid = match &r.body {
+                Body::Bind(s) => Some(s.actor.pid),
+                Body::Conflict(c) => c.actor.process().map(|a| a.pid),
+                _ => None,
+            };
+            pid == Some(me())
+        })
         .collect();
     // Exactly the holder's bind and the conflict: neither the EFAULT nor the AF_UNIX bind.
     assert_eq!(mine.len(), 2, "{mine:?}");
-    assert!(mine.iter().all(|v| v["port"] == port));
+    assert!(mine.iter().all(|r| port_of(r) == Some(port)), "{mine:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -479,14 +510,16 @@ fn connect_eaddrnotavail_names_the_destination() {
         (errs, gettid())
     });
     assert!(errs.contains(&Some(libc::EADDRNOTAVAIL)), "{errs:?}");
-    let c = agent.wait_for("connect conflict", |v| {
-        v["type"] == "conflict" && v["op"] == "connect" && v["port"] == port
+    let r = agent.wait_record("connect conflict", |r| {
+        r.conflict()
+            .is_some_and(|c| c.op == Op::Connect && c.port == port)
     });
-    assert_eq!(c["error"], "EADDRNOTAVAIL");
-    assert_eq!(c["addr"], "127.0.0.1");
-    assert_eq!(c["cause"], "ephemeral_exhausted");
-    assert_eq!(c["netns"], ns.inode());
-    assert_eq!(c["actor"]["tid"], tid);
+    let c = r.conflict().unwrap();
+    assert_eq!(c.error, Error::Eaddrnotavail);
+    assert_eq!(c.addr, std::net::Ipv4Addr::LOCALHOST);
+    assert_eq!(c.cause, schema::Cause::EphemeralExhausted);
+    assert_eq!(c.netns, ns.inode32());
+    assert_eq!(c.actor.process().map(|a| a.tid), Some(tid));
 }
 
 fn tempdir(tag: &str) -> std::path::PathBuf {
@@ -505,32 +538,33 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
 fn io_uring_bind_and_listen_are_seen() {
     let port = test_port(13);
     let agent = Agent::start(&[]);
+    let ready = agent.ready_typed();
     assert_eq!(
-        agent.ready["hooks"], "trampoline",
-        "io_uring's bind and listen are only visible to the trampoline hooks: {}",
-        agent.ready
+        ready.hooks.as_deref(),
+        Some("trampoline"),
+        "io_uring's bind and listen are only visible to the trampoline hooks: {ready:?}"
     );
     let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let held = socket(&a, SOCK_STREAM, false);
     uring::bind(&held, &a).expect("io_uring bind of a free port");
     uring::listen(&held).expect("io_uring listen");
-    let open = agent.wait_for("port open from io_uring", |v| {
-        v["type"] == "port" && v["event"] == "open" && v["port"] == port
+    let r = agent.wait_record("port open from io_uring", |r| {
+        r.port()
+            .is_some_and(|p| p.event == schema::PortEvent::Open && p.port == port)
     });
-    assert_eq!(open["actor"]["pid"], me(), "{open}");
+    let open = r.port().unwrap();
+    assert_eq!(open.actor.as_ref().map(|a| a.pid), Some(me()), "{open:?}");
     let s = socket(&a, SOCK_STREAM, false);
     let err = uring::bind(&s, &a).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
-    let c = agent.wait_for("io_uring bind conflict", |v| {
-        v["type"] == "conflict" && v["port"] == port
-    });
-    assert_eq!(c["op"], "bind", "{c}");
-    assert_eq!(c["error"], "EADDRINUSE", "{c}");
-    assert_eq!(c["actor"]["pid"], me(), "{c}");
-    let holders = c["holders"].as_array().expect("holders");
+    let r = conflict_on(&agent, "io_uring bind conflict", port);
+    let c = r.conflict().unwrap();
+    assert_eq!(c.op, Op::Bind, "{c:?}");
+    assert_eq!(c.error, Error::Eaddrinuse, "{c:?}");
+    assert_eq!(c.actor.process().map(|a| a.pid), Some(me()), "{c:?}");
     assert!(
-        holders.iter().any(|h| h["pid"] == me()),
-        "the io_uring listener is the holder: {c}"
+        c.holders.iter().any(|h| h.pid == Some(me())),
+        "the io_uring listener is the holder: {c:?}"
     );
     drop(agent.stop());
 }

@@ -19,7 +19,7 @@
 use std::{
     fs::File,
     io::{BufRead, BufReader, Read, Write},
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     os::{
         fd::{AsRawFd, OwnedFd},
         unix::{fs::PermissionsExt, net::UnixStream, process::CommandExt},
@@ -30,7 +30,10 @@ use std::{
     time::{Duration, Instant, UNIX_EPOCH},
 };
 
-use portwatch_tests::*;
+use portwatch_tests::{
+    schema::{AgentEvent, Cause, Conflict, Op},
+    *,
+};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
@@ -309,7 +312,7 @@ struct Probe {
 }
 
 struct Sent {
-    addr: String,
+    addr: IpAddr,
     at_ns: i64,
 }
 
@@ -328,8 +331,15 @@ impl Probe {
         }
     }
 
-    fn is_probe(port: u16) -> impl Fn(&Value) -> bool + Send + 'static {
-        move |v| v["type"] == "conflict" && v["op"] == "bind" && v["port"] == port
+    /// A probe's conflict (see `counted`).
+    fn is_probe(port: u16) -> impl Fn(&Conflict) -> bool + Copy + Send + 'static {
+        move |c| c.op == Op::Bind && c.port == port
+    }
+
+    /// Times the arrival of the probes' records from now on.
+    fn watch(&self, agent: &Agent) -> RecordArrivals {
+        let is = Probe::is_probe(self.port);
+        agent.watch_record_arrivals(move |r| r.conflict().is_some_and(is))
     }
 
     fn start(&mut self) {
@@ -384,9 +394,8 @@ impl Probe {
             .map(|i| {
                 let e = self.shm.get(2 + PROBE_MAX + i) as i32;
                 assert_eq!(e, libc::EADDRINUSE, "probe bind {i} gave errno {e}");
-                let ip = probe_ip(i);
                 Sent {
-                    addr: format!("{}.{}.{}.{}", ip[0], ip[1], ip[2], ip[3]),
+                    addr: IpAddr::V4(Ipv4Addr::from(probe_ip(i))),
                     at_ns: self.shm.get(2 + i),
                 }
             })
@@ -405,16 +414,16 @@ struct Latency {
 
 impl Latency {
     /// Waits (bounded) for the records of every probe sent, then pairs them by address.
-    fn of(arr: &Arrivals, sent: &[Sent]) -> Latency {
+    fn of(arr: &RecordArrivals, sent: &[Sent]) -> Latency {
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
             let got = arr.so_far();
             let find = |s: &Sent| {
                 got.iter()
-                    .find(|(v, _)| v["addr"] == s.addr.as_str())
-                    .map(|(v, t)| {
+                    .find_map(|(r, t)| r.conflict().filter(|c| c.addr == s.addr).map(|c| (c, t)))
+                    .map(|(c, t)| {
                         let t = t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as i128;
-                        (t, t - rfc3339_ns(&v["first_ts"]))
+                        (t, t - rfc3339_ns(&c.first_ts))
                     })
             };
             let all = sent.iter().all(|s| find(s).is_some());
@@ -428,7 +437,7 @@ impl Latency {
                             ms.push((t - i128::from(s.at_ns)) as f64 / 1e6);
                             after_kernel_ms.push(k as f64 / 1e6);
                         }
-                        None => missing.push(s.addr.clone()),
+                        None => missing.push(s.addr.to_string()),
                     }
                 }
                 ms.sort_by(f64::total_cmp);
@@ -590,7 +599,10 @@ impl Checks {
             format!("agent exit {:?}; stderr:\n{}", done.status, done.stderr)
         });
         self.that(
-            done.lines.last().is_some_and(|v| v["event"] == "stopped"),
+            done.records
+                .last()
+                .and_then(Record::agent)
+                .is_some_and(|a| a.event == AgentEvent::Stopped),
             || "the last record is not `stopped`".into(),
         );
         self.that(took < SIGTERM_BOUND, || {
@@ -619,44 +631,48 @@ fn control(runtime_dir: &Path, req: &str) -> Value {
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("answer to {req}: {e}: {line:?}"))
 }
 
-/// Conflict records matching `pred`, and their `count`s summed.
-fn counted(lines: &[Value], pred: impl Fn(&Value) -> bool) -> (Vec<&Value>, u64) {
-    let recs: Vec<&Value> = lines
+/// Conflict records matching `pred`, each with its conflict, and their `count`s summed (every
+/// conflict record carries one: the type says so).
+fn counted(
+    records: &[Record],
+    pred: impl Fn(&Conflict) -> bool,
+) -> (Vec<(&Record, &Conflict)>, u64) {
+    let recs: Vec<(&Record, &Conflict)> = records
         .iter()
-        .filter(|v| v["type"] == "conflict" && pred(v))
+        .filter_map(|r| r.conflict().filter(|c| pred(c)).map(|c| (r, c)))
         .collect();
-    let sum = recs
-        .iter()
-        .map(|v| v["count"].as_u64().expect("conflict records carry count"))
-        .sum();
+    let sum = recs.iter().map(|(_, c)| c.count).sum();
     (recs, sum)
 }
 
-fn lost_of(lines: &[Value], kinds: &[&str]) -> u64 {
-    lines
+fn lost_of(records: &[Record], kinds: &[&str]) -> u64 {
+    records
         .iter()
-        .filter(|v| v["type"] == "lost")
-        .map(|v| {
+        .filter_map(|r| match &r.body {
+            Body::Lost(l) => Some(l),
+            _ => None,
+        })
+        .map(|l| {
             kinds
                 .iter()
-                .map(|k| v["by_kind"][*k].as_u64().unwrap_or(0))
+                .map(|k| l.by_kind.get(*k).copied().unwrap_or(0))
                 .sum::<u64>()
         })
         .sum()
 }
 
-fn unwritten(lines: &[Value]) -> u64 {
-    lines
+fn unwritten(records: &[Record]) -> u64 {
+    records
         .iter()
         .rev()
-        .find(|v| v["type"] == "agent" && v["event"] == "stopped")
-        .and_then(|v| v["unwritten"].as_u64())
+        .filter_map(Record::agent)
+        .find(|a| a.event == AgentEvent::Stopped)
+        .and_then(|a| a.unwritten)
         .expect("a stopped record with unwritten")
 }
 
 /// `2026-11-25T08:31:31.123456789Z` as nanoseconds since the epoch.
-fn rfc3339_ns(v: &Value) -> i128 {
-    let s = v.as_str().unwrap_or_else(|| panic!("not a timestamp: {v}"));
+fn rfc3339_ns(s: &str) -> i128 {
     let t = humantime::parse_rfc3339(s).unwrap_or_else(|e| panic!("{s}: {e}"));
     let d = t.duration_since(std::time::UNIX_EPOCH).unwrap();
     i128::try_from(d.as_nanos()).unwrap()
@@ -727,7 +743,7 @@ fn exhaustion_storm_is_a_few_counted_records_and_the_host_stays_watched() {
         hs.get(1)
     );
 
-    let arrivals = agent.watch_arrivals(Probe::is_probe(probe.port));
+    let arrivals = probe.watch(&agent);
     readers_first();
     // stop, EADDRNOTAVAIL, connected (must stay 0), other errors, last other errno
     let ss = Shm::new(5);
@@ -768,23 +784,23 @@ fn exhaustion_storm_is_a_few_counted_records_and_the_host_stays_watched() {
 
     let failures = ss.get(1) as u64;
     let inode = ns.inode();
-    let (recs, storm_sum) = counted(&done.lines, |v| {
-        v["op"] == "connect" && v["port"] == DST_PORT && v["netns"] == inode
+    let (recs, storm_sum) = counted(&done.records, |c| {
+        c.op == Op::Connect && c.port == DST_PORT && u64::from(c.netns) == inode
     });
-    let (probe_recs, probe_sum) = counted(&done.lines, Probe::is_probe(probe.port));
-    let lost = lost_of(&done.lines, &["connect", "bind"]);
-    let unw = unwritten(&done.lines);
-    let others: Vec<&Value> = done
-        .lines
+    let (probe_recs, probe_sum) = counted(&done.records, Probe::is_probe(probe.port));
+    let lost = lost_of(&done.records, &["connect", "bind"]);
+    let unw = unwritten(&done.records);
+    let others: Vec<&Record> = done
+        .records
         .iter()
-        .filter(|v| v["type"] == "conflict")
-        .filter(|v| !recs.contains(v) && !probe_recs.contains(v))
+        .filter(|r| r.conflict().is_some())
+        .filter(|r| !recs.iter().any(|(x, _)| x == r) && !probe_recs.iter().any(|(x, _)| x == r))
         .collect();
     let lag_ms: Vec<f64> = recs
         .iter()
-        .filter_map(|r| {
-            let a = r["destination"].get("as_of")?;
-            Some((rfc3339_ns(a) - rfc3339_ns(&r["last_ts"])) as f64 / 1e6)
+        .filter_map(|(_, c)| {
+            let a = c.destination.as_ref()?.as_of.as_deref()?;
+            Some((rfc3339_ns(a) - rfc3339_ns(&c.last_ts)) as f64 / 1e6)
         })
         .collect();
     eprintln!(
@@ -815,41 +831,42 @@ fn exhaustion_storm_is_a_few_counted_records_and_the_host_stays_watched() {
     });
     // The storm ends just before SIGTERM, so its last window is still open then: the agent
     // writes it at shutdown.
-    let newest = recs.iter().map(|r| rfc3339_ns(&r["last_ts"])).max();
+    let newest = recs.iter().map(|(_, r)| rfc3339_ns(&r.last_ts)).max();
     let stopped_ns = done
-        .lines
+        .records
         .iter()
         .rev()
-        .find(|v| v["event"] == "stopped")
-        .map_or(i128::MIN, |v| rfc3339_ns(&v["ts"]));
-    for r in &recs {
-        let when = if Some(rfc3339_ns(&r["last_ts"])) == newest {
+        .find(|r| r.agent().is_some_and(|a| a.event == AgentEvent::Stopped))
+        .map_or(i128::MIN, |r| {
+            rfc3339_ns(r.ts.as_deref().expect("stopped has a ts"))
+        });
+    for (_, r) in &recs {
+        let when = if Some(rfc3339_ns(&r.last_ts)) == newest {
             "the storm's last window, written at SIGTERM"
         } else {
             "written during the storm"
         };
-        c.that(r["cause"] == "ephemeral_exhausted", || {
-            format!("cause {} ({when}): {r}", r["cause"])
+        c.that(r.cause == Cause::EphemeralExhausted, || {
+            format!("cause {} ({when}): {r:?}", r.cause)
         });
-        let d = &r["destination"];
-        c.that(d.is_object(), || {
-            format!(
-                "no destination ({when}, count {}, first_ts {}, last_ts {}, reason {})",
-                r["count"], r["first_ts"], r["last_ts"], r["reason"]
-            )
-        });
-        if !d.is_object() {
+        let Some(d) = &r.destination else {
+            c.that(false, || {
+                format!(
+                    "no destination ({when}, count {}, first_ts {}, last_ts {}, reason {:?})",
+                    r.count, r.first_ts, r.last_ts, r.reason
+                )
+            });
             continue;
-        }
+        };
         c.that(
-            d["port"] == DST_PORT
-                && d["range"] == serde_json::json!([40000, 41999])
-                && d["in_use"] == HELD,
-            || format!("destination {d} ({when}); want port {DST_PORT}, range 40000-41999, in_use {HELD}"),
+            d.port == DST_PORT && d.range == Some([40000, 41999]) && i64::from(d.in_use) == HELD,
+            || format!("destination {d:?} ({when}); want port {DST_PORT}, range 40000-41999, in_use {HELD}"),
         );
-        let last = Some(rfc3339_ns(&r["last_ts"])) == newest;
-        match d.get("as_of") {
-            None => c.that(false, || format!("destination without as_of ({when}): {d}")),
+        let last = Some(rfc3339_ns(&r.last_ts)) == newest;
+        match d.as_of.as_deref() {
+            None => c.that(false, || {
+                format!("destination without as_of ({when}): {d:?}")
+            }),
             // The window still open at SIGTERM gets no re-read of its own (shutdown is
             // bounded): it carries the last counts toward the destination, with the time
             // they were taken. A dump for an earlier window may have begun after this one's
@@ -857,10 +874,10 @@ fn exhaustion_storm_is_a_few_counted_records_and_the_host_stays_watched() {
             Some(as_of) if last => c.that(rfc3339_ns(as_of) <= stopped_ns, || {
                 format!("as_of {as_of} after the `stopped` record ({when})")
             }),
-            Some(as_of) => c.that(rfc3339_ns(as_of) >= rfc3339_ns(&r["first_ts"]), || {
+            Some(as_of) => c.that(rfc3339_ns(as_of) >= rfc3339_ns(&r.first_ts), || {
                 format!(
                     "as_of {as_of} before first_ts {} ({when}): counts older than the failures",
-                    r["first_ts"]
+                    r.first_ts
                 )
             }),
         }
@@ -904,7 +921,7 @@ fn failing_binds_from_many_processes_are_all_accounted_for() {
     let _held = ns.run(move || listener(&format!("127.0.0.1:{port}")));
     std::thread::sleep(Duration::from_millis(200));
 
-    let arrivals = agent.watch_arrivals(Probe::is_probe(probe.port));
+    let arrivals = probe.watch(&agent);
     readers_first();
     // [0] stop; per process: EADDRINUSE count, other results.
     let ss = Shm::new(1 + 2 * PROCS);
@@ -950,15 +967,15 @@ fn failing_binds_from_many_processes_are_all_accounted_for() {
     let failures: u64 = (0..PROCS).map(|i| ss.get(1 + 2 * i) as u64).sum();
     let other: i64 = (0..PROCS).map(|i| ss.get(2 + 2 * i)).sum();
     let inode = ns.inode();
-    let (recs, sum) = counted(&done.lines, |v| {
-        v["op"] == "bind" && v["port"] == port && v["netns"] == inode
+    let (recs, sum) = counted(&done.records, |c| {
+        c.op == Op::Bind && c.port == port && u64::from(c.netns) == inode
     });
-    let (_, probe_sum) = counted(&done.lines, Probe::is_probe(probe.port));
-    let lost = lost_of(&done.lines, &["bind"]);
-    let unw = unwritten(&done.lines);
+    let (_, probe_sum) = counted(&done.records, Probe::is_probe(probe.port));
+    let lost = lost_of(&done.records, &["bind"]);
+    let unw = unwritten(&done.records);
     let actors: std::collections::BTreeSet<i64> = recs
         .iter()
-        .filter_map(|r| r["actor"]["pid"].as_i64())
+        .filter_map(|(_, c)| c.actor.process().map(|a| i64::from(a.pid)))
         .collect();
     eprintln!(
         "{CASE}: {PROCS} processes, {failures} EADDRINUSE in {storm_secs:.1} s ({:.0}/s) -> {} \
@@ -1015,7 +1032,7 @@ fn two_hundred_namespaces_come_and_go_and_the_agent_keeps_up() {
     let agent = Agent::start(&["--tw-interval", "1"]);
     let rt = agent.runtime_dir().to_path_buf();
     let before = control(&rt, r#"{"cmd":"status"}"#);
-    let arrivals = agent.watch_arrivals(Probe::is_probe(probe.port));
+    let arrivals = probe.watch(&agent);
     readers_first();
     // [0] done; per namespace: its inode, its process, the failing bind's errno, other
     // failures.
@@ -1080,27 +1097,29 @@ fn two_hundred_namespaces_come_and_go_and_the_agent_keeps_up() {
             .map(|&k| (k, ss.get(3 + 4 * k), ss.get(4 + 4 * k)))
             .collect::<Vec<_>>()
     );
-    let (recs, sum) = counted(&done.lines, |v| v["op"] == "bind" && v["port"] == port);
-    let (_, probe_sum) = counted(&done.lines, Probe::is_probe(probe.port));
+    let (recs, sum) = counted(&done.records, |c| c.op == Op::Bind && c.port == port);
+    let (_, probe_sum) = counted(&done.records, Probe::is_probe(probe.port));
     // Namespace inodes are reused once a namespace is gone: a namespace is its inode and the
     // process that made it.
     let of = |k: usize| {
-        recs.iter()
-            .find(|r| r["netns"] == ss.get(1 + 4 * k) && r["actor"]["pid"] == ss.get(2 + 4 * k))
+        recs.iter().map(|(_, c)| *c).find(|c| {
+            i64::from(c.netns) == ss.get(1 + 4 * k)
+                && c.actor
+                    .process()
+                    .is_some_and(|a| i64::from(a.pid) == ss.get(2 + 4 * k))
+        })
     };
     let missing: Vec<usize> = (0..NS).filter(|&k| of(k).is_none()).collect();
     let found = NS - missing.len();
-    let unexplained: Vec<&&Value> = (0..NS)
+    let unexplained: Vec<&Conflict> = (0..NS)
         .filter_map(of)
-        .filter(|r| {
-            r["cause"] != "listener"
-                || !r["holders"]
-                    .as_array()
-                    .is_some_and(|h| h.iter().all(|h| h["pid"] == r["actor"]["pid"]))
+        .filter(|c| {
+            let actor = c.actor.process().map(|a| a.pid);
+            c.cause != Cause::Listener || !c.holders.iter().all(|h| h.pid == actor)
         })
         .collect();
-    let lost = lost_of(&done.lines, &["bind"]);
-    let unw = unwritten(&done.lines);
+    let lost = lost_of(&done.records, &["bind"]);
+    let unw = unwritten(&done.records);
     eprintln!(
         "{CASE}: {NS} namespaces in {churn_secs:.1} s; {found} of their conflicts written ({} \
          not attributed to the namespace's listener), lost {lost}, unwritten {unw}; agent CPU \
@@ -1147,9 +1166,9 @@ fn two_hundred_namespaces_come_and_go_and_the_agent_keeps_up() {
     c.that(unexplained.is_empty(), || {
         format!(
             "{} of {found} conflicts in namespaces name holders other than the namespace's \
-             own listener (the only socket on the port there), e.g. holders {}",
+             own listener (the only socket on the port there), e.g. holders {:?}",
             unexplained.len(),
-            unexplained[0]["holders"]
+            unexplained[0].holders
         )
     });
     c.that(ghosts.is_empty(), || {
@@ -1240,7 +1259,7 @@ fn fork_exit_churn_of_socket_holders_keeps_the_agent_bounded() {
     std::thread::sleep(Duration::from_millis(300));
     let before = control(&rt, r#"{"cmd":"status"}"#);
     let rss0 = vm_rss_kb(agent.pid());
-    let arrivals = agent.watch_arrivals(Probe::is_probe(probe.port));
+    let arrivals = probe.watch(&agent);
     readers_first();
     // stop, processes forked, failing binds, other failures
     let ss = Shm::new(4);
@@ -1321,9 +1340,9 @@ fn fork_exit_churn_of_socket_holders_keeps_the_agent_bounded() {
 
     let forked = ss.get(1);
     let failed_after = ss.get(2) as u64;
-    let (recs, sum) = counted(&done.lines, |v| v["op"] == "bind" && v["port"] == port);
-    let lost = lost_of(&done.lines, &["bind"]);
-    let unw = unwritten(&done.lines);
+    let (recs, sum) = counted(&done.records, |c| c.op == Op::Bind && c.port == port);
+    let lost = lost_of(&done.records, &["bind"]);
+    let unw = unwritten(&done.records);
     let grew_mb = (rss_max as f64 - rss0 as f64) / 1024.0;
     eprintln!(
         "{CASE}: {forked} processes in {:.1} s, {failed_before} failing binds before SIGTERM \
@@ -1476,7 +1495,7 @@ fn maximal_odd_names_keep_every_line_valid_json() {
     );
     std::thread::sleep(Duration::from_millis(200));
 
-    let arrivals = agent.watch_arrivals(Probe::is_probe(probe.port));
+    let arrivals = probe.watch(&agent);
     readers_first();
     let cpu = Cpu::start(agent.pid());
     probe.start();
@@ -1545,11 +1564,15 @@ fn maximal_odd_names_keep_every_line_valid_json() {
     drop(holder.stdin.take());
     let _ = holder.wait();
 
-    let (recs, sum) = counted(&done.lines, |v| v["port"] == port);
-    let (_, probe_sum) = counted(&done.lines, Probe::is_probe(probe.port));
-    let lost = lost_of(&done.lines, &["bind"]);
-    let unw = unwritten(&done.lines);
-    let biggest = recs.iter().map(|r| r.to_string().len()).max().unwrap_or(0);
+    let (recs, sum) = counted(&done.records, |c| c.port == port);
+    let (_, probe_sum) = counted(&done.records, Probe::is_probe(probe.port));
+    let lost = lost_of(&done.records, &["bind"]);
+    let unw = unwritten(&done.records);
+    let biggest = recs
+        .iter()
+        .map(|(r, _)| serde_json::to_string(r).unwrap().len())
+        .max()
+        .unwrap_or(0);
     eprintln!(
         "{CASE}: {ACTORS} actors, {failures} failing binds -> {} records (counts {sum}, largest \
          {biggest} bytes), lost {lost}, unwritten {unw}; agent CPU {cpu_pct:.1}% of a core; \
@@ -1559,8 +1582,8 @@ fn maximal_odd_names_keep_every_line_valid_json() {
     );
     // stop_with() has already checked that every line the agent wrote is JSON.
     let mut c = Checks::new(CASE);
-    let differs = |got: &Value, want: &str| {
-        let g = got.as_str().unwrap_or("");
+    let differs = |got: Option<&str>, want: &str| {
+        let g = got.unwrap_or("");
         let at = g
             .bytes()
             .zip(want.bytes())
@@ -1575,28 +1598,37 @@ fn maximal_odd_names_keep_every_line_valid_json() {
         )
     };
     for (failed, tid, cmdline, _) in &results {
-        let mine: Vec<&&Value> = recs.iter().filter(|r| r["actor"]["tid"] == *tid).collect();
+        let mine: Vec<&Conflict> = recs
+            .iter()
+            .map(|(_, c)| *c)
+            .filter(|c| c.actor.process().is_some_and(|a| u64::from(a.tid) == *tid))
+            .collect();
         c.that(!mine.is_empty() || *failed == 0, || {
             format!("no record for the actor with tid {tid}")
         });
         for r in mine {
-            let (a, h) = (&r["actor"], &r["holders"][0]);
-            c.that(a["comm"] == ACTOR_COMM, || {
-                format!("actor comm {}", a["comm"])
+            let a = r.actor.process().expect("matched by its tid");
+            c.that(a.comm == ACTOR_COMM, || format!("actor comm {:?}", a.comm));
+            c.that(a.uid == NOBODY, || format!("actor uid {}", a.uid));
+            c.that(a.cmdline.as_deref() == Some(cmdline.as_str()), || {
+                format!("actor cmdline: {}", differs(a.cmdline.as_deref(), cmdline))
             });
-            c.that(a["uid"] == NOBODY, || format!("actor uid {}", a["uid"]));
-            c.that(a["cmdline"] == cmdline.as_str(), || {
-                format!("actor cmdline: {}", differs(&a["cmdline"], cmdline))
+            let Some(h) = r.holders.first() else {
+                c.that(false, || format!("no holder: {r:?}"));
+                continue;
+            };
+            c.that(h.comm.as_deref() == Some(HOLDER_COMM), || {
+                format!("holder comm {:?}", h.comm)
             });
-            c.that(h["comm"] == HOLDER_COMM, || {
-                format!("holder comm {}", h["comm"])
-            });
-            c.that(h["cmdline"] == holder_cmdline.as_str(), || {
-                format!(
-                    "holder cmdline: {}",
-                    differs(&h["cmdline"], &holder_cmdline)
-                )
-            });
+            c.that(
+                h.cmdline.as_deref() == Some(holder_cmdline.as_str()),
+                || {
+                    format!(
+                        "holder cmdline: {}",
+                        differs(h.cmdline.as_deref(), &holder_cmdline)
+                    )
+                },
+            );
         }
     }
     c.that(
@@ -1678,7 +1710,7 @@ fn oversized_requests_and_idle_clients_leave_the_agent_small_and_answering() {
     let sock = agent.runtime_dir().join("portwatch.sock");
     std::thread::sleep(Duration::from_millis(500));
     let rss0 = vm_rss_kb(agent.pid());
-    let arrivals = agent.watch_arrivals(Probe::is_probe(probe.port));
+    let arrivals = probe.watch(&agent);
     readers_first();
     let cpu = Cpu::start(agent.pid());
     probe.start();
@@ -1732,9 +1764,9 @@ fn oversized_requests_and_idle_clients_leave_the_agent_small_and_answering() {
         .iter()
         .filter_map(|o| o.closed_after.map(|d| d.as_secs_f64()))
         .collect();
-    let (_, probe_sum) = counted(&done.lines, Probe::is_probe(probe.port));
-    let lost = lost_of(&done.lines, &["bind"]);
-    let unw = unwritten(&done.lines);
+    let (_, probe_sum) = counted(&done.records, Probe::is_probe(probe.port));
+    let lost = lost_of(&done.records, &["bind"]);
+    let unw = unwritten(&done.records);
     let grew_mb = (rss1.max(rss_big).max(rss_idle) as f64 - rss0 as f64) / 1024.0;
     eprintln!(
         "{CASE}: oversized request: {written} bytes accepted in {big_secs:?} before the agent \

@@ -28,19 +28,20 @@ fn a_service_port_taken_as_a_source_port_is_an_ephemeral_collision() {
         (err, std::process::id())
     });
     assert_eq!(err, Some(libc::EADDRINUSE));
-    let c = agent.wait_for("the collision", |v| {
-        v["type"] == "conflict" && v["port"] == 40000 && v["netns"] == ns.inode()
+    let r = agent.wait_record("the collision", |r| {
+        r.conflict().is_some_and(|c| c.port == 40000) && r.netns() == Some(ns.inode32())
     });
-    assert_eq!(c["cause"], "ephemeral_collision", "{c}");
-    let hint = c["hint"].as_str().unwrap();
+    let c = r.conflict().unwrap();
+    assert_eq!(c.cause, schema::Cause::EphemeralCollision, "{c:?}");
+    let hint = &c.hint;
     assert!(
         hint.contains("sysctl -w net.ipv4.ip_local_reserved_ports=40000"),
         "{hint}"
     );
     assert!(hint.contains(&format!("127.0.0.1:{server}")), "{hint}");
-    let h = &c["holders"][0];
-    assert_eq!(h["pid"], holder_pid, "{c}");
-    assert_eq!(h["state"], "ESTABLISHED", "{c}");
+    let h = &c.holders[0];
+    assert_eq!(h.pid, Some(holder_pid), "{c:?}");
+    assert_eq!(h.state, schema::SockState::Established, "{c:?}");
 
     // check warns about a port inside the range, and suggests ports outside it first.
     let out = ns.run(|| {
@@ -86,28 +87,24 @@ fn eaddrnotavail_without_exhaustion_is_not_called_exhaustion() {
     });
     assert_eq!(udp, Some(libc::EADDRNOTAVAIL));
     assert_eq!(tcp, Some(libc::EADDRNOTAVAIL));
-    let c = agent.wait_for("the TCP connect", |v| {
-        v["type"] == "conflict" && v["op"] == "connect" && v["netns"] == ns.inode()
-    });
-    assert_eq!(c["cause"], "address_unavailable", "{c}");
-    assert!(
-        c["hint"].as_str().unwrap().contains("not port exhaustion"),
-        "{c}"
-    );
-    assert_eq!(c["destination"]["in_use"], 0, "{c}");
-    assert!(c["destination"]["as_of"].is_string(), "{c}");
+    let is_connect = |r: &Record| {
+        r.conflict().is_some_and(|c| c.op == schema::Op::Connect) && r.netns() == Some(ns.inode32())
+    };
+    let r = agent.wait_record("the TCP connect", is_connect);
+    let c = r.conflict().unwrap();
+    assert_eq!(c.cause, schema::Cause::AddressUnavailable, "{c:?}");
+    assert!(c.hint.contains("not port exhaustion"), "{c:?}");
+    let d = c.destination.as_ref().expect("destination");
+    assert_eq!(d.in_use, 0, "{c:?}");
+    assert!(d.as_of.is_some(), "{c:?}");
     let done = agent.stop();
-    let connects: Vec<_> = done
-        .lines
-        .iter()
-        .filter(|v| v["type"] == "conflict" && v["op"] == "connect" && v["netns"] == ns.inode())
-        .collect();
+    let connects: Vec<_> = done.records.iter().filter(|r| is_connect(r)).collect();
     assert_eq!(
         connects.len(),
         1,
         "the UDP one is no conflict: {connects:?}"
     );
-    assert_eq!(connects[0]["proto"], "tcp");
+    assert_eq!(connects[0].conflict().unwrap().proto, schema::Proto::Tcp);
 }
 
 #[test]
@@ -147,29 +144,18 @@ fn time_wait_of_a_stopped_server_in_the_ephemeral_range_counts_under_its_port() 
         .unwrap();
     let in_tw = String::from_utf8_lossy(&ss.stdout).lines().count();
     assert!(in_tw >= N - 10, "ss shows {in_tw} TIME_WAIT sockets on {P}");
-    let r = agent.wait_for("a time_wait record with the port", |v| {
-        v["type"] == "time_wait"
-            && v["netns"] == ns.inode()
-            && v["by_local_port"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|x| x["port"] == P))
+    let tw = |r: &Record| match &r.body {
+        Body::TimeWait(t) if t.netns == ns.inode32() => Some(t.clone()),
+        _ => None,
+    };
+    let r = agent.wait_record("a time_wait record with the port", |r| {
+        tw(r).is_some_and(|t| t.by_local_port.iter().any(|x| x.port == P))
     });
-    let count = r["by_local_port"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["port"] == P)
-        .unwrap()["count"]
-        .as_u64()
-        .unwrap();
-    assert!(count as usize >= N - 10, "{r}");
-    let remotes: u64 = r["by_remote"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x["count"].as_u64().unwrap())
-        .sum();
-    assert_eq!(remotes, 0, "no client ports among by_remote: {r}");
+    let t = tw(&r).unwrap();
+    let count = t.by_local_port.iter().find(|x| x.port == P).unwrap().count;
+    assert!(count as usize >= N - 10, "{t:?}");
+    let remotes: u64 = t.by_remote.iter().map(|x| x.count).sum();
+    assert_eq!(remotes, 0, "no client ports among by_remote: {t:?}");
 }
 
 /// The `ip netns` name of a test namespace (its path's last component).
