@@ -71,8 +71,13 @@ pub fn human(r: &Record, st: &Style) -> String {
     } else {
         ts.to_string()
     };
+    format!("{} {}", st.paint("2", &t), body(r, st))
+}
+
+/// What follows the time on a record's readable line.
+fn body(r: &Record, st: &Style) -> String {
     let ty = r.ty();
-    let body = match &r.body {
+    match &r.body {
         Body::Conflict(c) => conflict_line(c, st),
         Body::Bind(o) | Body::Listen(o) | Body::Connect(o) | Body::Close(o) => format!(
             "{} {} {} {} by {} netns {}",
@@ -165,8 +170,7 @@ pub fn human(r: &Record, st: &Style) -> String {
             d.container.as_ref().map_or("", |c| &c.name)
         ),
         Body::Unknown => serde_json::to_string(r).unwrap_or_default(),
-    };
-    format!("{} {body}", st.paint("2", &t))
+    }
 }
 
 /// `CONFLICT x3 bind tcp 0.0.0.0:8080 by pid 42 (nginx) netns 4026531840 cause=listener
