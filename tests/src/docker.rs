@@ -15,6 +15,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::{
+    schema::{self, DockerEvent},
+    Agent, Record,
+};
+
 /// The image every Docker test runs: `sh`, `httpd`, `nc`, `sleep` from busybox-static.
 pub const TEST_IMAGE: &str = "portwatch-test:busybox";
 /// Where a dockerd started by the project logs.
@@ -532,6 +537,34 @@ impl Drop for DaemonWith {
             eprintln!("restarting dockerd as it was: {e}");
         }
     }
+}
+
+// ---- records about the engines ----
+
+/// A `type:"docker"` record's body, when its `event` is `event`.
+pub fn docker_event(r: &Record, event: DockerEvent) -> Option<&schema::Docker> {
+    r.docker().filter(|d| d.event == event)
+}
+
+/// A `type:"docker"` record of `event` about the container whose short id is `id`.
+pub fn is_container_event(r: &Record, event: DockerEvent, id: &str) -> bool {
+    docker_event(r, event).is_some_and(|d| d.container.as_ref().is_some_and(|c| c.id == id))
+}
+
+/// Waits for the agent's first `docker` `connected` record; its body.
+pub fn wait_docker_connected(agent: &Agent) -> schema::Docker {
+    let r = agent.wait_record("docker connected", |r| {
+        docker_event(r, DockerEvent::Connected).is_some()
+    });
+    r.docker().cloned().expect("matched as a docker record")
+}
+
+/// Waits for the first `docker` record of `event` about the container whose short id is
+/// `id`.
+pub fn wait_container_event(agent: &Agent, event: DockerEvent, id: &str) -> Record {
+    agent.wait_record(&format!("docker {event} of {id}"), |r| {
+        is_container_event(r, event.clone(), id)
+    })
 }
 
 /// Fails the test (never skips) when the daemon or the image is missing.

@@ -231,6 +231,14 @@ impl Agent {
         }
     }
 
+    /// The line `r` was read from, as the agent wrote it: only there is an absent field told
+    /// from a null one, or an object's keys counted.
+    pub fn raw_line(&self, r: &Record) -> Value {
+        self.wait_for("the record's own line", |v| {
+            serde_json::from_value::<Record>(v.clone()).is_ok_and(|x| x == *r)
+        })
+    }
+
     pub fn wait_for(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         self.try_wait_for(Duration::from_secs(10), pred)
             .unwrap_or_else(|| {
@@ -832,4 +840,57 @@ impl RecordArrivals {
             })
             .collect()
     }
+}
+
+// ---- typed records read from text ----
+
+/// Every line of `text` read into the typed schema: a log file, or the output of
+/// `portwatch attach --json` or `tail --json` (agent records, one per line). A line that does
+/// not read, or is of a type the schema does not know, fails the test, as it does on stdout.
+pub fn records_in(text: &[u8]) -> Vec<Record> {
+    String::from_utf8_lossy(text)
+        .lines()
+        .map(|l| match Record::parse(l) {
+            Ok(r) if !matches!(r.body, Body::Unknown) => r,
+            Ok(_) => panic!("a record of a type the typed schema does not know: {l}"),
+            Err(e) => panic!("not a record of the typed schema ({e}): {l}"),
+        })
+        .collect()
+}
+
+/// `records_in` of a file the agent wrote (its log).
+pub fn log_records(path: &std::path::Path) -> Vec<Record> {
+    let text = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    records_in(&text)
+}
+
+/// One line of an attach stream (the control socket's answer to `{"cmd":"attach"}`): an
+/// agent record, or the attach protocol's own error line (`{"error": ...}`, no `type`), which
+/// is no record and stays JSON.
+#[derive(Debug)]
+pub enum AttachLine {
+    Record(Box<Record>),
+    Error(Value),
+}
+
+/// Reads one attach line; a line that is neither a record nor an error line fails the test.
+pub fn attach_line(line: &str) -> AttachLine {
+    let v: Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("attach line is not JSON ({e}): {line}"));
+    if v.get("type").is_none() && v["error"].is_string() {
+        return AttachLine::Error(v);
+    }
+    let mut r = records_in(line.as_bytes());
+    assert_eq!(r.len(), 1, "one record per attach line: {line}");
+    AttachLine::Record(Box::new(r.remove(0)))
+}
+
+/// The record is a conflict on `port`.
+pub fn is_conflict_on(r: &Record, port: u16) -> bool {
+    r.conflict().is_some_and(|c| c.port == port)
+}
+
+/// The record is the agent's own `event`.
+pub fn is_agent_event(r: &Record, event: schema::AgentEvent) -> bool {
+    r.agent().is_some_and(|a| a.event == event)
 }

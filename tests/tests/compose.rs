@@ -6,8 +6,11 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use portwatch_tests::{docker::*, *};
-use serde_json::Value;
+use portwatch_tests::{
+    docker::*,
+    schema::{Cause, Op},
+    *,
+};
 
 /// A compose project in a directory of its own, taken down on drop.
 struct Project {
@@ -59,9 +62,7 @@ fn a_second_project_on_the_same_port_is_one_record_and_no_false_exhaustion() {
     let port = free_port(97);
     // No --port filter: the iptables connect on port 53 must be seen if it is reported.
     let agent = Agent::start(&["--docker-host", "unix:///var/run/docker.sock"]);
-    agent.wait_for("docker connected", |v| {
-        v["type"] == "docker" && v["event"] == "connected"
-    });
+    wait_docker_connected(&agent);
     let one = Project::new("cmpa", port);
     let two = Project::new("cmpb", port);
     let (ok, err) = one.compose(&["up", "-d"]);
@@ -75,27 +76,40 @@ fn a_second_project_on_the_same_port_is_one_record_and_no_false_exhaustion() {
 
     let first = format!("{}_web_1", one.name);
     let second = format!("{}_web_1", two.name);
-    let (f, s) = (first.clone(), second.clone());
-    let r = agent.wait_for("docker_publish conflict", move |v| {
-        v["type"] == "conflict" && v["op"] == "docker_publish" && v["port"] == port
-    });
-    assert_eq!(r["cause"], "port_already_allocated", "{r}");
-    assert_eq!(r["actor"]["container"]["name"], s.as_str(), "{r}");
-    assert_eq!(r["holders"][0]["container"]["name"], f.as_str(), "{r}");
+    let is_publish = |r: &Record| {
+        r.conflict()
+            .is_some_and(|c| c.op == Op::DockerPublish && c.port == port)
+    };
+    let r = agent.wait_record("docker_publish conflict", is_publish);
+    let c = r.conflict().expect("matched as a conflict");
+    assert_eq!(c.cause, Cause::PortAlreadyAllocated, "{c:?}");
+    assert_eq!(
+        c.actor.container().map(|x| x.name.as_str()),
+        Some(second.as_str()),
+        "{c:?}"
+    );
+    assert_eq!(
+        c.holders
+            .first()
+            .and_then(|h| h.container.as_ref())
+            .map(|x| x.name.as_str()),
+        Some(first.as_str()),
+        "{c:?}"
+    );
     // Time for a duplicate, or the iptables connects' records, to show up.
     std::thread::sleep(Duration::from_secs(3));
     let done = agent.stop();
-    let publish: Vec<&Value> = done
-        .lines
-        .iter()
-        .filter(|v| v["type"] == "conflict" && v["op"] == "docker_publish" && v["port"] == port)
-        .collect();
+    let publish: Vec<&Record> = done.records.iter().filter(|r| is_publish(r)).collect();
     assert_eq!(publish.len(), 1, "one record for one failure: {publish:?}");
-    let exhausted: Vec<&Value> = done
-        .lines
+    let exhausted: Vec<&Record> = done
+        .records
         .iter()
-        .filter(|v| v["type"] == "conflict" && v["cause"] == "ephemeral_exhausted")
+        .filter(|r| {
+            r.conflict()
+                .is_some_and(|c| c.cause == Cause::EphemeralExhausted)
+        })
         .collect();
     assert!(exhausted.is_empty(), "no port was exhausted: {exhausted:?}");
-    assert_eq!(publish[0]["count"], 1, "{}", publish[0]);
+    let count = publish[0].conflict().map(|c| c.count);
+    assert_eq!(count, Some(1), "{:?}", publish[0]);
 }

@@ -6,17 +6,20 @@
 //! binds them itself. The tests accept either as `via`.
 
 use std::{
-    net::SocketAddr,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
-use portwatch_tests::{docker::*, *};
-use serde_json::Value;
+use portwatch_tests::{
+    docker::*,
+    schema::{Cause, ContainerRef, DockerEvent, Family, Op, Overlap, Proto},
+    *,
+};
 
 const HOLD: &str = env!("CARGO_BIN_EXE_pw-hold");
 
-fn is_docker(v: &Value, event: &str) -> bool {
-    v["type"] == "docker" && v["event"] == event
+fn is_docker(r: &Record, event: DockerEvent) -> bool {
+    docker_event(r, event).is_some()
 }
 
 /// The agent, tracing the join on stderr (shown when a wait fails). It watches only the
@@ -37,21 +40,26 @@ fn start_agent(ports: &[u16]) -> Agent {
 fn agent(ports: &[u16]) -> Agent {
     require_docker();
     let a = start_agent(ports);
-    let c = a.wait_for("docker connected", |v| is_docker(v, "connected"));
-    assert_eq!(
-        c["api_version"].as_str().map(|s| s.starts_with("1.")),
-        Some(true),
-        "{c}"
+    let c = wait_docker_connected(&a);
+    assert!(
+        c.api_version
+            .as_deref()
+            .is_some_and(|s| s.starts_with("1.")),
+        "{c:?}"
     );
-    assert!(c["server_version"].is_string(), "{c}");
+    assert!(c.server_version.is_some(), "{c:?}");
     a
 }
 
-fn start_record(agent: &Agent, c: &Container) -> Value {
-    let id = c.short_id();
-    agent.wait_for("docker start", move |v| {
-        is_docker(v, "start") && v["container"]["id"] == id.as_str()
-    })
+/// The container's `start` record.
+fn start_record(agent: &Agent, c: &Container) -> Record {
+    wait_container_event(agent, DockerEvent::Start, &c.short_id())
+}
+
+/// A `docker` record's body.
+fn body(r: &Record) -> &schema::Docker {
+    r.docker()
+        .unwrap_or_else(|| panic!("not a docker record: {r:?}"))
 }
 
 /// This process binds 0.0.0.0:port and must get EADDRINUSE.
@@ -65,22 +73,37 @@ fn fail_bind(port: u16) {
     );
 }
 
-fn host_conflict(agent: &Agent, port: u16) -> Value {
+fn host_conflict(agent: &Agent, port: u16) -> Record {
     let ns = host_netns();
-    agent.wait_for("conflict on the host", move |v| {
-        v["type"] == "conflict" && v["port"] == port && v["netns"] == ns && v["op"] == "bind"
+    agent.wait_record("conflict on the host", |r| {
+        r.conflict()
+            .is_some_and(|c| c.port == port && u64::from(c.netns) == ns && c.op == Op::Bind)
     })
 }
 
-fn check_container(v: &Value, c: &Container) {
-    assert_eq!(v["id"], c.short_id(), "{v}");
-    assert_eq!(v["id"].as_str().unwrap().len(), 12, "{v}");
-    assert_eq!(v["name"], c.name.as_str(), "{v}");
-    assert_eq!(v["image"], TEST_IMAGE, "{v}");
+/// A conflict record's body.
+fn conflict(r: &Record) -> &schema::Conflict {
+    r.conflict()
+        .unwrap_or_else(|| panic!("not a conflict: {r:?}"))
 }
 
-fn is_binder(via: &Value) -> bool {
-    via == "docker-proxy" || via == "dockerd"
+/// A conflict's first holder.
+fn first_holder(c: &schema::Conflict) -> &schema::Holder {
+    c.holders
+        .first()
+        .unwrap_or_else(|| panic!("no holders: {c:?}"))
+}
+
+fn check_container(v: Option<&ContainerRef>, c: &Container) {
+    let v = v.unwrap_or_else(|| panic!("no container where {} was expected", c.name));
+    assert_eq!(v.id, c.short_id(), "{v:?}");
+    assert_eq!(v.id.len(), 12, "{v:?}");
+    assert_eq!(v.name, c.name, "{v:?}");
+    assert_eq!(v.image, TEST_IMAGE, "{v:?}");
+}
+
+fn is_binder(via: Option<&str>) -> bool {
+    matches!(via, Some("docker-proxy" | "dockerd"))
 }
 
 fn httpd(port: u16) -> Vec<String> {
@@ -108,63 +131,73 @@ fn port_already_allocated_between_two_containers() {
         b.stderr
     );
 
-    let c = agent.wait_for("docker_publish conflict", |v| {
-        v["type"] == "conflict" && v["op"] == "docker_publish" && v["port"] == port
+    let r = agent.wait_record("docker_publish conflict", |r| {
+        r.conflict()
+            .is_some_and(|c| c.op == Op::DockerPublish && c.port == port)
     });
-    assert_rfc3339(&c["ts"]);
-    assert_eq!(c["v"], 1);
-    assert_eq!(c["error"], "port_already_allocated", "{c}");
-    assert_eq!(c["cause"], "port_already_allocated", "{c}");
-    assert_eq!(c["proto"], "tcp", "{c}");
+    assert_rfc3339(&r.ts.clone().into());
+    assert_eq!(r.v, 1);
+    let c = conflict(&r);
+    assert_eq!(c.error, schema::Error::PortAlreadyAllocated, "{c:?}");
+    assert_eq!(c.cause, Cause::PortAlreadyAllocated, "{c:?}");
+    assert_eq!(c.proto, Proto::Tcp, "{c:?}");
     // Docker 28 allocates 0.0.0.0 and :: separately and reports whichever it tried
     // first; Docker 20.10 only ever reports 0.0.0.0.
-    match c["addr"].as_str() {
-        Some("0.0.0.0") => assert_eq!(c["family"], "ipv4", "{c}"),
-        Some("::") => {
-            assert_eq!(c["family"], "ipv6", "{c}");
-            assert_eq!(c["overlap"], "dual_stack", "{c}");
-        }
-        _ => panic!("the refused address is a wildcard: {c}"),
+    if c.addr == Ipv4Addr::UNSPECIFIED {
+        assert_eq!(c.family, Family::Ipv4, "{c:?}");
+    } else if c.addr == Ipv6Addr::UNSPECIFIED {
+        assert_eq!(c.family, Family::Ipv6, "{c:?}");
+        assert_eq!(c.overlap, Some(Overlap::DualStack), "{c:?}");
+    } else {
+        panic!("the refused address is a wildcard: {c:?}");
     }
-    assert_eq!(c["netns"], host_netns(), "{c}");
-    check_container(&c["actor"]["container"], &b);
+    assert_eq!(u64::from(c.netns), host_netns(), "{c:?}");
+    check_container(c.actor.container(), &b);
     assert!(
-        c["actor"].get("pid").is_none(),
-        "no process made a syscall: {c}"
+        c.actor.process().is_none(),
+        "no process made a syscall: {c:?}"
     );
-    let holders = c["holders"].as_array().unwrap();
-    assert!(!holders.is_empty(), "{c}");
-    for h in holders {
-        check_container(&h["container"], &a);
-        assert!(is_binder(&h["via"]), "{c}");
-        assert_eq!(h["container_port"], 80, "{c}");
+    // Absent, not null: the typed record cannot tell the two apart.
+    let line = agent.raw_line(&r);
+    assert!(
+        line["actor"].get("pid").is_none(),
+        "no process made a syscall: {line}"
+    );
+    assert!(!c.holders.is_empty(), "{c:?}");
+    for h in &c.holders {
+        check_container(h.container.as_ref(), &a);
+        assert!(is_binder(h.via.as_deref()), "{c:?}");
+        assert_eq!(h.container_port, Some(80), "{c:?}");
     }
-    let hint = c["hint"].as_str().unwrap();
+    let hint = &c.hint;
     assert!(hint.contains(&format!("docker stop {}", a.name)), "{hint}");
     assert!(
         hint.contains(&format!("publish {} on another host port", b.name)),
         "{hint}"
     );
     assert!(
-        c["docker_error"]
-            .as_str()
-            .unwrap()
-            .contains("port is already allocated"),
-        "{c}"
+        c.docker_error
+            .as_deref()
+            .is_some_and(|e| e.contains("port is already allocated")),
+        "{c:?}"
     );
 
     // Any other process that wants the port is told it is A's.
     fail_bind(port);
     let h = host_conflict(&agent, port);
-    assert_eq!(h["cause"], "docker_published", "{h}");
-    check_container(&h["holders"][0]["container"], &a);
-    assert!(is_binder(&h["holders"][0]["via"]), "{h}");
+    let h = conflict(&h);
+    assert_eq!(h.cause, Cause::DockerPublished, "{h:?}");
+    check_container(first_holder(h).container.as_ref(), &a);
+    assert!(is_binder(first_holder(h).via.as_deref()), "{h:?}");
 
     let done = agent.stop();
     let n = done
-        .lines
+        .records
         .iter()
-        .filter(|v| v["op"] == "docker_publish" && v["port"] == port)
+        .filter(|r| {
+            r.conflict()
+                .is_some_and(|c| c.op == Op::DockerPublish && c.port == port)
+        })
         .count();
     assert_eq!(n, 1, "one failed start, one record");
 }
@@ -180,20 +213,25 @@ fn proxy_bind_failure_names_the_container_being_started() {
     assert!(!b.ok, "publishing a port a host process holds must fail");
     assert!(b.stderr.contains("address already in use"), "{}", b.stderr);
 
-    let c = host_conflict(&agent, port);
-    assert_eq!(c["error"], "EADDRINUSE", "{c}");
-    assert!(is_binder(&c["actor"]["via"]), "{c}");
-    assert!(is_binder(&c["actor"]["comm"]), "{c}");
-    check_container(&c["actor"]["container"], &b);
-    assert_eq!(c["cause"], "listener", "{c}");
-    let h = &c["holders"][0];
+    let r = host_conflict(&agent, port);
+    let c = conflict(&r);
+    assert_eq!(c.error, schema::Error::Eaddrinuse, "{c:?}");
+    let actor = c.actor.process();
+    assert!(is_binder(actor.and_then(|a| a.via.as_deref())), "{c:?}");
+    assert!(is_binder(actor.map(|a| a.comm.as_str())), "{c:?}");
+    check_container(c.actor.container(), &b);
+    assert_eq!(c.cause, Cause::Listener, "{c:?}");
+    let h = first_holder(c);
     assert_eq!(
-        h["pid"],
-        holder.pid(),
-        "the host process really holds it: {c}"
+        h.pid,
+        Some(holder.pid()),
+        "the host process really holds it: {c:?}"
     );
-    assert!(h.get("container").is_none(), "{c}");
-    let hint = c["hint"].as_str().unwrap();
+    assert!(h.container.is_none(), "{c:?}");
+    // Absent, not null: the typed record cannot tell the two apart.
+    let line = agent.raw_line(&r);
+    assert!(line["holders"][0].get("container").is_none(), "{line}");
+    let hint = &c.hint;
     assert!(
         hint.contains(&format!("publish {} on another host port", b.name)),
         "{hint}"
@@ -207,8 +245,9 @@ fn conflict_inside_one_container() {
     let agent = agent(&[8080]);
     let a = Container::running("inside", &[], &["sleep", "3600"]);
     let start = start_record(&agent, &a);
+    let start = body(&start);
     let netns = netns_inode_of(&format!("/proc/{}/ns/net", a.pid()));
-    assert_eq!(start["netns"], netns, "{start}");
+    assert_eq!(start.netns.map(u64::from), Some(netns), "{start:?}");
     a.exec_detached(&strs(&httpd(8080)));
     // The second httpd fails once the first listens.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -224,26 +263,33 @@ fn conflict_inside_one_container() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let c = agent.wait_for("conflict in the container", move |v| {
-        v["type"] == "conflict" && v["port"] == 8080 && v["netns"] == netns
+    let r = agent.wait_record("conflict in the container", |r| {
+        r.conflict()
+            .is_some_and(|c| c.port == 8080 && u64::from(c.netns) == netns)
     });
-    assert_eq!(c["cause"], "listener", "{c}");
-    check_container(&c["actor"]["container"], &a);
-    assert!(c["actor"].get("via").is_none(), "{c}");
-    let h = &c["holders"][0];
-    check_container(&h["container"], &a);
-    assert_eq!(h["comm"], "httpd", "{c}");
-    assert!(h.get("via").is_none(), "{c}");
+    let c = conflict(&r);
+    assert_eq!(c.cause, Cause::Listener, "{c:?}");
+    check_container(c.actor.container(), &a);
+    assert!(c.actor.process().is_some_and(|p| p.via.is_none()), "{c:?}");
+    let h = first_holder(c);
+    check_container(h.container.as_ref(), &a);
+    assert_eq!(h.comm.as_deref(), Some("httpd"), "{c:?}");
+    assert!(h.via.is_none(), "{c:?}");
+    // Absent, not null: the typed record cannot tell the two apart.
+    let line = agent.raw_line(&r);
+    assert!(line["actor"].get("via").is_none(), "{line}");
+    assert!(line["holders"][0].get("via").is_none(), "{line}");
     assert!(
-        c["hint"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("in container {}", a.name)),
-        "{c}"
+        c.hint.contains(&format!("in container {}", a.name)),
+        "{c:?}"
     );
     // Where cgroup2 is mounted, the kernel's cgroup id is the container's cgroup.
-    if start["cgroup_id"].is_u64() {
-        assert_eq!(c["actor"]["cgroup_id"], start["cgroup_id"], "{c}\n{start}");
+    if let Some(id) = start.cgroup_id {
+        assert_eq!(
+            c.actor.process().map(|p| p.cgroup_id),
+            Some(id),
+            "{c:?}\n{start:?}"
+        );
     }
 }
 
@@ -260,29 +306,44 @@ fn container_on_a_user_defined_bridge_network() {
         &strs(&httpd(80)),
     );
     let start = start_record(&agent, &a);
-    let nets = start["networks"].as_array().unwrap();
-    assert_eq!(nets.len(), 1, "{start}");
-    assert_eq!(nets[0]["name"], net.name.as_str(), "{start}");
-    assert!(nets[0]["ip"].is_string(), "{start}");
-    assert_eq!(start["network_mode"], net.name.as_str(), "{start}");
-    let ports = start["ports"].as_array().unwrap();
+    let start = body(&start);
+    let nets = start
+        .networks
+        .as_deref()
+        .unwrap_or_else(|| panic!("no networks: {start:?}"));
+    assert_eq!(nets.len(), 1, "{start:?}");
+    assert_eq!(nets[0].name, net.name, "{start:?}");
+    assert!(nets[0].ip.is_some(), "{start:?}");
+    assert_eq!(
+        start.network_mode.as_deref(),
+        Some(net.name.as_str()),
+        "{start:?}"
+    );
+    let ports = start
+        .ports
+        .as_deref()
+        .unwrap_or_else(|| panic!("no ports: {start:?}"));
     assert!(
-        ports.iter().any(|p| p["host_port"] == port
-            && p["container_port"] == 80
-            && p["proto"] == "tcp"
-            && p["host_ip"] == "0.0.0.0"),
-        "{start}"
+        ports.iter().any(|p| p.host_port == port
+            && p.container_port == 80
+            && p.proto == Proto::Tcp
+            && p.host_ip == Ipv4Addr::UNSPECIFIED),
+        "{start:?}"
     );
 
     fail_bind(port);
-    let c = host_conflict(&agent, port);
-    assert_eq!(c["cause"], "docker_published", "{c}");
-    assert!(c.get("reason").is_none(), "{c}");
-    let h = &c["holders"][0];
-    check_container(&h["container"], &a);
-    assert!(is_binder(&h["via"]), "{c}");
-    assert_eq!(h["container_port"], 80, "{c}");
-    let hint = c["hint"].as_str().unwrap();
+    let r = host_conflict(&agent, port);
+    let c = conflict(&r);
+    assert_eq!(c.cause, Cause::DockerPublished, "{c:?}");
+    assert!(c.reason.is_none(), "{c:?}");
+    // Absent, not null: the typed record cannot tell the two apart.
+    let line = agent.raw_line(&r);
+    assert!(line.get("reason").is_none(), "{line}");
+    let h = first_holder(c);
+    check_container(h.container.as_ref(), &a);
+    assert!(is_binder(h.via.as_deref()), "{c:?}");
+    assert_eq!(h.container_port, Some(80), "{c:?}");
+    let hint = &c.hint;
     assert!(hint.contains(&format!("container {}", a.name)), "{hint}");
     assert!(hint.contains(&format!("docker stop {}", a.name)), "{hint}");
 }
@@ -307,20 +368,36 @@ fn compose_labels_show_up() {
         &strs(&httpd(80)),
     );
     let start = start_record(&agent, &a);
+    let sc = body(&start).container.as_ref();
     assert_eq!(
-        start["container"]["compose_project"],
-        project.as_str(),
-        "{start}"
+        sc.and_then(|x| x.compose_project.as_deref()),
+        Some(project.as_str()),
+        "{start:?}"
     );
-    assert_eq!(start["container"]["compose_service"], "web", "{start}");
+    assert_eq!(
+        sc.and_then(|x| x.compose_service.as_deref()),
+        Some("web"),
+        "{start:?}"
+    );
     fail_bind(port);
-    let c = host_conflict(&agent, port);
-    let hc = &c["holders"][0]["container"];
+    let r = host_conflict(&agent, port);
+    let c = conflict(&r);
+    let hc = first_holder(c).container.as_ref();
     check_container(hc, &a);
-    assert_eq!(hc["compose_project"], project.as_str(), "{c}");
-    assert_eq!(hc["compose_service"], "web", "{c}");
+    assert_eq!(
+        hc.and_then(|x| x.compose_project.as_deref()),
+        Some(project.as_str()),
+        "{c:?}"
+    );
+    assert_eq!(
+        hc.and_then(|x| x.compose_service.as_deref()),
+        Some("web"),
+        "{c:?}"
+    );
     // Not in a container: no key at all.
-    assert!(c["actor"].get("container").is_none(), "{c}");
+    assert!(c.actor.container().is_none(), "{c:?}");
+    let line = agent.raw_line(&r);
+    assert!(line["actor"].get("container").is_none(), "{line}");
 }
 
 /// start, die and destroy records carry the published ports: the log alone says when a
@@ -336,41 +413,41 @@ fn lifecycle_records_carry_published_ports() {
     );
     let id = a.short_id();
     let start = start_record(&agent, &a);
-    assert!(start["pid"].as_u64().unwrap() > 0, "{start}");
-    assert!(start["netns"].as_u64().unwrap() > 0, "{start}");
+    let s = body(&start);
+    assert!(s.pid.is_some_and(|p| p > 0), "{s:?}");
+    assert!(s.netns.is_some_and(|n| n > 0), "{s:?}");
     assert!(
-        start["cgroup_path"]
-            .as_str()
-            .unwrap()
-            .contains(a.id.as_deref().unwrap()),
-        "{start}"
+        s.cgroup_path
+            .as_deref()
+            .is_some_and(|p| p.contains(a.id.as_deref().unwrap())),
+        "{s:?}"
     );
     a.stop();
-    let die = agent.wait_for("die", |v| {
-        is_docker(v, "die") && v["container"]["id"] == id.as_str()
-    });
+    let die = wait_container_event(&agent, DockerEvent::Die, &id);
     a.remove();
-    let destroy = agent.wait_for("destroy", |v| {
-        is_docker(v, "destroy") && v["container"]["id"] == id.as_str()
-    });
+    let destroy = wait_container_event(&agent, DockerEvent::Destroy, &id);
     for r in [&start, &die, &destroy] {
-        assert_rfc3339(&r["ts"]);
-        check_container(&r["container"], &a);
-        let ports = r["ports"].as_array().unwrap();
+        assert_rfc3339(&r.ts.clone().into());
+        let d = body(r);
+        check_container(d.container.as_ref(), &a);
+        let ports = d
+            .ports
+            .as_deref()
+            .unwrap_or_else(|| panic!("no ports: {r:?}"));
         assert!(
             ports
                 .iter()
-                .any(|p| p["host_port"] == port && p["container_port"] == 80),
-            "{r}"
+                .any(|p| p.host_port == port && p.container_port == 80),
+            "{r:?}"
         );
     }
-    assert!(die["exit_code"].is_i64(), "{die}");
+    assert!(body(&die).exit_code.is_some(), "{die:?}");
     let done = agent.stop();
-    for ev in ["start", "die", "destroy"] {
+    for ev in [DockerEvent::Start, DockerEvent::Die, DockerEvent::Destroy] {
         let n = done
-            .lines
+            .records
             .iter()
-            .filter(|v| is_docker(v, ev) && v["container"]["id"] == id.as_str())
+            .filter(|r| is_container_event(r, ev.clone(), &id))
             .count();
         assert_eq!(n, 1, "{ev} written once");
     }
@@ -389,17 +466,21 @@ fn without_the_userland_proxy_dockerd_holds_the_published_port() {
     let c = Container::running("noproxy", &["-p", &format!("{port}:80")], &strs(&httpd(80)));
     start_record(&agent, &c);
     fail_bind(port);
-    let h = host_conflict(&agent, port);
-    assert_eq!(h["cause"], "docker_published", "{h}");
-    let holders = h["holders"].as_array().unwrap();
-    assert!(!holders.is_empty(), "{h}");
-    for x in holders {
-        assert_eq!(x["comm"], "dockerd", "no docker-proxy runs: {h}");
-        assert_eq!(x["via"], "dockerd", "{h}");
-        assert_eq!(x["container_port"], 80, "{h}");
-        check_container(&x["container"], &c);
+    let r = host_conflict(&agent, port);
+    let h = conflict(&r);
+    assert_eq!(h.cause, Cause::DockerPublished, "{h:?}");
+    assert!(!h.holders.is_empty(), "{h:?}");
+    for x in &h.holders {
+        assert_eq!(
+            x.comm.as_deref(),
+            Some("dockerd"),
+            "no docker-proxy runs: {h:?}"
+        );
+        assert_eq!(x.via.as_deref(), Some("dockerd"), "{h:?}");
+        assert_eq!(x.container_port, Some(80), "{h:?}");
+        check_container(x.container.as_ref(), &c);
     }
-    let hint = h["hint"].as_str().unwrap();
+    let hint = &h.hint;
     assert!(hint.contains(&c.name), "{hint}");
     drop(c);
     agent.stop();
@@ -410,10 +491,10 @@ fn time_until(
     agent: &Agent,
     n: usize,
     timeout: Duration,
-    pred: impl Fn(&Value) -> bool,
+    pred: impl Fn(&Record) -> bool,
 ) -> Duration {
     let t = Instant::now();
-    while agent.snapshot().iter().filter(|v| pred(v)).count() < n {
+    while agent.snapshot_records().iter().filter(|r| pred(r)).count() < n {
         assert!(
             t.elapsed() < timeout,
             "not within {timeout:?}:\n{}",
@@ -429,8 +510,8 @@ fn time_until(
 fn daemon_back(agent: &Agent, outage: &DockerdOutage, nth: usize) {
     std::thread::sleep(Duration::from_secs(3));
     outage.end();
-    let took = time_until(agent, nth, Duration::from_secs(10), |v| {
-        is_docker(v, "connected")
+    let took = time_until(agent, nth, Duration::from_secs(10), |r| {
+        is_docker(r, DockerEvent::Connected)
     });
     eprintln!("connected ({nth}) {took:?} after dockerd answered");
     assert!(
@@ -444,9 +525,10 @@ fn attribution_works(agent: &Agent, tag: &str, port: u16) {
     let b = Container::running(tag, &["-p", &format!("{port}:80")], &strs(&httpd(80)));
     start_record(agent, &b);
     fail_bind(port);
-    let c = host_conflict(agent, port);
-    assert_eq!(c["cause"], "docker_published", "{c}");
-    check_container(&c["holders"][0]["container"], &b);
+    let r = host_conflict(agent, port);
+    let c = conflict(&r);
+    assert_eq!(c.cause, Cause::DockerPublished, "{c:?}");
+    check_container(first_holder(c).container.as_ref(), &b);
 }
 
 /// dockerd stops and comes back while the agent runs: one `unavailable`, then
@@ -465,33 +547,36 @@ fn dockerd_restart_while_the_agent_runs() {
     start_record(&agent, &a);
 
     let outage = DockerdOutage::begin();
-    agent.wait_for("unavailable", |v| is_docker(v, "unavailable"));
+    agent.wait_record("unavailable", |r| is_docker(r, DockerEvent::Unavailable));
     daemon_back(&agent, &outage, 2);
 
     attribution_works(&agent, "restart-b", port2);
     drop(a);
     let done = agent.stop();
-    let count = |p: &dyn Fn(&Value) -> bool| done.lines.iter().filter(|v| p(v)).count();
+    let count = |p: &dyn Fn(&Record) -> bool| done.records.iter().filter(|r| p(r)).count();
     assert_eq!(
-        count(&|v| is_docker(v, "unavailable")),
+        count(&|r| is_docker(r, DockerEvent::Unavailable)),
         1,
         "once per outage"
     );
-    assert_eq!(count(&|v| is_docker(v, "connected")), 2);
+    assert_eq!(count(&|r| is_docker(r, DockerEvent::Connected)), 2);
     // The daemon stopped A on its way down: its die is written once, live or found at the
     // resync; its start once.
-    let mine = |ev: &'static str| {
+    let mine = |ev: DockerEvent| {
         let id = a_id.clone();
-        move |v: &Value| is_docker(v, ev) && v["container"]["id"] == id.as_str()
+        move |r: &Record| is_container_event(r, ev.clone(), &id)
     };
-    assert_eq!(count(&mine("start")), 1, "{}", lines(&done.lines));
-    assert_eq!(count(&mine("die")), 1, "{}", lines(&done.lines));
-    assert_eq!(count(&mine("destroy")), 1, "{}", lines(&done.lines));
+    let all = lines(&done.records);
+    assert_eq!(count(&mine(DockerEvent::Start)), 1, "{all}");
+    assert_eq!(count(&mine(DockerEvent::Die)), 1, "{all}");
+    assert_eq!(count(&mine(DockerEvent::Destroy)), 1, "{all}");
 }
 
-fn lines(v: &[Value]) -> String {
-    v.iter()
-        .map(Value::to_string)
+/// The records, one JSON line each, as the agent wrote them.
+fn lines(records: &[Record]) -> String {
+    records
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap_or_else(|e| format!("{e}: {r:?}")))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -503,17 +588,25 @@ fn agent_started_before_dockerd() {
     let port = free_port(48);
     let outage = DockerdOutage::begin();
     let agent = start_agent(&[port]);
-    let u = agent.wait_for("unavailable", |v| is_docker(v, "unavailable"));
-    assert!(u["reason"].as_str().unwrap().contains("dockerd"), "{u}");
-    assert_eq!(u["endpoint"], "unix:///var/run/docker.sock", "{u}");
+    let u = agent.wait_record("unavailable", |r| is_docker(r, DockerEvent::Unavailable));
+    let u = body(&u);
+    assert!(
+        u.reason.as_deref().is_some_and(|s| s.contains("dockerd")),
+        "{u:?}"
+    );
+    assert_eq!(
+        u.endpoint.as_deref(),
+        Some("unix:///var/run/docker.sock"),
+        "{u:?}"
+    );
     daemon_back(&agent, &outage, 1);
     attribution_works(&agent, "late", port);
     let done = agent.stop();
     assert!(done.status.success(), "{}", done.stderr);
     let n = done
-        .lines
+        .records
         .iter()
-        .filter(|v| is_docker(v, "unavailable"))
+        .filter(|r| is_docker(r, DockerEvent::Unavailable))
         .count();
     assert_eq!(n, 1, "said once, however long the daemon was away");
 }
@@ -524,5 +617,5 @@ fn no_docker_flag() {
     let agent = Agent::start(&["--no-docker"]);
     std::thread::sleep(Duration::from_secs(1));
     let done = agent.stop();
-    assert!(!done.lines.iter().any(|v| v["type"] == "docker"));
+    assert!(!done.records.iter().any(|r| r.docker().is_some()));
 }

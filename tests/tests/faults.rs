@@ -8,7 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portwatch_tests::*;
+use portwatch_tests::{
+    schema::{AgentEvent, Type},
+    *,
+};
 
 /// Ids of the programs loaded in the kernel (`bpftool prog list`).
 fn loaded_program_ids() -> Vec<u64> {
@@ -82,9 +85,7 @@ fn sigkill_leaves_nothing_attached_and_a_restart_works() {
     let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let s = socket(&a, SOCK_STREAM, false);
     let _ = bind(&s, &a);
-    a2.wait_for("conflict after restart", |v| {
-        v["type"] == "conflict" && v["port"] == port
-    });
+    a2.wait_record("conflict after restart", |r| is_conflict_on(r, port));
 }
 
 #[test]
@@ -102,20 +103,23 @@ fn sigterm_exits_promptly_with_every_record_flushed() {
     let done = agent.stop_with(libc::SIGTERM);
     let took = t0.elapsed();
     assert!(done.status.success());
-    // Identical failures are coalesced: each record stands for `count` of them.
-    let received: u64 = of_type(&done.lines, "conflict", port)
+    // Identical failures are coalesced: each record stands for `count` of them (every
+    // conflict record carries its count: the type says so).
+    let received: u64 = records_of(&done.records, Type::Conflict, port)
         .iter()
-        .map(|c| c["count"].as_u64().expect("conflict records carry count"))
+        .filter_map(|r| r.conflict())
+        .map(|c| c.count)
         .sum();
-    let stopped = done.lines.last().unwrap();
-    let unwritten = stopped["unwritten"]
-        .as_u64()
-        .expect("stopped has unwritten");
+    let last = done.records.last().unwrap();
+    let stopped = last.agent().unwrap_or_else(|| panic!("{last:?}"));
+    let unwritten = stopped.unwritten.expect("stopped has unwritten");
     let lost: u64 = done
-        .lines
+        .records
         .iter()
-        .filter(|v| v["type"] == "lost")
-        .map(|v| v["by_kind"]["bind"].as_u64().unwrap_or(0))
+        .filter_map(|r| match &r.body {
+            Body::Lost(l) => Some(l.by_kind.get("bind").copied().unwrap_or(0)),
+            _ => None,
+        })
         .sum();
     eprintln!("SIGTERM to exit: {took:?}; received {received}, lost {lost}, unwritten {unwritten}");
     assert_eq!(
@@ -123,7 +127,7 @@ fn sigterm_exits_promptly_with_every_record_flushed() {
         N as u64,
         "every conflict written, coalesced into a count, or counted"
     );
-    assert_eq!(done.lines.last().unwrap()["event"], "stopped");
+    assert_eq!(stopped.event, AgentEvent::Stopped, "{last:?}");
     assert!(took < Duration::from_secs(1), "SIGTERM took {took:?}");
 }
 
@@ -159,12 +163,19 @@ fn odd_bytes_in_comm_and_cmdline_keep_the_json_valid() {
     })
     .join()
     .unwrap();
-    let c = agent.wait_for("conflict", |v| v["type"] == "conflict" && v["port"] == port);
-    assert_eq!(c["actor"]["tid"], tid);
-    assert_eq!(c["actor"]["comm"], "x\"\\\u{fffd}{}\n");
-    let cmd = c["holders"][0]["cmdline"].as_str().expect("holder cmdline");
+    let r = agent.wait_record("conflict", |r| is_conflict_on(r, port));
+    let c = r.conflict().unwrap();
+    let actor = c.actor.process().expect("a process actor");
+    assert_eq!(actor.tid, tid, "{c:?}");
+    assert_eq!(actor.comm, "x\"\\\u{fffd}{}\n");
+    let cmd = c
+        .holders
+        .first()
+        .and_then(|h| h.cmdline.as_deref())
+        .expect("holder cmdline");
     assert!(cmd.contains("\u{fffd}\u{fffd}\"}{\\\n\t\u{1}"), "{cmd:?}");
-    // stop() fails the test if any line the agent wrote is not valid JSON.
+    // stop() fails the test if any line the agent wrote is not valid JSON, or does not read
+    // into the typed schema.
     let _ = child.kill();
     let _ = child.wait();
     agent.stop();

@@ -3,20 +3,40 @@
 //! service and a conflict.
 
 use std::{
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     process::Command,
     time::{Duration, Instant},
 };
 
-use portwatch_tests::*;
+use portwatch_tests::{
+    schema::{PortEvent, Proto, Type},
+    *,
+};
 
 const HOLD: &str = env!("CARGO_BIN_EXE_pw-hold");
 
-fn ports<'a>(lines: &'a [serde_json::Value], port: u16, event: &str) -> Vec<&'a serde_json::Value> {
-    of_type(lines, "port", port)
+/// The `port` records of `port` with this `event`.
+fn ports(records: &[Record], port: u16, event: PortEvent) -> Vec<&Record> {
+    records_of(records, Type::Port, port)
         .into_iter()
-        .filter(|v| v["event"] == event)
+        .filter(|r| body(r).event == event)
         .collect()
+}
+
+/// A `port` record's own fields.
+fn body(r: &Record) -> &schema::Port {
+    r.port().unwrap_or_else(|| panic!("a port record: {r:?}"))
+}
+
+/// The pid of a `port` record's actor (None when no process could be named).
+fn actor_pid(r: &Record) -> Option<u32> {
+    body(r).actor.as_ref().map(|a| a.pid)
+}
+
+/// A `port` record of `port`, with `event` if given.
+fn port_record(r: &Record, port: u16, event: Option<PortEvent>) -> bool {
+    r.port()
+        .is_some_and(|p| p.port == port && event.as_ref().is_none_or(|e| p.event == *e))
 }
 
 fn history(args: &[&str]) -> (i32, String, String) {
@@ -51,8 +71,9 @@ fn service_ports_open_and_close_and_history_tells_who_held_them() {
     // Held before the agent starts: an `existing` open.
     let before = Holder::start(HOLD, "tcp-listen", &format!("0.0.0.0:{p_before}"), None);
     let agent = Agent::start(&["--log-file", log.to_str().unwrap()]);
-    agent.wait_for("existing open", |v| {
-        v["type"] == "port" && v["port"] == p_before && v["existing"] == true
+    agent.wait_record("existing open", |r| {
+        r.port()
+            .is_some_and(|p| p.port == p_before && p.existing == Some(true))
     });
 
     // A TCP listener and an explicit UDP bind, held then released.
@@ -60,23 +81,21 @@ fn service_ports_open_and_close_and_history_tells_who_held_them() {
     let tcp = listener(&format!("127.0.0.1:{p_tcp}"));
     let udp = Holder::start(HOLD, "udp", &format!("127.0.0.1:{p_udp}"), None);
     let (tcp_pid, udp_pid) = (std::process::id(), udp.pid());
-    agent.wait_for("tcp open", |v| v["type"] == "port" && v["port"] == p_tcp);
-    agent.wait_for("udp open", |v| v["type"] == "port" && v["port"] == p_udp);
+    agent.wait_record("tcp open", |r| port_record(r, p_tcp, None));
+    agent.wait_record("udp open", |r| port_record(r, p_udp, None));
     // A conflict while it is held.
     let a: SocketAddr = format!("127.0.0.1:{p_tcp}").parse().unwrap();
     let s = socket(&a, SOCK_STREAM, false);
     assert!(bind(&s, &a).is_err());
     drop(s);
-    agent.wait_for("conflict", |v| {
-        v["type"] == "conflict" && v["port"] == p_tcp
-    });
+    agent.wait_record("conflict", |r| is_conflict_on(r, p_tcp));
     drop(tcp);
     drop(udp); // pw-hold is killed on drop: its socket goes with it
 
     // A holder that is SIGKILLed: its close comes from a re-read of the namespace.
     let killed = Holder::start(HOLD, "tcp-listen", &format!("127.0.0.1:{p_kill}"), None);
     let kill_pid = killed.pid();
-    agent.wait_for("kill open", |v| v["type"] == "port" && v["port"] == p_kill);
+    agent.wait_record("kill open", |r| port_record(r, p_kill, None));
     // SAFETY: plain kill(2) of our own child.
     unsafe { libc::kill(kill_pid as i32, libc::SIGKILL) };
 
@@ -99,61 +118,57 @@ fn service_ports_open_and_close_and_history_tells_who_held_them() {
     }
 
     let t0 = Instant::now();
-    agent.wait_for("tcp close", |v| {
-        v["type"] == "port" && v["port"] == p_tcp && v["event"] == "close"
-    });
-    agent.wait_for("killed close", |v| {
-        v["type"] == "port" && v["port"] == p_kill && v["event"] == "close"
-    });
-    agent.wait_for("flap close", |v| {
-        v["type"] == "port" && v["port"] == p_flap && v["event"] == "close"
-    });
+    let close = |port: u16| move |r: &Record| port_record(r, port, Some(PortEvent::Close));
+    agent.wait_record("tcp close", close(p_tcp));
+    agent.wait_record("killed close", close(p_kill));
+    agent.wait_record("flap close", close(p_flap));
     eprintln!("closes written within {:?}", t0.elapsed());
     drop(before);
     let done = agent.stop();
-    let lines = done.lines;
+    let records = done.records;
 
-    let o = ports(&lines, p_tcp, "open");
-    let c = ports(&lines, p_tcp, "close");
+    let o = ports(&records, p_tcp, PortEvent::Open);
+    let c = ports(&records, p_tcp, PortEvent::Close);
     assert_eq!((o.len(), c.len()), (1, 1), "{o:?} {c:?}");
-    assert_eq!(o[0]["actor"]["pid"], tcp_pid);
-    assert_eq!(o[0]["proto"], "tcp");
-    assert_eq!(o[0]["addr"], "127.0.0.1");
-    assert_eq!(c[0]["since"], o[0]["ts"]);
-    assert!(c[0]["held_s"].as_f64().unwrap() > 0.0);
-    assert_eq!(c[0]["reason"], "close", "{c:?}");
-    let u = ports(&lines, p_udp, "open");
+    assert_eq!(actor_pid(o[0]), Some(tcp_pid));
+    assert_eq!(body(o[0]).proto, Proto::Tcp);
+    assert_eq!(body(o[0]).addr, Ipv4Addr::LOCALHOST);
+    // The close says since when: the open's own ts.
+    assert_eq!(body(c[0]).since.as_deref(), Some(o[0].ts()), "{c:?}");
+    assert!(body(c[0]).held_s.is_some_and(|h| h > 0.0), "{c:?}");
+    assert_eq!(body(c[0]).reason.as_deref(), Some("close"), "{c:?}");
+    let u = ports(&records, p_udp, PortEvent::Open);
     assert_eq!(u.len(), 1);
-    assert_eq!(u[0]["proto"], "udp");
-    assert_eq!(u[0]["actor"]["pid"], udp_pid);
-    assert_eq!(ports(&lines, p_udp, "close").len(), 1);
-    let k = ports(&lines, p_kill, "close");
+    assert_eq!(body(u[0]).proto, Proto::Udp);
+    assert_eq!(actor_pid(u[0]), Some(udp_pid));
+    assert_eq!(ports(&records, p_udp, PortEvent::Close).len(), 1);
+    let k = ports(&records, p_kill, PortEvent::Close);
     assert_eq!(k.len(), 1);
-    assert_eq!(k[0]["actor"]["pid"], kill_pid);
-    assert_eq!(k[0]["reason"], "gone", "{k:?}");
+    assert_eq!(actor_pid(k[0]), Some(kill_pid));
+    assert_eq!(body(k[0]).reason.as_deref(), Some("gone"), "{k:?}");
     // Only this process's listener on p_eph, not its client (another process may hold the
     // port number elsewhere on a busy host: only our own records are counted).
-    let mine: Vec<_> = of_type(&lines, "port", p_eph)
+    let mine: Vec<_> = records_of(&records, Type::Port, p_eph)
         .into_iter()
-        .filter(|v| v["actor"]["pid"] == tcp_pid)
+        .filter(|r| actor_pid(r) == Some(tcp_pid))
         .collect();
     assert_eq!(
         mine.len(),
         1,
         "only the listener on {p_eph}, not its client: {mine:?}"
     );
-    assert_eq!(mine[0]["event"], "open");
+    assert_eq!(body(mine[0]).event, PortEvent::Open);
     assert!(
-        !lines.iter().any(|v| v["type"] == "port" && v["port"] == 0),
+        !records.iter().any(|r| port_record(r, 0, None)),
         "no port record for an ephemeral bind"
     );
-    let flap_opens = ports(&lines, p_flap, "open");
-    let flap_closes = ports(&lines, p_flap, "close");
+    let flap_opens = ports(&records, p_flap, PortEvent::Open);
+    let flap_closes = ports(&records, p_flap, PortEvent::Close);
     assert_eq!(flap_opens.len(), 1, "coalesced: {flap_opens:?}");
     assert_eq!(flap_closes.len(), 1);
-    assert_eq!(flap_closes[0]["restarts"], 49, "{flap_closes:?}");
+    assert_eq!(body(flap_closes[0]).restarts, Some(49), "{flap_closes:?}");
 
-    // The log has the same lines; history reads them back.
+    // The log has the same lines; history reads them back (its own --json stays JSON).
     let (code, out, err) = history(&[&p_tcp.to_string(), log.to_str().unwrap(), "--json"]);
     assert_eq!(code, 0, "{err}");
     let items: Vec<serde_json::Value> = out
@@ -163,8 +178,8 @@ fn service_ports_open_and_close_and_history_tells_who_held_them() {
     let kinds: Vec<&str> = items.iter().map(|i| i["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["held", "conflict"], "{out}");
     assert_eq!(items[0]["actor"]["pid"], tcp_pid);
-    assert_eq!(items[0]["from"], o[0]["ts"]);
-    assert_eq!(items[0]["to"], c[0]["ts"]);
+    assert_eq!(items[0]["from"], o[0].ts());
+    assert_eq!(items[0]["to"], c[0].ts());
     assert_eq!(items[1]["record"]["cause"], "listener");
 
     // Rotated and compressed: move the log to .1 and gzip it, start a new one; history

@@ -3,14 +3,17 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     os::unix::{fs::PermissionsExt, net::UnixStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use portwatch_tests::*;
+use portwatch_tests::{
+    schema::{AgentEvent, Error, Type},
+    *,
+};
 use serde_json::Value;
 
 fn pw() -> Command {
@@ -51,9 +54,7 @@ fn attach_replays_the_past_then_streams_live_detail() {
     let agent = Agent::start(&[]);
     let _h = listener(&format!("127.0.0.1:{port}"));
     conflict(port); // the past
-    agent.wait_for("first conflict", |v| {
-        v["type"] == "conflict" && v["port"] == port
-    });
+    agent.wait_record("first conflict", |r| is_conflict_on(r, port));
     let rt = agent.runtime_dir().to_str().unwrap().to_string();
     let client = pw()
         .args([
@@ -93,34 +94,30 @@ fn attach_replays_the_past_then_streams_live_detail() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines = json_lines(&out.stdout);
-    let conflicts = lines
-        .iter()
-        .filter(|v| v["type"] == "conflict" && v["port"] == port)
-        .count();
-    assert_eq!(conflicts, 2, "one replayed, one live: {lines:?}");
+    // Agent records, one per line: every one reads into the typed schema.
+    let records = records_in(&out.stdout);
+    let conflicts = records_of(&records, Type::Conflict, port).len();
+    assert_eq!(conflicts, 2, "one replayed, one live: {records:?}");
     assert!(
-        lines
-            .iter()
-            .any(|v| v["type"] == "bind" && v["result"] == "ok" && v["addr"] == "127.0.0.2"),
-        "live verbose bind record: {lines:?}"
+        records.iter().any(|r| matches!(&r.body,
+            Body::Bind(b) if b.result == Error::Ok && b.addr == Ipv4Addr::new(127, 0, 0, 2))),
+        "live verbose bind record: {records:?}"
     );
     assert!(
-        lines.iter().any(|v| v["type"] == "tcp_state"
-            && v["addr"] == "127.0.0.3"
-            && v["time_wait"] == true),
-        "live TIME_WAIT entry from the state hook: {lines:?}"
+        records.iter().any(|r| matches!(&r.body,
+            Body::TcpState(t) if t.addr == Ipv4Addr::new(127, 0, 0, 3) && t.time_wait)),
+        "live TIME_WAIT entry from the state hook: {records:?}"
     );
     assert!(
-        lines
+        records
             .iter()
-            .all(|v| v["type"] != "conflict" || v["port"] == port),
+            .all(|r| r.conflict().is_none_or(|c| c.port == port)),
         "filter applied"
     );
     // The agent's own log stayed at the default level.
     let done = agent.stop();
-    assert!(of_type(&done.lines, "bind", port).is_empty());
-    assert!(of_type(&done.lines, "tcp_state", port).is_empty());
+    assert!(records_of(&done.records, Type::Bind, port).is_empty());
+    assert!(records_of(&done.records, Type::TcpState, port).is_empty());
 }
 
 #[test]
@@ -158,7 +155,7 @@ fn stalled_attach_client_does_not_slow_logging() {
     // Every conflict reaches the log although one client has not read a byte.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let n = of_type(&agent.snapshot(), "conflict", port).len();
+        let n = records_of(&agent.snapshot_records(), Type::Conflict, port).len();
         if n >= N {
             break;
         }
@@ -182,9 +179,10 @@ fn stalled_attach_client_does_not_slow_logging() {
         let _ = stalled.set_read_timeout(Some(Duration::from_secs(15)));
         for l in BufReader::new(stalled).lines() {
             let Ok(l) = l else { break };
-            if let Ok(v) = serde_json::from_str::<Value>(&l) {
-                if v["type"] == "missed" {
-                    return v["count"].as_u64().unwrap();
+            // Every line is a record the typed schema reads, or the protocol's error line.
+            if let AttachLine::Record(r) = attach_line(&l) {
+                if let Body::Missed(m) = r.body {
+                    return m.count;
                 }
             }
         }
@@ -198,7 +196,7 @@ fn stalled_attach_client_does_not_slow_logging() {
     assert!(missed > 0, "stalled client was not told it missed records");
     let done = agent.stop();
     assert_eq!(
-        done.lines.iter().filter(|v| v["type"] == "lost").count(),
+        done.records.iter().filter(|r| r.ty() == Type::Lost).count(),
         0,
         "the agent lost nothing"
     );
@@ -335,7 +333,7 @@ fn metrics_endpoint_is_scraped() {
     let agent = Agent::start(&["--metrics-addr", &addr, "--tw-interval", "1"]);
     let _h = listener(&format!("127.0.0.1:{port}"));
     conflict(port);
-    agent.wait_for("conflict", |v| v["type"] == "conflict" && v["port"] == port);
+    agent.wait_record("conflict", |r| is_conflict_on(r, port));
     std::thread::sleep(Duration::from_millis(1500));
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
@@ -424,6 +422,15 @@ fn log_lines(paths: &[PathBuf]) -> Vec<Value> {
         .collect()
 }
 
+/// `log_lines`, typed.
+fn log_records_of(paths: &[PathBuf]) -> Vec<Record> {
+    paths
+        .iter()
+        .filter(|p| p.exists())
+        .flat_map(|p| log_records(p))
+        .collect()
+}
+
 #[test]
 fn log_rotation_and_tail_over_rotated_and_compressed_files() {
     let dir = tempdir("rot");
@@ -444,7 +451,7 @@ fn log_rotation_and_tail_over_rotated_and_compressed_files() {
         let _ = bind(&s, &distinct(port, i));
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while of_type(&agent.snapshot(), "conflict", port).len() < 60 {
+    while records_of(&agent.snapshot_records(), Type::Conflict, port).len() < 60 {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -459,8 +466,11 @@ fn log_rotation_and_tail_over_rotated_and_compressed_files() {
         assert!(len <= 8192, "{} is {len} bytes", p.display());
     }
     // No line split or lost across rotations: the newest files hold the tail of stdout.
+    // The same JSON, key for key: compared as values, where absent and null differ.
     let files = log_lines(&[rot(3), rot(2), rot(1), log.clone()]);
     assert_eq!(files[..], done.lines[done.lines.len() - files.len()..]);
+    let typed = log_records_of(&[rot(3), rot(2), rot(1), log.clone()]);
+    assert_eq!(typed[..], done.records[done.records.len() - typed.len()..]);
     // logrotate-style compression of an old file; tail reads it too, oldest first.
     let gz = Command::new("gzip").arg(rot(2)).status().unwrap();
     assert!(gz.success());
@@ -474,6 +484,7 @@ fn log_rotation_and_tail_over_rotated_and_compressed_files() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(json_lines(&out.stdout), files);
+    assert_eq!(records_in(&out.stdout), typed);
     let out = pw()
         .args([
             "tail",
@@ -496,6 +507,8 @@ fn log_rotation_and_tail_over_rotated_and_compressed_files() {
 fn tail_skips_malformed_lines_and_follows_across_rotation() {
     let dir = tempdir("tail");
     let log = dir.join("events.jsonl");
+    // Written here, not by the agent: a conflict with a port and nothing else, which tail
+    // shows but the typed schema does not read, so these stay JSON.
     let good = |n: u32| {
         format!("{{\"v\":1,\"ts\":\"2026-11-25T08:00:00.000000000Z\",\"type\":\"conflict\",\"port\":{n}}}\n")
     };
@@ -553,27 +566,23 @@ fn sighup_reopens_the_log_file() {
     std::fs::rename(&log, dir.join("events.jsonl.old")).unwrap();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
-    agent.wait_for("log_reopened", |v| {
-        v["type"] == "agent" && v["event"] == "log_reopened"
+    agent.wait_record("log_reopened", |r| {
+        is_agent_event(r, AgentEvent::LogReopened)
     });
     let _h = listener(&format!("127.0.0.1:{port}"));
     conflict(port);
-    agent.wait_for("conflict", |v| v["type"] == "conflict" && v["port"] == port);
+    agent.wait_record("conflict", |r| is_conflict_on(r, port));
     drop(agent.stop());
-    let fresh = json_lines(&std::fs::read(&log).unwrap());
-    assert_eq!(
-        fresh[0]["event"], "log_reopened",
-        "the new file says why it starts"
-    );
+    let fresh = log_records(&log);
     assert!(
-        fresh
-            .iter()
-            .any(|v| v["type"] == "conflict" && v["port"] == port),
-        "{fresh:?}"
+        is_agent_event(&fresh[0], AgentEvent::LogReopened),
+        "the new file says why it starts: {:?}",
+        fresh[0]
     );
-    let old = json_lines(&std::fs::read(dir.join("events.jsonl.old")).unwrap());
+    assert!(fresh.iter().any(|r| is_conflict_on(r, port)), "{fresh:?}");
+    let old = log_records(&dir.join("events.jsonl.old"));
     assert!(
-        old.iter().all(|v| v["type"] != "conflict"),
+        old.iter().all(|r| r.conflict().is_none()),
         "the renamed file got nothing new"
     );
 }
@@ -612,32 +621,38 @@ fn full_disk_is_counted_and_writing_resumes() {
     for i in 0..200 {
         let _ = bind(&s, &distinct(port, i));
     }
-    agent.wait_for("log_error", |v| v["event"] == "log_error");
+    agent.wait_record("log_error", |r| is_agent_event(r, AgentEvent::LogError));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while of_type(&agent.snapshot(), "conflict", port).len() < 200 {
+    while records_of(&agent.snapshot_records(), Type::Conflict, port).len() < 200 {
         assert!(Instant::now() < deadline, "stdout must keep every record");
         std::thread::sleep(Duration::from_millis(50));
     }
     // Space returns.
     std::fs::remove_file(&filler).unwrap();
     conflict(port);
-    let resumed = agent.wait_for("log_resumed", |v| v["event"] == "log_resumed");
-    let failed = resumed["failed_records"].as_u64().unwrap();
-    assert!(failed > 0, "{resumed}");
+    let is_resumed = |r: &Record| is_agent_event(r, AgentEvent::LogResumed);
+    let resumed = agent.wait_record("log_resumed", is_resumed);
+    let failed = resumed.agent().and_then(|a| a.failed_records);
+    assert!(failed.is_some_and(|n| n > 0), "{resumed:?}");
     let done = agent.stop();
     assert!(done.status.success());
-    // Every line in the file is whole.
-    let in_file = json_lines(&std::fs::read(&log).unwrap());
-    assert!(in_file.iter().any(|v| v["event"] == "log_resumed"));
+    // Every line in the file is whole: each one reads as a record.
+    let in_file = log_records(&log);
+    assert!(in_file.iter().any(is_resumed));
     // A small write can still fit in the file's last page of a full tmpfs, so writing may
     // resume and fail again more than once: every failed record is in some log_resumed.
     let all_failed: u64 = done
-        .lines
+        .records
         .iter()
-        .filter(|v| v["event"] == "log_resumed")
-        .map(|v| v["failed_records"].as_u64().unwrap())
+        .filter_map(|r| r.agent().filter(|a| a.event == AgentEvent::LogResumed))
+        .map(|a| a.failed_records.expect("log_resumed has failed_records"))
         .sum();
-    assert_eq!(done.lines.last().unwrap()["log_write_errors"], all_failed);
+    let last = done.records.last().and_then(Record::agent);
+    assert_eq!(
+        last.and_then(|a| a.log_write_errors),
+        Some(all_failed),
+        "{last:?}"
+    );
 }
 
 #[test]

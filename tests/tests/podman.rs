@@ -3,16 +3,14 @@
 //! ports, and Podman's own "address already in use" with both sides named. A published port
 //! is held by the container's `conmon`; the `podman` CLI binds it first and hands it over.
 
+use std::net::Ipv4Addr;
+
 use portwatch_tests::{
-    docker::Container,
+    docker::{is_container_event, wait_container_event, wait_docker_connected, Container},
     podman::{self, *},
+    schema::{Cause, ContainerRef, DockerEvent, PortMap, Proto},
     *,
 };
-use serde_json::Value;
-
-fn is_docker(v: &Value, event: &str) -> bool {
-    v["type"] == "docker" && v["event"] == event
-}
 
 /// The agent joined to Podman only (Docker, if running, is left out by naming the socket).
 fn agent(ports: &[u16]) -> Agent {
@@ -23,17 +21,35 @@ fn agent(ports: &[u16]) -> Agent {
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let a = Agent::start(&args);
-    let c = a.wait_for("podman connected", |v| is_docker(v, "connected"));
-    assert_eq!(c["engine"], "podman", "{c}");
-    assert_eq!(c["endpoint"], format!("unix://{SOCKET}"), "{c}");
+    let c = wait_docker_connected(&a);
+    assert_eq!(c.engine.as_deref(), Some("podman"), "{c:?}");
+    assert_eq!(
+        c.endpoint.as_deref(),
+        Some(format!("unix://{SOCKET}").as_str()),
+        "{c:?}"
+    );
     a
 }
 
-fn check_container(v: &Value, c: &Container) {
-    assert_eq!(v["name"], c.name.as_str(), "{v}");
-    assert_eq!(v["id"], c.short_id().as_str(), "{v}");
-    assert_eq!(v["engine"], "podman", "{v}");
-    assert_eq!(v["image"], IMAGE, "{v}");
+fn check_container(v: Option<&ContainerRef>, c: &Container) {
+    let v = v.unwrap_or_else(|| panic!("no container where {} was expected", c.name));
+    assert_eq!(v.name, c.name, "{v:?}");
+    assert_eq!(v.id, c.short_id(), "{v:?}");
+    assert_eq!(v.engine, "podman", "{v:?}");
+    assert_eq!(v.image, IMAGE, "{v:?}");
+}
+
+/// A conflict record's body.
+fn conflict(r: &Record) -> &schema::Conflict {
+    r.conflict()
+        .unwrap_or_else(|| panic!("not a conflict: {r:?}"))
+}
+
+/// A conflict's first holder.
+fn first_holder(c: &schema::Conflict) -> &schema::Holder {
+    c.holders
+        .first()
+        .unwrap_or_else(|| panic!("no holders: {c:?}"))
 }
 
 const HTTPD: [&str; 4] = ["httpd", "-f", "-p", "80"];
@@ -46,22 +62,30 @@ fn podman_containers_are_named_on_lifecycle_and_conflicts() {
 
     // Lifecycle with ports.
     let a = podman::running("a", &["-p", &format!("{port}:80")], &HTTPD);
-    let id = a.short_id();
-    let start = agent.wait_for("podman start", move |v| {
-        is_docker(v, "start") && v["container"]["id"] == id.as_str()
-    });
-    check_container(&start["container"], &a);
+    let r = wait_container_event(&agent, DockerEvent::Start, &a.short_id());
+    let start = r.docker().expect("matched as a docker record");
+    check_container(start.container.as_ref(), &a);
+    let expected = vec![PortMap {
+        proto: Proto::Tcp,
+        host_ip: Ipv4Addr::UNSPECIFIED.into(),
+        host_port: port,
+        container_port: 80,
+    }];
+    assert_eq!(start.ports.as_ref(), Some(&expected), "{start:?}");
+    // Exactly those keys, too: the typed mapping would not show another.
+    let line = agent.raw_line(&r);
     assert_eq!(
-        start["ports"],
-        serde_json::json!([{"proto":"tcp","host_ip":"0.0.0.0","host_port":port,"container_port":80}]),
-        "{start}"
+        line["ports"],
+        serde_json::to_value(&expected).unwrap(),
+        "{line}"
     );
     assert!(
-        start["cgroup_path"]
-            .as_str()
+        start
+            .cgroup_path
+            .as_deref()
             .unwrap_or("")
             .contains("libpod"),
-        "{start}"
+        "{start:?}"
     );
 
     // A host process on the published port: held by conmon, for container a.
@@ -73,16 +97,18 @@ fn podman_containers_are_named_on_lifecycle_and_conflicts() {
     let e = bind(&fd, &format!("0.0.0.0:{port}").parse().unwrap()).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE));
     let me = std::process::id();
-    let c = agent.wait_for("host conflict", move |v| {
-        v["type"] == "conflict" && v["port"] == port && v["actor"]["pid"] == me
+    let r = agent.wait_record("host conflict", |r| {
+        r.conflict()
+            .is_some_and(|c| c.port == port && c.actor.process().is_some_and(|p| p.pid == me))
     });
-    assert_eq!(c["cause"], "docker_published", "{c}");
-    let h = &c["holders"][0];
-    assert_eq!(h["comm"], "conmon", "{c}");
-    assert_eq!(h["via"], "conmon", "{c}");
-    assert_eq!(h["container_port"], 80, "{c}");
-    check_container(&h["container"], &a);
-    let hint = c["hint"].as_str().unwrap();
+    let c = conflict(&r);
+    assert_eq!(c.cause, Cause::DockerPublished, "{c:?}");
+    let h = first_holder(c);
+    assert_eq!(h.comm.as_deref(), Some("conmon"), "{c:?}");
+    assert_eq!(h.via.as_deref(), Some("conmon"), "{c:?}");
+    assert_eq!(h.container_port, Some(80), "{c:?}");
+    check_container(h.container.as_ref(), &a);
+    let hint = &c.hint;
     assert!(hint.contains(&format!("podman stop {}", a.name)), "{hint}");
 
     // A second container on the same host port: Podman's own EADDRINUSE, from the podman
@@ -95,14 +121,25 @@ fn podman_containers_are_named_on_lifecycle_and_conflicts() {
         b.stderr
     );
     let b_id = b.short_id();
-    let c = agent.wait_for("podman's own conflict", move |v| {
-        v["type"] == "conflict" && v["port"] == port && v["actor"]["comm"] == "podman"
+    let r = agent.wait_record("podman's own conflict", |r| {
+        r.conflict().is_some_and(|c| {
+            c.port == port && c.actor.process().is_some_and(|p| p.comm == "podman")
+        })
     });
-    assert_eq!(c["actor"]["via"], "podman", "{c}");
-    assert_eq!(c["actor"]["container"]["id"], b_id.as_str(), "{c}");
-    check_container(&c["actor"]["container"], &b);
-    check_container(&c["holders"][0]["container"], &a);
-    assert_eq!(c["cause"], "docker_published", "{c}");
+    let c = conflict(&r);
+    assert_eq!(
+        c.actor.process().and_then(|p| p.via.as_deref()),
+        Some("podman"),
+        "{c:?}"
+    );
+    assert_eq!(
+        c.actor.container().map(|x| x.id.as_str()),
+        Some(b_id.as_str()),
+        "{c:?}"
+    );
+    check_container(c.actor.container(), &b);
+    check_container(first_holder(c).container.as_ref(), &a);
+    assert_eq!(c.cause, Cause::DockerPublished, "{c:?}");
 
     // A process inside a container is named as the actor of its own conflict.
     let d = podman::running(
@@ -115,19 +152,24 @@ fn podman_containers_are_named_on_lifecycle_and_conflicts() {
         ],
     );
     let d_id = d.short_id();
-    let c = agent.wait_for("conflict inside a container", move |v| {
-        v["type"] == "conflict"
-            && v["port"] == 8080
-            && v["actor"]["container"]["id"] == d_id.as_str()
+    let r = agent.wait_record("conflict inside a container", |r| {
+        r.conflict()
+            .is_some_and(|c| c.port == 8080 && c.actor.container().is_some_and(|x| x.id == d_id))
     });
-    check_container(&c["actor"]["container"], &d);
-    assert_eq!(c["cause"], "listener", "{c}");
+    let c = conflict(&r);
+    check_container(c.actor.container(), &d);
+    assert_eq!(c.cause, Cause::Listener, "{c:?}");
 
     let a_id = a.short_id();
     drop(a);
-    let gone = agent.wait_for("podman die/destroy", move |v| {
-        (is_docker(v, "die") || is_docker(v, "destroy")) && v["container"]["id"] == a_id.as_str()
+    let gone = agent.wait_record("podman die/destroy", |r| {
+        is_container_event(r, DockerEvent::Die, &a_id)
+            || is_container_event(r, DockerEvent::Destroy, &a_id)
     });
-    assert_eq!(gone["container"]["engine"], "podman", "{gone}");
+    let engine = gone
+        .docker()
+        .and_then(|d| d.container.as_ref())
+        .map(|x| x.engine.as_str());
+    assert_eq!(engine, Some("podman"), "{gone:?}");
     agent.stop();
 }

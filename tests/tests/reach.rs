@@ -2,11 +2,19 @@
 //! a published port whose service listens on 127.0.0.1 only, one where nothing listens, and
 //! the record saying so heals when a reachable listener appears.
 
-use portwatch_tests::{docker::*, *};
+use std::net::Ipv4Addr;
+
+use portwatch_tests::{
+    docker::*,
+    schema::{DockerEvent, Listening, Proto},
+    *,
+};
 use serde_json::Value;
 
-fn is_docker(v: &Value, event: &str, id: &str) -> bool {
-    v["type"] == "docker" && v["event"] == event && v["container"]["id"] == id
+/// A `docker` record's body.
+fn body(r: &Record) -> &schema::Docker {
+    r.docker()
+        .unwrap_or_else(|| panic!("not a docker record: {r:?}"))
 }
 
 #[test]
@@ -20,9 +28,7 @@ fn published_ports_nothing_reachable_listens_on() {
         "--docker-host",
         "unix:///var/run/docker.sock",
     ]);
-    agent.wait_for("docker connected", |v| {
-        v["type"] == "docker" && v["event"] == "connected"
-    });
+    wait_docker_connected(&agent);
     // The usual mistake: the service listens on loopback inside the container; it is
     // restarted on all addresses 6 s later.
     let lo = Container::running(
@@ -40,28 +46,45 @@ fn published_ports_nothing_reachable_listens_on() {
         &["sleep", "60"],
     );
     let (lo_id, none_id) = (lo.short_id(), none.short_id());
-    let r = agent.wait_for("unreachable (loopback)", |v| {
-        is_docker(v, "unreachable", &lo_id)
-    });
-    assert_eq!(r["host_port"], p_lo, "{r}");
-    assert_eq!(r["container_port"], 80, "{r}");
-    assert_eq!(r["proto"], "tcp", "{r}");
-    assert_eq!(r["container"]["name"], lo.name.as_str(), "{r}");
+    let rec = wait_container_event(&agent, DockerEvent::Unreachable, &lo_id);
+    let r = body(&rec);
+    assert_eq!(r.host_port, Some(p_lo), "{r:?}");
+    assert_eq!(r.container_port, Some(80), "{r:?}");
+    assert_eq!(r.proto, Some(Proto::Tcp), "{r:?}");
     assert_eq!(
-        r["listening"],
-        serde_json::json!([{"addr": "127.0.0.1", "port": 80}]),
-        "{r}"
+        r.container.as_ref().map(|c| c.name.as_str()),
+        Some(lo.name.as_str()),
+        "{r:?}"
     );
-    let hint = r["hint"].as_str().unwrap();
+    let loopback = vec![Listening {
+        addr: Ipv4Addr::LOCALHOST.into(),
+        port: 80,
+    }];
+    assert_eq!(r.listening.as_ref(), Some(&loopback), "{r:?}");
+    // Exactly those keys, too: the typed entry would not show another.
+    let line = agent.raw_line(&rec);
+    assert_eq!(
+        line["listening"],
+        serde_json::to_value(&loopback).unwrap(),
+        "{line}"
+    );
+    let hint = r
+        .hint
+        .as_deref()
+        .unwrap_or_else(|| panic!("no hint: {r:?}"));
     assert!(
         hint.contains("listens on 127.0.0.1:80 only") && hint.contains("0.0.0.0:80"),
         "{hint}"
     );
-    let n = agent.wait_for("unreachable (nothing)", |v| {
-        is_docker(v, "unreachable", &none_id)
-    });
-    assert_eq!(n["listening"], serde_json::json!([]), "{n}");
-    assert!(n["hint"].as_str().unwrap().starts_with("nothing in"), "{n}");
+    let n = wait_container_event(&agent, DockerEvent::Unreachable, &none_id);
+    let n = body(&n);
+    assert_eq!(n.listening.as_deref(), Some(&[][..]), "{n:?}");
+    assert!(
+        n.hint
+            .as_deref()
+            .is_some_and(|h| h.starts_with("nothing in")),
+        "{n:?}"
+    );
     // `check P` on such a port says the same, from the agent's view of the container.
     let check = |json: bool| {
         let p = p_none.to_string();
@@ -98,8 +121,9 @@ fn published_ports_nothing_reachable_listens_on() {
         "{out}"
     );
     // The service now listens on every address: the record heals.
-    let h = agent.wait_for("reachable", |v| is_docker(v, "reachable", &lo_id));
-    assert_eq!(h["host_port"], p_lo, "{h}");
+    let h = wait_container_event(&agent, DockerEvent::Reachable, &lo_id);
+    let h = body(&h);
+    assert_eq!(h.host_port, Some(p_lo), "{h:?}");
     // `ports` asks the agent to look again; a port still unreachable is not written twice.
     let o = std::process::Command::new(agent_bin())
         .args([
@@ -113,15 +137,15 @@ fn published_ports_nothing_reachable_listens_on() {
     std::thread::sleep(std::time::Duration::from_secs(1));
     let done = agent.stop();
     let unreachable = done
-        .lines
+        .records
         .iter()
-        .filter(|v| is_docker(v, "unreachable", &lo_id))
+        .filter(|r| is_container_event(r, DockerEvent::Unreachable, &lo_id))
         .count();
     assert_eq!(unreachable, 1, "written once until it heals");
     let still = done
-        .lines
+        .records
         .iter()
-        .filter(|v| is_docker(v, "unreachable", &none_id))
+        .filter(|r| is_container_event(r, DockerEvent::Unreachable, &none_id))
         .count();
     assert_eq!(
         still, 1,

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portwatch_tests::{docker::*, *};
+use portwatch_tests::{docker::*, schema::DockerEvent, *};
 use serde_json::Value;
 
 /// A directory of the test's own, removed on drop.
@@ -115,8 +115,9 @@ fn bundle_with_agent_conflict_and_a_container_with_secrets() {
         "--docker-host",
         "unix:///var/run/docker.sock",
     ]);
-    agent.wait_for("docker connected", |v| {
-        v["type"] == "docker" && v["event"] == "connected"
+    agent.wait_record("docker connected", |r| {
+        r.docker()
+            .is_some_and(|d| d.event == DockerEvent::Connected)
     });
 
     let c = Container::running(
@@ -132,8 +133,10 @@ fn bundle_with_agent_conflict_and_a_container_with_secrets() {
         &["httpd", "-f", "-p", "80"],
     );
     let id = c.short_id();
-    agent.wait_for("docker start", move |v| {
-        v["type"] == "docker" && v["event"] == "start" && v["container"]["id"] == id.as_str()
+    agent.wait_record("docker start", |r| {
+        r.docker().is_some_and(|d| {
+            d.event == DockerEvent::Start && d.container.as_ref().is_some_and(|x| x.id == id)
+        })
     });
     // The published port is held on the host: this bind is a real conflict.
     let a: SocketAddr = format!("0.0.0.0:{port}").parse().unwrap();
@@ -143,15 +146,14 @@ fn bundle_with_agent_conflict_and_a_container_with_secrets() {
         Some(libc::EADDRINUSE)
     );
     drop(s);
-    agent.wait_for("conflict", |v| v["type"] == "conflict" && v["port"] == port);
-    // Printed and logged are one write apart; the report reads the file.
-    let needle = "\"type\":\"conflict\"";
-    let port_s = format!("\"port\":{port}");
+    agent.wait_record("conflict", |r| is_conflict_on(r, port));
+    // Printed and logged are one write apart; the report reads the file. A line being
+    // written as it is read is not whole yet: it does not read as a record.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !std::fs::read_to_string(&log)
         .unwrap_or_default()
         .lines()
-        .any(|l| l.contains(needle) && l.contains(&port_s))
+        .any(|l| Record::parse(l).is_ok_and(|r| is_conflict_on(&r, port)))
     {
         assert!(
             Instant::now() < deadline,
@@ -215,15 +217,20 @@ fn bundle_with_agent_conflict_and_a_container_with_secrets() {
         "{files:?}"
     );
 
-    // The conflict, and the port's history with it.
-    let conflicts = jsonl(&top, "log/conflicts.jsonl");
+    // The conflict, and the port's history with it. The bundle's log records are the
+    // agent's lines as it wrote them: they read as conflict records; history's and ports'
+    // own JSON stays JSON.
+    let conflicts = records_in(read(&top, "log/conflicts.jsonl").as_bytes());
     assert!(
-        conflicts
-            .iter()
-            .any(|v| v["port"] == port && v["op"] == "bind"),
+        conflicts.iter().any(|r| r
+            .conflict()
+            .is_some_and(|c| c.port == port && c.op == schema::Op::Bind)),
         "{conflicts:?}"
     );
-    assert!(conflicts.iter().all(|v| v["port"] == port), "{conflicts:?}");
+    assert!(
+        conflicts.iter().all(|r| is_conflict_on(r, port)),
+        "{conflicts:?}"
+    );
     let history = jsonl(&top, &format!("history-{port}.jsonl"));
     assert!(
         history.iter().any(|v| v["kind"] == "conflict"),
@@ -266,11 +273,19 @@ fn bundle_with_agent_conflict_and_a_container_with_secrets() {
     }
 
     // The agent: its status with the version, and the hooks it attached.
+    let ready = agent.ready_typed();
     let status: Value = serde_json::from_str(&read(&top, "agent/status.json")).unwrap();
-    assert_eq!(status["version"], agent.ready["version"], "{status}");
+    let version = ready
+        .version
+        .as_deref()
+        .expect("the ready line has the version");
+    assert_eq!(status["version"], version, "{status}");
     assert_eq!(status["pid"], agent.pid(), "{status}");
     let hooks: Value = serde_json::from_str(&read(&top, "agent/hooks.json")).unwrap();
-    assert_eq!(hooks["attached"], agent.ready["programs"], "{hooks}");
+    let attached: Option<Vec<String>> = serde_json::from_value(hooks["attached"].clone())
+        .unwrap_or_else(|e| panic!("hooks.json's attached ({e}): {hooks}"));
+    assert!(attached.is_some(), "{hooks}");
+    assert_eq!(attached, ready.programs, "{hooks}");
     assert!(
         hooks["verifier"]
             .as_array()

@@ -151,10 +151,10 @@ fn memory_stays_flat_under_mixed_churn() {
     let done = agent.stop();
     // Identical failures are coalesced: each record stands for `count` of them.
     let conflicts: u64 = done
-        .lines
+        .records
         .iter()
-        .filter(|v| v["type"] == "conflict")
-        .map(|v| v["count"].as_u64().unwrap_or(1))
+        .filter_map(Record::conflict)
+        .map(|c| c.count)
         .sum();
     eprintln!(
         "soak {secs} s: {} connections, {conflicts} conflicts; RSS after warm-up {:.1} MB, at end {:.1} MB, peak {:.1} MB; growth {growth_mb:.2} MB = {per_hour:.2} MB/h",

@@ -16,7 +16,11 @@ use std::{
 };
 
 use libc::SOCK_STREAM;
-use portwatch_tests::{docker::*, *};
+use portwatch_tests::{
+    docker::*,
+    schema::{Cause, DockerEvent},
+    *,
+};
 use serde_json::Value;
 
 /// A docker-proxy that no dockerd started, killed on drop.
@@ -90,9 +94,7 @@ fn a_proxy_left_behind_is_docker_stale_and_ports_marks_it() {
         "--port",
         &port.to_string(),
     ]);
-    agent.wait_for("docker connected", |v| {
-        v["type"] == "docker" && v["event"] == "connected"
-    });
+    wait_docker_connected(&agent);
     let proxy = LeftProxy::start(port);
     let pid = proxy.0.id();
 
@@ -103,16 +105,24 @@ fn a_proxy_left_behind_is_docker_stale_and_ports_marks_it() {
         Some(libc::EADDRINUSE)
     );
     let me = std::process::id();
-    let c = agent.wait_for("the conflict", move |v| {
-        v["type"] == "conflict" && v["port"] == port && v["actor"]["pid"] == me
-    });
-    assert_eq!(c["cause"], "docker_stale", "{c}");
-    let h = &c["holders"][0];
-    assert_eq!(h["pid"], pid, "{c}");
-    assert_eq!(h["comm"], "docker-proxy", "{c}");
-    assert_eq!(h["via"], "docker-proxy", "{c}");
-    assert_eq!(h["stale"], true, "{c}");
-    let hint = c["hint"].as_str().unwrap();
+    let mine = |port: u16| {
+        move |r: &Record| {
+            r.conflict()
+                .is_some_and(|c| c.port == port && c.actor.process().is_some_and(|p| p.pid == me))
+        }
+    };
+    let r = agent.wait_record("the conflict", mine(port));
+    let c = r.conflict().expect("matched as a conflict");
+    assert_eq!(c.cause, Cause::DockerStale, "{c:?}");
+    let h = c
+        .holders
+        .first()
+        .unwrap_or_else(|| panic!("no holders: {c:?}"));
+    assert_eq!(h.pid, Some(pid), "{c:?}");
+    assert_eq!(h.comm.as_deref(), Some("docker-proxy"), "{c:?}");
+    assert_eq!(h.via.as_deref(), Some("docker-proxy"), "{c:?}");
+    assert_eq!(h.stale, Some(true), "{c:?}");
+    let hint = &c.hint;
     assert!(
         hint.contains(&format!("kill {pid}")) && hint.contains("left behind"),
         "{hint}"
@@ -155,24 +165,21 @@ fn a_proxy_left_behind_is_docker_stale_and_ports_marks_it() {
         "--port",
         &port2.to_string(),
     ]);
-    agent2.wait_for("docker connected", |v| {
-        v["type"] == "docker" && v["event"] == "connected"
-    });
+    wait_docker_connected(&agent2);
     let web = Container::running(
         "stale-web",
         &["-p", &format!("{port2}:80")],
         &["httpd", "-f", "-p", "80"],
     );
-    let id = web.short_id();
-    agent2.wait_for("start", move |v| {
-        v["type"] == "docker" && v["event"] == "start" && v["container"]["id"] == id.as_str()
-    });
+    wait_container_event(&agent2, DockerEvent::Start, &web.short_id());
     let a2: SocketAddr = format!("0.0.0.0:{port2}").parse().unwrap();
     let s2 = socket(&a2, SOCK_STREAM, false);
     assert!(bind(&s2, &a2).is_err());
-    let c = agent2.wait_for("the published conflict", move |v| {
-        v["type"] == "conflict" && v["port"] == port2 && v["actor"]["pid"] == me
-    });
-    assert_eq!(c["cause"], "docker_published", "{c}");
-    assert!(c["holders"][0].get("stale").is_none(), "{c}");
+    let r = agent2.wait_record("the published conflict", mine(port2));
+    let c = r.conflict().expect("matched as a conflict");
+    assert_eq!(c.cause, Cause::DockerPublished, "{c:?}");
+    assert!(c.holders.first().is_none_or(|h| h.stale.is_none()), "{c:?}");
+    // Absent, not null: the typed record cannot tell the two apart.
+    let line = agent2.raw_line(&r);
+    assert!(line["holders"][0].get("stale").is_none(), "{line}");
 }
