@@ -125,126 +125,10 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Setup => setup::for_tests(),
-        Cmd::Run { args } => {
-            setup::for_run()?;
-            let bin = build_agent(true)?;
-            step(&format!(
-                "starting {} run {}",
-                bin.display(),
-                args.join(" ")
-            ));
-            let mut c = Command::new(&bin);
-            c.arg("run").args(&args);
-            use std::os::unix::process::CommandExt;
-            // Replace xtask so signals (Ctrl-C, SIGTERM) reach the agent directly.
-            Err(c.exec()).with_context(|| format!("could not exec {}", bin.display()))
-        }
-        Cmd::Test { filter } => {
-            setup::for_tests()?;
-            // The fault tests check with bpftool that nothing stays attached.
-            setup::apt_tools(&[("bpftool", "bpftool"), ("ss", "iproute2"), ("gzip", "gzip")])?;
-            // The end-to-end tests run the release agent: what users run, and what the
-            // benchmarks measure.
-            let bin = build_agent(true)?;
-            step("unit tests");
-            let mut c = cargo();
-            c.args([
-                "test",
-                "--workspace",
-                "--exclude",
-                "portwatch-ebpf",
-                "--lib",
-                "--bins",
-            ]);
-            if let Some(f) = &filter {
-                c.arg(f);
-            }
-            run(&mut c)?;
-            step("end-to-end tests against the real kernel (one at a time: they share it)");
-            let mut c = cargo();
-            c.args(["test", "--package", "portwatch-tests", "--tests"])
-                .env("PORTWATCH_BIN", &bin);
-            c.arg("--");
-            if let Some(f) = &filter {
-                c.arg(f);
-            }
-            c.args(["--test-threads=1", "--skip", SOAK_TEST]);
-            run(&mut c)?;
-            // The same Docker suite against Docker 28, which binds published ports in dockerd
-            // itself; 20.10 runs again afterwards.
-            step("the Docker suite against Docker 28 (Debian sid's docker.io), then 20.10 again");
-            docker28::with_docker28(|env| {
-                let mut c = cargo();
-                c.args(["test", "--package", "portwatch-tests"])
-                    .args(DOCKER_SUITE.iter().flat_map(|t| ["--test", t]))
-                    .env("PORTWATCH_BIN", &bin)
-                    .envs(env.iter().map(|(k, v)| (k, v)))
-                    .arg("--");
-                if let Some(f) = &filter {
-                    c.arg(f);
-                }
-                run(c.arg("--test-threads=1"))
-            })?;
-            // The soak (tests/tests/soak.rs) last and on its own, with its output shown: ten
-            // minutes of churn with the agent's RSS sampled, and the growth it reports is a
-            // result to read even when it passes. PORTWATCH_SOAK_SECS changes its length.
-            if filter.as_deref().is_none_or(|f| SOAK_TEST.contains(f)) {
-                step("soak: the agent under mixed churn, RSS sampled (10 minutes by default)");
-                run(cargo()
-                    .args(["test", "--package", "portwatch-tests", "--test", "soak"])
-                    .env("PORTWATCH_BIN", &bin)
-                    .args(["--", "--nocapture"]))?;
-            }
-            step("the end-to-end tests on Debian's kernels, in VMs");
-            vm::run_matrix(vm::DEFAULT_KERNELS)
-        }
-        Cmd::Soak => {
-            setup::for_tests()?;
-            let bin = build_agent(true)?;
-            step("soak: the agent under mixed churn, RSS sampled (10 minutes by default)");
-            run(cargo()
-                .args(["test", "--package", "portwatch-tests", "--test", "soak"])
-                .env("PORTWATCH_BIN", &bin)
-                .args(["--", "--nocapture"]))
-        }
-        Cmd::Lint => {
-            setup::build()?;
-            run(cargo().args(["fmt", "--all", "--check"]))?;
-            run(cargo().args([
-                "clippy",
-                "--workspace",
-                "--exclude",
-                "portwatch-ebpf",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ]))?;
-            // `cargo +nightly` only works through rustup's proxy; $CARGO is the toolchain's
-            // own binary, which does not understand `+toolchain`.
-            run(Command::new("rustup")
-                .current_dir(workspace_root().join("portwatch-ebpf"))
-                .args([
-                    "run",
-                    "nightly",
-                    "cargo",
-                    "clippy",
-                    "--package",
-                    "portwatch-ebpf",
-                    "--target",
-                    "bpfel-unknown-none",
-                    "-Z",
-                    "build-std=core",
-                    "--",
-                    "-D",
-                    "warnings",
-                    // Map keys passed as `&key` to aya-ebpf's `impl Borrow<K>`: style only.
-                    // The programs are verified on five kernels as written, and a rewrite
-                    // would need that matrix again for no change in behaviour.
-                    "-A",
-                    "clippy::needless_borrows_for_generic_args",
-                ]))
-        }
+        Cmd::Run { args } => run_cmd(args),
+        Cmd::Test { filter } => test_cmd(filter),
+        Cmd::Soak => soak_cmd(),
+        Cmd::Lint => lint_cmd(),
         Cmd::Bench(args) => {
             setup::build()?;
             bench::run(args)
@@ -254,4 +138,132 @@ fn main() -> Result<()> {
         Cmd::VmTest(args) => vm::run_cmd(args),
         Cmd::VmBench(args) => vm::bench_cmd(args),
     }
+}
+
+/// `cargo xtask run`: setup, build the release agent and exec it with `args`.
+fn run_cmd(args: Vec<String>) -> Result<()> {
+    setup::for_run()?;
+    let bin = build_agent(true)?;
+    step(&format!(
+        "starting {} run {}",
+        bin.display(),
+        args.join(" ")
+    ));
+    let mut c = Command::new(&bin);
+    c.arg("run").args(&args);
+    use std::os::unix::process::CommandExt;
+    // Replace xtask so signals (Ctrl-C, SIGTERM) reach the agent directly.
+    Err(c.exec()).with_context(|| format!("could not exec {}", bin.display()))
+}
+
+/// `cargo xtask test`: unit tests, the end-to-end tests (Docker 28 too), the soak, the VM matrix.
+fn test_cmd(filter: Option<String>) -> Result<()> {
+    setup::for_tests()?;
+    // The fault tests check with bpftool that nothing stays attached.
+    setup::apt_tools(&[("bpftool", "bpftool"), ("ss", "iproute2"), ("gzip", "gzip")])?;
+    // The end-to-end tests run the release agent: what users run, and what the
+    // benchmarks measure.
+    let bin = build_agent(true)?;
+    step("unit tests");
+    let mut c = cargo();
+    c.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "portwatch-ebpf",
+        "--lib",
+        "--bins",
+    ]);
+    if let Some(f) = &filter {
+        c.arg(f);
+    }
+    run(&mut c)?;
+    step("end-to-end tests against the real kernel (one at a time: they share it)");
+    let mut c = cargo();
+    c.args(["test", "--package", "portwatch-tests", "--tests"])
+        .env("PORTWATCH_BIN", &bin);
+    c.arg("--");
+    if let Some(f) = &filter {
+        c.arg(f);
+    }
+    c.args(["--test-threads=1", "--skip", SOAK_TEST]);
+    run(&mut c)?;
+    // The same Docker suite against Docker 28, which binds published ports in dockerd
+    // itself; 20.10 runs again afterwards.
+    step("the Docker suite against Docker 28 (Debian sid's docker.io), then 20.10 again");
+    docker28::with_docker28(|env| {
+        let mut c = cargo();
+        c.args(["test", "--package", "portwatch-tests"])
+            .args(DOCKER_SUITE.iter().flat_map(|t| ["--test", t]))
+            .env("PORTWATCH_BIN", &bin)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .arg("--");
+        if let Some(f) = &filter {
+            c.arg(f);
+        }
+        run(c.arg("--test-threads=1"))
+    })?;
+    // The soak (tests/tests/soak.rs) last and on its own, with its output shown: ten
+    // minutes of churn with the agent's RSS sampled, and the growth it reports is a
+    // result to read even when it passes. PORTWATCH_SOAK_SECS changes its length.
+    if filter.as_deref().is_none_or(|f| SOAK_TEST.contains(f)) {
+        step("soak: the agent under mixed churn, RSS sampled (10 minutes by default)");
+        run(cargo()
+            .args(["test", "--package", "portwatch-tests", "--test", "soak"])
+            .env("PORTWATCH_BIN", &bin)
+            .args(["--", "--nocapture"]))?;
+    }
+    step("the end-to-end tests on Debian's kernels, in VMs");
+    vm::run_matrix(vm::DEFAULT_KERNELS)
+}
+
+/// `cargo xtask soak`: setup, build the release agent and run the soak alone, output shown.
+fn soak_cmd() -> Result<()> {
+    setup::for_tests()?;
+    let bin = build_agent(true)?;
+    step("soak: the agent under mixed churn, RSS sampled (10 minutes by default)");
+    run(cargo()
+        .args(["test", "--package", "portwatch-tests", "--test", "soak"])
+        .env("PORTWATCH_BIN", &bin)
+        .args(["--", "--nocapture"]))
+}
+
+/// `cargo xtask lint`: rustfmt check, clippy on the userspace crates, then on the eBPF crate.
+fn lint_cmd() -> Result<()> {
+    setup::build()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "portwatch-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // `cargo +nightly` only works through rustup's proxy; $CARGO is the toolchain's
+    // own binary, which does not understand `+toolchain`.
+    run(Command::new("rustup")
+        .current_dir(workspace_root().join("portwatch-ebpf"))
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--package",
+            "portwatch-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+            // Map keys passed as `&key` to aya-ebpf's `impl Borrow<K>`: style only.
+            // The programs are verified on five kernels as written, and a rewrite
+            // would need that matrix again for no change in behaviour.
+            "-A",
+            "clippy::needless_borrows_for_generic_args",
+        ]))
 }

@@ -286,59 +286,10 @@ fn deb(glibc: &Path, version: &str, out: &Path) -> Result<PathBuf> {
         format!("Source: portwatch\n\nPackage: portwatch\nArchitecture: {DEB_ARCH}\n"),
     )?;
 
-    let bin = root.join("usr/bin/portwatch");
-    fs::create_dir_all(bin.parent().expect("usr/bin"))?;
-    strip(glibc, &bin)?;
-    put(
-        &root,
-        &format!("lib/systemd/system/{UNIT}"),
-        packaged_unit()?.as_bytes(),
-        0o644,
-    )?;
-    let read = |name: &str| {
-        let p = packaging.join("deb").join(name);
-        fs::read(&p).with_context(|| format!("reading {}", p.display()))
-    };
-    put(
-        &root,
-        "etc/logrotate.d/portwatch",
-        &read("portwatch.logrotate")?,
-        0o644,
-    )?;
-    put(
-        &root,
-        "usr/share/doc/portwatch/copyright",
-        &read("copyright")?,
-        0o644,
-    )?;
-
-    let man = capture(Command::new(&bin).arg("man"))?;
-    ensure!(
-        man.contains(".TH portwatch"),
-        "`portwatch man` printed no man page"
-    );
-    put(
-        &root,
-        "usr/share/man/man1/portwatch.1.gz",
-        &gzip(man.as_bytes())?,
-        0o644,
-    )?;
-    // The directories Debian's bash-completion, zsh and fish packages read vendor files from.
-    for (shell, rel) in [
-        ("bash", "usr/share/bash-completion/completions/portwatch"),
-        ("zsh", "usr/share/zsh/vendor-completions/_portwatch"),
-        ("fish", "usr/share/fish/vendor_completions.d/portwatch.fish"),
-    ] {
-        let text = capture(Command::new(&bin).args(["completions", shell]))?;
-        ensure!(!text.is_empty(), "`portwatch completions {shell}` is empty");
-        put(&root, rel, text.as_bytes(), 0o644)?;
-    }
-    // Shipped so dpkg owns it; the unit's LogsDirectory= would also create it, but only at
-    // first start, and a package installed without starting would leave `portwatch tail`
-    // nothing to read.
-    fs::create_dir_all(root.join("var/log/portwatch"))?;
+    let bin = stage_tree(glibc, &root, &packaging)?;
 
     let (files, dirs) = tree(&root)?;
+    let read = |name: &str| deb_file(&packaging, name);
     let debian = root.join("DEBIAN");
     // dpkg-shlibdeps finds the package's root by its DEBIAN directory.
     fs::create_dir_all(&debian)?;
@@ -346,46 +297,13 @@ fn deb(glibc: &Path, version: &str, out: &Path) -> Result<PathBuf> {
     for d in &dirs {
         fs::set_permissions(root.join(d), fs::Permissions::from_mode(0o755))?;
     }
-    let shlibs = capture(
-        Command::new("dpkg-shlibdeps")
-            .args(["-O", "-edebian/portwatch/usr/bin/portwatch"])
-            .current_dir(&build),
-    )?;
-    let depends = shlibs
-        .lines()
-        .find_map(|l| l.strip_prefix("shlibs:Depends="))
-        .context("dpkg-shlibdeps printed no shlibs:Depends")?
-        .trim()
-        .to_string();
-    let glibc_min = min_glibc(&bin)?.context("the glibc build imports no GLIBC_ symbols")?;
-    step(&format!(
-        "the .deb's binary needs glibc >= {glibc_min} (objdump -T); dpkg-shlibdeps: {depends}"
-    ));
+    let depends = shlib_depends(&build, &bin)?;
     let mut installed_kib = 0u64;
     for f in &files {
         installed_kib += fs::symlink_metadata(root.join(f))?.len().div_ceil(1024);
     }
 
-    let maintainer = match (std::env::var("DEBFULLNAME"), std::env::var("DEBEMAIL")) {
-        (Ok(name), Ok(mail)) => format!("{name} <{mail}>"),
-        _ => "portwatch maintainers <portwatch@localhost>".to_string(),
-    };
-    let control = format!(
-        "Package: portwatch\n\
-         Version: {version}\n\
-         Architecture: {DEB_ARCH}\n\
-         Maintainer: {maintainer}\n\
-         Installed-Size: {installed_kib}\n\
-         Depends: {depends}, init-system-helpers (>= 1.54~)\n\
-         Recommends: logrotate\n\
-         Section: admin\n\
-         Priority: optional\n\
-         Description: who held a port when a bind failed, why, and what to do\n \
-         portwatch loads eBPF tracepoint programs that report every failed bind(),\n \
-         listen() and connect() with the process that tried and the sockets that hold\n \
-         the port, as JSON lines in /var/log/portwatch/events.jsonl. On a host with\n \
-         Docker it names containers, and reports Docker's own port failures.\n"
-    );
+    let control = control_file(version, &depends, installed_kib);
     put(&debian, "control", control.as_bytes(), 0o644)?;
     // Policy: every file under /etc is a conffile, kept on remove and removed on purge.
     put(&debian, "conffiles", b"/etc/logrotate.d/portwatch\n", 0o644)?;
@@ -402,6 +320,109 @@ fn deb(glibc: &Path, version: &str, out: &Path) -> Result<PathBuf> {
         .arg(&root)
         .arg(&deb))?;
     Ok(deb)
+}
+
+/// A file of packaging/deb/.
+fn deb_file(packaging: &Path, name: &str) -> Result<Vec<u8>> {
+    let p = packaging.join("deb").join(name);
+    fs::read(&p).with_context(|| format!("reading {}", p.display()))
+}
+
+/// The package's files in the staging tree `root`; returns the stripped binary's path.
+fn stage_tree(glibc: &Path, root: &Path, packaging: &Path) -> Result<PathBuf> {
+    let bin = root.join("usr/bin/portwatch");
+    fs::create_dir_all(bin.parent().expect("usr/bin"))?;
+    strip(glibc, &bin)?;
+    put(
+        root,
+        &format!("lib/systemd/system/{UNIT}"),
+        packaged_unit()?.as_bytes(),
+        0o644,
+    )?;
+    let read = |name: &str| deb_file(packaging, name);
+    put(
+        root,
+        "etc/logrotate.d/portwatch",
+        &read("portwatch.logrotate")?,
+        0o644,
+    )?;
+    put(
+        root,
+        "usr/share/doc/portwatch/copyright",
+        &read("copyright")?,
+        0o644,
+    )?;
+
+    let man = capture(Command::new(&bin).arg("man"))?;
+    ensure!(
+        man.contains(".TH portwatch"),
+        "`portwatch man` printed no man page"
+    );
+    put(
+        root,
+        "usr/share/man/man1/portwatch.1.gz",
+        &gzip(man.as_bytes())?,
+        0o644,
+    )?;
+    // The directories Debian's bash-completion, zsh and fish packages read vendor files from.
+    for (shell, rel) in [
+        ("bash", "usr/share/bash-completion/completions/portwatch"),
+        ("zsh", "usr/share/zsh/vendor-completions/_portwatch"),
+        ("fish", "usr/share/fish/vendor_completions.d/portwatch.fish"),
+    ] {
+        let text = capture(Command::new(&bin).args(["completions", shell]))?;
+        ensure!(!text.is_empty(), "`portwatch completions {shell}` is empty");
+        put(root, rel, text.as_bytes(), 0o644)?;
+    }
+    // Shipped so dpkg owns it; the unit's LogsDirectory= would also create it, but only at
+    // first start, and a package installed without starting would leave `portwatch tail`
+    // nothing to read.
+    fs::create_dir_all(root.join("var/log/portwatch"))?;
+    Ok(bin)
+}
+
+/// The binary's library dependencies from dpkg-shlibdeps, and the oldest glibc it needs noted.
+fn shlib_depends(build: &Path, bin: &Path) -> Result<String> {
+    let shlibs = capture(
+        Command::new("dpkg-shlibdeps")
+            .args(["-O", "-edebian/portwatch/usr/bin/portwatch"])
+            .current_dir(build),
+    )?;
+    let depends = shlibs
+        .lines()
+        .find_map(|l| l.strip_prefix("shlibs:Depends="))
+        .context("dpkg-shlibdeps printed no shlibs:Depends")?
+        .trim()
+        .to_string();
+    let glibc_min = min_glibc(bin)?.context("the glibc build imports no GLIBC_ symbols")?;
+    step(&format!(
+        "the .deb's binary needs glibc >= {glibc_min} (objdump -T); dpkg-shlibdeps: {depends}"
+    ));
+    Ok(depends)
+}
+
+/// DEBIAN/control for `version` with these dependencies and installed size.
+fn control_file(version: &str, depends: &str, installed_kib: u64) -> String {
+    let maintainer = match (std::env::var("DEBFULLNAME"), std::env::var("DEBEMAIL")) {
+        (Ok(name), Ok(mail)) => format!("{name} <{mail}>"),
+        _ => "portwatch maintainers <portwatch@localhost>".to_string(),
+    };
+    format!(
+        "Package: portwatch\n\
+         Version: {version}\n\
+         Architecture: {DEB_ARCH}\n\
+         Maintainer: {maintainer}\n\
+         Installed-Size: {installed_kib}\n\
+         Depends: {depends}, init-system-helpers (>= 1.54~)\n\
+         Recommends: logrotate\n\
+         Section: admin\n\
+         Priority: optional\n\
+         Description: who held a port when a bind failed, why, and what to do\n \
+         portwatch loads eBPF tracepoint programs that report every failed bind(),\n \
+         listen() and connect() with the process that tried and the sockets that hold\n \
+         the port, as JSON lines in /var/log/portwatch/events.jsonl. On a host with\n \
+         Docker it names containers, and reports Docker's own port failures.\n"
+    )
 }
 
 /// `gzip -9n`: no name or timestamp in the header, as Debian compresses man pages.

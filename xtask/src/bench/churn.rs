@@ -156,6 +156,20 @@ impl ChurnResult {
             windows: Vec::new(),
         }
     }
+
+    /// One tracer window per ratio, each with that paired ratio (the report tests).
+    pub(super) fn with_paired(mut self, cfg: Cfg, ratios: &[f64]) -> ChurnResult {
+        for (round, &p) in (1..).zip(ratios) {
+            self.windows.push(ChurnWindow {
+                round,
+                step: 2,
+                cfg,
+                rate: 0.0,
+                paired: Some(p),
+            });
+        }
+        self
+    }
 }
 
 /// The configurations this machine can run: all of CONFIGS but the peers that are missing.
@@ -170,7 +184,8 @@ fn available_cfgs(peers: &Peers) -> Vec<Cfg> {
         .collect()
 }
 
-pub(super) fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnResult> {
+/// The churn rounds' configurations: those available, plus the floor and the baseline build.
+fn churn_cfgs(s: &Settings, peers: &Peers) -> Vec<Cfg> {
     let mut cfgs = available_cfgs(peers);
     if peers.bpftrace {
         cfgs.insert(1, Cfg::Floor);
@@ -182,6 +197,11 @@ pub(super) fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Resu
             .map_or(1, |i| i + 1);
         cfgs.insert(at, Cfg::PwBaseline);
     }
+    cfgs
+}
+
+pub(super) fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Result<ChurnResult> {
+    let cfgs = churn_cfgs(s, peers);
     let mut res = ChurnResult {
         samples: cfgs.iter().map(|_| Vec::new()).collect(),
         lost: vec![0; cfgs.len()],
@@ -203,7 +223,19 @@ pub(super) fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Resu
         warm.as_secs_f64()
     ));
     measure_churn(s.clients, None, warm, None)?;
+    churn_rounds(s, rep, &mut res, &cfgs, none_i, &tracers)?;
+    Ok(res)
+}
 
+/// Every round of the churn phase, each window's sample and tracer output added to `res`.
+fn churn_rounds(
+    s: &Settings,
+    rep: &mut Report,
+    res: &mut ChurnResult,
+    cfgs: &[Cfg],
+    none_i: usize,
+    tracers: &[usize],
+) -> Result<()> {
     // Each round brackets every tracer between two no-tracer windows:
     //   none, T1, none, T2, none, T3, none, T4, none
     // with the tracers' order rotated from round to round. On a shared machine throughput
@@ -273,7 +305,7 @@ pub(super) fn churn_phase(s: &Settings, peers: &Peers, rep: &mut Report) -> Resu
             res.samples[i].push(sample);
         }
     }
-    Ok(res)
+    Ok(())
 }
 
 /// ", tracer X% CPU, N failed connections" for a progress line, each part only when known.

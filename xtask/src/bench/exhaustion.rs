@@ -10,9 +10,10 @@
 //! the records against the failures, and, once the storm stops, the time from SIGTERM to the
 //! agent's exit while it still holds the storm's last window.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, process::ExitStatus};
 
 use super::*;
+use crate::bench::stats::probe_latencies;
 
 const RANGE: (u16, u16) = (40000, 41999);
 const DST_PORT: u16 = 9000;
@@ -213,6 +214,87 @@ pub(super) fn exhaustion_storm_phase(s: &Settings, rep: &mut Report) -> Result<E
     let probe_set = ProbeHolders::new(probes)?;
     let (holders, arrivals) = (&probe_set.holders, probe_set.arrivals.clone());
 
+    let (mut t, reader) = start_agent(s, rep, &probe_set)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Arc::new(StormCounts::default());
+    let exhausted = Arc::new(exhausted);
+    let storm = {
+        let (stop, counts, ex) = (stop.clone(), counts.clone(), exhausted.clone());
+        thread::Builder::new()
+            .name("bench-exhaust-storm".into())
+            .spawn(move || storm_loop(&ex.ns, &stop, &counts))?
+    };
+    thread::sleep(WARM);
+    let cpu0 = cpu_seconds(t.pid());
+    let other = OtherCpu::start(Some(t.pid()));
+    counts.at_open.store(counts.failed.load(Relaxed), Relaxed);
+    let t0 = Instant::now();
+    // The probes: one reused socket (a failed bind leaves it unbound), spaced over the window.
+    let probe = tcp_socket()?;
+    let (sent_at, sent) = send_probes(&probe, holders, probes, t0, &stop)?;
+    if let Some(d) = (t0 + s.window).checked_duration_since(Instant::now()) {
+        thread::sleep(d);
+    }
+    let window_s = t0.elapsed().as_secs_f64();
+    let cpu1 = cpu_seconds(t.pid());
+    let in_window = counts.failed.load(Relaxed) - counts.at_open.load(Relaxed);
+    let other_cpu = other.pct();
+    // The probes' records, storm still running.
+    let wait_until = Instant::now() + LATE;
+    while arrivals.iter().any(|a| a.load(Relaxed) == 0) && Instant::now() < wait_until {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let hwm_kib = vm_hwm_kib(t.pid()).unwrap_or(0);
+    rep.hwm(Cfg::PwDefault, t.pid());
+    t.check_alive()?;
+    // The storm stops and SIGTERM follows at once: the agent still holds the storm's open
+    // window (and any conflict waiting for its namespace's re-read) when the signal lands.
+    stop.store(true, Relaxed);
+    storm
+        .join()
+        .map_err(|_| anyhow::anyhow!("the storm thread panicked"))??;
+    let (status, sigterm) = sigterm_and_wait(&mut t)?;
+    let seen = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader thread panicked"))?;
+    let lat_ms = probe_latencies(&arrivals, &sent_at);
+    let r = ExhaustResult {
+        window_s,
+        failures: counts.failed.load(Relaxed),
+        rate: in_window as f64 / window_s,
+        unexpected: counts.unexpected.load(Relaxed),
+        records: seen.records,
+        counted: seen.counted,
+        dest_ok: seen.dest_ok,
+        probes_sent: sent,
+        probe_counted: seen.probe_counted,
+        lost_connect: seen.lost_connect,
+        lost_bind: seen.lost_bind,
+        unwritten: seen.unwritten,
+        lat_ms,
+        cpu_pct: match (cpu0, cpu1) {
+            (Some(a), Some(b)) => (b - a) / window_s * 100.0,
+            _ => f64::NAN,
+        },
+        other_cpu,
+        sigterm,
+        exited_ok: status.success(),
+        hwm_kib,
+    };
+    if r.unwritten.is_none() {
+        rep.warn("exhaustion storm: no 'stopped' record (or no unwritten in it)".into());
+    }
+    note_result(&r);
+    Ok(r)
+}
+
+/// Start the agent, its records tallied by a reader thread, and wait until it is ready and settled.
+fn start_agent(
+    s: &Settings,
+    rep: &mut Report,
+    probe_set: &ProbeHolders,
+) -> Result<(Tracer, thread::JoinHandle<Seen>)> {
     let (mut t, stdout) = Tracer::spawn(s, Cfg::PwDefault, "exhaust", Sink::Pipe)?;
     let stdout = stdout.context("agent stdout pipe")?;
     let marks = probe_set.marks();
@@ -255,23 +337,17 @@ pub(super) fn exhaustion_storm_phase(s: &Settings, rep: &mut Report) -> Result<E
     let (ready_at, line) = wait_ready(&mut t, &ready_rx)?;
     rep.agent_ready(ready_at - t.spawned, &line);
     thread::sleep(SETTLE);
+    Ok((t, reader))
+}
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let counts = Arc::new(StormCounts::default());
-    let exhausted = Arc::new(exhausted);
-    let storm = {
-        let (stop, counts, ex) = (stop.clone(), counts.clone(), exhausted.clone());
-        thread::Builder::new()
-            .name("bench-exhaust-storm".into())
-            .spawn(move || storm_loop(&ex.ns, &stop, &counts))?
-    };
-    thread::sleep(WARM);
-    let cpu0 = cpu_seconds(t.pid());
-    let other = OtherCpu::start(Some(t.pid()));
-    counts.at_open.store(counts.failed.load(Relaxed), Relaxed);
-    let t0 = Instant::now();
-    // The probes: one reused socket (a failed bind leaves it unbound), spaced over the window.
-    let probe = tcp_socket()?;
+/// One failing bind per holder on `probe`, SPACING apart from `t0`: send times and count.
+fn send_probes(
+    probe: &Fd,
+    holders: &[(Fd, u16)],
+    probes: usize,
+    t0: Instant,
+    stop: &AtomicBool,
+) -> Result<(Vec<i64>, usize)> {
     let mut sent_at = vec![0i64; probes];
     let mut sent = 0;
     for (i, (_, port)) in holders.iter().enumerate() {
@@ -289,27 +365,11 @@ pub(super) fn exhaustion_storm_phase(s: &Settings, rep: &mut Report) -> Result<E
         }
         sent += 1;
     }
-    if let Some(d) = (t0 + s.window).checked_duration_since(Instant::now()) {
-        thread::sleep(d);
-    }
-    let window_s = t0.elapsed().as_secs_f64();
-    let cpu1 = cpu_seconds(t.pid());
-    let in_window = counts.failed.load(Relaxed) - counts.at_open.load(Relaxed);
-    let other_cpu = other.pct();
-    // The probes' records, storm still running.
-    let wait_until = Instant::now() + LATE;
-    while arrivals.iter().any(|a| a.load(Relaxed) == 0) && Instant::now() < wait_until {
-        thread::sleep(Duration::from_millis(10));
-    }
-    let hwm_kib = vm_hwm_kib(t.pid()).unwrap_or(0);
-    rep.hwm(Cfg::PwDefault, t.pid());
-    t.check_alive()?;
-    // The storm stops and SIGTERM follows at once: the agent still holds the storm's open
-    // window (and any conflict waiting for its namespace's re-read) when the signal lands.
-    stop.store(true, Relaxed);
-    storm
-        .join()
-        .map_err(|_| anyhow::anyhow!("the storm thread panicked"))??;
+    Ok((sent_at, sent))
+}
+
+/// SIGTERM to the agent and its exit polled every 1 ms: its status and the time it took.
+fn sigterm_and_wait(t: &mut Tracer) -> Result<(ExitStatus, Duration)> {
     let sig_at = Instant::now();
     // SAFETY: kill(2) on our own child, not yet reaped.
     unsafe { libc::kill(t.pid(), libc::SIGTERM) };
@@ -326,44 +386,11 @@ pub(super) fn exhaustion_storm_phase(s: &Settings, rep: &mut Report) -> Result<E
     };
     let sigterm = sig_at.elapsed();
     t.exited = Some(status);
-    let seen = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("reader thread panicked"))?;
-    let mut lat_ms: Vec<f64> = arrivals
-        .iter()
-        .zip(&sent_at)
-        .filter_map(|(a, &s0)| {
-            let a = a.load(Relaxed);
-            (a != 0).then(|| (a - s0) as f64 / 1e6)
-        })
-        .collect();
-    lat_ms.sort_by(f64::total_cmp);
-    let r = ExhaustResult {
-        window_s,
-        failures: counts.failed.load(Relaxed),
-        rate: in_window as f64 / window_s,
-        unexpected: counts.unexpected.load(Relaxed),
-        records: seen.records,
-        counted: seen.counted,
-        dest_ok: seen.dest_ok,
-        probes_sent: sent,
-        probe_counted: seen.probe_counted,
-        lost_connect: seen.lost_connect,
-        lost_bind: seen.lost_bind,
-        unwritten: seen.unwritten,
-        lat_ms,
-        cpu_pct: match (cpu0, cpu1) {
-            (Some(a), Some(b)) => (b - a) / window_s * 100.0,
-            _ => f64::NAN,
-        },
-        other_cpu,
-        sigterm,
-        exited_ok: status.success(),
-        hwm_kib,
-    };
-    if r.unwritten.is_none() {
-        rep.warn("exhaustion storm: no 'stopped' record (or no unwritten in it)".into());
-    }
+    Ok((status, sigterm))
+}
+
+/// The phase's progress line.
+fn note_result(r: &ExhaustResult) {
     note(&format!(
         "exhaustion storm: {} failures ({:.0}/s in the window) -> {} records (counts {}, {} \
          with destination as_of >= first_ts), lost connect {} bind {}, unwritten {}; agent \
@@ -383,7 +410,6 @@ pub(super) fn exhaustion_storm_phase(s: &Settings, rep: &mut Report) -> Result<E
         pct(&r.lat_ms, 99.0),
         r.sigterm.as_secs_f64() * 1000.0
     ));
-    Ok(r)
 }
 
 /// Section 2b of results.md.
@@ -414,10 +440,27 @@ pub(super) fn render(m: &mut String, r: &ExhaustResult, noisy: &mut Vec<String>)
         m,
         "| metric | value | target | result |\n|---|---:|---|---|"
     );
+    for (name, value, target, ok) in table_rows(r) {
+        let res = ok.map_or("info", verdict);
+        let _ = writeln!(m, "| {name} | {value} | {target} | {res} |");
+    }
+    if r.other_cpu.is_some_and(|o| o > NOISY_OTHER_CPU) {
+        noisy.push(format!(
+            "exhaustion storm: other processes used {:.0}% of a core",
+            r.other_cpu.unwrap_or(0.0)
+        ));
+    }
+}
+
+/// A row of the table: metric, value, target, and whether it was met (None: information).
+type Row = (&'static str, String, &'static str, Option<bool>);
+
+/// The rows of section 2b's table, in order.
+fn table_rows(r: &ExhaustResult) -> [Row; 9] {
     let p50 = pct(&r.lat_ms, 50.0);
     let p99 = pct(&r.lat_ms, 99.0);
     let all_probes = r.lat_ms.len() == r.probes_sent;
-    let rows: [(&str, String, &str, Option<bool>); 9] = [
+    [
         (
             "storm: EADDRNOTAVAIL per second (in the window) / in all",
             format!(
@@ -499,15 +542,8 @@ pub(super) fn render(m: &mut String, r: &ExhaustResult, noisy: &mut Vec<String>)
             "–",
             None,
         ),
-    ];
-    for (name, value, target, ok) in rows {
-        let res = ok.map_or("info", verdict);
-        let _ = writeln!(m, "| {name} | {value} | {target} | {res} |");
-    }
-    if r.other_cpu.is_some_and(|o| o > NOISY_OTHER_CPU) {
-        noisy.push(format!(
-            "exhaustion storm: other processes used {:.0}% of a core",
-            r.other_cpu.unwrap_or(0.0)
-        ));
-    }
+    ]
 }
+
+#[cfg(test)]
+mod tests;

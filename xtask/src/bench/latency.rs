@@ -3,7 +3,7 @@
 use std::{
     fmt::Write as _,
     fs,
-    sync::atomic::Ordering::Relaxed,
+    sync::atomic::{AtomicI64, Ordering::Relaxed},
     thread,
     time::{Duration, Instant},
 };
@@ -13,10 +13,10 @@ use anyhow::{bail, Context as _, Result};
 use super::{
     churn::measure_churn,
     cpu::{cpu_seconds, vm_hwm_kib, wait_for_quiet, OtherCpu},
-    load::{bind_to, errno, loopback, tcp_socket, AttachClients, Churn, ProbeHolders},
+    load::{bind_to, errno, loopback, tcp_socket, AttachClients, Churn, Fd, ProbeHolders},
     note,
     report::Report,
-    stats::{json_u64, parse_agent_log, pct, realtime_ns, record_type, LineStats},
+    stats::{json_u64, parse_agent_log, pct, probe_latencies, realtime_ns, record_type, LineStats},
     tracers::{read_agent_lines, wait_ready, Cfg, Sink, Tracer},
     Settings, ATTACH_READERS, BACKGROUND_RATE, PROBES, PROBE_SPACING, SETTLE, WARM,
 };
@@ -62,17 +62,7 @@ pub(super) fn latency_cost_phase(
     rep: &mut Report,
     attach: bool,
 ) -> Result<LatencyResult> {
-    let (tag, what) = if attach {
-        (
-            "latency-attach",
-            format!(
-                "latency, {} attach clients, one stalled",
-                ATTACH_READERS + 1
-            ),
-        )
-    } else {
-        ("latency", "latency, no attach clients".to_string())
-    };
+    let (tag, what) = run_names(attach);
     note(&format!(
         "{what} (+ cost): portwatch default, {PROBES} probe binds every {} ms under {:.0} \
          conn/s churn, {} s window",
@@ -86,6 +76,109 @@ pub(super) fn latency_cost_phase(
     let probes = ProbeHolders::new(PROBES)?;
     let (holders, arrivals) = (&probes.holders, probes.arrivals.clone());
 
+    let StartedAgent {
+        mut t,
+        reader,
+        ready_wall,
+        clients,
+    } = start_agent(s, rep, attach, tag, &probes)?;
+
+    let mut churn = Churn::start(
+        s.clients,
+        Some(BACKGROUND_RATE),
+        WARM + s.window * 2 + Duration::from_secs(30),
+    )?;
+    thread::sleep(WARM);
+    let (c0, cpu0, t0) = (churn.completed(), cpu_seconds(t.pid()), Instant::now());
+    let other = OtherCpu::start(Some(t.pid()));
+
+    // Probes: one reused socket (a failed bind leaves it unbound), spaced in time.
+    let probe = tcp_socket()?;
+    let (sent_at, sent) = send_probes(&probe, holders, t0)?;
+    // The rest of the window: churn only (the CPU figure covers the whole window).
+    if let Some(d) = (t0 + s.window).checked_duration_since(Instant::now()) {
+        thread::sleep(d);
+    }
+    let el = t0.elapsed().as_secs_f64();
+    let (c1, cpu1) = (churn.completed(), cpu_seconds(t.pid()));
+    let other_cpu = other.pct();
+    // After the window (the probes are all sent): the churn still makes records to publish.
+    let stalled_missed = clients
+        .as_ref()
+        .and_then(|c| c.stalled_missed(Duration::from_secs(5)));
+    churn.finish();
+    let hwm = vm_hwm_kib(t.pid()).unwrap_or(0);
+    rep.hwm(Cfg::PwDefault, t.pid());
+    // Late lines get up to 2 s more (bounded wait).
+    let wait_until = Instant::now() + Duration::from_secs(2);
+    while arrivals.iter().any(|a| a.load(Relaxed) == 0) && Instant::now() < wait_until {
+        thread::sleep(Duration::from_millis(10));
+    }
+    t.check_alive()?;
+    t.stop(Duration::from_secs(30))?;
+    let log = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader thread panicked"))?
+        .log;
+    if !log.stopped {
+        rep.warn(format!("{what}: no 'stopped' record"));
+    }
+    let attach_res = attach_result(clients, stalled_missed);
+    write_probe_csv(s, tag, &arrivals, &sent_at, holders);
+    let lat_ms = probe_latencies(&arrivals, &sent_at);
+    let r = LatencyResult {
+        attach: attach_res,
+        sent,
+        churn_rate: (c1 - c0) as f64 / el,
+        cpu_pct: match (cpu0, cpu1) {
+            (Some(a), Some(b)) => (b - a) / el * 100.0,
+            _ => f64::NAN,
+        },
+        hwm_kib: hwm,
+        ready_wall,
+        startup_ms: log.startup_ms,
+        lost: log.lost_count,
+        other_cpu,
+        lat_ms,
+    };
+    note_result(&what, &r);
+    Ok(r)
+}
+
+/// The run's file tag and its name in progress lines.
+fn run_names(attach: bool) -> (&'static str, String) {
+    if attach {
+        (
+            "latency-attach",
+            format!(
+                "latency, {} attach clients, one stalled",
+                ATTACH_READERS + 1
+            ),
+        )
+    } else {
+        ("latency", "latency, no attach clients".to_string())
+    }
+}
+
+/// The agent of a latency run, started, ready and settled.
+struct StartedAgent {
+    t: Tracer,
+    /// The thread reading the agent's stdout (it marks the probes' conflicts as they arrive).
+    reader: thread::JoinHandle<LineStats>,
+    /// From spawn to the `ready` line.
+    ready_wall: Duration,
+    /// The clients on the control socket, with `attach`.
+    clients: Option<AttachClients>,
+}
+
+/// Start the agent (and with `attach` its control-socket clients); wait until ready and settled.
+fn start_agent(
+    s: &Settings,
+    rep: &mut Report,
+    attach: bool,
+    tag: &str,
+    probes: &ProbeHolders,
+) -> Result<StartedAgent> {
     let (mut t, stdout) = Tracer::spawn(s, Cfg::PwDefault, tag, Sink::Pipe)?;
     let stdout = stdout.context("agent stdout pipe")?;
     let marks = probes.marks();
@@ -115,18 +208,16 @@ pub(super) fn latency_cost_phase(
         None
     };
     thread::sleep(SETTLE);
+    Ok(StartedAgent {
+        t,
+        reader,
+        ready_wall,
+        clients,
+    })
+}
 
-    let mut churn = Churn::start(
-        s.clients,
-        Some(BACKGROUND_RATE),
-        WARM + s.window * 2 + Duration::from_secs(30),
-    )?;
-    thread::sleep(WARM);
-    let (c0, cpu0, t0) = (churn.completed(), cpu_seconds(t.pid()), Instant::now());
-    let other = OtherCpu::start(Some(t.pid()));
-
-    // Probes: one reused socket (a failed bind leaves it unbound), spaced in time.
-    let probe = tcp_socket()?;
+/// One failing bind per holder on `probe`, PROBE_SPACING apart from `t0`: send times and count.
+fn send_probes(probe: &Fd, holders: &[(Fd, u16)], t0: Instant) -> Result<(Vec<i64>, usize)> {
     let mut sent_at = vec![0i64; PROBES];
     let mut sent = 0;
     for (i, (_, port)) in holders.iter().enumerate() {
@@ -143,35 +234,15 @@ pub(super) fn latency_cost_phase(
         }
         sent += 1;
     }
-    // The rest of the window: churn only (the CPU figure covers the whole window).
-    if let Some(d) = (t0 + s.window).checked_duration_since(Instant::now()) {
-        thread::sleep(d);
-    }
-    let el = t0.elapsed().as_secs_f64();
-    let (c1, cpu1) = (churn.completed(), cpu_seconds(t.pid()));
-    let other_cpu = other.pct();
-    // After the window (the probes are all sent): the churn still makes records to publish.
-    let stalled_missed = clients
-        .as_ref()
-        .and_then(|c| c.stalled_missed(Duration::from_secs(5)));
-    churn.finish();
-    let hwm = vm_hwm_kib(t.pid()).unwrap_or(0);
-    rep.hwm(Cfg::PwDefault, t.pid());
-    // Late lines get up to 2 s more (bounded wait).
-    let wait_until = Instant::now() + Duration::from_secs(2);
-    while arrivals.iter().any(|a| a.load(Relaxed) == 0) && Instant::now() < wait_until {
-        thread::sleep(Duration::from_millis(10));
-    }
-    t.check_alive()?;
-    t.stop(Duration::from_secs(30))?;
-    let log = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("reader thread panicked"))?
-        .log;
-    if !log.stopped {
-        rep.warn(format!("{what}: no 'stopped' record"));
-    }
-    let attach_res = clients.map(|c| {
+    Ok((sent_at, sent))
+}
+
+/// What the attach clients saw, once they are finished (None without `attach`).
+fn attach_result(
+    clients: Option<AttachClients>,
+    stalled_missed: Option<u64>,
+) -> Option<AttachResult> {
+    clients.map(|c| {
         let counts = c.finish();
         AttachResult {
             reader_lines: counts.iter().map(|n| n.lines).collect(),
@@ -183,10 +254,20 @@ pub(super) fn latency_cost_phase(
                 .sum(),
             stalled_missed,
         }
-    });
+    })
+}
+
+/// `<tag>.csv`: each probe's latency, in send order (best effort).
+fn write_probe_csv(
+    s: &Settings,
+    tag: &str,
+    arrivals: &[AtomicI64],
+    sent_at: &[i64],
+    holders: &[(Fd, u16)],
+) {
     // Per-probe detail, in send order, to see when slow ones happened (e.g. periodic work).
     let mut csv = String::from("probe,port,sent_realtime_ns,latency_ms\n");
-    for (i, (a, &s0)) in arrivals.iter().zip(&sent_at).enumerate() {
+    for (i, (a, &s0)) in arrivals.iter().zip(sent_at).enumerate() {
         let a = a.load(Relaxed);
         let l = if a != 0 {
             format!("{:.3}", (a - s0) as f64 / 1e6)
@@ -196,30 +277,10 @@ pub(super) fn latency_cost_phase(
         let _ = writeln!(csv, "{i},{},{s0},{l}", holders[i].1);
     }
     let _ = fs::write(s.dir.join(format!("{tag}.csv")), csv);
-    let mut lat_ms: Vec<f64> = arrivals
-        .iter()
-        .zip(&sent_at)
-        .filter_map(|(a, &s0)| {
-            let a = a.load(Relaxed);
-            (a != 0).then(|| (a - s0) as f64 / 1e6)
-        })
-        .collect();
-    lat_ms.sort_by(f64::total_cmp);
-    let r = LatencyResult {
-        attach: attach_res,
-        sent,
-        churn_rate: (c1 - c0) as f64 / el,
-        cpu_pct: match (cpu0, cpu1) {
-            (Some(a), Some(b)) => (b - a) / el * 100.0,
-            _ => f64::NAN,
-        },
-        hwm_kib: hwm,
-        ready_wall,
-        startup_ms: log.startup_ms,
-        lost: log.lost_count,
-        other_cpu,
-        lat_ms,
-    };
+}
+
+/// The run's progress line.
+fn note_result(what: &str, r: &LatencyResult) {
     note(&format!(
         "{what}: {}/{} probes seen, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; agent {:.1}% CPU \
          at {:.0} conn/s, VmHWM {} KiB, {} lost{}",
@@ -247,7 +308,6 @@ pub(super) fn latency_cost_phase(
             None => String::new(),
         }
     ));
-    Ok(r)
 }
 
 pub(super) struct CostRow {
@@ -257,6 +317,27 @@ pub(super) struct CostRow {
     pub(super) lines: u64,
     pub(super) lost: u64,
     pub(super) other_cpu: Option<f64>,
+}
+
+#[cfg(test)]
+impl CostRow {
+    /// A row from its figures (the report tests).
+    pub(super) fn new(
+        churn_rate: f64,
+        cpu_pct: f64,
+        lines: u64,
+        lost: u64,
+        other_cpu: Option<f64>,
+    ) -> CostRow {
+        CostRow {
+            churn_rate,
+            cpu_pct,
+            hwm_kib: 0,
+            lines,
+            lost,
+            other_cpu,
+        }
+    }
 }
 
 /// The agent's cost in --all-events mode under the same background churn (output to a file).

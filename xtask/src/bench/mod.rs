@@ -41,13 +41,13 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use self::{
-    churn::{churn_phase, sweep_phase, SWEEP_RATES, SWEEP_RATES_QUICK},
+    churn::{churn_phase, sweep_phase, ChurnResult, SweepResult, SWEEP_RATES, SWEEP_RATES_QUICK},
     cpu::read_loadavg,
-    latency::{cost_all_events, latency_cost_phase, LatencyRuns},
+    latency::{cost_all_events, latency_cost_phase, CostRow, LatencyRuns},
     plot::{write_churn_png, write_sweep_png},
     report::{render_markdown, Report},
-    storm::bind_storm_phase,
-    tracers::{ensure_peers, Host, BPFTRACE_SCRIPT, FLOOR_SCRIPT},
+    storm::{bind_storm_phase, StormRow},
+    tracers::{ensure_peers, Host, Peers, BPFTRACE_SCRIPT, FLOOR_SCRIPT},
 };
 // Besides the above, what exhaustion.rs takes from here with `use super::*`.
 use self::{
@@ -155,6 +155,34 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let dir = crate::workspace_root().join("target").join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let _lock = bench_lock(&dir)?;
+    let cfg = settings(&args, secs, dir)?;
+    let peers = ensure_peers();
+    let script = cfg.dir.join("peer.bt");
+    fs::write(&script, BPFTRACE_SCRIPT).with_context(|| format!("writing {}", script.display()))?;
+    let floor = cfg.dir.join("floor.bt");
+    fs::write(&floor, FLOOR_SCRIPT).with_context(|| format!("writing {}", floor.display()))?;
+
+    let host = Host::probe();
+    let started = Instant::now();
+    let mut report = Report {
+        quiet_budget: if args.quick {
+            Duration::from_secs(20)
+        } else {
+            Duration::from_secs(90)
+        },
+        ..Default::default()
+    };
+
+    let phases = run_phases(&args, secs, &cfg, &peers, &mut report)?;
+
+    write_results(&cfg, &host, &phases, &report)?;
+    write_pngs(&cfg, &phases);
+    note(&format!("done in {:.0} s", started.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+/// Build the agent, copy it (and the --baseline binary) into `dir`, and the run's settings.
+fn settings(args: &BenchArgs, secs: u64, dir: PathBuf) -> Result<Settings> {
     let built = crate::build_agent(true)?;
     // A private copy: others rebuilding target/release/portwatch during the run must not
     // change what is measured between one round and the next.
@@ -176,7 +204,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         None => None,
     };
-    let cfg = Settings {
+    Ok(Settings {
         window: Duration::from_secs(secs),
         rounds: args.rounds.unwrap_or(if args.quick { 1 } else { 3 }),
         clients: args.clients as usize,
@@ -189,27 +217,30 @@ pub fn run(args: BenchArgs) -> Result<()> {
         baseline,
         dir,
         agent,
-    };
-    let peers = ensure_peers();
-    let script = cfg.dir.join("peer.bt");
-    fs::write(&script, BPFTRACE_SCRIPT).with_context(|| format!("writing {}", script.display()))?;
-    let floor = cfg.dir.join("floor.bt");
-    fs::write(&floor, FLOOR_SCRIPT).with_context(|| format!("writing {}", floor.display()))?;
+    })
+}
 
-    let host = Host::probe();
-    let started = Instant::now();
-    let mut report = Report {
-        quiet_budget: if args.quick {
-            Duration::from_secs(20)
-        } else {
-            Duration::from_secs(90)
-        },
-        ..Default::default()
-    };
+/// What the phases measured; None for a phase left out by --only.
+struct Phases {
+    churn: Option<ChurnResult>,
+    sweep: Option<SweepResult>,
+    storm: Option<Vec<StormRow>>,
+    exhaust: Option<exhaustion::ExhaustResult>,
+    lat: Option<LatencyRuns>,
+    all_cost: Option<CostRow>,
+}
 
+/// The phases --only asks for (all by default), in order.
+fn run_phases(
+    args: &BenchArgs,
+    secs: u64,
+    cfg: &Settings,
+    peers: &Peers,
+    report: &mut Report,
+) -> Result<Phases> {
     let want = |p: Part| args.only.is_empty() || args.only.contains(&p);
     let churn = if want(Part::Churn) {
-        Some(churn_phase(&cfg, &peers, &mut report)?)
+        Some(churn_phase(cfg, peers, report)?)
     } else {
         None
     };
@@ -220,38 +251,57 @@ pub fn run(args: BenchArgs) -> Result<()> {
             &SWEEP_RATES[..]
         };
         let window = Duration::from_secs((secs / 2).max(1));
-        Some(sweep_phase(&cfg, &peers, rates, window, &mut report)?)
+        Some(sweep_phase(cfg, peers, rates, window, report)?)
     } else {
         None
     };
     let storm = if want(Part::Storm) {
-        Some(bind_storm_phase(&cfg, &mut report)?)
+        Some(bind_storm_phase(cfg, report)?)
     } else {
         None
     };
     let exhaust = if want(Part::Storm) {
-        Some(exhaustion::exhaustion_storm_phase(&cfg, &mut report)?)
+        Some(exhaustion::exhaustion_storm_phase(cfg, report)?)
     } else {
         None
     };
     let lat = if want(Part::Latency) {
         Some(LatencyRuns {
-            plain: latency_cost_phase(&cfg, &mut report, false)?,
-            attach: latency_cost_phase(&cfg, &mut report, true)?,
+            plain: latency_cost_phase(cfg, report, false)?,
+            attach: latency_cost_phase(cfg, report, true)?,
         })
     } else {
         None
     };
     let all_cost = if want(Part::Cost) {
-        Some(cost_all_events(&cfg, &mut report)?)
+        Some(cost_all_events(cfg, report)?)
     } else {
         None
     };
+    Ok(Phases {
+        churn,
+        sweep,
+        storm,
+        exhaust,
+        lat,
+        all_cost,
+    })
+}
 
+/// results.md (printed too) and churn-rounds.csv.
+fn write_results(cfg: &Settings, host: &Host, phases: &Phases, report: &Report) -> Result<()> {
+    let Phases {
+        churn,
+        sweep,
+        storm,
+        exhaust,
+        lat,
+        all_cost,
+    } = phases;
     let host_end_load = read_loadavg();
     let md = render_markdown(
-        &cfg,
-        &host,
+        cfg,
+        host,
         &host_end_load,
         churn.as_ref(),
         sweep.as_ref(),
@@ -259,7 +309,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         exhaust.as_ref(),
         lat.as_ref(),
         all_cost.as_ref(),
-        &report,
+        report,
     );
     let out = cfg.dir.join("results.md");
     fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
@@ -270,6 +320,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         fs::write(&path, c.csv()).with_context(|| format!("writing {}", path.display()))?;
         note(&format!("wrote {}", path.display()));
     }
+    Ok(())
+}
+
+/// churn.png and churn-max.png, each when its phase ran; a chart that fails is only noted.
+fn write_pngs(cfg: &Settings, phases: &Phases) {
+    let Phases { churn, sweep, .. } = phases;
     // churn.png: the sweep (throughput against churn rate); churn-max.png: the max-rate rounds.
     let pngs: [(&str, Option<Result<()>>); 2] = [
         (
@@ -292,8 +348,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
             None => {}
         }
     }
-    note(&format!("done in {:.0} s", started.elapsed().as_secs_f64()));
-    Ok(())
 }
 
 /// One bench at a time: two would load the same 2 cores, see each other's agents as foreign

@@ -203,6 +203,24 @@ pub(super) fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[k.clamp(1, sorted.len()) - 1]
 }
 
+/// The probes' latencies in ms, sorted, for those whose line arrived (a probe's arrival is
+/// 0 until its line is read; both times are wall-clock ns).
+pub(super) fn probe_latencies(
+    arrivals: &[std::sync::atomic::AtomicI64],
+    sent_at: &[i64],
+) -> Vec<f64> {
+    let mut lat_ms: Vec<f64> = arrivals
+        .iter()
+        .zip(sent_at)
+        .filter_map(|(a, &s0)| {
+            let a = a.load(std::sync::atomic::Ordering::Relaxed);
+            (a != 0).then(|| (a - s0) as f64 / 1e6)
+        })
+        .collect();
+    lat_ms.sort_by(f64::total_cmp);
+    lat_ms
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

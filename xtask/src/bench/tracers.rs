@@ -253,51 +253,7 @@ impl Tracer {
     ) -> Result<(Tracer, Option<ChildStdout>)> {
         let out = s.dir.join(format!("{tag}.out"));
         let err = s.dir.join(format!("{tag}.err"));
-        let mut runtime_dir = None;
-        let mut c = match cfg {
-            Cfg::None => bail!("no tracer to spawn"),
-            Cfg::PwDefault | Cfg::PwBaseline | Cfg::PwAll => {
-                let (bin, args) = match (cfg, &s.baseline) {
-                    (Cfg::PwBaseline, Some(b)) => (b, &s.baseline_args),
-                    (Cfg::PwBaseline, None) => bail!("no --baseline binary given"),
-                    _ => (&s.agent, &s.agent_args),
-                };
-                let mut c = Command::new(bin);
-                c.arg("run");
-                // A runtime dir per start: the single-instance lock of an agent that is still
-                // detaching must not refuse the next one.
-                let mut args = args.iter();
-                while let Some(a) = args.next() {
-                    c.arg(a);
-                    if a == "--runtime-dir" {
-                        let _ = args.next();
-                        let run = s.dir.join(format!("run-{tag}"));
-                        let _ = fs::create_dir_all(&run);
-                        c.arg(&run);
-                        runtime_dir = Some(run);
-                    }
-                }
-                if cfg == Cfg::PwAll {
-                    c.arg("--all-events");
-                }
-                c
-            }
-            Cfg::Bpftrace | Cfg::Floor => {
-                let mut c = Command::new("bpftrace");
-                c.arg(s.dir.join(if cfg == Cfg::Floor {
-                    "floor.bt"
-                } else {
-                    "peer.bt"
-                }));
-                c
-            }
-            Cfg::Tcpstates => {
-                // Block-buffered otherwise: lines would reach the file in 4 KiB bursts.
-                let mut c = Command::new("stdbuf");
-                c.args(["-oL", TCPSTATES]);
-                c
-            }
-        };
+        let (mut c, runtime_dir) = Self::command(s, cfg, tag)?;
         if matches!(cfg, Cfg::Bpftrace | Cfg::Floor | Cfg::Tcpstates) {
             ensure_tracefs();
         }
@@ -349,6 +305,56 @@ impl Tracer {
             },
             stdout,
         ))
+    }
+
+    /// The command that starts `cfg`, and the agent's --runtime-dir if the bench set one.
+    fn command(s: &Settings, cfg: Cfg, tag: &str) -> Result<(Command, Option<PathBuf>)> {
+        let mut runtime_dir = None;
+        let c = match cfg {
+            Cfg::None => bail!("no tracer to spawn"),
+            Cfg::PwDefault | Cfg::PwBaseline | Cfg::PwAll => {
+                let (bin, args) = match (cfg, &s.baseline) {
+                    (Cfg::PwBaseline, Some(b)) => (b, &s.baseline_args),
+                    (Cfg::PwBaseline, None) => bail!("no --baseline binary given"),
+                    _ => (&s.agent, &s.agent_args),
+                };
+                let mut c = Command::new(bin);
+                c.arg("run");
+                // A runtime dir per start: the single-instance lock of an agent that is still
+                // detaching must not refuse the next one.
+                let mut args = args.iter();
+                while let Some(a) = args.next() {
+                    c.arg(a);
+                    if a == "--runtime-dir" {
+                        let _ = args.next();
+                        let run = s.dir.join(format!("run-{tag}"));
+                        let _ = fs::create_dir_all(&run);
+                        c.arg(&run);
+                        runtime_dir = Some(run);
+                    }
+                }
+                if cfg == Cfg::PwAll {
+                    c.arg("--all-events");
+                }
+                c
+            }
+            Cfg::Bpftrace | Cfg::Floor => {
+                let mut c = Command::new("bpftrace");
+                c.arg(s.dir.join(if cfg == Cfg::Floor {
+                    "floor.bt"
+                } else {
+                    "peer.bt"
+                }));
+                c
+            }
+            Cfg::Tcpstates => {
+                // Block-buffered otherwise: lines would reach the file in 4 KiB bursts.
+                let mut c = Command::new("stdbuf");
+                c.args(["-oL", TCPSTATES]);
+                c
+            }
+        };
+        Ok((c, runtime_dir))
     }
 
     pub(super) fn pid(&self) -> i32 {

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use super::{fmt_opt, verdict, Report};
 use crate::bench::{
-    latency::{CostRow, LatencyResult, LatencyRuns},
+    latency::{AttachResult, CostRow, LatencyResult, LatencyRuns},
     stats::{median, pct},
     storm::StormRow,
     tracers::Host,
@@ -93,6 +93,16 @@ pub(super) fn render_storm(
 /// Section 3 of results.md: conflict latency, without and with attach clients.
 pub(super) fn render_latency(m: &mut String, host: &Host, runs: &LatencyRuns) {
     let both = [&runs.plain, &runs.attach];
+    latency_intro(m, host);
+    latency_rows(m, both);
+    if let Some(a) = &runs.attach.attach {
+        attach_rows(m, a);
+    }
+}
+
+/// Section 3's heading, the paragraph that says how latency is measured, and the table's
+/// head.
+fn latency_intro(m: &mut String, host: &Host) {
     let _ = writeln!(
         m,
         "\n## 3. Conflict latency (failing bind → its line read from the agent's stdout)\n"
@@ -119,100 +129,121 @@ pub(super) fn render_latency(m: &mut String, host: &Host, runs: &LatencyRuns) {
          target | result |\n|---|---:|---:|---|---|",
         ATTACH_READERS + 1
     );
-    let row = |m: &mut String,
-               name: &str,
-               v: &dyn Fn(&LatencyResult) -> String,
-               target: &str,
-               ok: Option<&dyn Fn(&LatencyResult) -> bool>| {
-        let res = match ok {
-            Some(f) => both.map(|l| verdict(f(l))).join(" / "),
-            None => "info".into(),
-        };
-        let _ = writeln!(
-            m,
-            "| {name} | {} | {} | {target} | {res} |",
-            v(both[0]),
-            v(both[1])
-        );
+}
+
+/// One metric of both runs: its two values, its target, and each run's verdict (`info`
+/// without a target).
+fn latency_row(
+    m: &mut String,
+    both: [&LatencyResult; 2],
+    name: &str,
+    v: &dyn Fn(&LatencyResult) -> String,
+    target: &str,
+    ok: Option<&dyn Fn(&LatencyResult) -> bool>,
+) {
+    let res = match ok {
+        Some(f) => both.map(|l| verdict(f(l))).join(" / "),
+        None => "info".into(),
     };
+    let _ = writeln!(
+        m,
+        "| {name} | {} | {} | {target} | {res} |",
+        v(both[0]),
+        v(both[1])
+    );
+}
+
+/// The metrics both runs have: probes received, the percentiles, lost records, the
+/// background churn and the CPU.
+fn latency_rows(m: &mut String, both: [&LatencyResult; 2]) {
     let all_seen = |l: &LatencyResult| l.lat_ms.len() == l.sent;
     let p50 = |l: &LatencyResult| pct(&l.lat_ms, 50.0);
     let p99 = |l: &LatencyResult| pct(&l.lat_ms, 99.0);
-    row(
+    latency_row(
         m,
+        both,
         "probes received",
         &|l| format!("{}/{}", l.lat_ms.len(), l.sent),
         "all",
         Some(&all_seen),
     );
-    row(
+    latency_row(
         m,
+        both,
         "p50",
         &|l| format!("{:.2} ms", p50(l)),
         "≤ 2 ms",
         Some(&|l| p50(l) <= 2.0),
     );
-    row(
+    latency_row(
         m,
+        both,
         "p99",
         &|l| format!("{:.2} ms", p99(l)),
         "≤ 20 ms",
         Some(&|l| p99(l) <= 20.0 && all_seen(l)),
     );
-    row(
+    latency_row(
         m,
+        both,
         "max",
         &|l| format!("{:.2} ms", l.lat_ms.last().copied().unwrap_or(f64::NAN)),
         "–",
         None,
     );
-    row(
+    latency_row(
         m,
+        both,
         "lost records (agent)",
         &|l| l.lost.to_string(),
         "0",
         Some(&|l| l.lost == 0),
     );
-    row(
+    latency_row(
         m,
+        both,
         "background churn achieved",
         &|l| format!("{:.0} conn/s", l.churn_rate),
         "–",
         None,
     );
-    row(
+    latency_row(
         m,
+        both,
         "agent CPU (of one core) / other processes",
         &|l| format!("{:.1}% / {}%", l.cpu_pct, fmt_opt(l.other_cpu, 0)),
         "–",
         None,
     );
-    if let Some(a) = &runs.attach.attach {
-        let _ = writeln!(
-            m,
-            "| stalled client: records it was told it missed, when it read at last after \
-             the window | – | {} | – | info |",
-            a.stalled_missed
-                .map(|v| v.to_string())
-                .unwrap_or_else(|| "? (no note within 5 s)".into())
-        );
-        let _ = writeln!(
-            m,
-            "| {} reading clients: lines read, min / max (records missed, all of them) | – \
-             | {} / {} ({}) | – | info |",
-            a.reader_lines.len(),
-            a.reader_lines.iter().min().unwrap_or(&0),
-            a.reader_lines.iter().max().unwrap_or(&0),
-            a.reader_missed
-        );
-        let _ = writeln!(
-            m,
-            "| {} reading clients: CPU, summed (in the bench process, not in \"other \
-             processes\") | – | {:.0}% of one core | – | info |",
-            a.reader_lines.len(),
-            a.reader_cpu_pct
-        );
-    }
+}
+
+/// The attach run's own rows: what the stalled client missed, and what the reading clients
+/// read and cost.
+fn attach_rows(m: &mut String, a: &AttachResult) {
+    let _ = writeln!(
+        m,
+        "| stalled client: records it was told it missed, when it read at last after \
+         the window | – | {} | – | info |",
+        a.stalled_missed
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "? (no note within 5 s)".into())
+    );
+    let _ = writeln!(
+        m,
+        "| {} reading clients: lines read, min / max (records missed, all of them) | – \
+         | {} / {} ({}) | – | info |",
+        a.reader_lines.len(),
+        a.reader_lines.iter().min().unwrap_or(&0),
+        a.reader_lines.iter().max().unwrap_or(&0),
+        a.reader_missed
+    );
+    let _ = writeln!(
+        m,
+        "| {} reading clients: CPU, summed (in the bench process, not in \"other \
+         processes\") | – | {:.0}% of one core | – | info |",
+        a.reader_lines.len(),
+        a.reader_cpu_pct
+    );
 }
 
 /// Section 4 of results.md: the agent's cost (CPU, peak RSS, time to ready).
@@ -223,22 +254,25 @@ pub(super) fn render_cost(
     all: Option<&CostRow>,
     rep: &Report,
 ) {
-    let ready: Vec<f64> = rep.ready.iter().map(|r| r.0.as_secs_f64()).collect();
-    let ready_med = median(ready.clone()).unwrap_or(f64::NAN);
-    let ready_max = ready.iter().copied().fold(0.0, f64::max);
-    let su: Vec<f64> = rep
-        .ready
-        .iter()
-        .filter_map(|r| r.1.map(|v| v as f64))
-        .collect();
-    let su_med = median(su.clone()).unwrap_or(f64::NAN);
-    let su_max = su.iter().copied().fold(0.0, f64::max);
-    let lat = lat_runs.map(|r| &r.plain);
     let _ = writeln!(m, "\n## 4. Agent cost\n");
     let _ = writeln!(
         m,
         "| metric | value | target | result |\n|---|---:|---|---|"
     );
+    cost_cpu_rows(m, s, lat_runs, all);
+    cost_rss_rows(m, lat_runs, rep);
+    cost_ready_rows(m, lat_runs.map(|r| &r.plain), rep);
+}
+
+/// The agent's CPU under the background churn: default mode without and with attach
+/// clients, and --all-events.
+fn cost_cpu_rows(
+    m: &mut String,
+    s: &Settings,
+    lat_runs: Option<&LatencyRuns>,
+    all: Option<&CostRow>,
+) {
+    let lat = lat_runs.map(|r| &r.plain);
     if let Some(lat) = lat {
         let _ = writeln!(
             m,
@@ -270,7 +304,11 @@ pub(super) fn render_cost(
             all.cpu_pct
         );
     }
-    if let Some(lat) = lat {
+}
+
+/// The agent's peak RSS: in the latency runs, and the highest of all runs per mode.
+fn cost_rss_rows(m: &mut String, lat_runs: Option<&LatencyRuns>, rep: &Report) {
+    if let Some(lat) = lat_runs.map(|r| &r.plain) {
         let _ = writeln!(
             m,
             "| peak RSS (VmHWM), default, latency run | {:.1} MiB | – | info |",
@@ -295,6 +333,21 @@ pub(super) fn render_cost(
         "| peak RSS (VmHWM), highest of all --all-events runs | {:.1} MiB | – | info |",
         rep.hwm_all as f64 / 1024.0
     );
+}
+
+/// The time to ready: measured from spawn, and as the ready line says, over every agent
+/// start; and the latency run's own.
+fn cost_ready_rows(m: &mut String, lat: Option<&LatencyResult>, rep: &Report) {
+    let ready: Vec<f64> = rep.ready.iter().map(|r| r.0.as_secs_f64()).collect();
+    let ready_med = median(ready.clone()).unwrap_or(f64::NAN);
+    let ready_max = ready.iter().copied().fold(0.0, f64::max);
+    let su: Vec<f64> = rep
+        .ready
+        .iter()
+        .filter_map(|r| r.1.map(|v| v as f64))
+        .collect();
+    let su_med = median(su.clone()).unwrap_or(f64::NAN);
+    let su_max = su.iter().copied().fold(0.0, f64::max);
     let _ = writeln!(
         m,
         "| ready: spawn → ready line, median / max of {} starts | {:.0} / {:.0} ms | ≤ 1500 ms | {} |",
@@ -320,3 +373,6 @@ pub(super) fn render_cost(
         );
     }
 }
+
+#[cfg(test)]
+mod tests;

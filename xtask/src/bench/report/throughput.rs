@@ -18,17 +18,14 @@ pub(super) fn render_churn(
     churn: &ChurnResult,
     noisy: &mut Vec<String>,
 ) {
-    let base = churn.median_rate(Cfg::None);
     let churn_noisy = churn.samples.iter().flatten().any(|x| x.noisy);
-    let none_i = churn.cfgs.iter().position(|&c| c == Cfg::None);
-    let base_cost = none_i.and_then(|n| {
-        median(
-            churn.samples[n]
-                .iter()
-                .filter_map(|x| x.cpu_us_per_conn)
-                .collect(),
-        )
-    });
+    churn_intro(m, s);
+    churn_table(m, churn, churn_noisy, noisy);
+    churn_peer_rows(m, churn, churn_noisy);
+}
+
+/// Section 1's heading and the paragraph that says how the churn is measured.
+fn churn_intro(m: &mut String, s: &Settings) {
     let _ = writeln!(
         m,
         "\n## 1. Loopback TCP churn (connect/accept/close on 127.0.0.1)\n"
@@ -52,6 +49,29 @@ pub(super) fn render_churn(
          records the tracer reported dropped, summed over rounds.\n",
         s.window.as_secs()
     );
+}
+
+/// The no-tracer figures each configuration's row is compared with: the median rate and
+/// the median CPU per connection.
+struct Baseline {
+    rate: Option<f64>,
+    cost: Option<f64>,
+}
+
+/// Section 1's table: one row per configuration.
+fn churn_table(m: &mut String, churn: &ChurnResult, churn_noisy: bool, noisy: &mut Vec<String>) {
+    let none_i = churn.cfgs.iter().position(|&c| c == Cfg::None);
+    let base = Baseline {
+        rate: churn.median_rate(Cfg::None),
+        cost: none_i.and_then(|n| {
+            median(
+                churn.samples[n]
+                    .iter()
+                    .filter_map(|x| x.cpu_us_per_conn)
+                    .collect(),
+            )
+        }),
+    };
     let _ = writeln!(
         m,
         "| configuration | median conn/s | rounds min–max | vs no tracer | paired | CPU µs/conn (vs none) | tracer CPU % | other CPU % | clean rounds | lines | lost | target | result |"
@@ -60,102 +80,131 @@ pub(super) fn render_churn(
         m,
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
     );
-    for (i, &c) in churn.cfgs.iter().enumerate() {
-        let rates: Vec<f64> = churn.samples[i].iter().map(|x| x.rate).collect();
-        let lo = rates.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = rates.iter().copied().fold(0.0, f64::max);
-        let med = churn.median_rate(c).unwrap_or(f64::NAN);
-        let ratio = base.map(|b| med / b).unwrap_or(f64::NAN);
-        let br = churn.bracketed(c);
-        let paired = churn.paired(c).map(|p| {
-            let lo = br.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = br.iter().copied().fold(0.0, f64::max);
-            let ci = median_ci(&br).map_or(String::new(), |(a, b, cov)| {
-                format!("; {:.0}% CI {:.1}–{:.1}", cov * 100.0, a * 100.0, b * 100.0)
-            });
-            format!(
-                "{:.1}% ({:.1}–{:.1}{ci})",
-                p * 100.0,
-                lo * 100.0,
-                hi * 100.0
-            )
-        });
-        let cpu = median(
-            churn.samples[i]
-                .iter()
-                .filter_map(|x| x.tracer_cpu)
-                .collect(),
-        );
-        let others: Vec<f64> = churn.samples[i]
-            .iter()
-            .filter_map(|x| x.other_cpu)
-            .collect();
-        let other_max = others.iter().copied().fold(0.0, f64::max);
-        let clean = churn.samples[i].iter().filter(|x| !x.noisy).count();
-        let cost = median(
-            churn.samples[i]
-                .iter()
-                .filter_map(|x| x.cpu_us_per_conn)
-                .collect(),
-        );
-        if clean < churn.samples[i].len() {
-            noisy.push(format!(
-                "churn {}: {} of {} rounds noisy (another tracer attached, or other processes \
-                 above {NOISY_OTHER_CPU:.0}% of a core; up to {other_max:.0}%)",
-                c.name(),
-                churn.samples[i].len() - clean,
-                churn.samples[i].len()
-            ));
-        }
-        let (target, res) = match c {
-            Cfg::PwDefault => (
-                "≥ 97% paired",
-                verdict(churn.paired(c).is_some_and(|p| p >= 0.97)),
-            ),
-            Cfg::PwAll => (
-                "≥ 93% paired",
-                verdict(churn.paired(c).is_some_and(|p| p >= 0.93)),
-            ),
-            _ => ("–", "–"),
-        };
-        let res = if res != "–" && churn_noisy {
-            format!("{res} (noisy run)")
-        } else {
-            res.to_string()
-        };
-        let dash = |v: u64| {
-            if c == Cfg::None {
-                "–".to_string()
-            } else {
-                v.to_string()
-            }
-        };
-        let _ = writeln!(
-            m,
-            "| {} | {:.0} | {:.0}–{:.0} | {:.1}% | {} | {} | {} | {} ({:.0}) | {}/{} | {} | {} | {} | {} |",
-            c.label(),
-            med,
-            lo,
-            hi,
-            ratio * 100.0,
-            paired.unwrap_or_else(|| "–".into()),
-            match (cost, base_cost) {
-                (Some(x), Some(b)) if c != Cfg::None => {
-                    format!("{x:.1} ({:+.0}%)", (x / b - 1.0) * 100.0)
-                }
-                _ => fmt_opt(cost, 1),
-            },
-            fmt_opt(cpu, 1),
-            fmt_opt(median(others.clone()), 0),
-            other_max,
-            clean,
-            churn.samples[i].len(),
-            dash(churn.lines[i]),
-            dash(churn.lost[i]),
-            target,
-            res
-        );
+    for i in 0..churn.cfgs.len() {
+        churn_row(m, churn, i, &base, churn_noisy, noisy);
     }
+}
+
+/// The row of the `i`-th configuration; a warning when some of its rounds were noisy.
+fn churn_row(
+    m: &mut String,
+    churn: &ChurnResult,
+    i: usize,
+    base: &Baseline,
+    churn_noisy: bool,
+    noisy: &mut Vec<String>,
+) {
+    let c = churn.cfgs[i];
+    let rates: Vec<f64> = churn.samples[i].iter().map(|x| x.rate).collect();
+    let lo = rates.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = rates.iter().copied().fold(0.0, f64::max);
+    let med = churn.median_rate(c).unwrap_or(f64::NAN);
+    let ratio = base.rate.map(|b| med / b).unwrap_or(f64::NAN);
+    let paired = paired_cell(churn, c);
+    let cpu = median(
+        churn.samples[i]
+            .iter()
+            .filter_map(|x| x.tracer_cpu)
+            .collect(),
+    );
+    let others: Vec<f64> = churn.samples[i]
+        .iter()
+        .filter_map(|x| x.other_cpu)
+        .collect();
+    let other_max = others.iter().copied().fold(0.0, f64::max);
+    let clean = churn.samples[i].iter().filter(|x| !x.noisy).count();
+    let cost = median(
+        churn.samples[i]
+            .iter()
+            .filter_map(|x| x.cpu_us_per_conn)
+            .collect(),
+    );
+    if clean < churn.samples[i].len() {
+        noisy.push(format!(
+            "churn {}: {} of {} rounds noisy (another tracer attached, or other processes \
+             above {NOISY_OTHER_CPU:.0}% of a core; up to {other_max:.0}%)",
+            c.name(),
+            churn.samples[i].len() - clean,
+            churn.samples[i].len()
+        ));
+    }
+    let (target, res) = churn_target(churn, c, churn_noisy);
+    let dash = |v: u64| {
+        if c == Cfg::None {
+            "–".to_string()
+        } else {
+            v.to_string()
+        }
+    };
+    let _ = writeln!(
+        m,
+        "| {} | {:.0} | {:.0}–{:.0} | {:.1}% | {} | {} | {} | {} ({:.0}) | {}/{} | {} | {} | {} | {} |",
+        c.label(),
+        med,
+        lo,
+        hi,
+        ratio * 100.0,
+        paired.unwrap_or_else(|| "–".into()),
+        match (cost, base.cost) {
+            (Some(x), Some(b)) if c != Cfg::None => {
+                format!("{x:.1} ({:+.0}%)", (x / b - 1.0) * 100.0)
+            }
+            _ => fmt_opt(cost, 1),
+        },
+        fmt_opt(cpu, 1),
+        fmt_opt(median(others.clone()), 0),
+        other_max,
+        clean,
+        churn.samples[i].len(),
+        dash(churn.lines[i]),
+        dash(churn.lost[i]),
+        target,
+        res
+    );
+}
+
+/// The *paired* cell: the median bracketed ratio, its range and, from 6 rounds, its
+/// confidence interval (None for no tracer).
+fn paired_cell(churn: &ChurnResult, c: Cfg) -> Option<String> {
+    let br = churn.bracketed(c);
+    churn.paired(c).map(|p| {
+        let lo = br.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = br.iter().copied().fold(0.0, f64::max);
+        let ci = median_ci(&br).map_or(String::new(), |(a, b, cov)| {
+            format!("; {:.0}% CI {:.1}–{:.1}", cov * 100.0, a * 100.0, b * 100.0)
+        });
+        format!(
+            "{:.1}% ({:.1}–{:.1}{ci})",
+            p * 100.0,
+            lo * 100.0,
+            hi * 100.0
+        )
+    })
+}
+
+/// The target and result cells: portwatch's paired throughput targets, none for the others.
+fn churn_target(churn: &ChurnResult, c: Cfg, churn_noisy: bool) -> (&'static str, String) {
+    let (target, res) = match c {
+        Cfg::PwDefault => (
+            "≥ 97% paired",
+            verdict(churn.paired(c).is_some_and(|p| p >= 0.97)),
+        ),
+        Cfg::PwAll => (
+            "≥ 93% paired",
+            verdict(churn.paired(c).is_some_and(|p| p >= 0.93)),
+        ),
+        _ => ("–", "–"),
+    };
+    let res = if res != "–" && churn_noisy {
+        format!("{res} (noisy run)")
+    } else {
+        res.to_string()
+    };
+    (target, res)
+}
+
+/// The closing rows: each portwatch mode against both peers, on paired throughput.
+fn churn_peer_rows(m: &mut String, churn: &ChurnResult, churn_noisy: bool) {
     for pw in [Cfg::PwDefault, Cfg::PwAll] {
         let mine = churn.paired(pw);
         let peers: Vec<(Cfg, f64)> = [Cfg::Bpftrace, Cfg::Tcpstates]
@@ -191,6 +240,14 @@ pub(super) fn render_sweep(
     sw: &SweepResult,
     noisy: &mut Vec<String>,
 ) {
+    sweep_intro(m, s, sw);
+    sweep_achieved(m, sw);
+    sweep_tracers(m, sw);
+    sweep_noise(sw, noisy);
+}
+
+/// Section 1b's heading and the paragraph that says how the sweep runs.
+fn sweep_intro(m: &mut String, s: &Settings, sw: &SweepResult) {
     let _ = writeln!(
         m,
         "\n## 1b. Churn rate sweep: achieved against offered connections/s\n"
@@ -205,19 +262,25 @@ pub(super) fn render_sweep(
         s.clients,
         sw.window.as_secs()
     );
-    let head = |m: &mut String, cfgs: &[Cfg]| {
-        let _ = writeln!(
-            m,
-            "| offered conn/s | {} |",
-            cfgs.iter()
-                .map(|c| c.name())
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
-        let _ = writeln!(m, "|---:|{}", "---:|".repeat(cfgs.len()));
-    };
+}
+
+/// A sweep table's head: the offered rate, then one column per configuration.
+fn sweep_head(m: &mut String, cfgs: &[Cfg]) {
+    let _ = writeln!(
+        m,
+        "| offered conn/s | {} |",
+        cfgs.iter()
+            .map(|c| c.name())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let _ = writeln!(m, "|---:|{}", "---:|".repeat(cfgs.len()));
+}
+
+/// The achieved rates: one row per offered rate.
+fn sweep_achieved(m: &mut String, sw: &SweepResult) {
     let _ = writeln!(m, "Achieved conn/s:\n");
-    head(m, &sw.cfgs);
+    sweep_head(m, &sw.cfgs);
     for (ri, &r) in sw.rates.iter().enumerate() {
         let cells: Vec<String> = sw.samples[ri]
             .iter()
@@ -225,6 +288,11 @@ pub(super) fn render_sweep(
             .collect();
         let _ = writeln!(m, "| {} | {} |", rate_label(r), cells.join(" | "));
     }
+}
+
+/// The tracers' CPU at each offered rate, and the records they lost (nothing without a
+/// tracer).
+fn sweep_tracers(m: &mut String, sw: &SweepResult) {
     let traced: Vec<Cfg> = sw
         .cfgs
         .iter()
@@ -237,7 +305,7 @@ pub(super) fn render_sweep(
             "\nTracer CPU, % of one core (the tracer process's utime + stime; eBPF programs \
              run in the churning threads and are not in it):\n"
         );
-        head(m, &traced);
+        sweep_head(m, &traced);
         for (ri, &r) in sw.rates.iter().enumerate() {
             let cells: Vec<String> = traced
                 .iter()
@@ -258,8 +326,11 @@ pub(super) fn render_sweep(
                 .join(", ")
         );
     }
-    // Noise, failed connections, and pacing: with no tracer, a paced rate below the unpaced
-    // maximum must be met, or the generator (or a busy machine) is what was measured.
+}
+
+/// Noise, failed connections, and pacing: with no tracer, a paced rate below the unpaced
+/// maximum must be met, or the generator (or a busy machine) is what was measured.
+fn sweep_noise(sw: &SweepResult, noisy: &mut Vec<String>) {
     let none_i = sw.cfg_index(Cfg::None);
     let none_max = none_i.and_then(|n| {
         sw.rates
@@ -297,3 +368,6 @@ pub(super) fn render_sweep(
         ));
     }
 }
+
+#[cfg(test)]
+mod tests;
