@@ -98,3 +98,16 @@ pub fn is_conflict_on(r: &Record, port: u16) -> bool {
 pub fn is_agent_event(r: &Record, event: schema::AgentEvent) -> bool {
     r.agent().is_some_and(|a| a.event == event)
 }
+
+/// A conflict record's body; fails the test on any other record.
+pub fn conflict_body(r: &Record) -> &schema::Conflict {
+    r.conflict()
+        .unwrap_or_else(|| panic!("not a conflict: {r:?}"))
+}
+
+/// A conflict's first holder; fails the test when it has none.
+pub fn first_holder(c: &schema::Conflict) -> &schema::Holder {
+    c.holders
+        .first()
+        .unwrap_or_else(|| panic!("no holders: {c:?}"))
+}

@@ -81,19 +81,6 @@ fn host_conflict(agent: &Agent, port: u16) -> Record {
     })
 }
 
-/// A conflict record's body.
-fn conflict(r: &Record) -> &schema::Conflict {
-    r.conflict()
-        .unwrap_or_else(|| panic!("not a conflict: {r:?}"))
-}
-
-/// A conflict's first holder.
-fn first_holder(c: &schema::Conflict) -> &schema::Holder {
-    c.holders
-        .first()
-        .unwrap_or_else(|| panic!("no holders: {c:?}"))
-}
-
 fn check_container(v: Option<&ContainerRef>, c: &Container) {
     let v = v.unwrap_or_else(|| panic!("no container where {} was expected", c.name));
     assert_eq!(v.id, c.short_id(), "{v:?}");
@@ -137,7 +124,7 @@ fn port_already_allocated_between_two_containers() {
     });
     assert_rfc3339(&r.ts.clone().into());
     assert_eq!(r.v, 1);
-    let c = conflict(&r);
+    let c = conflict_body(&r);
     assert_eq!(c.error, schema::Error::PortAlreadyAllocated, "{c:?}");
     assert_eq!(c.cause, Cause::PortAlreadyAllocated, "{c:?}");
     assert_eq!(c.proto, Proto::Tcp, "{c:?}");
@@ -185,7 +172,7 @@ fn port_already_allocated_between_two_containers() {
     // Any other process that wants the port is told it is A's.
     fail_bind(port);
     let h = host_conflict(&agent, port);
-    let h = conflict(&h);
+    let h = conflict_body(&h);
     assert_eq!(h.cause, Cause::DockerPublished, "{h:?}");
     check_container(first_holder(h).container.as_ref(), &a);
     assert!(is_binder(first_holder(h).via.as_deref()), "{h:?}");
@@ -214,7 +201,7 @@ fn proxy_bind_failure_names_the_container_being_started() {
     assert!(b.stderr.contains("address already in use"), "{}", b.stderr);
 
     let r = host_conflict(&agent, port);
-    let c = conflict(&r);
+    let c = conflict_body(&r);
     assert_eq!(c.error, schema::Error::Eaddrinuse, "{c:?}");
     let actor = c.actor.process();
     assert!(is_binder(actor.and_then(|a| a.via.as_deref())), "{c:?}");
@@ -267,7 +254,7 @@ fn conflict_inside_one_container() {
         r.conflict()
             .is_some_and(|c| c.port == 8080 && u64::from(c.netns) == netns)
     });
-    let c = conflict(&r);
+    let c = conflict_body(&r);
     assert_eq!(c.cause, Cause::Listener, "{c:?}");
     check_container(c.actor.container(), &a);
     assert!(c.actor.process().is_some_and(|p| p.via.is_none()), "{c:?}");
@@ -333,7 +320,7 @@ fn container_on_a_user_defined_bridge_network() {
 
     fail_bind(port);
     let r = host_conflict(&agent, port);
-    let c = conflict(&r);
+    let c = conflict_body(&r);
     assert_eq!(c.cause, Cause::DockerPublished, "{c:?}");
     assert!(c.reason.is_none(), "{c:?}");
     // Absent, not null: the typed record cannot tell the two apart.
@@ -381,7 +368,7 @@ fn compose_labels_show_up() {
     );
     fail_bind(port);
     let r = host_conflict(&agent, port);
-    let c = conflict(&r);
+    let c = conflict_body(&r);
     let hc = first_holder(c).container.as_ref();
     check_container(hc, &a);
     assert_eq!(
@@ -467,7 +454,7 @@ fn without_the_userland_proxy_dockerd_holds_the_published_port() {
     start_record(&agent, &c);
     fail_bind(port);
     let r = host_conflict(&agent, port);
-    let h = conflict(&r);
+    let h = conflict_body(&r);
     assert_eq!(h.cause, Cause::DockerPublished, "{h:?}");
     assert!(!h.holders.is_empty(), "{h:?}");
     for x in &h.holders {
@@ -526,7 +513,7 @@ fn attribution_works(agent: &Agent, tag: &str, port: u16) {
     start_record(agent, &b);
     fail_bind(port);
     let r = host_conflict(agent, port);
-    let c = conflict(&r);
+    let c = conflict_body(&r);
     assert_eq!(c.cause, Cause::DockerPublished, "{c:?}");
     check_container(first_holder(c).container.as_ref(), &b);
 }

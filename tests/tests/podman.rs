@@ -39,19 +39,6 @@ fn check_container(v: Option<&ContainerRef>, c: &Container) {
     assert_eq!(v.image, IMAGE, "{v:?}");
 }
 
-/// A conflict record's body.
-fn conflict(r: &Record) -> &schema::Conflict {
-    r.conflict()
-        .unwrap_or_else(|| panic!("not a conflict: {r:?}"))
-}
-
-/// A conflict's first holder.
-fn first_holder(c: &schema::Conflict) -> &schema::Holder {
-    c.holders
-        .first()
-        .unwrap_or_else(|| panic!("no holders: {c:?}"))
-}
-
 const HTTPD: [&str; 4] = ["httpd", "-f", "-p", "80"];
 
 #[test]
@@ -101,7 +88,7 @@ fn podman_containers_are_named_on_lifecycle_and_conflicts() {
         r.conflict()
             .is_some_and(|c| c.port == port && c.actor.process().is_some_and(|p| p.pid == me))
     });
-    let c = conflict(&r);
+    let c = conflict_body(&r);
     assert_eq!(c.cause, Cause::DockerPublished, "{c:?}");
     let h = first_holder(c);
     assert_eq!(h.comm.as_deref(), Some("conmon"), "{c:?}");
@@ -126,7 +113,7 @@ fn podman_containers_are_named_on_lifecycle_and_conflicts() {
             c.port == port && c.actor.process().is_some_and(|p| p.comm == "podman")
         })
     });
-    let c = conflict(&r);
+    let c = conflict_body(&r);
     assert_eq!(
         c.actor.process().and_then(|p| p.via.as_deref()),
         Some("podman"),
@@ -156,7 +143,7 @@ fn podman_containers_are_named_on_lifecycle_and_conflicts() {
         r.conflict()
             .is_some_and(|c| c.port == 8080 && c.actor.container().is_some_and(|x| x.id == d_id))
     });
-    let c = conflict(&r);
+    let c = conflict_body(&r);
     check_container(c.actor.container(), &d);
     assert_eq!(c.cause, Cause::Listener, "{c:?}");
 
