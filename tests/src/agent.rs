@@ -117,21 +117,38 @@ impl Agent {
             .expect("spawn portwatch");
         let shared = Arc::new((Mutex::new(Lines::default()), Condvar::new()));
         let out = child.stdout.take().unwrap();
-        let s2 = shared.clone();
+        // One thread only reads lines off the pipe and times them; another parses them. A
+        // record's arrival is when its line left the pipe, however long the lines before it
+        // took to parse (a storm's records can be hundreds of KB each).
+        let (tx, rx) = std::sync::mpsc::channel::<(String, std::time::SystemTime)>();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
-                let at = std::time::SystemTime::now();
+                if tx.send((line, std::time::SystemTime::now())).is_err() {
+                    break;
+                }
+            }
+        });
+        let s2 = shared.clone();
+        std::thread::spawn(move || {
+            for (line, at) in rx {
+                let parsed = serde_json::from_str::<Value>(&line).map(|v| {
+                    let typed = match Record::parse(&line) {
+                        Ok(r) if !matches!(r.body, Body::Unknown) => Ok(r),
+                        Ok(_) => Err(format!("unknown type: {line}")),
+                        Err(e) => Err(format!("{e}: {line}")),
+                    };
+                    (v, typed)
+                });
                 let (m, cv) = &*s2;
                 let mut g = m.lock().unwrap();
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(v) => {
+                match parsed {
+                    Ok((v, typed)) => {
                         g.lines.push(v);
                         g.read_at.push(at);
-                        match Record::parse(&line) {
-                            Ok(r) if !matches!(r.body, Body::Unknown) => g.records.push(r),
-                            Ok(_) => g.untyped.push(format!("unknown type: {line}")),
-                            Err(e) => g.untyped.push(format!("{e}: {line}")),
+                        match typed {
+                            Ok(r) => g.records.push(r),
+                            Err(why) => g.untyped.push(why),
                         }
                     }
                     Err(_) => g.raw_bad.push(line),
