@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use portwatch_common::{Event, Kind};
-use portwatch_schema::Cause;
+use portwatch_schema::{Cause, Type};
 use serde_json::Value;
 
 use crate::{
@@ -37,24 +37,6 @@ pub struct Keys {
     pub netns: u32,
     pub total: u64,
 }
-
-/// The record types the agent writes, as `'static` names (what a `Keys` carries).
-const TYPES: &[&str] = &[
-    "conflict",
-    "port",
-    "bind",
-    "listen",
-    "connect",
-    "close",
-    "exit",
-    "tcp_state",
-    "time_wait",
-    "pressure",
-    "lost",
-    "docker",
-    "agent",
-    "missed",
-];
 
 impl Keys {
     pub fn of(ty: &'static str) -> Self {
@@ -106,13 +88,8 @@ impl Keys {
     /// The same keys from a record read back from a log file or a socket.
     pub fn from_value(v: &Value) -> Self {
         let ty = v["type"].as_str().unwrap_or("");
-        let mut k = Keys::of(
-            TYPES
-                .iter()
-                .find(|t| **t == ty)
-                .copied()
-                .unwrap_or("unknown"),
-        );
+        // The schema's type names are `'static`; one it does not know is `unknown`.
+        let mut k = Keys::of(Type::parse(ty).known().unwrap_or("unknown"));
         let port = |x: &Value| x.as_u64().and_then(|p| u16::try_from(p).ok());
         let pid = |x: &Value| x.as_u64().and_then(|p| u32::try_from(p).ok());
         let named = |x: &Value| {
