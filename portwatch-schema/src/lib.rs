@@ -6,12 +6,14 @@
 //! [`Record::parse`] reads a line; writing a [`Record`] back with serde gives the same bytes
 //! the agent wrote (the agent's golden-record test checks this for every record type).
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
 mod names;
+mod text;
 pub use names::*;
+pub use text::Text;
 
 pub const SCHEMA_VERSION: u8 = 1;
 
@@ -23,7 +25,7 @@ pub struct Record {
     #[serde(default)]
     pub ts: Option<String>,
     #[serde(default)]
-    pub host: Option<String>,
+    pub host: Option<Text>,
     #[serde(flatten)]
     pub body: Body,
 }
@@ -184,13 +186,13 @@ impl Serialize for Record {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerRef {
     /// The first 12 hex digits, as `docker ps` shows.
-    pub id: String,
+    pub id: Text,
     /// `docker` or `podman`.
-    pub engine: String,
-    pub name: String,
-    pub image: String,
-    pub compose_project: Option<String>,
-    pub compose_service: Option<String>,
+    pub engine: Text,
+    pub name: Text,
+    pub image: Text,
+    pub compose_project: Option<Text>,
+    pub compose_service: Option<Text>,
 }
 
 /// The process that made the syscall.
@@ -199,15 +201,15 @@ pub struct ContainerRef {
 pub struct Actor {
     pub pid: u32,
     pub tid: u32,
-    pub comm: String,
+    pub comm: Text,
     pub uid: u32,
     /// None (`null`) when the process was gone (or its pid reused) before it could be read.
     #[serialize_always]
-    pub cmdline: Option<String>,
+    pub cmdline: Option<Text>,
     pub cgroup_id: u64,
-    pub container: Option<ContainerRef>,
+    pub container: Option<Arc<ContainerRef>>,
     /// `docker-proxy` or `dockerd`: the container whose port it was publishing.
-    pub via: Option<String>,
+    pub via: Option<Text>,
 }
 
 /// A conflict's actor: the process whose syscall failed, or for `op:"docker_publish"` the
@@ -216,7 +218,7 @@ pub struct Actor {
 #[serde(untagged)]
 pub enum ConflictActor {
     Process(Actor),
-    Container { container: ContainerRef },
+    Container { container: Arc<ContainerRef> },
 }
 
 impl ConflictActor {
@@ -229,7 +231,7 @@ impl ConflictActor {
 
     pub fn container(&self) -> Option<&ContainerRef> {
         match self {
-            ConflictActor::Process(a) => a.container.as_ref(),
+            ConflictActor::Process(a) => a.container.as_deref(),
             ConflictActor::Container { container } => Some(container),
         }
     }
@@ -240,8 +242,8 @@ impl ConflictActor {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
     pub pid: Option<u32>,
-    pub comm: Option<String>,
-    pub cmdline: Option<String>,
+    pub comm: Option<Text>,
+    pub cmdline: Option<Text>,
     pub uid: Option<u32>,
     pub state: SockState,
     pub proto: Proto,
@@ -252,8 +254,8 @@ pub struct Holder {
     /// TIME_WAIT only: how many sockets this entry stands for.
     pub count: Option<u32>,
     pub expires_in_s: Option<u32>,
-    pub container: Option<ContainerRef>,
-    pub via: Option<String>,
+    pub container: Option<Arc<ContainerRef>>,
+    pub via: Option<Text>,
     pub container_port: Option<u16>,
     pub stale: Option<bool>,
 }
@@ -305,11 +307,11 @@ pub struct Conflict {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortActor {
     pub pid: u32,
-    pub comm: String,
+    pub comm: Text,
     #[serialize_always]
-    pub cmdline: Option<String>,
+    pub cmdline: Option<Text>,
     pub uid: u32,
-    pub container: Option<ContainerRef>,
+    pub container: Option<Arc<ContainerRef>>,
 }
 
 /// `type:"port"`: a service port started or stopped being held.
@@ -330,7 +332,7 @@ pub struct Port {
     pub held_s: Option<f64>,
     pub restarts: Option<u64>,
     /// `close`: `close` or `gone`.
-    pub reason: Option<String>,
+    pub reason: Option<Text>,
 }
 
 /// `type: "bind" | "listen" | "connect" | "close"`: one socket syscall (`--all-events`).
@@ -409,7 +411,7 @@ pub struct TimeWait {
     pub entered: u64,
     pub expired: u64,
     /// `events` or `dumps`.
-    pub counted_by: String,
+    pub counted_by: Text,
     pub by_local_port: Vec<PortCount>,
     pub by_remote: Vec<RemoteCount>,
     pub ephemeral: Ephemeral,
@@ -479,7 +481,7 @@ pub struct Docker {
     pub sync_ms: Option<u64>,
     pub cgroup: Option<CgroupMode>,
     pub reason: Option<String>,
-    pub container: Option<ContainerRef>,
+    pub container: Option<Arc<ContainerRef>>,
     pub pid: Option<u32>,
     pub netns: Option<u32>,
     pub cgroup_id: Option<u64>,

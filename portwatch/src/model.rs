@@ -4,7 +4,7 @@
 
 use std::{net::IpAddr, sync::Arc};
 
-use serde::Serialize;
+
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
@@ -71,18 +71,6 @@ pub fn overlap(
     }
 }
 
-/// How a container is named in records. Shared (`Arc`) so attaching it to a record costs no
-/// allocation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ContainerRef {
-    /// The first 12 hex digits, as `docker ps` shows.
-    pub id: Box<str>,
-    /// `docker` or `podman`: the engine that runs it.
-    pub engine: &'static str,
-    pub name: Box<str>,
-    pub image: Box<str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub compose_project: Option<Box<str>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub compose_service: Option<Box<str>>,
-}
+/// How a container is named in records: the schema's own type. Shared (`Arc`), with
+/// shared strings, so attaching it to a record costs no allocation.
+pub use portwatch_schema::ContainerRef;

@@ -152,7 +152,7 @@ fn port_already_allocated_between_two_containers() {
     );
     assert!(!c.holders.is_empty(), "{c:?}");
     for h in &c.holders {
-        check_container(h.container.as_ref(), &a);
+        check_container(h.container.as_deref(), &a);
         assert!(is_binder(h.via.as_deref()), "{c:?}");
         assert_eq!(h.container_port, Some(80), "{c:?}");
     }
@@ -174,7 +174,7 @@ fn port_already_allocated_between_two_containers() {
     let h = host_conflict(&agent, port);
     let h = conflict_body(&h);
     assert_eq!(h.cause, Cause::DockerPublished, "{h:?}");
-    check_container(first_holder(h).container.as_ref(), &a);
+    check_container(first_holder(h).container.as_deref(), &a);
     assert!(is_binder(first_holder(h).via.as_deref()), "{h:?}");
 
     let done = agent.stop();
@@ -259,7 +259,7 @@ fn conflict_inside_one_container() {
     check_container(c.actor.container(), &a);
     assert!(c.actor.process().is_some_and(|p| p.via.is_none()), "{c:?}");
     let h = first_holder(c);
-    check_container(h.container.as_ref(), &a);
+    check_container(h.container.as_deref(), &a);
     assert_eq!(h.comm.as_deref(), Some("httpd"), "{c:?}");
     assert!(h.via.is_none(), "{c:?}");
     // Absent, not null: the typed record cannot tell the two apart.
@@ -327,7 +327,7 @@ fn container_on_a_user_defined_bridge_network() {
     let line = agent.raw_line(&r);
     assert!(line.get("reason").is_none(), "{line}");
     let h = first_holder(c);
-    check_container(h.container.as_ref(), &a);
+    check_container(h.container.as_deref(), &a);
     assert!(is_binder(h.via.as_deref()), "{c:?}");
     assert_eq!(h.container_port, Some(80), "{c:?}");
     let hint = &c.hint;
@@ -369,7 +369,7 @@ fn compose_labels_show_up() {
     fail_bind(port);
     let r = host_conflict(&agent, port);
     let c = conflict_body(&r);
-    let hc = first_holder(c).container.as_ref();
+    let hc = first_holder(c).container.as_deref();
     check_container(hc, &a);
     assert_eq!(
         hc.and_then(|x| x.compose_project.as_deref()),
@@ -416,7 +416,7 @@ fn lifecycle_records_carry_published_ports() {
     for r in [&start, &die, &destroy] {
         assert_rfc3339(&r.ts.clone().into());
         let d = body(r);
-        check_container(d.container.as_ref(), &a);
+        check_container(d.container.as_deref(), &a);
         let ports = d
             .ports
             .as_deref()
@@ -465,7 +465,7 @@ fn without_the_userland_proxy_dockerd_holds_the_published_port() {
         );
         assert_eq!(x.via.as_deref(), Some("dockerd"), "{h:?}");
         assert_eq!(x.container_port, Some(80), "{h:?}");
-        check_container(x.container.as_ref(), &c);
+        check_container(x.container.as_deref(), &c);
     }
     let hint = &h.hint;
     assert!(hint.contains(&c.name), "{hint}");
@@ -515,7 +515,7 @@ fn attribution_works(agent: &Agent, tag: &str, port: u16) {
     let r = host_conflict(agent, port);
     let c = conflict_body(&r);
     assert_eq!(c.cause, Cause::DockerPublished, "{c:?}");
-    check_container(first_holder(c).container.as_ref(), &b);
+    check_container(first_holder(c).container.as_deref(), &b);
 }
 
 /// dockerd stops and comes back while the agent runs: one `unavailable`, then

@@ -51,7 +51,7 @@ fn podman_containers_are_named_on_lifecycle_and_conflicts() {
     let a = podman::running("a", &["-p", &format!("{port}:80")], &HTTPD);
     let r = wait_container_event(&agent, DockerEvent::Start, &a.short_id());
     let start = r.docker().expect("matched as a docker record");
-    check_container(start.container.as_ref(), &a);
+    check_container(start.container.as_deref(), &a);
     let expected = vec![PortMap {
         proto: Proto::Tcp,
         host_ip: Ipv4Addr::UNSPECIFIED.into(),
@@ -94,7 +94,7 @@ fn podman_containers_are_named_on_lifecycle_and_conflicts() {
     assert_eq!(h.comm.as_deref(), Some("conmon"), "{c:?}");
     assert_eq!(h.via.as_deref(), Some("conmon"), "{c:?}");
     assert_eq!(h.container_port, Some(80), "{c:?}");
-    check_container(h.container.as_ref(), &a);
+    check_container(h.container.as_deref(), &a);
     let hint = &c.hint;
     assert!(hint.contains(&format!("podman stop {}", a.name)), "{hint}");
 
@@ -125,7 +125,7 @@ fn podman_containers_are_named_on_lifecycle_and_conflicts() {
         "{c:?}"
     );
     check_container(c.actor.container(), &b);
-    check_container(first_holder(c).container.as_ref(), &a);
+    check_container(first_holder(c).container.as_deref(), &a);
     assert_eq!(c.cause, Cause::DockerPublished, "{c:?}");
 
     // A process inside a container is named as the actor of its own conflict.

@@ -88,7 +88,7 @@ fn held(open: &(String, Port), to: Option<String>, close: Option<&Port>) -> Item
         netns: u64::from(last.netns),
         actor: last.actor.clone().map(Box::new),
         restarts: close.and_then(|c| c.restarts).filter(|r| *r > 0),
-        ended_by: close.and_then(|c| c.reason.clone()),
+        ended_by: close.and_then(|c| c.reason.as_deref().map(str::to_owned)),
     }
 }
 

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use portwatch_common::{Event, Kind};
-use portwatch_schema::{Cause, Type};
+use portwatch_schema::{Cause, Text, Type};
 use serde_json::Value;
 
 use crate::{
@@ -93,13 +93,13 @@ impl Keys {
         let port = |x: &Value| x.as_u64().and_then(|p| u16::try_from(p).ok());
         let pid = |x: &Value| x.as_u64().and_then(|p| u32::try_from(p).ok());
         let named = |x: &Value| {
-            let text = |k: &str| x[k].as_str().map(Box::<str>::from);
+            let text = |k: &str| x[k].as_str().map(|s| Text::from(s.to_owned()));
             Some(Arc::new(ContainerRef {
                 id: text("id").unwrap_or_default(),
                 engine: if x["engine"] == "podman" {
-                    "podman"
+                    "podman".into()
                 } else {
-                    "docker"
+                    "docker".into()
                 },
                 name: text("name")?,
                 image: text("image").unwrap_or_default(),
@@ -270,9 +270,9 @@ mod tests {
 
     fn container(name: &str, id: &str) -> Arc<ContainerRef> {
         Arc::new(ContainerRef {
-            id: id.into(),
-            engine: "docker",
-            name: name.into(),
+            id: Text::copy(id),
+            engine: "docker".into(),
+            name: Text::copy(name),
             image: "nginx".into(),
             compose_project: None,
             compose_service: None,

@@ -27,7 +27,7 @@ fn line<T: Serialize>(ty: &'static str, body: T) -> String {
 fn web() -> Arc<ContainerRef> {
     Arc::new(ContainerRef {
         id: "99c0b70358a8".into(),
-        engine: "docker",
+        engine: "docker".into(),
         name: "web1".into(),
         image: "nginx:1.27".into(),
         compose_project: Some("shop".into()),

@@ -1,12 +1,13 @@
 use super::*;
+use portwatch_schema::Text;
 
 pub fn container(id_digit: char, name: &str, state: State) -> Container {
     let full: String = std::iter::repeat_n(id_digit, 64).collect();
     Container {
         r: Arc::new(ContainerRef {
-            id: full[..12].into(),
-            engine: "docker",
-            name: name.into(),
+            id: Text::copy(&full[..12]),
+            engine: "docker".into(),
+            name: Text::copy(name),
             image: "nginx:1.27".into(),
             compose_project: None,
             compose_service: None,

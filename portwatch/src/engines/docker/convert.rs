@@ -2,6 +2,7 @@
 //! lifecycle message, its cgroup, state and published ports, which engine answered.
 
 use super::*;
+use portwatch_schema::Text;
 
 pub(super) fn lifecycle(
     event: &'static str,
@@ -141,7 +142,7 @@ pub(super) fn container_from(
     let full_id: Box<str> = r.id.as_deref()?.into();
     let config = r.config.as_ref();
     let labels = config.and_then(|c| c.labels.as_ref());
-    let label = |k: &str| labels.and_then(|l| l.get(k)).map(|s| s.as_str().into());
+    let label = |k: &str| labels.and_then(|l| l.get(k)).map(|s| Text::copy(s));
     let st = r.state.as_ref();
     let state = state_of(st.and_then(|s| s.status));
     let pid = st
@@ -183,15 +184,10 @@ pub(super) fn container_from(
     networks.sort_by(|a, b| a.name.cmp(&b.name));
     Some(Container {
         r: Arc::new(ContainerRef {
-            id: full_id.get(..12).unwrap_or(&full_id).into(),
-            engine: engine.name,
-            name: r
-                .name
-                .as_deref()
-                .unwrap_or("")
-                .trim_start_matches('/')
-                .into(),
-            image: config.and_then(|c| c.image.as_deref()).unwrap_or("").into(),
+            id: Text::copy(full_id.get(..12).unwrap_or(&full_id)),
+            engine: engine.name.into(),
+            name: Text::copy(r.name.as_deref().unwrap_or("").trim_start_matches('/')),
+            image: Text::copy(config.and_then(|c| c.image.as_deref()).unwrap_or("")),
             compose_project: label(COMPOSE_PROJECT),
             compose_service: label(COMPOSE_SERVICE),
         }),

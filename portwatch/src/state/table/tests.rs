@@ -372,7 +372,7 @@ fn reconcile_of_a_big_bucket() {
 
 fn web1() -> Arc<ContainerRef> {
     Arc::new(ContainerRef {
-        engine: "docker",
+        engine: "docker".into(),
         id: "99c0b70358a8".into(),
         name: "web1".into(),
         image: "nginx:1.27".into(),
