@@ -4,8 +4,6 @@
 
 use std::{net::IpAddr, sync::Arc};
 
-
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
     Tcp,
@@ -18,6 +16,14 @@ impl Proto {
         match self {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
+        }
+    }
+
+    /// As the record schema types it.
+    pub fn schema(self) -> portwatch_schema::Proto {
+        match self {
+            Proto::Tcp => portwatch_schema::Proto::Tcp,
+            Proto::Udp => portwatch_schema::Proto::Udp,
         }
     }
 }

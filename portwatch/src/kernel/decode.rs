@@ -90,6 +90,26 @@ pub fn tcp_state_name(s: u16) -> &'static str {
     }
 }
 
+/// `tcp_state_name`, as the record schema types it.
+pub fn sock_state(s: u16) -> portwatch_schema::SockState {
+    use portwatch_schema::SockState as S;
+    match s {
+        1 => S::Established,
+        2 => S::SynSent,
+        3 => S::SynRecv,
+        4 => S::FinWait1,
+        5 => S::FinWait2,
+        6 => S::TimeWait,
+        7 => S::Close,
+        8 => S::CloseWait,
+        9 => S::LastAck,
+        10 => S::Listen,
+        11 => S::Closing,
+        12 => S::NewSynRecv,
+        _ => S::Unknown,
+    }
+}
+
 /// NUL-terminated kernel comm as text; invalid UTF-8 becomes U+FFFD, so JSON stays valid.
 pub fn comm(c: &[u8; 16]) -> std::borrow::Cow<'_, str> {
     let end = c.iter().position(|&b| b == 0).unwrap_or(c.len());

@@ -248,7 +248,7 @@ impl Processor {
     pub(super) fn fill_cmdlines(&mut self, holders: &mut [table::Holder]) {
         for h in holders {
             if let (Some(pid), Some(comm), None) = (h.pid, &h.comm, &h.cmdline) {
-                h.cmdline = self.procs.cmdline(pid, pid, comm);
+                h.cmdline = self.procs.cmdline(pid, pid, comm).map(Text::from);
             }
         }
     }

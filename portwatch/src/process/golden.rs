@@ -59,8 +59,8 @@ fn listener() -> table::Holder {
         comm: Some("python3".into()),
         cmdline: Some("python3 -m http.server 8080".into()),
         uid: Some(0),
-        state: "LISTEN",
-        proto: "tcp",
+        state: portwatch_schema::SockState::Listen,
+        proto: portwatch_schema::Proto::Tcp,
         addr: "0.0.0.0".parse().unwrap(),
         port: 8080,
         overlap: Overlap::Wildcard,
@@ -148,7 +148,7 @@ fn conflict_connect_with_destination() {
 fn conflict_docker_publish() {
     let h = Header::new("conflict", "lab1", WALL);
     let mut holder = listener();
-    holder.via = Some("docker-proxy");
+    holder.via = Some("docker-proxy".into());
     holder.container_port = Some(80);
     let r = record::PublishConflict {
         count: 1,

@@ -14,7 +14,7 @@ use std::{
 };
 
 use portwatch_common::{kind, Event, Kind, IPPROTO_TCP, IPPROTO_UDP};
-use portwatch_schema::{Cause, Op};
+use portwatch_schema::{Cause, Op, Text};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 

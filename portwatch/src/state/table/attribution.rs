@@ -3,6 +3,7 @@
 //! holder comes from the caller.
 
 use std::net::{IpAddr, SocketAddr};
+use portwatch_schema::{SockState, Text};
 
 use super::{
     fmt_addr, overlap, Attempt, Attribution, Cause, Entry, Holder, Overlap, Placement, PortTable,
@@ -62,8 +63,8 @@ impl PortTable {
             comm: None,
             cmdline: None,
             uid: None,
-            state: "TIME_WAIT",
-            proto: "tcp",
+            state: SockState::TimeWait,
+            proto: portwatch_schema::Proto::Tcp,
             addr,
             port: a.port,
             overlap: ov,
@@ -162,18 +163,18 @@ fn holder(a: &Attempt<'_>, x: &Entry, ov: Overlap, p: Option<Placement>) -> Hold
     let owner = x.owner.as_ref();
     Holder {
         pid: owner.map(|o| o.pid),
-        comm: owner.map(|o| o.comm.clone()),
-        cmdline: owner.and_then(|o| o.cmdline.clone()),
+        comm: owner.map(|o| Text::from(&o.comm)),
+        cmdline: owner.and_then(|o| o.cmdline.as_ref().map(Text::from)),
         uid: owner.map(|o| o.uid),
-        state: x.state_name(),
-        proto: a.proto.name(),
+        state: x.sock_state(),
+        proto: a.proto.schema(),
         addr: x.local.ip(),
         port: x.local.port(),
         overlap: ov,
         since: (x.since_ns != 0).then(|| crate::kernel::decode::rfc3339(x.since_ns.into())),
         count: None,
         expires_in_s: None,
-        via: p.as_ref().and_then(|p| p.via),
+        via: p.as_ref().and_then(|p| p.via).map(Text::from),
         container_port: p.as_ref().and_then(|p| p.container_port),
         stale: p.as_ref().and_then(|p| p.stale.then_some(true)),
         container: p.and_then(|p| p.container),
@@ -216,7 +217,7 @@ fn explain(
     if let Some(h) = top.filter(|h| h.stale == Some(true) && h.via.is_some()) {
         return stale(h);
     }
-    if let Some((h, c, via)) = top.and_then(|h| Some((h, h.container.as_ref()?, h.via?))) {
+    if let Some((h, c, via)) = top.and_then(|h| Some((h, h.container.as_ref()?, h.via.as_deref()?))) {
         let target = h
             .container_port
             .map(|p| format!(" -> {p}/{}", h.proto))
@@ -299,7 +300,7 @@ fn stale(h: &Holder) -> Explained {
         "{}{pid} still holds {} for {whose}: it was left behind, e.g. by a daemon that was \
          killed or restarted uncleanly. {kill}if the daemon still says the port is allocated, \
          restart it (systemctl restart docker, or the podman service)",
-        h.via.unwrap_or("a proxy"),
+        h.via.as_deref().unwrap_or("a proxy"),
         fmt_addr(h.addr, h.port),
     );
     (Cause::DockerStale, hint, None)

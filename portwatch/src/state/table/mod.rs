@@ -14,7 +14,7 @@ use std::{
     sync::Arc,
 };
 
-use serde::Serialize;
+use portwatch_schema::SockState;
 
 use crate::model::ContainerRef;
 pub use crate::model::{overlap, Overlap, Owner, Proto};
@@ -115,6 +115,15 @@ impl Entry {
         }
     }
 
+    /// `state_name`, as the record schema types it.
+    pub fn sock_state(&self) -> SockState {
+        match (self.proto, self.state) {
+            (Proto::Udp, _) => SockState::Udp,
+            (_, TCP_CLOSE) => SockState::Bound,
+            (_, s) => crate::kernel::decode::sock_state(u16::from(s)),
+        }
+    }
+
     /// What identifies a socket without its inode (one the events added has none).
     fn addr_key(&self) -> AddrKey {
         (
@@ -159,45 +168,8 @@ pub struct PortTable {
     pub drift_healed: u64,
 }
 
-/// One entry of a conflict's `holders`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Holder {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub comm: Option<Arc<str>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cmdline: Option<Arc<str>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub uid: Option<u32>,
-    pub state: &'static str,
-    pub proto: &'static str,
-    pub addr: IpAddr,
-    pub port: u16,
-    pub overlap: Overlap,
-    /// When portwatch saw it bound (RFC 3339), if it did.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub since: Option<String>,
-    /// TIME_WAIT only: how many sockets this entry stands for.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub count: Option<u32>,
-    /// TIME_WAIT only: seconds until the first of them expires.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub expires_in_s: Option<u32>,
-    /// The container the owner runs in, or, with `via`, whose published port it holds.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container: Option<Arc<ContainerRef>>,
-    /// `docker-proxy` or `dockerd`: the socket is a published port held for `container`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub via: Option<&'static str>,
-    /// With `via`: the container port it forwards to.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container_port: Option<u16>,
-    /// With `via`: `true` when no container the engines know runs or starts with this
-    /// port: the socket was left behind (cause `docker_stale`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stale: Option<bool>,
-}
+/// One entry of a conflict's `holders`: the schema's own type.
+pub use portwatch_schema::Holder;
 
 /// Where a holder stands in Docker, as the container index tells it.
 pub struct Placement {

@@ -420,7 +420,7 @@ fn published_port_makes_the_cause_docker_published() {
     };
     let a = t.attribute_with(&attempt("127.0.0.1", 8080, Proto::Tcp), &mut place);
     assert_eq!(a.cause, "docker_published");
-    assert_eq!(a.holders[0].via, Some("docker-proxy"));
+    assert_eq!(a.holders[0].via.as_deref(), Some("docker-proxy"));
     assert_eq!(
         a.holders[0].container.as_deref().map(|c| &*c.name),
         Some("web1")
