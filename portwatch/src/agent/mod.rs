@@ -7,6 +7,7 @@
 mod rings;
 mod sockdiag;
 
+use portwatch_schema::AgentEvent;
 use rings::{watch, LostCounter, Rings};
 use sockdiag::diag_loop;
 
@@ -177,26 +178,24 @@ fn startup_records(
     started: Instant,
 ) -> Vec<AgentRecord> {
     let mut out = vec![AgentRecord {
-        event: "ready",
-        version: Some(env!("CARGO_PKG_VERSION")),
+        version: Some(env!("CARGO_PKG_VERSION").to_owned()),
         pid: Some(std::process::id()),
-        mode: Some(if args.all_events { "all" } else { "default" }),
-        hooks: Some(probes.family().0.name()),
+        mode: Some(if args.all_events { "all" } else { "default" }.to_owned()),
+        hooks: Some(probes.family().0.name().to_owned()),
         hooks_why: probes.family().1.map(str::to_string),
         functions: (!probes.functions().is_empty()).then(|| probes.functions().to_vec()),
-        programs: Some(probes.attached().to_vec()),
+        programs: Some(probes.attached().iter().map(|p| (*p).to_owned()).collect()),
         ports: Some(args.ports.clone()),
         ringbuf_bytes: Some(args.ringbuf_size),
-        netns_source: Some(if netns_in_kernel { "kernel" } else { "procfs" }),
+        netns_source: Some(if netns_in_kernel { "kernel" } else { "procfs" }.to_owned()),
         tracefs_mounted: Some(tracefs_mounted),
         startup_ms: Some(started.elapsed().as_millis() as u64),
-        log_file: args.log_path(),
-        ..Default::default()
+        log_file: args.log_path().map(|p| p.display().to_string()),
+        ..AgentRecord::new(AgentEvent::Ready)
     }];
     let degraded = |reason: String| AgentRecord {
-        event: "degraded",
         reason: Some(reason),
-        ..Default::default()
+        ..AgentRecord::new(AgentEvent::Degraded)
     };
     if !problems.is_empty() {
         let reason = problems

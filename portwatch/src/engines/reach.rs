@@ -13,12 +13,9 @@ use serde::Serialize;
 
 use crate::{engines::containers::PortMap, state::table::Proto};
 
-/// A socket listening (TCP) or bound (UDP) on the container port, inside the container.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Listening {
-    pub addr: IpAddr,
-    pub port: u16,
-}
+/// A socket listening (TCP) or bound (UDP) on the container port, inside the container:
+/// the schema's own type.
+pub use portwatch_schema::Listening;
 
 /// Whether published traffic for `pm` can reach a listener. `listeners` are (proto, local
 /// address, port, listening-or-bound) of the namespace's sockets; `ips` the container's

@@ -1,22 +1,17 @@
 //! What metrics and `attach` filters read from a record: its type, the ports, pids and
-//! containers it names, its cause and counts. The agent takes them from the typed value as
-//! it writes it (`Keyed`), so no stage parses the agent's own JSON back; readers of a log
-//! file (`report`, a filter over old lines) take them from the parsed line
-//! (`Keys::from_value`), and both go through the same `Filter::matches_keys`.
+//! containers it names, its cause and counts. The agent takes them from the typed record as
+//! it writes it (`Keys::of_record`), so no stage parses the agent's own JSON back; readers
+//! of a log file (`report`, `tail`'s filter) take them from the same typed record read back,
+//! and from the raw JSON (`Keys::from_value`) only for a line the schema cannot read. All go
+//! through the same `Filter::matches_keys`.
 
 use std::sync::Arc;
 
 use portwatch_common::{Event, Kind};
-use portwatch_schema::{Cause, Text, Type};
+use portwatch_schema::{Actor, Body, Cause, ConflictActor, Record, Text, Type};
 use serde_json::Value;
 
-use crate::{
-    engines::containers::ContainerRef,
-    output::record::{
-        Actor, Conflict, Docker, Exit, Lost, Port, PortActor, PublishConflict, SockOp,
-    },
-    state::table::Holder,
-};
+use crate::{engines::containers::ContainerRef, state::table::Holder};
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Keys {
@@ -52,7 +47,7 @@ impl Keys {
         }
     }
 
-    fn actor(&mut self, a: &Actor<'_>) {
+    fn actor(&mut self, a: &Actor) {
         self.pids.push(a.pid);
         self.container(a.container.as_ref());
     }
@@ -146,93 +141,73 @@ impl Keys {
     }
 }
 
-/// A record that can say its keys.
-pub trait Keyed {
-    fn keys(&self) -> Keys;
-}
-
-impl Keyed for Conflict<'_> {
-    fn keys(&self) -> Keys {
-        let mut k = Keys::of("conflict");
-        k.ports.push(self.port);
-        if let Some(d) = &self.destination {
-            k.ports.push(d.port);
+impl Keys {
+    /// The keys of a typed record: the agent's own as it writes them, or a line read back.
+    pub fn of_record(r: &Record) -> Self {
+        let mut k = Keys::of(r.ty().known().unwrap_or("unknown"));
+        match &r.body {
+            Body::Conflict(c) => {
+                k.ports.push(c.port);
+                k.ports.extend(c.destination.as_ref().map(|d| d.port));
+                match &c.actor {
+                    ConflictActor::Process(a) => k.actor(a),
+                    ConflictActor::Container { container } => k.container(Some(container)),
+                }
+                k.holders(&c.holders);
+                // A name this version does not know counts as `unknown`.
+                k.cause = Some(match &c.cause {
+                    Cause::Other(_) => Cause::Unknown,
+                    known => known.clone(),
+                });
+                k.count = c.count;
+                k.netns = c.netns;
+            }
+            Body::Port(p) => {
+                k.ports.push(p.port);
+                if let Some(a) = &p.actor {
+                    k.pids.push(a.pid);
+                    k.container(a.container.as_ref());
+                }
+                k.netns = p.netns;
+            }
+            Body::Bind(o) | Body::Listen(o) | Body::Connect(o) | Body::Close(o) => {
+                k.ports.push(o.port);
+                k.ports.extend(o.rport);
+                k.actor(&o.actor);
+                k.netns = o.netns;
+            }
+            Body::Exit(x) => {
+                k.actor(&x.actor);
+                k.netns = x.netns;
+            }
+            Body::TcpState(t) => {
+                k.ports.extend([t.port, t.rport]);
+                k.pids.push(t.context_pid);
+                k.netns = t.netns;
+            }
+            Body::TimeWait(t) => {
+                k.netns = t.netns;
+                k.total = t.total;
+            }
+            Body::Pressure(p) => {
+                k.ports.push(p.port);
+                k.netns = p.netns;
+            }
+            Body::Lost(l) => {
+                k.count = l.count;
+                k.total = l.total;
+            }
+            Body::Docker(d) => {
+                k.ports.extend(d.host_port);
+                k.ports
+                    .extend(d.ports.iter().flatten().map(|m| m.host_port));
+                k.pids.extend(d.pid);
+                k.container(d.container.as_ref());
+                k.netns = d.netns.unwrap_or(0);
+            }
+            Body::Missed(m) => k.count = m.count,
+            Body::Agent(_) | Body::Unknown => {}
         }
-        k.actor(&self.actor);
-        k.holders(&self.holders);
-        k.cause = Some(self.cause.clone());
-        k.count = self.count;
-        k.netns = self.netns;
-        k
-    }
-}
-
-impl Keyed for PublishConflict<'_> {
-    fn keys(&self) -> Keys {
-        let mut k = Keys::of("conflict");
-        k.ports.push(self.port);
-        k.container(Some(&self.actor.container));
-        k.holders(&self.holders);
-        k.cause = Some(self.cause.clone());
-        k.count = self.count;
-        k.netns = self.netns;
-        k
-    }
-}
-
-impl Keyed for Port<'_> {
-    fn keys(&self) -> Keys {
-        let mut k = Keys::of("port");
-        k.ports.push(self.port);
-        if let Some(PortActor { pid, container, .. }) = &self.actor {
-            k.pids.push(*pid);
-            k.container(container.as_ref());
-        }
-        k.netns = self.netns;
-        k
-    }
-}
-
-impl Keyed for SockOp<'_> {
-    fn keys(&self) -> Keys {
-        let mut k = Keys::of(self.h.ty);
-        k.ports.push(self.port);
-        k.ports.extend(self.rport);
-        k.actor(&self.actor);
-        k.netns = self.netns;
-        k
-    }
-}
-
-impl Keyed for Exit<'_> {
-    fn keys(&self) -> Keys {
-        let mut k = Keys::of("exit");
-        k.actor(&self.actor);
-        k.netns = self.netns;
-        k
-    }
-}
-
-impl Keyed for Lost<'_> {
-    fn keys(&self) -> Keys {
-        let mut k = Keys::of("lost");
-        k.count = self.count;
-        k.total = self.total;
-        k
-    }
-}
-
-impl Keyed for Docker<'_> {
-    fn keys(&self) -> Keys {
-        let mut k = Keys::of("docker");
-        k.ports.extend(self.host_port);
-        k.ports
-            .extend(self.ports.into_iter().flatten().map(|m| m.host_port));
-        k.pids.extend(self.pid);
-        if let Some(c) = self.container {
-            k.containers.push(c.clone());
-        }
-        k.netns = self.netns.unwrap_or(0);
         k
     }
 }
@@ -281,10 +256,11 @@ mod tests {
 
     /// What the agent filters and counts a live record by is what a reader of its line
     /// gets: for a conflict with a container actor and a container holder, a bind, an exit
-    /// and a docker lifecycle record.
+    /// and a docker lifecycle record, the keys of the typed record equal those of its line
+    /// read back as JSON (the path for a line the schema cannot read).
     #[test]
     fn typed_keys_equal_the_keys_of_the_written_line() {
-        use crate::output::record::{self, Header};
+        use crate::output::record;
         let mut e = Event::zeroed();
         e.kind = portwatch_common::kind::BIND;
         e.ret = -98;
@@ -293,8 +269,9 @@ mod tests {
         e.port = 8080;
         e.family = portwatch_common::AF_INET;
         e.proto = portwatch_common::IPPROTO_TCP;
-        let mut c = record::conflict(Header::new("conflict", "h", 0), &e, Kind::Bind, 7, None);
-        c.actor.container = Some(container("web", "99c0b70358a8"));
+        let mut actor = record::actor(&e, None);
+        actor.container = Some(container("web", "99c0b70358a8"));
+        let mut c = record::conflict("ts", &e, Kind::Bind, 7, actor);
         c.holders.push(Holder {
             pid: Some(9),
             comm: Some("nginx".into()),
@@ -315,31 +292,28 @@ mod tests {
         });
         c.cause = Cause::Listener;
         c.count = 4;
-        let line = serde_json::to_value(&c).unwrap();
-        assert_eq!(norm(c.keys()), norm(Keys::from_value(&line)));
-
-        let op = record::sock_op(Header::new("bind", "h", 0), &e, 7, None);
-        let line = serde_json::to_value(&op).unwrap();
-        assert_eq!(norm(op.keys()), norm(Keys::from_value(&line)));
-
-        let x = Exit {
-            h: Header::new("exit", "h", 0),
-            netns: 7,
-            actor: Actor::from_event(&e, None),
-        };
-        let line = serde_json::to_value(&x).unwrap();
-        assert_eq!(norm(x.keys()), norm(Keys::from_value(&line)));
-
         let web = container("web", "99c0b70358a8");
-        let d = Docker {
-            event: "die",
-            container: Some(&web),
+        let d = portwatch_schema::Docker {
+            container: Some(web),
             pid: Some(5),
-            ..Default::default()
+            ..portwatch_schema::Docker::new(portwatch_schema::DockerEvent::Die)
         };
-        let mut line = serde_json::to_value(&d).unwrap();
-        line["type"] = "docker".into();
-        assert_eq!(norm(d.keys()), norm(Keys::from_value(&line)));
+        let host = Text::from("h");
+        for body in [
+            Body::Conflict(c),
+            record::sock_op(&e, Kind::Bind, 7, record::actor(&e, None)),
+            Body::Exit(portwatch_schema::Exit {
+                netns: 7,
+                actor: record::actor(&e, None),
+            }),
+            Body::Docker(d),
+        ] {
+            let r = record::record(&host, 0, body);
+            let line = serde_json::to_value(&r).unwrap();
+            let typed = Keys::of_record(&r);
+            assert!(!typed.ports.is_empty() || !typed.pids.is_empty(), "{r:?}");
+            assert_eq!(norm(typed), norm(Keys::from_value(&line)), "{line}");
+        }
     }
 
     #[test]

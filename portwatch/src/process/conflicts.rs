@@ -299,28 +299,24 @@ impl Processor {
                 });
             }
         }
-        let mut r = record::conflict(
-            Header::new("conflict", "", wall),
-            e,
-            k,
-            netns,
-            c.cmdline.clone(),
-        );
-        r.count = c.span.count;
-        r.first_ts = decode::rfc3339(c.span.first_ns);
-        r.last_ts = decode::rfc3339(c.span.last_ns);
+        let mut actor = record::actor(e, c.cmdline.clone());
         match &publishing {
             Some((c, via)) => {
-                r.actor.container = Some(c.r.clone());
-                r.actor.via = Some(via);
+                actor.container = Some(c.r.clone());
+                actor.via = Some(Text::from_static(via));
             }
             None => {
-                r.actor.container = self
+                actor.container = self
                     .docker
                     .container_of(e.pid, netns, e.cgroup_id)
                     .map(|c| c.r.clone());
             }
         }
+        let ts = decode::rfc3339(wall);
+        let mut r = record::conflict(&ts, e, k, netns, actor);
+        r.count = c.span.count;
+        r.first_ts = decode::rfc3339(c.span.first_ns);
+        r.last_ts = decode::rfc3339(c.span.last_ns);
         if k != Kind::Connect {
             if let Some(proto) = proto_of(e.proto) {
                 let attempt = Attempt {
@@ -331,7 +327,7 @@ impl Processor {
                     op_listen: k == Kind::Listen,
                     actor_sk: e.sk,
                     now_ns: wall,
-                    proto_name: r.proto,
+                    proto_name: proto.name(),
                     publishing: publishing.as_ref().map(|(c, _)| &*c.r.name),
                     ephemeral: self.port_range(netns),
                 };
@@ -361,10 +357,12 @@ impl Processor {
         } else if let Some(f) = &fresh {
             apply_counts(&mut r, e, f);
         }
-        let host = std::mem::take(&mut self.cfg.host);
-        r.h.host = &host;
-        self.emit(&r);
-        self.cfg.host = host;
+        self.emit(&Record {
+            v: record::SCHEMA_VERSION,
+            ts: Some(ts),
+            host: Some(self.host.clone()),
+            body: Body::Conflict(r),
+        });
     }
 }
 
@@ -372,7 +370,7 @@ impl Processor {
 /// unless it has none and the record does; its reason when the cause stays unknown (with
 /// why no re-read could be had).
 fn take_attribution(
-    r: &mut record::Conflict<'_>,
+    r: &mut portwatch_schema::Conflict,
     a: table::Attribution,
     e: &Event,
     fresh: Option<&Freshness>,

@@ -24,19 +24,18 @@ impl Processor {
                     m.set_docker_connected(true);
                 }
                 let running = c.containers.iter().filter(|c| c.state.is_live()).count();
-                let r = record::Docker {
-                    event: "connected",
-                    endpoint: Some(&c.endpoint),
-                    engine: Some(c.engine),
-                    api_version: Some(&c.api_version),
-                    server_version: Some(&c.server_version),
-                    containers: Some(c.containers.len()),
-                    running: Some(running),
+                let r = portwatch_schema::Docker {
+                    endpoint: Some(c.endpoint.to_string()),
+                    engine: Some(c.engine.to_owned()),
+                    api_version: Some(c.api_version.clone()),
+                    server_version: Some(c.server_version.clone()),
+                    containers: Some(c.containers.len() as u64),
+                    running: Some(running as u64),
                     sync_ms: Some(c.sync_ms),
                     cgroup: Some(c.cgroup),
-                    ..Default::default()
+                    ..portwatch_schema::Docker::new(DockerEvent::Connected)
                 };
-                self.emit_line("docker", c.ts_ns, r);
+                self.emit_body(c.ts_ns, Body::Docker(r));
             }
             DockerMsg::Unavailable {
                 endpoint,
@@ -51,13 +50,12 @@ impl Processor {
                     m.set_docker_connected(self.docker.connected());
                 }
                 self.release_pending(|_| true, None);
-                let r = record::Docker {
-                    event: "unavailable",
-                    endpoint: Some(&endpoint),
-                    reason: Some(&reason),
-                    ..Default::default()
+                let r = portwatch_schema::Docker {
+                    endpoint: Some(endpoint.to_string()),
+                    reason: Some(reason),
+                    ..portwatch_schema::Docker::new(DockerEvent::Unavailable)
                 };
-                self.emit_line("docker", ts_ns, r);
+                self.emit_body(ts_ns, Body::Docker(r));
             }
             DockerMsg::Upsert(c) => self.docker.upsert(c),
             DockerMsg::Lifecycle(l) => {
@@ -74,8 +72,9 @@ impl Processor {
                     self.reach_wait.retain(|(x, _)| *x != id);
                     self.unreachable.retain(|(x, ..)| *x != id);
                 }
-                let r = record::Docker::lifecycle(l.event, &l.container, l.exit_code, l.missed);
-                self.emit_line("docker", l.ts_ns, r);
+                let event = DockerEvent::parse(l.event);
+                let r = record::lifecycle(event, &l.container, l.exit_code, l.missed);
+                self.emit_body(l.ts_ns, Body::Docker(r));
             }
             DockerMsg::StartFailed {
                 container,
@@ -131,32 +130,38 @@ impl Processor {
         let holders = self.publish_holders(b, proto, ip, port, ts_ns, publisher.as_ref());
         let (hint, reason) = publish_hint(b, publisher.as_ref(), proto.name(), ip, port);
         let overlap = holders.first().map(|h| h.overlap);
-        let host = std::mem::take(&mut self.cfg.host);
-        let h = Header::new("conflict", &host, ts_ns);
-        let r = record::PublishConflict {
-            count: 1,
-            first_ts: h.ts.clone(),
-            last_ts: h.ts.clone(),
-            h,
+        let ts = decode::rfc3339(ts_ns);
+        let r = portwatch_schema::Conflict {
             op: Op::DockerPublish,
-            error: "port_already_allocated",
-            proto: proto.name(),
-            family: if ip.is_ipv4() { "ipv4" } else { "ipv6" },
+            error: portwatch_schema::Error::PortAlreadyAllocated,
+            errno: None,
+            proto: proto.schema(),
+            family: record::family_of_addr(ip),
             addr: ip,
             port,
             netns: self.docker.host_netns(),
-            actor: record::ContainerActor {
+            fd: None,
+            actor: portwatch_schema::ConflictActor::Container {
                 container: b.r.clone(),
             },
             holders,
             cause: Cause::PortAlreadyAllocated,
             overlap,
+            destination: None,
             hint,
-            docker_error: error.to_string(),
+            docker_error: Some(error.to_string()),
             reason,
+            // Always 1: dockerd refuses each start once (see `burst`).
+            count: 1,
+            first_ts: ts.clone(),
+            last_ts: ts.clone(),
         };
-        self.emit(&r);
-        self.cfg.host = host;
+        self.emit(&Record {
+            v: record::SCHEMA_VERSION,
+            ts: Some(ts),
+            host: Some(self.host.clone()),
+            body: Body::Conflict(r),
+        });
     }
 
     /// Was this refusal (container, address, port) reported in the last 10 s? Records it.

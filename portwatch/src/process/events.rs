@@ -151,27 +151,30 @@ impl Processor {
         wall: i128,
         keyed: bool,
     ) -> Option<Keys> {
-        let keys_of = |r: &dyn Keyed| if keyed { r.keys() } else { Keys::default() };
-        let host = std::mem::take(&mut self.cfg.host);
+        let keys_of = |r: &Record| {
+            if keyed {
+                Keys::of_record(r)
+            } else {
+                Keys::default()
+            }
+        };
         self.buf.clear();
         let keys = match k {
-            Kind::Bind | Kind::Listen | Kind::Connect | Kind::Close => {
-                let comm = decode::comm(&e.comm);
-                let cmdline = self.procs.cmdline(e.pid, e.tid, &comm);
-                let mut r = record::sock_op(Header::new(k.name(), &host, wall), e, netns, cmdline);
-                r.actor.container = self.container_ref(e, netns);
-                serde_json::to_writer(&mut self.buf, &r)
-                    .is_ok()
-                    .then(|| keys_of(&r))
-            }
-            Kind::Exit => {
-                let mut actor = record::Actor::from_event(e, None);
-                actor.container = self.container_ref(e, netns);
-                let r = record::Exit {
-                    h: Header::new("exit", &host, wall),
-                    netns,
-                    actor,
+            Kind::Bind | Kind::Listen | Kind::Connect | Kind::Close | Kind::Exit => {
+                let cmdline = if k == Kind::Exit {
+                    None
+                } else {
+                    let comm = decode::comm(&e.comm);
+                    self.procs.cmdline(e.pid, e.tid, &comm)
                 };
+                let mut actor = record::actor(e, cmdline);
+                actor.container = self.container_ref(e, netns);
+                let body = if k == Kind::Exit {
+                    Body::Exit(portwatch_schema::Exit { netns, actor })
+                } else {
+                    record::sock_op(e, k, netns, actor)
+                };
+                let r = record::record(&self.host, wall, body);
                 serde_json::to_writer(&mut self.buf, &r)
                     .is_ok()
                     .then(|| keys_of(&r))
@@ -186,7 +189,6 @@ impl Processor {
                 })
             }
         };
-        self.cfg.host = host;
         self.buf.push(b'\n');
         if keys.is_none() {
             self.failed_encodes += 1;

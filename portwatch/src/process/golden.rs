@@ -4,24 +4,18 @@
 //! each expected line below is the contract, not a snapshot to refresh.
 
 use super::*;
-use crate::{
-    engines::{
-        containers::{CgroupMode, ContainerRef, Network},
-        reach::Listening,
-    },
-    model::Overlap,
-    output::record::{ContainerActor, Destination, Docker, Exit, Lost, Port, PortActor},
+use crate::{engines::containers::ContainerRef, model::Overlap};
+use portwatch_schema::{
+    Busiest, CgroupMode, ConflictActor, Destination, Docker, Ephemeral, Exit, Listening, Lost,
+    Network, Port, PortActor, PortCount, PortMap, Pressure, RemoteCount, TimeWait,
 };
 
 const WALL: i128 = 1_764_000_000_123_456_789;
 const NS: u32 = 4_026_531_840;
 
-fn line<T: Serialize>(ty: &'static str, body: T) -> String {
-    serde_json::to_string(&Line {
-        h: Header::new(ty, "lab1", WALL),
-        body,
-    })
-    .unwrap()
+/// The line the agent writes for `body`.
+fn line(body: Body) -> String {
+    serde_json::to_string(&record::record(&Text::from("lab1"), WALL, body)).unwrap()
 }
 
 fn web() -> Arc<ContainerRef> {
@@ -97,22 +91,17 @@ fn same(got: &str, want: &str) {
 #[test]
 fn conflict_bind() {
     let e = event(kind::BIND, -98);
-    let cmd = Some(Arc::from("nginx -g daemon off;"));
-    let mut r = record::conflict(
-        Header::new("conflict", "lab1", WALL),
-        &e,
-        Kind::Bind,
-        NS,
-        cmd,
-    );
-    r.actor.container = Some(web());
+    let mut actor = record::actor(&e, Some(Arc::from("nginx -g daemon off;")));
+    actor.container = Some(web());
+    let ts = decode::rfc3339(WALL);
+    let mut r = record::conflict(&ts, &e, Kind::Bind, NS, actor);
     r.holders.push(listener());
     r.cause = Cause::Listener;
     r.overlap = Some(Overlap::Wildcard);
     r.hint = "pid 17 (python3) listens on 0.0.0.0:8080; stop it or bind another port".into();
     r.reason = None;
     same(
-        &serde_json::to_string(&r).unwrap(),
+        &line(Body::Conflict(r)),
         r#"{"v":1,"ts":"2025-11-24T16:00:00.123456789Z","type":"conflict","host":"lab1","op":"bind","error":"EADDRINUSE","errno":98,"proto":"tcp","family":"ipv4","addr":"127.0.0.1","port":8080,"netns":4026531840,"fd":3,"actor":{"pid":4242,"tid":4243,"comm":"nginx","uid":1000,"cmdline":"nginx -g daemon off;","cgroup_id":77,"container":{"id":"99c0b70358a8","engine":"docker","name":"web1","image":"nginx:1.27","compose_project":"shop","compose_service":"web"}},"holders":[{"pid":17,"comm":"python3","cmdline":"python3 -m http.server 8080","uid":0,"state":"LISTEN","proto":"tcp","addr":"0.0.0.0","port":8080,"overlap":"wildcard","since":"2025-11-24T15:59:00.000000000Z","container":{"id":"99c0b70358a8","engine":"docker","name":"web1","image":"nginx:1.27","compose_project":"shop","compose_service":"web"}}],"cause":"listener","overlap":"wildcard","hint":"pid 17 (python3) listens on 0.0.0.0:8080; stop it or bind another port","count":1,"first_ts":"2025-11-24T16:00:00.123456789Z","last_ts":"2025-11-24T16:00:00.123456789Z"}"#,
     );
 }
@@ -122,13 +111,8 @@ fn conflict_connect_with_destination() {
     let mut e = event(kind::CONNECT, -99);
     e.raddr[..4].copy_from_slice(&[10, 0, 0, 5]);
     e.rport = 5432;
-    let mut r = record::conflict(
-        Header::new("conflict", "lab1", WALL),
-        &e,
-        Kind::Connect,
-        NS,
-        None,
-    );
+    let ts = decode::rfc3339(WALL);
+    let mut r = record::conflict(&ts, &e, Kind::Connect, NS, record::actor(&e, None));
     r.destination = Some(Destination {
         addr: "10.0.0.5".parse().unwrap(),
         port: 5432,
@@ -139,39 +123,41 @@ fn conflict_connect_with_destination() {
     });
     r.count = 250;
     same(
-        &serde_json::to_string(&r).unwrap(),
+        &line(Body::Conflict(r)),
         r#"{"v":1,"ts":"2025-11-24T16:00:00.123456789Z","type":"conflict","host":"lab1","op":"connect","error":"EADDRNOTAVAIL","errno":99,"proto":"tcp","family":"ipv4","addr":"10.0.0.5","port":5432,"netns":4026531840,"fd":3,"actor":{"pid":4242,"tid":4243,"comm":"nginx","uid":1000,"cmdline":null,"cgroup_id":77},"holders":[],"cause":"ephemeral_exhausted","destination":{"addr":"10.0.0.5","port":5432,"in_use":28231,"time_wait":1000,"range":[32768,60999],"as_of":"2025-11-24T16:00:00.128456789Z"},"hint":"no free local port toward this destination; widen net.ipv4.ip_local_port_range or reuse connections","count":250,"first_ts":"2025-11-24T16:00:00.123456789Z","last_ts":"2025-11-24T16:00:00.123456789Z"}"#,
     );
 }
 
 #[test]
 fn conflict_docker_publish() {
-    let h = Header::new("conflict", "lab1", WALL);
+    let ts = decode::rfc3339(WALL);
     let mut holder = listener();
     holder.via = Some("docker-proxy".into());
     holder.container_port = Some(80);
-    let r = record::PublishConflict {
-        count: 1,
-        first_ts: h.ts.clone(),
-        last_ts: h.ts.clone(),
-        h,
+    let r = portwatch_schema::Conflict {
         op: Op::DockerPublish,
-        error: "port_already_allocated",
-        proto: "tcp",
-        family: "ipv4",
+        error: portwatch_schema::Error::PortAlreadyAllocated,
+        errno: None,
+        proto: portwatch_schema::Proto::Tcp,
+        family: portwatch_schema::Family::Ipv4,
         addr: "0.0.0.0".parse().unwrap(),
         port: 8080,
         netns: NS,
-        actor: ContainerActor { container: web() },
+        fd: None,
+        actor: ConflictActor::Container { container: web() },
         holders: vec![holder],
         cause: Cause::PortAlreadyAllocated,
         overlap: Some(Overlap::Exact),
+        destination: None,
         hint: "container web1 already publishes 0.0.0.0:8080 -> 80/tcp".into(),
-        docker_error: "Bind for 0.0.0.0:8080 failed: port is already allocated".into(),
+        docker_error: Some("Bind for 0.0.0.0:8080 failed: port is already allocated".into()),
         reason: None,
+        count: 1,
+        first_ts: ts.clone(),
+        last_ts: ts,
     };
     same(
-        &serde_json::to_string(&r).unwrap(),
+        &line(Body::Conflict(r)),
         r#"{"v":1,"ts":"2025-11-24T16:00:00.123456789Z","type":"conflict","host":"lab1","op":"docker_publish","error":"port_already_allocated","proto":"tcp","family":"ipv4","addr":"0.0.0.0","port":8080,"netns":4026531840,"actor":{"container":{"id":"99c0b70358a8","engine":"docker","name":"web1","image":"nginx:1.27","compose_project":"shop","compose_service":"web"}},"holders":[{"pid":17,"comm":"python3","cmdline":"python3 -m http.server 8080","uid":0,"state":"LISTEN","proto":"tcp","addr":"0.0.0.0","port":8080,"overlap":"wildcard","since":"2025-11-24T15:59:00.000000000Z","container":{"id":"99c0b70358a8","engine":"docker","name":"web1","image":"nginx:1.27","compose_project":"shop","compose_service":"web"},"via":"docker-proxy","container_port":80}],"cause":"port_already_allocated","overlap":"exact","hint":"container web1 already publishes 0.0.0.0:8080 -> 80/tcp","docker_error":"Bind for 0.0.0.0:8080 failed: port is already allocated","count":1,"first_ts":"2025-11-24T16:00:00.123456789Z","last_ts":"2025-11-24T16:00:00.123456789Z"}"#,
     );
 }
@@ -188,10 +174,9 @@ fn port_open_and_close() {
         })
     };
     let open = Port {
-        h: Header::new("port", "lab1", WALL),
-        event: "open",
-        proto: "tcp",
-        family: "ipv4",
+        event: portwatch_schema::PortEvent::Open,
+        proto: portwatch_schema::Proto::Tcp,
+        family: portwatch_schema::Family::Ipv4,
         addr: "0.0.0.0".parse().unwrap(),
         port: 8080,
         netns: NS,
@@ -203,21 +188,20 @@ fn port_open_and_close() {
         reason: None,
     };
     same(
-        &serde_json::to_string(&open).unwrap(),
+        &line(Body::Port(open.clone())),
         r#"{"v":1,"ts":"2025-11-24T16:00:00.123456789Z","type":"port","host":"lab1","event":"open","proto":"tcp","family":"ipv4","addr":"0.0.0.0","port":8080,"netns":4026531840,"actor":{"pid":17,"comm":"python3","cmdline":null,"uid":0,"container":{"id":"99c0b70358a8","engine":"docker","name":"web1","image":"nginx:1.27","compose_project":"shop","compose_service":"web"}},"existing":true}"#,
     );
     let close = Port {
-        h: Header::new("port", "lab1", WALL),
-        event: "close",
+        event: portwatch_schema::PortEvent::Close,
         existing: None,
         since: Some("2025-11-24T15:59:00.000000000Z".into()),
         held_s: Some(61.5),
         restarts: Some(2),
-        reason: Some("gone"),
+        reason: Some("gone".into()),
         ..open
     };
     same(
-        &serde_json::to_string(&close).unwrap(),
+        &line(Body::Port(close)),
         r#"{"v":1,"ts":"2025-11-24T16:00:00.123456789Z","type":"port","host":"lab1","event":"close","proto":"tcp","family":"ipv4","addr":"0.0.0.0","port":8080,"netns":4026531840,"actor":{"pid":17,"comm":"python3","cmdline":null,"uid":0,"container":{"id":"99c0b70358a8","engine":"docker","name":"web1","image":"nginx:1.27","compose_project":"shop","compose_service":"web"}},"since":"2025-11-24T15:59:00.000000000Z","held_s":61.5,"restarts":2,"reason":"gone"}"#,
     );
 }
@@ -225,27 +209,26 @@ fn port_open_and_close() {
 #[test]
 fn socket_calls_and_exit() {
     let e = event(kind::BIND, 0);
-    let r = record::sock_op(Header::new("bind", "lab1", WALL), &e, NS, None);
+    let r = record::sock_op(&e, Kind::Bind, NS, record::actor(&e, None));
     same(
-        &serde_json::to_string(&r).unwrap(),
+        &line(r),
         r#"{"v":1,"ts":"2025-11-24T16:00:00.123456789Z","type":"bind","host":"lab1","result":"ok","errno":0,"proto":"tcp","family":"ipv4","addr":"127.0.0.1","port":8080,"netns":4026531840,"fd":3,"actor":{"pid":4242,"tid":4243,"comm":"nginx","uid":1000,"cmdline":null,"cgroup_id":77}}"#,
     );
     let mut c = event(kind::CONNECT, -111);
     c.raddr[..4].copy_from_slice(&[10, 0, 0, 5]);
     c.rport = 5432;
     c.port = 40000;
-    let r = record::sock_op(Header::new("connect", "lab1", WALL), &c, NS, None);
+    let r = record::sock_op(&c, Kind::Connect, NS, record::actor(&c, None));
     same(
-        &serde_json::to_string(&r).unwrap(),
+        &line(r),
         r#"{"v":1,"ts":"2025-11-24T16:00:00.123456789Z","type":"connect","host":"lab1","result":"ECONNREFUSED","errno":111,"proto":"tcp","family":"ipv4","addr":"127.0.0.1","port":40000,"raddr":"10.0.0.5","rport":5432,"netns":4026531840,"fd":3,"actor":{"pid":4242,"tid":4243,"comm":"nginx","uid":1000,"cmdline":null,"cgroup_id":77}}"#,
     );
     let x = Exit {
-        h: Header::new("exit", "lab1", WALL),
         netns: NS,
-        actor: record::Actor::from_event(&e, None),
+        actor: record::actor(&e, None),
     };
     same(
-        &serde_json::to_string(&x).unwrap(),
+        &line(Body::Exit(x)),
         r#"{"v":1,"ts":"2025-11-24T16:00:00.123456789Z","type":"exit","host":"lab1","netns":4026531840,"actor":{"pid":4242,"tid":4243,"comm":"nginx","uid":1000,"cmdline":null,"cgroup_id":77}}"#,
     );
 }
@@ -268,15 +251,14 @@ fn tcp_state() {
 #[test]
 fn lost() {
     let r = Lost {
-        h: Header::new("lost", "lab1", WALL),
         count: 12,
         kernel: 10,
         agent: 2,
-        by_kind: BTreeMap::from([("bind", 9), ("close", 3)]),
+        by_kind: BTreeMap::from([("bind".into(), 9), ("close".into(), 3)]),
         total: 40,
     };
     same(
-        &serde_json::to_string(&r).unwrap(),
+        &line(Body::Lost(r)),
         r#"{"v":1,"ts":"2025-11-24T16:00:00.123456789Z","type":"lost","host":"lab1","count":12,"kernel":10,"agent":2,"by_kind":{"bind":9,"close":3},"total":40}"#,
     );
 }
@@ -284,53 +266,48 @@ fn lost() {
 #[test]
 fn docker_records() {
     let connected = Docker {
-        event: "connected",
-        endpoint: Some("unix:///var/run/docker.sock"),
-        engine: Some("docker"),
-        api_version: Some("1.41"),
-        server_version: Some("20.10.24"),
+        endpoint: Some("unix:///var/run/docker.sock".into()),
+        engine: Some("docker".into()),
+        api_version: Some("1.41".into()),
+        server_version: Some("20.10.24".into()),
         containers: Some(3),
         running: Some(2),
         sync_ms: Some(12),
         cgroup: Some(CgroupMode::Hybrid),
-        ..Default::default()
+        ..Docker::new(portwatch_schema::DockerEvent::Connected)
     };
     same(
-        &line("docker", connected),
+        &line(Body::Docker(connected)),
         r#"{"v":1,"ts":"2025-11-24T16:00:00.123456789Z","type":"docker","host":"lab1","event":"connected","endpoint":"unix:///var/run/docker.sock","engine":"docker","api_version":"1.41","server_version":"20.10.24","containers":3,"running":2,"sync_ms":12,"cgroup":"hybrid"}"#,
     );
-    let nets = [Network {
+    let nets = vec![Network {
         name: "bridge".into(),
         ip: Some("172.17.0.2".parse().unwrap()),
     }];
-    let ports = [PortMap {
-        proto: Proto::Tcp,
+    let ports = vec![PortMap {
+        proto: portwatch_schema::Proto::Tcp,
         host_ip: "0.0.0.0".parse().unwrap(),
         host_port: 8080,
-        host_port_end: 8080,
         container_port: 80,
     }];
-    let w = web();
     let start = Docker {
-        event: "start",
-        container: Some(&w),
+        container: Some(web()),
         pid: Some(5151),
         netns: Some(4_026_532_100),
         cgroup_id: Some(9876),
-        cgroup_path: Some("/system.slice/docker-99c0b70358a8.scope"),
-        network_mode: Some("bridge"),
-        networks: Some(&nets),
-        ports: Some(&ports),
-        ..Default::default()
+        cgroup_path: Some("/system.slice/docker-99c0b70358a8.scope".into()),
+        network_mode: Some("bridge".into()),
+        networks: Some(nets),
+        ports: Some(ports),
+        ..Docker::new(portwatch_schema::DockerEvent::Start)
     };
     same(
-        &line("docker", start),
+        &line(Body::Docker(start)),
         r#"{"v":1,"ts":"2025-11-24T16:00:00.123456789Z","type":"docker","host":"lab1","event":"start","container":{"id":"99c0b70358a8","engine":"docker","name":"web1","image":"nginx:1.27","compose_project":"shop","compose_service":"web"},"pid":5151,"netns":4026532100,"cgroup_id":9876,"cgroup_path":"/system.slice/docker-99c0b70358a8.scope","network_mode":"bridge","networks":[{"name":"bridge","ip":"172.17.0.2"}],"ports":[{"proto":"tcp","host_ip":"0.0.0.0","host_port":8080,"container_port":80}]}"#,
     );
     let unreachable = Docker {
-        event: "unreachable",
-        container: Some(&w),
-        proto: Some("tcp"),
+        container: Some(web()),
+        proto: Some(portwatch_schema::Proto::Tcp),
         host_ip: Some("0.0.0.0".parse().unwrap()),
         host_port: Some(8080),
         container_port: Some(80),
@@ -339,10 +316,10 @@ fn docker_records() {
             port: 80,
         }]),
         hint: Some("web1 listens on 127.0.0.1:80 only; listen on 0.0.0.0".into()),
-        ..Default::default()
+        ..Docker::new(portwatch_schema::DockerEvent::Unreachable)
     };
     same(
-        &line("docker", unreachable),
+        &line(Body::Docker(unreachable)),
         r#"{"v":1,"ts":"2025-11-24T16:00:00.123456789Z","type":"docker","host":"lab1","event":"unreachable","container":{"id":"99c0b70358a8","engine":"docker","name":"web1","image":"nginx:1.27","compose_project":"shop","compose_service":"web"},"proto":"tcp","host_ip":"0.0.0.0","host_port":8080,"container_port":80,"listening":[{"addr":"127.0.0.1","port":80}],"hint":"web1 listens on 127.0.0.1:80 only; listen on 0.0.0.0"}"#,
     );
 }
@@ -350,27 +327,25 @@ fn docker_records() {
 #[test]
 fn agent_records() {
     let ready = AgentRecord {
-        event: "ready",
-        version: Some("0.1.0"),
+        version: Some("0.1.0".into()),
         pid: Some(14125),
-        mode: Some("default"),
-        hooks: Some("tracepoint"),
-        programs: Some(vec!["sys_enter_bind", "sys_exit_bind"]),
+        mode: Some("default".into()),
+        hooks: Some("tracepoint".into()),
+        programs: Some(vec!["sys_enter_bind".into(), "sys_exit_bind".into()]),
         ports: Some(vec![]),
         ringbuf_bytes: Some(4_194_304),
-        netns_source: Some("kernel"),
+        netns_source: Some("kernel".into()),
         tracefs_mounted: Some(false),
         startup_ms: Some(376),
         table_size: Some(40),
         namespaces: Some(3),
-        ..Default::default()
+        ..AgentRecord::new(AgentEvent::Ready)
     };
     same(
-        &line("agent", ready),
+        &line(Body::Agent(ready)),
         r#"{"v":1,"ts":"2025-11-24T16:00:00.123456789Z","type":"agent","host":"lab1","event":"ready","version":"0.1.0","pid":14125,"mode":"default","hooks":"tracepoint","programs":["sys_enter_bind","sys_exit_bind"],"ports":[],"ringbuf_bytes":4194304,"netns_source":"kernel","tracefs_mounted":false,"startup_ms":376,"table_size":40,"namespaces":3}"#,
     );
     let stopped = AgentRecord {
-        event: "stopped",
         records: Some(2),
         lost_total: Some(0),
         log_write_errors: Some(0),
@@ -378,10 +353,10 @@ fn agent_records() {
         drift_healed: Some(1),
         unwritten: Some(0),
         uptime_s: Some(2.884),
-        ..Default::default()
+        ..AgentRecord::new(AgentEvent::Stopped)
     };
     same(
-        &line("agent", stopped),
+        &line(Body::Agent(stopped)),
         r#"{"v":1,"ts":"2025-11-24T16:00:00.123456789Z","type":"agent","host":"lab1","event":"stopped","records":2,"lost_total":0,"log_write_errors":0,"stdout_write_errors":0,"drift_healed":1,"unwritten":0,"uptime_s":2.884}"#,
     );
 }
@@ -393,7 +368,7 @@ fn time_wait_and_pressure() {
         total: 1200,
         entered: 300,
         expired: 250,
-        counted_by: "dumps",
+        counted_by: "dumps".into(),
         by_local_port: vec![PortCount {
             port: 8080,
             count: 900,
@@ -414,7 +389,7 @@ fn time_wait_and_pressure() {
         },
     };
     same(
-        &line("time_wait", tw),
+        &line(Body::TimeWait(tw)),
         r#"{"v":1,"ts":"2025-11-24T16:00:00.123456789Z","type":"time_wait","host":"lab1","netns":4026531840,"total":1200,"entered":300,"expired":250,"counted_by":"dumps","by_local_port":[{"port":8080,"count":900}],"by_remote":[{"addr":"10.0.0.5","port":5432,"count":300}],"ephemeral":{"range":[32768,60999],"busiest":{"addr":"10.0.0.5","port":5432,"in_use":300,"pct":1.1}}}"#,
     );
     let p = Pressure {
@@ -428,7 +403,7 @@ fn time_wait_and_pressure() {
         hint: "20000 of 28232 local ports toward 10.0.0.5:5432 are taken".into(),
     };
     same(
-        &line("pressure", p),
+        &line(Body::Pressure(p)),
         r#"{"v":1,"ts":"2025-11-24T16:00:00.123456789Z","type":"pressure","host":"lab1","netns":4026531840,"addr":"10.0.0.5","port":5432,"in_use":20000,"range":[32768,60999],"pct":70.8,"threshold_pct":50.0,"hint":"20000 of 28232 local ports toward 10.0.0.5:5432 are taken"}"#,
     );
 }

@@ -14,8 +14,7 @@ use std::{
 };
 
 use portwatch_common::{kind, Event, Kind, IPPROTO_TCP, IPPROTO_UDP};
-use portwatch_schema::{Cause, Op, Text};
-use serde::Serialize;
+use portwatch_schema::{AgentEvent, Body, Cause, DockerEvent, Op, Text};
 use tokio::sync::{mpsc, oneshot};
 
 mod conflicts;
@@ -34,8 +33,8 @@ mod time_wait;
 
 pub use msg::{count_toward, Fresh, FreshData, FreshRequest, Msg, KINDS};
 use queries::place;
+use records::top_n;
 pub use records::AgentRecord;
-use records::{top_n, Busiest, Ephemeral, Line, PortCount, Pressure, RemoteCount, TimeWait};
 
 pub use snapshot::{Snapshot, SnapshotBuilder};
 use snapshot::{TwCounts, DEFAULT_PORT_RANGE};
@@ -46,9 +45,9 @@ use crate::{
     host::diag,
     host::enrich::ProcCache,
     kernel::decode::{self, Clock},
-    output::keys::{Keyed, Keys},
+    output::keys::Keys,
     output::metrics::Metrics,
-    output::record::{self, Header},
+    output::record::{self, Record},
     output::sink::{LogEvent, Output},
     state::burst::{Bursts, Span, Verdict},
     state::service::{self, Services},
@@ -155,6 +154,8 @@ struct Processor {
     /// fast path (`--all-events`).
     ts_cache: decode::TsCache,
     host_json: Vec<u8>,
+    /// `cfg.host`, shared by every record.
+    host: Text,
     lost_total: u64,
     unknown_kinds: u64,
     /// Records serde could not encode (none expected; counted, shown in `status`).
@@ -258,7 +259,7 @@ struct PendingBind {
 /// or TIME_WAIT) when its namespace was re-read, against the namespace's
 /// ip_local_port_range. `destination.as_of` says when: the counts describe the dump, taken
 /// after the failure, not the failure's own moment.
-fn apply_counts(r: &mut record::Conflict<'_>, e: &Event, f: &Freshness) {
+fn apply_counts(r: &mut portwatch_schema::Conflict, e: &Event, f: &Freshness) {
     let dst = SocketAddr::new(decode::ip(e.family, &e.raddr), e.rport);
     let Some((in_use, tw, range, as_of)) = f.counts else {
         if let Some(why) = &f.failed {
@@ -268,7 +269,7 @@ fn apply_counts(r: &mut record::Conflict<'_>, e: &Event, f: &Freshness) {
         }
         return;
     };
-    r.destination = Some(record::Destination {
+    r.destination = Some(portwatch_schema::Destination {
         addr: dst.ip(),
         port: dst.port(),
         in_use,
@@ -379,6 +380,7 @@ pub fn run(mut rx: mpsc::Receiver<Msg>, out: Output, cfg: Config, started: Insta
 impl Processor {
     fn new(out: Output, cfg: Config, started: Instant) -> Processor {
         let host_json = serde_json::to_vec(&cfg.host).unwrap_or_else(|_| b"\"\"".to_vec());
+        let host = Text::copy(&cfg.host);
         Processor {
             out,
             cfg,
@@ -390,6 +392,7 @@ impl Processor {
             buf: Vec::with_capacity(1024),
             ts_cache: decode::TsCache::default(),
             host_json,
+            host,
             lost_total: 0,
             unknown_kinds: 0,
             failed_encodes: 0,
@@ -482,12 +485,12 @@ impl Processor {
     }
 
     fn agent_record(&mut self, mut r: AgentRecord) {
-        if r.event == "ready" {
-            r.table_size = Some(self.table.len());
-            r.namespaces = Some(self.ns_paths.len());
+        let ready = r.event == AgentEvent::Ready;
+        if ready {
+            r.table_size = Some(self.table.len() as u64);
+            r.namespaces = Some(self.ns_paths.len() as u64);
         }
-        let ready = r.event == "ready";
-        self.emit_line("agent", Clock::now_wall_ns(), r);
+        self.emit_body(Clock::now_wall_ns(), Body::Agent(r));
         if ready && !self.ready_sent {
             self.ready_sent = true;
             self.open_existing(None, Clock::now_wall_ns());
@@ -503,11 +506,10 @@ impl Processor {
             // The new file's first line says why it starts here; it also tells a log
             // rotator the agent has let go of the old one.
             let r = AgentRecord {
-                event: "log_reopened",
-                log_file: Some(l.path().to_path_buf()),
-                ..Default::default()
+                log_file: Some(l.path().display().to_string()),
+                ..AgentRecord::new(AgentEvent::LogReopened)
             };
-            self.emit_line("agent", Clock::now_wall_ns(), r);
+            self.emit_body(Clock::now_wall_ns(), Body::Agent(r));
         }
     }
 
@@ -520,7 +522,6 @@ impl Processor {
         // Everything before the stop is written first, so the counts below are final.
         self.flush();
         let r = AgentRecord {
-            event: "stopped",
             records: Some(self.out.lines),
             lost_total: Some(self.lost_total),
             log_write_errors: Some(self.out.log_errors()),
@@ -528,9 +529,9 @@ impl Processor {
             drift_healed: Some(self.table.drift_healed),
             unwritten: Some(self.unwritten),
             uptime_s: Some((self.started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0),
-            ..Default::default()
+            ..AgentRecord::new(AgentEvent::Stopped)
         };
-        self.emit_line("agent", Clock::now_wall_ns(), r);
+        self.emit_body(Clock::now_wall_ns(), Body::Agent(r));
     }
 }
 

@@ -6,16 +6,16 @@ impl Processor {
     /// A record at log level: stdout, the log file, the window and attached clients.
     /// Write a record, count it, send it to attached clients and keep it for replay. Metrics
     /// and filters read its keys from the typed value, never from the line.
-    pub(super) fn emit<T: Serialize + Keyed>(&mut self, v: &T) {
+    pub(super) fn emit(&mut self, r: &Record) {
         self.buf.clear();
-        if serde_json::to_writer(&mut self.buf, v).is_err() {
+        if serde_json::to_writer(&mut self.buf, r).is_err() {
             self.failed_encodes += 1;
             return;
         }
         self.buf.push(b'\n');
         self.out.write_line(&self.buf);
         let line: Arc<[u8]> = Arc::from(&self.buf[..]);
-        let keys = Arc::new(v.keys());
+        let keys = Arc::new(Keys::of_record(r));
         if let Some(m) = &self.cfg.metrics {
             m.record(&keys);
         }
@@ -45,20 +45,12 @@ impl Processor {
                      counted, and writing resumes when it can"
                 );
                 let r = AgentRecord {
-                    event: "log_error",
                     reason: Some(reason),
-                    ..Default::default()
+                    ..AgentRecord::new(AgentEvent::LogError)
                 };
-                let host = std::mem::take(&mut self.cfg.host);
-                let line = Line {
-                    h: Header::new("agent", &host, Clock::now_wall_ns()),
-                    body: r,
-                };
+                let line = record::record(&self.host, Clock::now_wall_ns(), Body::Agent(r));
                 self.buf.clear();
-                let ok = serde_json::to_writer(&mut self.buf, &line).is_ok();
-                drop(line);
-                self.cfg.host = host;
-                if ok {
+                if serde_json::to_writer(&mut self.buf, &line).is_ok() {
                     self.buf.push(b'\n');
                     let buf = std::mem::take(&mut self.buf);
                     self.out.stdout_line(&buf);
@@ -69,12 +61,15 @@ impl Processor {
             }
             LogEvent::Resumed { failed } => {
                 let r = AgentRecord {
-                    event: "log_resumed",
                     failed_records: Some(failed),
-                    log_file: self.out.log.as_ref().map(|l| l.path().to_path_buf()),
-                    ..Default::default()
+                    log_file: self
+                        .out
+                        .log
+                        .as_ref()
+                        .map(|l| l.path().display().to_string()),
+                    ..AgentRecord::new(AgentEvent::LogResumed)
                 };
-                self.emit_line("agent", Clock::now_wall_ns(), r);
+                self.emit_body(Clock::now_wall_ns(), Body::Agent(r));
             }
         }
     }
@@ -137,19 +132,10 @@ impl Processor {
             .store(self.subs.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
-    pub(super) fn emit_line<T: Serialize + Keyed>(
-        &mut self,
-        ty: &'static str,
-        wall: i128,
-        body: T,
-    ) {
-        let host = std::mem::take(&mut self.cfg.host);
-        let line = Line {
-            h: Header::new(ty, &host, wall),
-            body,
-        };
-        self.emit(&line);
-        self.cfg.host = host;
+    /// `body` with the common header (`ts` from `wall`), written as `emit` writes.
+    pub(super) fn emit_body(&mut self, wall: i128, body: Body) {
+        let r = record::record(&self.host, wall, body);
+        self.emit(&r);
     }
 
     /// `attach`: the matching recent past, then register for live records. Done here, in

@@ -74,23 +74,20 @@ impl Processor {
             let i = kd.raw() as usize;
             let n = kernel[i] + agent[i];
             if n > 0 {
-                by_kind.insert(kd.name(), n);
+                by_kind.insert(kd.name().to_owned(), n);
             }
         }
         let k: u64 = kernel.iter().sum();
         let a: u64 = agent.iter().sum();
         self.lost_total += k + a;
-        let host = std::mem::take(&mut self.cfg.host);
-        let r = record::Lost {
-            h: Header::new("lost", &host, Clock::now_wall_ns()),
+        let r = portwatch_schema::Lost {
             count: k + a,
             kernel: k,
             agent: a,
             by_kind,
             total: self.lost_total,
         };
-        self.emit(&r);
-        self.cfg.host = host;
+        self.emit_body(Clock::now_wall_ns(), Body::Lost(r));
     }
 }
 

@@ -4,13 +4,14 @@
 
 use std::{net::IpAddr, path::PathBuf, time::Instant};
 
+use portwatch_schema::{Body, DockerEvent};
+
 use super::{FreshRequest, Processor};
 use crate::{
     engines::containers::{Container, PortMap},
     engines::reach::{self, Published},
     host::diag,
     kernel::decode::Clock,
-    output::record,
     state::table::{self, Proto},
 };
 
@@ -120,7 +121,7 @@ impl Processor {
                 match verdict {
                     Some((listening, hint)) if !was => {
                         self.unreachable.insert(key);
-                        self.write_reach(&c, pm, "unreachable", Some(listening), hint);
+                        self.write_reach(&c, pm, DockerEvent::Unreachable, Some(listening), hint);
                     }
                     None if was => {
                         self.unreachable.remove(&key);
@@ -130,7 +131,7 @@ impl Processor {
                             pm.proto.name(),
                             pm.container_port
                         );
-                        self.write_reach(&c, pm, "reachable", None, hint);
+                        self.write_reach(&c, pm, DockerEvent::Reachable, None, hint);
                     }
                     _ => {}
                 }
@@ -172,23 +173,22 @@ impl Processor {
         &mut self,
         c: &Container,
         pm: &PortMap,
-        event: &'static str,
+        event: DockerEvent,
         listening: Option<Vec<reach::Listening>>,
         hint: String,
     ) {
-        let r = record::Docker {
-            event,
-            container: Some(&c.r),
+        let r = portwatch_schema::Docker {
+            container: Some(c.r.clone()),
             netns: c.netns,
-            proto: Some(pm.proto.name()),
+            proto: Some(pm.proto.schema()),
             host_ip: Some(pm.host_ip),
             host_port: Some(pm.host_port),
             container_port: Some(pm.container_port),
             listening,
             hint: Some(hint),
-            ..Default::default()
+            ..portwatch_schema::Docker::new(event)
         };
-        self.emit_line("docker", Clock::now_wall_ns(), r);
+        self.emit_body(Clock::now_wall_ns(), Body::Docker(r));
     }
 }
 

@@ -1,6 +1,7 @@
 //! Service ports opening and closing (`port` records), from events and dumps.
 
 use super::*;
+use portwatch_schema::PortEvent;
 
 impl Processor {
     pub(super) fn service_open(
@@ -105,18 +106,18 @@ impl Processor {
 
     pub(super) fn write_port(&mut self, c: service::Change, wall: i128) {
         let (key, s, event, at, why) = match c {
-            service::Change::Open(key, s) => (key, s, "open", wall, None),
+            service::Change::Open(key, s) => (key, s, PortEvent::Open, wall, None),
             service::Change::Close {
                 key,
                 service,
                 at_ns,
                 why,
-            } => (key, service, "close", at_ns, Some(why)),
+            } => (key, service, PortEvent::Close, at_ns, Some(why)),
         };
-        let actor = s.owner.as_ref().map(|o| record::PortActor {
+        let actor = s.owner.as_ref().map(|o| portwatch_schema::PortActor {
             pid: o.pid,
-            comm: o.comm.clone(),
-            cmdline: o.cmdline.clone(),
+            comm: Text::from(&o.comm),
+            cmdline: o.cmdline.as_ref().map(Text::from),
             uid: o.uid,
             container: self
                 .docker
@@ -124,12 +125,10 @@ impl Processor {
                 .map(|c| c.r.clone()),
         });
         let closing = why.is_some();
-        let host = std::mem::take(&mut self.cfg.host);
-        let r = record::Port {
-            h: Header::new("port", &host, at),
+        let r = portwatch_schema::Port {
             event,
-            proto: key.proto.name(),
-            family: if key.addr.is_ipv4() { "ipv4" } else { "ipv6" },
+            proto: key.proto.schema(),
+            family: record::family_of_addr(key.addr),
             addr: key.addr,
             port: key.port,
             netns: key.netns,
@@ -138,9 +137,8 @@ impl Processor {
             since: closing.then(|| decode::rfc3339(s.opened_ns)),
             held_s: closing.then(|| ((at - s.opened_ns).max(0) as f64 / 1e6).round() / 1e3),
             restarts: closing.then_some(s.restarts),
-            reason: why.map(service::Why::name),
+            reason: why.map(|w| Text::from_static(w.name())),
         };
-        self.emit(&r);
-        self.cfg.host = host;
+        self.emit_body(at, Body::Port(r));
     }
 }

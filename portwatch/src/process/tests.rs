@@ -1,4 +1,5 @@
 use super::*;
+use portwatch_schema::PortCount;
 
 fn sock(local: &str, remote: &str, state: u8, inode: u64) -> diag::SockEntry {
     diag::SockEntry {

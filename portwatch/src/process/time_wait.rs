@@ -2,6 +2,7 @@
 //! yields.
 
 use super::*;
+use portwatch_schema::{Busiest, Ephemeral, PortCount, Pressure, RemoteCount, TimeWait};
 
 /// How long before a dump an exit may still have left its sockets in it.
 const EXIT_SLACK_NS: i128 = 1_000_000_000;
@@ -93,14 +94,14 @@ impl Processor {
                     _ => (0, 0),
                 };
                 st.last_events = Some((c, d));
-                (c - pc, d - pd, "events")
+                (c - pc, d - pd, Text::from_static("events"))
             }
             None => {
                 let entered = ages.younger_than(span_ms as u64);
                 (
                     entered,
                     (st.last_total + entered).saturating_sub(total),
-                    "dumps",
+                    Text::from_static("dumps"),
                 )
             }
         };
@@ -133,10 +134,10 @@ impl Processor {
                     busiest,
                 },
             };
-            self.emit_line("time_wait", s.wall_ns, r);
+            self.emit_body(s.wall_ns, Body::TimeWait(r));
         }
         for p in pressure {
-            self.emit_line("pressure", s.wall_ns, p);
+            self.emit_body(s.wall_ns, Body::Pressure(p));
         }
     }
 }

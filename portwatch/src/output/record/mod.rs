@@ -1,213 +1,70 @@
-//! Record schema v1: one JSON object per line. Names here are a contract with users'
-//! scripts: add fields freely, never rename. Documented in docs/schema.md.
+//! Record schema v1: one JSON object per line. The types are `portwatch_schema`'s, the
+//! same every reader parses; this module builds them from kernel events and the agent's
+//! state. Names are a contract with users' scripts: add fields freely, never rename.
+//! Documented in docs/schema.md.
 
-use std::{borrow::Cow, net::IpAddr, sync::Arc};
+use std::sync::Arc;
 
 use portwatch_common::{Event, Kind};
-pub use portwatch_schema::{Cause, Op};
-use serde::Serialize;
+use portwatch_schema as schema;
+pub use portwatch_schema::{Body, Cause, Op, Record, Text};
 
 use crate::{
-    engines::containers::{CgroupMode, Container, ContainerRef, Network, PortMap},
+    engines::containers::{Container, Network, PortMap},
     kernel::decode::{self, errno_name, family_name, ip, proto_name, tcp_state_name},
 };
 
 pub const SCHEMA_VERSION: u8 = 1;
 
-/// Fields every record has.
-#[derive(Debug, Serialize)]
-pub struct Header<'a> {
-    pub v: u8,
-    pub ts: String,
-    #[serde(rename = "type")]
-    pub ty: &'static str,
-    pub host: &'a str,
-}
-
-impl<'a> Header<'a> {
-    pub fn new(ty: &'static str, host: &'a str, wall_ns: i128) -> Self {
-        Header {
-            v: SCHEMA_VERSION,
-            ts: decode::rfc3339(wall_ns),
-            ty,
-            host,
-        }
+/// A record: the header every record has (`v`, `ts`, `host`; `type` is the body's) on
+/// `body`.
+pub fn record(host: &Text, wall_ns: i128, body: Body) -> Record {
+    Record {
+        v: SCHEMA_VERSION,
+        ts: Some(decode::rfc3339(wall_ns)),
+        host: Some(host.clone()),
+        body,
     }
 }
 
-/// The process that made the syscall.
-#[derive(Debug, Serialize)]
-pub struct Actor<'a> {
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: Cow<'a, str>,
-    pub uid: u32,
-    /// null when the process was gone (or its pid reused) before it could be read.
-    pub cmdline: Option<Arc<str>>,
-    pub cgroup_id: u64,
-    /// The container it runs in; for docker-proxy/dockerd (`via`), the container whose
-    /// port it was publishing.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container: Option<Arc<ContainerRef>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub via: Option<&'static str>,
-}
-
-impl<'a> Actor<'a> {
-    pub fn from_event(e: &'a Event, cmdline: Option<Arc<str>>) -> Self {
-        Actor {
-            pid: e.pid,
-            tid: e.tid,
-            comm: decode::comm(&e.comm),
-            uid: e.uid,
-            cmdline,
-            cgroup_id: e.cgroup_id,
-            container: None,
-            via: None,
-        }
+/// An errno's name (`ok` for 0), typed.
+pub fn error_of(errno: i32) -> schema::Error {
+    if errno == 0 {
+        schema::Error::Ok
+    } else {
+        schema::Error::parse(errno_name(errno))
     }
 }
 
-/// connect() found no free local port toward this destination.
-#[derive(Debug, Serialize)]
-pub struct Destination {
-    pub addr: IpAddr,
-    pub port: u16,
-    /// Local ports toward it in a non-TIME_WAIT state.
-    pub in_use: u32,
-    pub time_wait: u32,
-    /// The namespace's net.ipv4.ip_local_port_range.
-    pub range: Option<[u16; 2]>,
-    /// When the counts were taken: a dump of the namespace made after the failure, never
-    /// before it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub as_of: Option<String>,
+pub fn proto_of(p: u16) -> schema::Proto {
+    schema::Proto::parse(proto_name(p))
 }
 
-/// `type: "conflict"`: a bind/listen that failed, or a connect that found no free port.
-#[derive(Debug, Serialize)]
-pub struct Conflict<'a> {
-    #[serde(flatten)]
-    pub h: Header<'a>,
-    pub op: Op,
-    pub error: &'static str,
-    pub errno: i32,
-    pub proto: &'static str,
-    pub family: &'static str,
-    /// Attempted address (for `op:"connect"`, the destination).
-    pub addr: IpAddr,
-    pub port: u16,
-    pub netns: u32,
-    pub fd: i32,
-    pub actor: Actor<'a>,
-    pub holders: Vec<crate::state::table::Holder>,
-    pub cause: Cause,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub overlap: Option<crate::state::table::Overlap>,
-    /// connect EADDRNOTAVAIL: the destination and how taken its local ports are.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub destination: Option<Destination>,
-    pub hint: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// The identical failures this record stands for (see `burst`): 1 for a single one.
-    pub count: u64,
-    /// Kernel time of the first and last of them.
-    pub first_ts: String,
-    pub last_ts: String,
+pub fn family_of(f: u16) -> schema::Family {
+    schema::Family::parse(family_name(f))
 }
 
-/// `type: "port"`: a service port started (`open`) or stopped (`close`) being held. See
-/// `service` for what counts and how flapping is coalesced.
-#[derive(Debug, Serialize)]
-pub struct Port<'a> {
-    #[serde(flatten)]
-    pub h: Header<'a>,
-    pub event: &'static str,
-    pub proto: &'static str,
-    pub family: &'static str,
-    pub addr: IpAddr,
-    pub port: u16,
-    pub netns: u32,
-    /// null when no process could be named (sock_diag found the socket without an owner).
-    pub actor: Option<PortActor>,
-    /// `open`: held already when the agent started, or found by sock_diag, not by an event.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub existing: Option<bool>,
-    /// `close`: when it was opened, and for how long it was held.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub since: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub held_s: Option<f64>,
-    /// `close`: open/close cycles of less than a second coalesced into this one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub restarts: Option<u64>,
-    /// `close`: `close` (the socket was closed) or `gone` (its process exited or was
-    /// killed, or its container stopped: a re-read of the namespace showed it gone).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<&'static str>,
+pub fn family_of_addr(a: std::net::IpAddr) -> schema::Family {
+    if a.is_ipv4() {
+        schema::Family::Ipv4
+    } else {
+        schema::Family::Ipv6
+    }
 }
 
-#[derive(Debug, Serialize)]
-pub struct PortActor {
-    pub pid: u32,
-    pub comm: Arc<str>,
-    pub cmdline: Option<Arc<str>>,
-    pub uid: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container: Option<Arc<ContainerRef>>,
-}
-
-/// `type: "bind" | "listen" | "connect" | "close"`: one socket syscall (`--all-events`).
-#[derive(Debug, Serialize)]
-pub struct SockOp<'a> {
-    #[serde(flatten)]
-    pub h: Header<'a>,
-    /// "ok" or the errno name.
-    pub result: &'static str,
-    pub errno: i32,
-    pub proto: &'static str,
-    pub family: &'static str,
-    pub addr: IpAddr,
-    pub port: u16,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub raddr: Option<IpAddr>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rport: Option<u16>,
-    pub netns: u32,
-    pub fd: i32,
-    pub actor: Actor<'a>,
-}
-
-/// `type: "exit"`: a process that held a tracked socket exited.
-#[derive(Debug, Serialize)]
-pub struct Exit<'a> {
-    #[serde(flatten)]
-    pub h: Header<'a>,
-    pub netns: u32,
-    pub actor: Actor<'a>,
-}
-
-/// `type: "tcp_state"`: a TCP state change. `time_wait` marks FIN_WAIT2->CLOSE and
-/// CLOSING->CLOSE, which is how entry into TIME_WAIT shows on this tracepoint. Records are
-/// written by `write_tcp_state`; this serde form is the reference its test checks it against.
-#[cfg(test)]
-#[derive(Debug, Serialize)]
-pub struct TcpState<'a> {
-    #[serde(flatten)]
-    pub h: Header<'a>,
-    pub family: &'static str,
-    pub addr: IpAddr,
-    pub port: u16,
-    pub raddr: IpAddr,
-    pub rport: u16,
-    pub old_state: &'static str,
-    pub new_state: &'static str,
-    pub time_wait: bool,
-    pub netns: u32,
-    /// Task on whose CPU the change ran; for changes driven by the network (softirq) this is
-    /// an unrelated task, so it is not reported as an actor.
-    pub context_pid: u32,
+/// The process that made the syscall. `cmdline` is None when the process was gone (or its
+/// pid reused) before it could be read.
+pub fn actor(e: &Event, cmdline: Option<Arc<str>>) -> schema::Actor {
+    schema::Actor {
+        pid: e.pid,
+        tid: e.tid,
+        comm: Text::copy(&decode::comm(&e.comm)),
+        uid: e.uid,
+        cmdline: cmdline.map(Text::from),
+        cgroup_id: e.cgroup_id,
+        container: None,
+        via: None,
+    }
 }
 
 /// A `tcp_state` record for `e`, written directly: the same bytes as
@@ -267,139 +124,42 @@ fn write_addr(out: &mut Vec<u8>, family: u16, a: &[u8; 16]) {
     }
 }
 
-/// `type: "lost"`: events that did not reach the log, with exact counts since the last
-/// `lost` record. `kernel`: the ring buffer was full; `agent`: the agent's queue was full.
-#[derive(Debug, Serialize)]
-pub struct Lost<'a> {
-    #[serde(flatten)]
-    pub h: Header<'a>,
-    pub count: u64,
-    pub kernel: u64,
-    pub agent: u64,
-    pub by_kind: std::collections::BTreeMap<&'static str, u64>,
-    /// Totals since the agent started.
-    pub total: u64,
+/// `type: "docker"`, `start`, `die`, `destroy`: who, and which host ports it took or freed.
+pub fn lifecycle(
+    event: schema::DockerEvent,
+    c: &Container,
+    exit_code: Option<i64>,
+    missed: bool,
+) -> schema::Docker {
+    let live = event == schema::DockerEvent::Start;
+    schema::Docker {
+        container: Some(c.r.clone()),
+        pid: live.then_some(c.pid).filter(|p| *p != 0),
+        netns: c.netns.filter(|_| live),
+        cgroup_id: c.cgroup_id.filter(|_| live),
+        cgroup_path: c.cgroup_path.as_deref().filter(|_| live).map(str::to_owned),
+        network_mode: live.then(|| c.network_mode.to_string()),
+        networks: live.then(|| c.networks.iter().map(network).collect()),
+        ports: Some(c.published.iter().map(port_map).collect()),
+        exit_code,
+        missed,
+        ..schema::Docker::new(event)
+    }
 }
 
-/// `type: "conflict"`, `op: "docker_publish"`: the daemon refused to publish a port that a
-/// running container already publishes. No syscall failed, so there is no errno, fd or
-/// process: the actor is the container that asked.
-#[derive(Debug, Serialize)]
-pub struct PublishConflict<'a> {
-    #[serde(flatten)]
-    pub h: Header<'a>,
-    pub op: Op,
-    pub error: &'static str,
-    pub proto: &'static str,
-    pub family: &'static str,
-    pub addr: IpAddr,
-    pub port: u16,
-    /// The namespace ports are published in: the host's.
-    pub netns: u32,
-    pub actor: ContainerActor,
-    pub holders: Vec<crate::state::table::Holder>,
-    pub cause: Cause,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub overlap: Option<crate::state::table::Overlap>,
-    pub hint: String,
-    /// The daemon's own words (`State.Error`).
-    pub docker_error: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// Always 1: dockerd refuses each start once (see `Conflict::count`).
-    pub count: u64,
-    pub first_ts: String,
-    pub last_ts: String,
+fn network(n: &Network) -> schema::Network {
+    schema::Network {
+        name: n.name.to_string(),
+        ip: n.ip,
+    }
 }
 
-#[derive(Debug, Serialize)]
-pub struct ContainerActor {
-    pub container: Arc<ContainerRef>,
-}
-
-/// `type: "docker"`: the Docker join's connection and the containers' lifecycle.
-#[derive(Debug, Serialize, Default)]
-pub struct Docker<'a> {
-    /// `connected`, `unavailable`, `start`, `die` or `destroy`.
-    pub event: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub endpoint: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub engine: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub api_version: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub server_version: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub containers: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub running: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sync_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<CgroupMode>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container: Option<&'a Arc<ContainerRef>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub netns: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cgroup_id: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cgroup_path: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub network_mode: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub networks: Option<&'a [Network]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ports: Option<&'a [PortMap]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i64>,
-    /// It happened while the agent was not connected; found at the resync.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub missed: bool,
-    /// `unreachable`/`reachable`: the published port in question.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub proto: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub host_ip: Option<IpAddr>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub host_port: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container_port: Option<u16>,
-    /// `unreachable`: what does listen on the container port inside (possibly nothing).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub listening: Option<Vec<crate::engines::reach::Listening>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hint: Option<String>,
-}
-
-impl<'a> Docker<'a> {
-    /// start, die, destroy: who, and which host ports it took or freed.
-    pub fn lifecycle(
-        event: &'static str,
-        c: &'a Container,
-        exit_code: Option<i64>,
-        missed: bool,
-    ) -> Self {
-        let live = event == "start";
-        Docker {
-            event,
-            container: Some(&c.r),
-            pid: live.then_some(c.pid).filter(|p| *p != 0),
-            netns: c.netns.filter(|_| live),
-            cgroup_id: c.cgroup_id.filter(|_| live),
-            cgroup_path: c.cgroup_path.as_deref().filter(|_| live),
-            network_mode: live.then_some(&*c.network_mode),
-            networks: live.then_some(&c.networks[..]),
-            ports: Some(&c.published),
-            exit_code,
-            missed,
-            ..Default::default()
-        }
+fn port_map(p: &PortMap) -> schema::PortMap {
+    schema::PortMap {
+        proto: p.proto.schema(),
+        host_ip: p.host_ip,
+        host_port: p.host_port,
+        container_port: p.container_port,
     }
 }
 
@@ -412,7 +172,6 @@ pub fn op_of(k: Kind) -> Op {
         other => Op::Other(other.name().to_owned()),
     }
 }
-
 pub fn is_conflict(e: &Event, k: Kind) -> bool {
     match k {
         Kind::Bind | Kind::Listen => e.ret < 0,
@@ -464,13 +223,15 @@ pub fn unattributed(op: Kind, errno: i32, port: u16) -> (Cause, String, Option<S
     }
 }
 
-pub fn conflict<'a>(
-    h: Header<'a>,
-    e: &'a Event,
+/// `type: "conflict"` for a bind/listen that failed, or a connect that found no free port:
+/// the first pass, before attribution.
+pub fn conflict(
+    ts: &str,
+    e: &Event,
     k: Kind,
     netns: u32,
-    cmdline: Option<Arc<str>>,
-) -> Conflict<'a> {
+    actor: schema::Actor,
+) -> schema::Conflict {
     let errno = -e.ret;
     let (addr, port) = if k == Kind::Connect {
         (ip(e.family, &e.raddr), e.rport)
@@ -478,70 +239,73 @@ pub fn conflict<'a>(
         (ip(e.family, &e.addr), e.port)
     };
     let (cause, hint, reason) = unattributed(k, errno, port);
-    let ts = h.ts.clone();
-    Conflict {
-        count: 1,
-        first_ts: ts.clone(),
-        last_ts: ts,
-        h,
+    schema::Conflict {
         op: op_of(k),
-        error: errno_name(errno),
-        errno,
-        proto: proto_name(e.proto),
-        family: family_name(e.family),
+        error: error_of(errno),
+        errno: Some(errno),
+        proto: proto_of(e.proto),
+        family: family_of(e.family),
         addr,
         port,
         netns,
-        fd: e.fd,
-        actor: Actor::from_event(e, cmdline),
+        fd: Some(e.fd),
+        actor: schema::ConflictActor::Process(actor),
         holders: Vec::new(),
         cause,
         overlap: None,
         destination: None,
         hint,
+        docker_error: None,
         reason,
+        count: 1,
+        first_ts: ts.to_owned(),
+        last_ts: ts.to_owned(),
     }
 }
 
-pub fn sock_op<'a>(
-    h: Header<'a>,
-    e: &'a Event,
-    netns: u32,
-    cmdline: Option<Arc<str>>,
-) -> SockOp<'a> {
+/// `type: "bind" | "listen" | "connect" | "close"`: one socket syscall (`--all-events`).
+pub fn sock_op(e: &Event, k: Kind, netns: u32, actor: schema::Actor) -> Body {
     let errno = -e.ret;
-    let connect = e.kind == portwatch_common::kind::CONNECT;
-    SockOp {
-        h,
-        result: if e.ret == 0 { "ok" } else { errno_name(errno) },
+    let connect = k == Kind::Connect;
+    let op = schema::SockOp {
+        result: error_of(errno),
         errno,
-        proto: proto_name(e.proto),
-        family: family_name(e.family),
+        proto: proto_of(e.proto),
+        family: family_of(e.family),
         addr: ip(e.family, &e.addr),
         port: e.port,
         raddr: connect.then(|| ip(e.family, &e.raddr)),
         rport: connect.then_some(e.rport),
         netns,
         fd: e.fd,
-        actor: Actor::from_event(e, cmdline),
+        actor,
+    };
+    match k {
+        Kind::Bind => Body::Bind(op),
+        Kind::Listen => Body::Listen(op),
+        Kind::Connect => Body::Connect(op),
+        _ => Body::Close(op),
     }
 }
 
+/// `type: "tcp_state"`, the serde form: the reference `write_tcp_state`'s test checks it
+/// against. `time_wait` marks FIN_WAIT2->CLOSE and CLOSING->CLOSE, which is how entry into
+/// TIME_WAIT shows on this tracepoint; `context_pid` is the task on whose CPU the change
+/// ran (for changes driven by the network, an unrelated one, so it is no actor).
 #[cfg(test)]
-pub fn tcp_state<'a>(h: Header<'a>, e: &'a Event) -> TcpState<'a> {
-    TcpState {
-        h,
-        family: family_name(e.family),
+pub fn tcp_state(e: &Event) -> Body {
+    Body::TcpState(schema::TcpState {
+        family: family_of(e.family),
         addr: ip(e.family, &e.addr),
         port: e.port,
         raddr: ip(e.family, &e.raddr),
         rport: e.rport,
-        old_state: tcp_state_name(e.old_state),
-        new_state: tcp_state_name(e.new_state),
+        old_state: decode::sock_state(e.old_state),
+        new_state: decode::sock_state(e.new_state),
         time_wait: decode::record_time_wait(e),
         netns: e.netns,
         context_pid: e.pid,
-    }
+    })
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ fn tcp_state_fast_path_matches_serde() {
     wide.pid = u32::MAX;
     for (e, host) in [(e, "lab1"), (wide, "lab1"), (v6, "we\"ird\\host\u{1}é")] {
         let wall = 1_764_000_000_123_456_789;
-        let r = tcp_state(Header::new("tcp_state", host, wall), &e);
+        let r = record(&Text::copy(host), wall, tcp_state(&e));
         let mut fast = b"left alone".to_vec();
         write_tcp_state(
             &mut fast,
@@ -64,12 +64,16 @@ fn bind_fail() -> Event {
 fn conflict_has_schema_v1_fields() {
     let e = bind_fail();
     assert!(is_conflict(&e, Kind::Bind));
-    let c = conflict(
-        Header::new("conflict", "lab1", 0),
-        &e,
-        Kind::Bind,
-        e.netns,
-        None,
+    let c = record(
+        &Text::from("lab1"),
+        0,
+        Body::Conflict(conflict(
+            &crate::kernel::decode::rfc3339(0),
+            &e,
+            Kind::Bind,
+            e.netns,
+            actor(&e, None),
+        )),
     );
     let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
     assert_eq!(v["v"], 1);

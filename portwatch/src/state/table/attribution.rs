@@ -2,8 +2,8 @@
 //! explains it, and a hint to act on. Reads the table only; the Docker placement of each
 //! holder comes from the caller.
 
-use std::net::{IpAddr, SocketAddr};
 use portwatch_schema::{SockState, Text};
+use std::net::{IpAddr, SocketAddr};
 
 use super::{
     fmt_addr, overlap, Attempt, Attribution, Cause, Entry, Holder, Overlap, Placement, PortTable,
@@ -217,7 +217,8 @@ fn explain(
     if let Some(h) = top.filter(|h| h.stale == Some(true) && h.via.is_some()) {
         return stale(h);
     }
-    if let Some((h, c, via)) = top.and_then(|h| Some((h, h.container.as_ref()?, h.via.as_deref()?))) {
+    if let Some((h, c, via)) = top.and_then(|h| Some((h, h.container.as_ref()?, h.via.as_deref()?)))
+    {
         let target = h
             .container_port
             .map(|p| format!(" -> {p}/{}", h.proto))
