@@ -46,6 +46,8 @@ struct Lines {
     lines: Vec<Value>,
     /// The same lines read into the typed schema (the one `tail` and `history` use).
     records: Vec<Record>,
+    /// When each of `records` was read (as `read_at`).
+    records_at: Vec<std::time::SystemTime>,
     /// Lines that are JSON but that the typed schema cannot read, with why.
     untyped: Vec<String>,
     /// When each of `lines` was read from the agent's stdout, before any lock: what
@@ -147,7 +149,10 @@ impl Agent {
                         g.lines.push(v);
                         g.read_at.push(at);
                         match typed {
-                            Ok(r) => g.records.push(r),
+                            Ok(r) => {
+                                g.records.push(r);
+                                g.records_at.push(at);
+                            }
                             Err(why) => g.untyped.push(why),
                         }
                     }
@@ -351,6 +356,7 @@ impl Agent {
         let lines = std::mem::take(&mut g.lines);
         let records = std::mem::take(&mut g.records);
         g.read_at.clear();
+        g.records_at.clear();
         drop(g);
         Finished {
             lines,
@@ -378,40 +384,62 @@ impl Drop for Agent {
 /// reached the test. A latency measured from a timestamp taken in another process (just
 /// before its failing syscall) needs the arrival on the same clock, and per line: the
 /// records themselves only say when the kernel saw the failure.
-pub struct Arrivals {
-    got: Arc<Mutex<Vec<(Value, std::time::SystemTime)>>>,
+pub struct Arrivals<T = Value> {
+    got: Arc<Mutex<Vec<(T, std::time::SystemTime)>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     shared: Arc<(Mutex<Lines>, Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// `Arrivals`, typed: lines the typed schema cannot read never match.
+pub type RecordArrivals = Arrivals<Record>;
+
+type View<T> = fn(&Lines) -> (&[T], &[std::time::SystemTime]);
 
 impl Agent {
     /// Start timing the arrival of every record matching `pred` read from now on (records
     /// already read are not included). The watcher wakes on each line the reader adds, so
     /// the time taken is within microseconds of the line's arrival.
     pub fn watch_arrivals(&self, pred: impl Fn(&Value) -> bool + Send + 'static) -> Arrivals {
+        self.watch(|l| (&l.lines, &l.read_at), pred)
+    }
+
+    /// `watch_arrivals`, typed: over the records the parser thread already read.
+    pub fn watch_record_arrivals(
+        &self,
+        pred: impl Fn(&Record) -> bool + Send + 'static,
+    ) -> RecordArrivals {
+        self.watch(|l| (&l.records, &l.records_at), pred)
+    }
+
+    fn watch<T: Clone + Send + 'static>(
+        &self,
+        view: View<T>,
+        pred: impl Fn(&T) -> bool + Send + 'static,
+    ) -> Arrivals<T> {
         let got = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let shared = self.shared.clone();
-        let mut seen = shared.0.lock().unwrap().lines.len();
+        let mut seen = view(&shared.0.lock().unwrap()).0.len();
         let thread = std::thread::spawn({
             let (got, stop, shared) = (got.clone(), stop.clone(), shared.clone());
             move || {
                 let (m, cv) = &*shared;
                 let mut g = m.lock().unwrap();
                 loop {
+                    let (items, at) = view(&g);
                     // stop_with() takes the lines away at the end: nothing more to time.
-                    if g.lines.len() < seen {
+                    if items.len() < seen {
                         return;
                     }
-                    if g.lines.len() > seen {
+                    if items.len() > seen {
                         let mut out = got.lock().unwrap();
-                        for (v, at) in g.lines[seen..].iter().zip(&g.read_at[seen..]) {
+                        for (v, at) in items[seen..].iter().zip(&at[seen..]) {
                             if pred(v) {
                                 out.push((v.clone(), *at));
                             }
                         }
-                        seen = g.lines.len();
+                        seen = items.len();
                     }
                     if g.eof || stop.load(std::sync::atomic::Ordering::Relaxed) {
                         return;
@@ -429,48 +457,19 @@ impl Agent {
     }
 }
 
-impl Arrivals {
+impl<T: Clone> Arrivals<T> {
     /// What arrived so far: each record with its arrival time.
-    pub fn so_far(&self) -> Vec<(Value, std::time::SystemTime)> {
+    pub fn so_far(&self) -> Vec<(T, std::time::SystemTime)> {
         self.got.lock().unwrap().clone()
     }
 }
 
-impl Drop for Arrivals {
+impl<T> Drop for Arrivals<T> {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.shared.1.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-/// `Arrivals`, typed.
-pub struct RecordArrivals(Arrivals);
-
-impl Agent {
-    /// `watch_arrivals`, typed: lines the typed schema cannot read never match.
-    pub fn watch_record_arrivals(
-        &self,
-        pred: impl Fn(&Record) -> bool + Send + 'static,
-    ) -> RecordArrivals {
-        RecordArrivals(self.watch_arrivals(move |v| {
-            serde_json::from_value::<Record>(v.clone()).is_ok_and(|r| pred(&r))
-        }))
-    }
-}
-
-impl RecordArrivals {
-    /// What arrived so far: each record with its arrival time.
-    pub fn so_far(&self) -> Vec<(Record, std::time::SystemTime)> {
-        self.0
-            .so_far()
-            .into_iter()
-            .map(|(v, at)| {
-                let r = serde_json::from_value(v).expect("it was read as a record when it matched");
-                (r, at)
-            })
-            .collect()
     }
 }

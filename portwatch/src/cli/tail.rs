@@ -13,13 +13,56 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    cli::render::{human_line, Style},
+    cli::render::{human, Style},
     cli::TailArgs,
     control::Filter,
     error::{Error, Result},
     kernel::decode::Clock,
-    output::sink::rotated,
+    output::{keys::Keys, sink::rotated},
 };
+use portwatch_schema::{Body, Record};
+
+/// A line of the log as read: the typed record, or, for a line the schema cannot read (a
+/// newer agent's type, or a field of another shape), its JSON, still filtered and shown
+/// raw.
+enum Seen {
+    Typed(Box<Record>),
+    Raw(Value),
+}
+
+impl Seen {
+    /// None for a line that is no JSON object with a `type`: malformed.
+    fn read(line: &str) -> Option<Seen> {
+        match Record::parse(line) {
+            Ok(r) if !matches!(r.body, Body::Unknown) => return Some(Seen::Typed(Box::new(r))),
+            _ => {}
+        }
+        let v = serde_json::from_str::<Value>(line).ok()?;
+        v["type"].as_str()?;
+        Some(Seen::Raw(v))
+    }
+
+    fn ty(&self) -> &str {
+        match self {
+            Seen::Typed(r) => r.ty().known().unwrap_or(""),
+            Seen::Raw(v) => v["type"].as_str().unwrap_or(""),
+        }
+    }
+
+    fn ts(&self) -> Option<&str> {
+        match self {
+            Seen::Typed(r) => r.ts.as_deref(),
+            Seen::Raw(v) => v["ts"].as_str(),
+        }
+    }
+
+    fn keys(&self) -> Keys {
+        match self {
+            Seen::Typed(r) => Keys::of_record(r),
+            Seen::Raw(v) => Keys::from_value(v),
+        }
+    }
+}
 
 struct Printer {
     filter: Filter,
@@ -38,32 +81,25 @@ impl Printer {
         if line.trim().is_empty() {
             return Ok(());
         }
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
+        let Some(seen) = Seen::read(line) else {
             self.malformed += 1;
             return Ok(());
         };
-        if !v.is_object() || v["type"].as_str().is_none() {
-            self.malformed += 1;
+        if self.ty.as_deref().is_some_and(|t| t != seen.ty()) {
             return Ok(());
         }
-        if let Some(t) = &self.ty {
-            if v["type"].as_str() != Some(t.as_str()) {
-                return Ok(());
-            }
-        }
         if let Some(since) = self.since_ns {
-            if v["ts"].as_str().and_then(ts_ns).is_some_and(|t| t < since) {
+            if seen.ts().and_then(ts_ns).is_some_and(|t| t < since) {
                 return Ok(());
             }
         }
-        if !self.filter.is_empty() && !self.filter.matches(&v) {
+        if !self.filter.is_empty() && !self.filter.matches_keys(&seen.keys()) {
             return Ok(());
         }
         self.shown += 1;
-        if self.json {
-            writeln!(out, "{}", line.trim_end())
-        } else {
-            writeln!(out, "{}", human_line(line, &self.style))
+        match seen {
+            Seen::Typed(r) if !self.json => writeln!(out, "{}", human(&r, &self.style)),
+            _ => writeln!(out, "{}", line.trim_end()),
         }
     }
 

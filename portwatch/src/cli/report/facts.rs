@@ -2,6 +2,7 @@
 //! the log scanned for the window.
 
 use super::*;
+use crate::output::keys::Keys;
 
 #[derive(Serialize)]
 pub(super) struct Uname {
@@ -271,7 +272,7 @@ pub(super) fn scan_log(path: &Path, since_ns: i128, port: Option<u16>) -> LogSca
                 .as_str()
                 .and_then(tail::ts_ns)
                 .is_some_and(|t| t >= since_ns);
-            if !in_window || !filter.matches(&v) {
+            if !in_window || !matches(&filter, &l, &v) {
                 continue;
             }
             match ty.as_slice() {
@@ -287,4 +288,17 @@ pub(super) fn scan_log(path: &Path, since_ns: i128, port: Option<u16>) -> LogSca
         }
     }
     s
+}
+
+/// Does a log line match the filter: by the keys of its typed record, or of its JSON for a
+/// line the schema cannot read.
+fn matches(filter: &Filter, line: &[u8], v: &Value) -> bool {
+    if filter.is_empty() {
+        return true;
+    }
+    let keys = match serde_json::from_slice::<portwatch_schema::Record>(line) {
+        Ok(r) if !matches!(r.body, portwatch_schema::Body::Unknown) => Keys::of_record(&r),
+        _ => Keys::from_value(v),
+    };
+    filter.matches_keys(&keys)
 }
