@@ -196,6 +196,11 @@ fn churn_cfgs(s: &Settings, peers: &Peers) -> Vec<Cfg> {
             .position(|c| *c == Cfg::PwDefault)
             .map_or(1, |i| i + 1);
         cfgs.insert(at, Cfg::PwBaseline);
+        let at = cfgs
+            .iter()
+            .position(|c| *c == Cfg::PwAll)
+            .map_or(cfgs.len(), |i| i + 1);
+        cfgs.insert(at, Cfg::PwBaselineAll);
     }
     cfgs
 }

@@ -264,6 +264,7 @@ fn style(c: Cfg) -> (RGBColor, Marker) {
         Cfg::PwDefault => (RGBColor(30, 110, 200), Marker::Disc),
         Cfg::PwBaseline => (RGBColor(20, 60, 120), Marker::Disc),
         Cfg::PwAll => (RGBColor(90, 160, 230), Marker::Diamond),
+        Cfg::PwBaselineAll => (RGBColor(40, 100, 150), Marker::Diamond),
         Cfg::Bpftrace => (RGBColor(200, 70, 60), Marker::Up),
         Cfg::Tcpstates => (RGBColor(230, 150, 60), Marker::Down),
     }
@@ -276,6 +277,7 @@ fn names(c: Cfg) -> (&'static str, &'static str) {
         Cfg::PwDefault => ("portwatch", "portwatch (default)"),
         Cfg::PwBaseline => ("baseline", "portwatch baseline"),
         Cfg::PwAll => ("portwatch all", "portwatch --all-events"),
+        Cfg::PwBaselineAll => ("baseline all", "portwatch baseline --all-events"),
         Cfg::Bpftrace => ("bpftrace", "bpftrace"),
         Cfg::Floor => ("floor", "floor"),
         Cfg::Tcpstates => ("tcpstates", "tcpstates"),
@@ -356,7 +358,7 @@ fn draw_churn_png(path: &Path, churn: &ChurnResult, lt: Lettering) -> Result<()>
             lt.put(root, &val, (cx, y - 8), (12.0, INK, CENTRE_BOTTOM))?;
             let (_, y0) = ch.backend_coord(&(x, 0.0));
             lt.put(root, names(c).0, (cx, y0 + 12), (15.0, INK, CENTRE_TOP))?;
-            if c == Cfg::PwAll {
+            if c.all_events() {
                 let sub = "(--all-events)";
                 lt.put(root, sub, (cx, y0 + 32), (13.0, INK, CENTRE_TOP))?;
             }

@@ -45,7 +45,7 @@ impl Report {
     }
     pub(super) fn hwm(&mut self, cfg: Cfg, pid: i32) {
         let v = vm_hwm_kib(pid).unwrap_or(0);
-        let slot = if cfg == Cfg::PwAll {
+        let slot = if cfg.all_events() {
             &mut self.hwm_all
         } else {
             &mut self.hwm_default

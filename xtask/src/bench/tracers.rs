@@ -184,6 +184,9 @@ pub(super) enum Cfg {
     /// `--baseline`: another build of portwatch, default mode (churn only).
     PwBaseline,
     PwAll,
+    /// `--baseline` with `--all-events` (churn only): where the cost of writing each record
+    /// shows.
+    PwBaselineAll,
     Bpftrace,
     Tcpstates,
 }
@@ -204,6 +207,7 @@ impl Cfg {
             Cfg::PwDefault => "portwatch-default",
             Cfg::PwBaseline => "portwatch-baseline",
             Cfg::PwAll => "portwatch-all-events",
+            Cfg::PwBaselineAll => "portwatch-baseline-all-events",
             Cfg::Bpftrace => "bpftrace",
             Cfg::Tcpstates => "tcpstates",
         }
@@ -215,12 +219,21 @@ impl Cfg {
             Cfg::PwDefault => "portwatch (default)",
             Cfg::PwBaseline => "portwatch (default), --baseline build",
             Cfg::PwAll => "portwatch --all-events",
+            Cfg::PwBaselineAll => "portwatch --all-events, --baseline build",
             Cfg::Bpftrace => "bpftrace (same tracepoints, same facts)",
             Cfg::Tcpstates => "libbpf-tools tcpstates",
         }
     }
     pub(super) fn is_agent(self) -> bool {
-        matches!(self, Cfg::PwDefault | Cfg::PwBaseline | Cfg::PwAll)
+        matches!(
+            self,
+            Cfg::PwDefault | Cfg::PwBaseline | Cfg::PwAll | Cfg::PwBaselineAll
+        )
+    }
+
+    /// A portwatch configuration that writes every event (`--all-events`).
+    pub(super) fn all_events(self) -> bool {
+        matches!(self, Cfg::PwAll | Cfg::PwBaselineAll)
     }
 }
 
@@ -312,10 +325,12 @@ impl Tracer {
         let mut runtime_dir = None;
         let c = match cfg {
             Cfg::None => bail!("no tracer to spawn"),
-            Cfg::PwDefault | Cfg::PwBaseline | Cfg::PwAll => {
+            Cfg::PwDefault | Cfg::PwBaseline | Cfg::PwAll | Cfg::PwBaselineAll => {
                 let (bin, args) = match (cfg, &s.baseline) {
-                    (Cfg::PwBaseline, Some(b)) => (b, &s.baseline_args),
-                    (Cfg::PwBaseline, None) => bail!("no --baseline binary given"),
+                    (Cfg::PwBaseline | Cfg::PwBaselineAll, Some(b)) => (b, &s.baseline_args),
+                    (Cfg::PwBaseline | Cfg::PwBaselineAll, None) => {
+                        bail!("no --baseline binary given")
+                    }
                     _ => (&s.agent, &s.agent_args),
                 };
                 let mut c = Command::new(bin);
@@ -333,7 +348,7 @@ impl Tracer {
                         runtime_dir = Some(run);
                     }
                 }
-                if cfg == Cfg::PwAll {
+                if cfg.all_events() {
                     c.arg("--all-events");
                 }
                 c
@@ -387,7 +402,7 @@ impl Tracer {
         loop {
             if let Ok(text) = fs::read_to_string(&self.out) {
                 let found = text.lines().find(|l| match self.cfg {
-                    Cfg::PwDefault | Cfg::PwBaseline | Cfg::PwAll => {
+                    Cfg::PwDefault | Cfg::PwBaseline | Cfg::PwAll | Cfg::PwBaselineAll => {
                         l.contains("\"event\":\"ready\"")
                     }
                     Cfg::Bpftrace | Cfg::Floor => *l == "ready",
