@@ -11,6 +11,7 @@ use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 use serde::{Deserialize, Serialize};
 
 mod names;
+mod new;
 mod text;
 pub use names::*;
 pub use text::Text;
@@ -501,40 +502,6 @@ pub struct Docker {
     pub hint: Option<String>,
 }
 
-impl Docker {
-    /// A `docker` record with only its event: the agent fills what the event says.
-    pub fn new(event: DockerEvent) -> Self {
-        Docker {
-            event,
-            endpoint: None,
-            engine: None,
-            api_version: None,
-            server_version: None,
-            containers: None,
-            running: None,
-            sync_ms: None,
-            cgroup: None,
-            reason: None,
-            container: None,
-            pid: None,
-            netns: None,
-            cgroup_id: None,
-            cgroup_path: None,
-            network_mode: None,
-            networks: None,
-            ports: None,
-            exit_code: None,
-            missed: false,
-            proto: None,
-            host_ip: None,
-            host_port: None,
-            container_port: None,
-            listening: None,
-            hint: None,
-        }
-    }
-}
-
 /// `type:"agent"`: the agent's own lifecycle.
 #[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -565,39 +532,6 @@ pub struct Agent {
     pub unwritten: Option<u64>,
     pub failed_records: Option<u64>,
     pub uptime_s: Option<f64>,
-}
-
-impl Agent {
-    /// An `agent` record with only its event: the agent fills what the event says.
-    pub fn new(event: AgentEvent) -> Self {
-        Agent {
-            event,
-            version: None,
-            pid: None,
-            mode: None,
-            hooks: None,
-            hooks_why: None,
-            functions: None,
-            programs: None,
-            ports: None,
-            ringbuf_bytes: None,
-            netns_source: None,
-            tracefs_mounted: None,
-            startup_ms: None,
-            log_file: None,
-            table_size: None,
-            namespaces: None,
-            reason: None,
-            records: None,
-            lost_total: None,
-            log_write_errors: None,
-            stdout_write_errors: None,
-            drift_healed: None,
-            unwritten: None,
-            failed_records: None,
-            uptime_s: None,
-        }
-    }
 }
 
 /// `type:"missed"` (attach only): records this client did not get because it read too

@@ -160,8 +160,8 @@ fn render_header(m: &mut String, s: &Settings, host: &Host, load_end: &str) {
             .unwrap_or_default();
         let _ = writeln!(
             m,
-            "| baseline | `--baseline` build ({version}), default mode, in every churn round \
-             beside this build |"
+            "| baseline | `--baseline` build ({version}), default mode and `--all-events`, in \
+             every churn round beside this build |"
         );
     }
 }

@@ -67,11 +67,11 @@ pub fn actor(e: &Event, cmdline: Option<Arc<str>>) -> schema::Actor {
     }
 }
 
-/// A `tcp_state` record for `e`, written directly: the same bytes as
-/// `serde_json::to_writer(out, &tcp_state(Header::new("tcp_state", host, wall), e))`, where
-/// `ts` is `decode::rfc3339(wall)` and `host_json` is `host` as a JSON string. Under
-/// `--all-events` a TCP connection makes about ten of these, and serde's flattened header (a
-/// map serializer escaping every key, a String per timestamp) was the agent's largest cost.
+/// A `tcp_state` record for `e`, written directly: the same bytes as serde writes for
+/// `record(host, wall, tcp_state(e))`, where `ts` is `decode::rfc3339(wall)` and `host_json`
+/// is `host` as a JSON string (the test in `tests.rs` checks it). Under `--all-events` a TCP
+/// connection makes about ten of these, and serde's flattened header (a map serializer
+/// escaping every key, a String per timestamp) was the agent's largest cost.
 pub fn write_tcp_state(out: &mut Vec<u8>, ts: &[u8], host_json: &[u8], e: &Event) {
     let mut n = itoa::Buffer::new();
     out.reserve(256 + host_json.len());
@@ -172,6 +172,7 @@ pub fn op_of(k: Kind) -> Op {
         other => Op::Other(other.name().to_owned()),
     }
 }
+
 pub fn is_conflict(e: &Event, k: Kind) -> bool {
     match k {
         Kind::Bind | Kind::Listen => e.ret < 0,
