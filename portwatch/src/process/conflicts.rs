@@ -357,12 +357,7 @@ impl Processor {
         } else if let Some(f) = &fresh {
             apply_counts(&mut r, e, f);
         }
-        self.emit(&Record {
-            v: record::SCHEMA_VERSION,
-            ts: Some(ts),
-            host: Some(self.host.clone()),
-            body: Body::Conflict(r),
-        });
+        self.emit(&record::record_at(&self.host, ts, Body::Conflict(r)));
     }
 }
 

@@ -156,12 +156,7 @@ impl Processor {
             first_ts: ts.clone(),
             last_ts: ts.clone(),
         };
-        self.emit(&Record {
-            v: record::SCHEMA_VERSION,
-            ts: Some(ts),
-            host: Some(self.host.clone()),
-            body: Body::Conflict(r),
-        });
+        self.emit(&record::record_at(&self.host, ts, Body::Conflict(r)));
     }
 
     /// Was this refusal (container, address, port) reported in the last 10 s? Records it.

@@ -151,35 +151,34 @@ impl Processor {
         wall: i128,
         keyed: bool,
     ) -> Option<Keys> {
-        let keys_of = |r: &Record| {
-            if keyed {
-                Keys::of_record(r)
-            } else {
-                Keys::default()
-            }
-        };
         self.buf.clear();
-        let keys = match k {
-            Kind::Bind | Kind::Listen | Kind::Connect | Kind::Close | Kind::Exit => {
-                let cmdline = if k == Kind::Exit {
-                    None
-                } else {
-                    let comm = decode::comm(&e.comm);
-                    self.procs.cmdline(e.pid, e.tid, &comm)
-                };
+        let body = match k {
+            Kind::Bind | Kind::Listen | Kind::Connect | Kind::Close => {
+                let cmdline = self.procs.cmdline(e.pid, e.tid, &decode::comm(&e.comm));
                 let mut actor = record::actor(e, cmdline);
                 actor.container = self.container_ref(e, netns);
-                let body = if k == Kind::Exit {
-                    Body::Exit(portwatch_schema::Exit { netns, actor })
-                } else {
-                    record::sock_op(e, k, netns, actor)
-                };
-                let r = record::record(&self.host, wall, body);
-                serde_json::to_writer(&mut self.buf, &r)
-                    .is_ok()
-                    .then(|| keys_of(&r))
+                Some(record::sock_op(e, k, netns, actor))
             }
-            Kind::TcpState => {
+            Kind::Exit => {
+                let mut actor = record::actor(e, None);
+                actor.container = self.container_ref(e, netns);
+                Some(Body::Exit(portwatch_schema::Exit { netns, actor }))
+            }
+            Kind::TcpState => None,
+        };
+        let keys = match body {
+            Some(body) => {
+                let r = record::record(&self.host, wall, body);
+                serde_json::to_writer(&mut self.buf, &r).is_ok().then(|| {
+                    if keyed {
+                        Keys::of_record(&r)
+                    } else {
+                        Keys::default()
+                    }
+                })
+            }
+            // tcp_state: written straight from the event (see `write_tcp_state`).
+            None => {
                 let ts = self.ts_cache.format(wall);
                 record::write_tcp_state(&mut self.buf, ts, &self.host_json, e);
                 Some(if keyed {

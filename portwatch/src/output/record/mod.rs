@@ -19,9 +19,14 @@ pub const SCHEMA_VERSION: u8 = 1;
 /// A record: the header every record has (`v`, `ts`, `host`; `type` is the body's) on
 /// `body`.
 pub fn record(host: &Text, wall_ns: i128, body: Body) -> Record {
+    record_at(host, decode::rfc3339(wall_ns), body)
+}
+
+/// `record` with its `ts` already formatted (a conflict also writes it as `first_ts`).
+pub fn record_at(host: &Text, ts: String, body: Body) -> Record {
     Record {
         v: SCHEMA_VERSION,
-        ts: Some(decode::rfc3339(wall_ns)),
+        ts: Some(ts),
         host: Some(host.clone()),
         body,
     }
