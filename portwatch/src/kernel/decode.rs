@@ -72,25 +72,12 @@ pub fn record_time_wait(e: &portwatch_common::Event) -> bool {
         || (e.flags & portwatch_common::flags::TW_HOOK != 0 && e.new_state == 6)
 }
 
+/// `sock_state` by name: what `tcp_state` records write.
 pub fn tcp_state_name(s: u16) -> &'static str {
-    match s {
-        1 => "ESTABLISHED",
-        2 => "SYN_SENT",
-        3 => "SYN_RECV",
-        4 => "FIN_WAIT1",
-        5 => "FIN_WAIT2",
-        6 => "TIME_WAIT",
-        7 => "CLOSE",
-        8 => "CLOSE_WAIT",
-        9 => "LAST_ACK",
-        10 => "LISTEN",
-        11 => "CLOSING",
-        12 => "NEW_SYN_RECV",
-        _ => "UNKNOWN",
-    }
+    sock_state(s).known().unwrap_or("UNKNOWN")
 }
 
-/// `tcp_state_name`, as the record schema types it.
+/// The kernel's TCP state number, as the record schema types it.
 pub fn sock_state(s: u16) -> portwatch_schema::SockState {
     use portwatch_schema::SockState as S;
     match s {

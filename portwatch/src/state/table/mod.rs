@@ -105,17 +105,13 @@ impl Entry {
         }
     }
 
+    /// `sock_state` by name, as `ports` shows it.
     pub fn state_name(&self) -> &'static str {
-        match (self.proto, self.state) {
-            (Proto::Udp, _) => "UDP",
-            (_, TCP_LISTEN) => "LISTEN",
-            (_, TCP_TIME_WAIT) => "TIME_WAIT",
-            (_, TCP_CLOSE) => "BOUND",
-            (_, s) => crate::kernel::decode::tcp_state_name(u16::from(s)),
-        }
+        self.sock_state().known().unwrap_or("UNKNOWN")
     }
 
-    /// `state_name`, as the record schema types it.
+    /// As the record schema types it: `UDP`, `BOUND` (TCP, bound, not listening), else the
+    /// TCP state.
     pub fn sock_state(&self) -> SockState {
         match (self.proto, self.state) {
             (Proto::Udp, _) => SockState::Udp,
